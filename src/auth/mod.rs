@@ -1,0 +1,133 @@
+//! Authentication (DESIGN §2.2): the broker issues RS256 JWTs with the cloud's claims and
+//! validates them on every call — signature, issuer, audience, lifetime on the broker's clock,
+//! and that the principal still exists. The interceptor puts the [`Caller`] into the request's
+//! extensions; a request without one never reaches a handler.
+
+pub mod jwt;
+
+use std::sync::Arc;
+
+use crate::broker::Broker;
+use crate::crypto::TokenSigningKey;
+use crate::model::{BrokerError, Caller, Principal};
+use jwt::{Audience, Claims};
+
+/// Audience of data-plane (Key Vault) tokens.
+pub const VAULT_AUDIENCE: &str = "https://vault.azure.net";
+/// Key Vault's application id, also accepted as a data-plane audience.
+pub const VAULT_APP_ID: &str = "cfa8b339-82a2-471a-a3c9-0fc0be7a4093";
+/// Audience of control-plane (ARM) tokens.
+pub const MANAGEMENT_AUDIENCE: &str = "https://management.azure.com/";
+/// Tolerated clock skew, seconds (the cloud's token libraries allow five minutes).
+pub const CLOCK_SKEW: i64 = 300;
+
+/// Which plane a service belongs to: decides the audience a token must carry.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Plane {
+    /// KeyVault service: `https://vault.azure.net`.
+    Data,
+    /// Vaults, Emulation and the other control services: `https://management.azure.com/`.
+    Control,
+}
+
+impl Plane {
+    fn accepts(self, aud: &str) -> bool {
+        match self {
+            Plane::Data => aud.trim_end_matches('/') == VAULT_AUDIENCE || aud == VAULT_APP_ID,
+            Plane::Control => aud.trim_end_matches('/') == MANAGEMENT_AUDIENCE.trim_end_matches('/'),
+        }
+    }
+
+    fn expected(self) -> String {
+        match self {
+            Plane::Data => format!("{VAULT_AUDIENCE} or {VAULT_APP_ID}"),
+            Plane::Control => MANAGEMENT_AUDIENCE.to_string(),
+        }
+    }
+}
+
+/// Issues and validates the broker's tokens.
+pub struct Authenticator {
+    key: TokenSigningKey,
+    /// `kid` header of issued tokens: identifies the signing key.
+    kid: String,
+    broker: Arc<Broker>,
+}
+
+impl Authenticator {
+    /// Wraps the signing key.
+    pub fn new(key: TokenSigningKey, kid: String, broker: Arc<Broker>) -> Self {
+        Authenticator { key, kid, broker }
+    }
+
+    /// Issues a token for `principal` valid for `lifetime` seconds from the broker's now.
+    /// Returns the token and its expiry.
+    pub fn issue_user_token(&self, principal: &Principal, audiences: &[&str], lifetime: i64) -> Result<(String, i64), BrokerError> {
+        let now = self.broker.clock.now();
+        let claims = Claims {
+            iss: self.broker.settings.issuer(),
+            aud: Audience::from_list(audiences),
+            sub: principal.object_id.clone(),
+            oid: principal.object_id.clone(),
+            tid: self.broker.settings.tenant_id.clone(),
+            appid: principal.app_id.clone(),
+            idtyp: "user".to_string(),
+            name: Some(principal.name.clone()),
+            xms_mirid: None,
+            iat: now,
+            nbf: now,
+            exp: now.saturating_add(lifetime),
+        };
+        let token = jwt::encode(&claims, &self.kid, &self.key)?;
+        Ok((token, claims.exp))
+    }
+
+    /// Validates a bearer token for `plane` and names its caller.
+    pub fn validate(&self, token: &str, plane: Plane) -> Result<Caller, BrokerError> {
+        let claims = jwt::decode(token, &self.kid, &self.key)?;
+        let expected_iss = self.broker.settings.issuer();
+        if claims.iss != expected_iss {
+            return Err(BrokerError::InvalidIssuer { expected: expected_iss, found: claims.iss });
+        }
+        if !claims.aud.iter().any(|a| plane.accepts(a)) {
+            return Err(BrokerError::InvalidAudience { expected: plane.expected(), found: claims.aud.joined() });
+        }
+        let now = self.broker.clock.now();
+        if now >= claims.exp.saturating_add(CLOCK_SKEW) {
+            return Err(BrokerError::TokenExpired { expires: claims.exp, now });
+        }
+        if now < claims.nbf.saturating_sub(CLOCK_SKEW) {
+            return Err(BrokerError::TokenNotYetValid { not_before: claims.nbf, now });
+        }
+        if self.broker.principal(&claims.oid).is_none() {
+            return Err(BrokerError::PrincipalDeleted { object_id: claims.oid });
+        }
+        Ok(Caller { object_id: claims.oid, app_id: claims.appid, issuer: claims.iss, peer: None })
+    }
+}
+
+/// The tonic interceptor that authenticates every request of one service (default deny).
+#[derive(Clone)]
+pub struct AuthInterceptor {
+    auth: Arc<Authenticator>,
+    plane: Plane,
+}
+
+impl AuthInterceptor {
+    /// An interceptor for a service of `plane`.
+    pub fn new(auth: Arc<Authenticator>, plane: Plane) -> Self {
+        AuthInterceptor { auth, plane }
+    }
+
+    /// Authenticates the request's metadata; the edge turns an error into UNAUTHENTICATED.
+    pub fn authenticate(&self, authorization: Option<&str>, peer: Option<std::net::SocketAddr>) -> Result<Caller, BrokerError> {
+        let header = authorization.ok_or(BrokerError::MissingToken)?;
+        let (scheme, token) = header.trim().split_once(' ').ok_or(BrokerError::MissingToken)?;
+        if !scheme.eq_ignore_ascii_case("bearer") || token.trim().is_empty() {
+            return Err(BrokerError::MissingToken);
+        }
+        let mut caller = self.auth.validate(token.trim(), self.plane)?;
+        caller.peer = peer;
+        Ok(caller)
+    }
+}

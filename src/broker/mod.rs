@@ -1,0 +1,158 @@
+//! The broker: in-memory state, the single apply path for changes, and the operations the gRPC
+//! services call. Reads (and the crypto hot path) take a short read lock and never touch the
+//! store; writes are serialised, committed durably, then applied (ARCHITECTURE.md invariant 5).
+
+pub mod clock;
+pub mod keys;
+pub mod state;
+pub mod vaults;
+
+use std::sync::{Arc, RwLock, RwLockReadGuard};
+
+use tokio::sync::{Mutex, OwnedMutexGuard};
+
+use crate::crypto::Sealer;
+use crate::model::{BrokerError, Change, Principal};
+use crate::policy::control::{self, Action};
+use crate::store::Store;
+pub use clock::Clock;
+use state::State;
+
+/// Settings that shape identifiers and texts (from the configuration).
+#[derive(Clone, Debug)]
+pub struct Settings {
+    /// DNS suffix of vault URIs, e.g. `vault.azure.net`.
+    pub vault_dns_suffix: String,
+    /// Location shown in denial texts, e.g. `westus`.
+    pub location: String,
+    /// Tenant GUID.
+    pub tenant_id: String,
+    /// Subscription that vaults live in.
+    pub subscription_id: String,
+    /// Resource group that vaults live in.
+    pub resource_group: String,
+}
+
+impl Settings {
+    /// The token issuer for this tenant.
+    pub fn issuer(&self) -> String {
+        format!("https://sts.windows.net/{}/", self.tenant_id)
+    }
+
+    /// ARM id of a vault.
+    pub fn vault_resource_id(&self, vault: &str) -> String {
+        format!(
+            "/subscriptions/{}/resourceGroups/{}/providers/Microsoft.KeyVault/vaults/{vault}",
+            self.subscription_id, self.resource_group
+        )
+    }
+}
+
+/// Parts of the broker shared with blocking tasks (commits run to completion even when the
+/// request that started them is cancelled).
+struct Core {
+    state: RwLock<State>,
+    store: Arc<dyn Store>,
+}
+
+/// A write in progress: holds the writer lock from validation to apply, so no other change can
+/// slip in between what was validated and what is committed.
+pub struct WriteTxn {
+    _guard: OwnedMutexGuard<()>,
+}
+
+/// The broker.
+pub struct Broker {
+    core: Arc<Core>,
+    writer: Arc<Mutex<()>>,
+    /// Seals and unseals key material under the master key.
+    sealer: Arc<Sealer>,
+    /// The broker's clock.
+    pub clock: Clock,
+    /// Identifier and text settings.
+    pub settings: Settings,
+}
+
+impl Broker {
+    /// Builds a broker over an opened store, loading its state.
+    pub async fn open(
+        store: Arc<dyn Store>,
+        sealer: Arc<Sealer>,
+        clock: Clock,
+        settings: Settings,
+    ) -> Result<Arc<Self>, BrokerError> {
+        let s = store.clone();
+        let snap = tokio::task::spawn_blocking(move || s.load())
+            .await
+            .map_err(|_| BrokerError::Internal)?
+            .map_err(|e| {
+                tracing::error!(error = %e, "loading the store failed");
+                BrokerError::StoreUnavailable
+            })?;
+        Ok(Arc::new(Broker {
+            core: Arc::new(Core { state: RwLock::new(State::from_snapshot(snap)), store }),
+            writer: Arc::new(Mutex::new(())),
+            sealer,
+            clock,
+            settings,
+        }))
+    }
+
+    /// A read view of the state. Hold it briefly: never across I/O or an RSA operation.
+    pub fn read(&self) -> RwLockReadGuard<'_, State> {
+        // `apply` does not panic half-way; a poisoned lock still holds consistent state.
+        self.core.state.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The current epoch: it moves with every applied change.
+    pub fn epoch(&self) -> u64 {
+        self.read().epoch
+    }
+
+    /// The sealer (master key).
+    pub fn sealer(&self) -> &Arc<Sealer> {
+        &self.sealer
+    }
+
+    /// Starts a write: waits for the writer lock.
+    pub async fn begin(&self) -> WriteTxn {
+        WriteTxn { _guard: self.writer.clone().lock_owned().await }
+    }
+
+    /// Commits `changes` durably, applies them and bumps the epoch, then releases the writer
+    /// lock. Runs to completion even if the caller's future is dropped.
+    pub async fn commit(&self, txn: WriteTxn, changes: Vec<Change>) -> Result<(), BrokerError> {
+        let core = self.core.clone();
+        tokio::task::spawn_blocking(move || {
+            let _txn = txn;
+            core.store.commit(&changes).map_err(|e| {
+                tracing::error!(error = %e, "store commit failed; nothing was changed");
+                BrokerError::StoreUnavailable
+            })?;
+            core.state.write().unwrap_or_else(|p| p.into_inner()).apply(changes);
+            Ok(())
+        })
+        .await
+        .map_err(|_| BrokerError::Internal)?
+    }
+
+    /// The principal with this object id, if it still exists.
+    pub fn principal(&self, object_id: &str) -> Option<Principal> {
+        self.read().principals.get(object_id).cloned()
+    }
+
+    /// Control-plane check against the ARM role assignments.
+    pub fn authorize_control(&self, object_id: &str, action: Action, scope: &str) -> Result<(), BrokerError> {
+        control::authorize(&self.read().arm_assignments, object_id, action, scope)
+    }
+
+    /// The store (for bootstrap metadata).
+    pub fn store(&self) -> &Arc<dyn Store> {
+        &self.core.store
+    }
+}
+
+/// A new GUID, lower-case, as the cloud prints object ids.
+pub fn new_guid() -> String {
+    uuid::Uuid::new_v4().to_string()
+}

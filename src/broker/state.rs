@@ -1,0 +1,182 @@
+//! The in-memory state the broker answers from. Built from the store at start, then moved only by
+//! [`State::apply`] with changes that are already committed.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, OnceLock};
+
+use crate::crypto::{RsaPrivateKey, Sealer, Zbytes};
+use crate::model::ids::key_index;
+use crate::model::{ArmAssignment, BrokerError, Change, Key, KeyType, Principal, Vault};
+use crate::store::Snapshot;
+
+/// Decoded private material of one key version, ready for crypto.
+pub enum Loaded {
+    /// An RSA key, decoded once.
+    Rsa(RsaPrivateKey),
+    /// An AES key.
+    Oct(Zbytes),
+}
+
+/// Sealed private material of one key version, unsealed and decoded on first use and kept.
+pub struct Material {
+    /// AES-256-GCM blob under the master key, bound to the version's identity.
+    pub sealed: Vec<u8>,
+    /// The decoded key, once a crypto operation needed it.
+    loaded: OnceLock<Arc<Loaded>>,
+}
+
+/// What binds a sealed blob to its key version: the blob cannot be moved to another row.
+pub fn material_aad(vault: &str, name: &str, version: &str) -> String {
+    format!("tde-broker/key-material/v1/{vault}/{}/{version}", key_index(name))
+}
+
+impl Material {
+    /// Wraps a sealed blob.
+    pub fn new(sealed: Vec<u8>) -> Self {
+        Material { sealed, loaded: OnceLock::new() }
+    }
+
+    /// The decoded key, unsealing it on first use. Runs RSA decoding: call off the async
+    /// executor.
+    pub fn load(&self, sealer: &Sealer, aad: &str, kty: KeyType) -> Result<Arc<Loaded>, BrokerError> {
+        if let Some(l) = self.loaded.get() {
+            return Ok(l.clone());
+        }
+        let plain = sealer.unseal(aad.as_bytes(), &self.sealed).map_err(|e| {
+            tracing::error!(error = %e, aad, "key material does not unseal under the master key");
+            BrokerError::Internal
+        })?;
+        let loaded = if kty.is_rsa() {
+            Loaded::Rsa(RsaPrivateKey::from_pkcs8(&plain).map_err(|e| {
+                tracing::error!(error = %e, aad, "stored RSA material does not decode");
+                BrokerError::Internal
+            })?)
+        } else {
+            Loaded::Oct(plain)
+        };
+        // Two first users may race; both results are equal and one is kept.
+        Ok(self.loaded.get_or_init(|| Arc::new(loaded)).clone())
+    }
+}
+
+/// A key with the sealed material of each of its versions.
+pub struct KeyEntry {
+    /// Metadata and versions.
+    pub key: Key,
+    /// Material by version id.
+    pub material: HashMap<String, Arc<Material>>,
+}
+
+/// A vault with its keys, indexed by lower-cased key name.
+pub struct VaultEntry {
+    /// Settings and access policies.
+    pub vault: Vault,
+    /// Keys by [`key_index`].
+    pub keys: BTreeMap<String, KeyEntry>,
+}
+
+/// Everything the broker knows, plus the epoch that versions it.
+#[derive(Default)]
+pub struct State {
+    /// Bumped by every applied batch of changes; cached decisions carry the epoch they were
+    /// made at and are void once it moves.
+    pub epoch: u64,
+    /// Vaults by name.
+    pub vaults: BTreeMap<String, VaultEntry>,
+    /// Principals by object id.
+    pub principals: HashMap<String, Principal>,
+    /// Control-plane role assignments.
+    pub arm_assignments: Vec<ArmAssignment>,
+}
+
+impl State {
+    /// Builds the state from a store snapshot.
+    pub fn from_snapshot(snap: Snapshot) -> Self {
+        let mut st = State::default();
+        for v in snap.vaults {
+            st.vaults.insert(v.name.clone(), VaultEntry { vault: v, keys: BTreeMap::new() });
+        }
+        for k in snap.keys {
+            let Some(ve) = st.vaults.get_mut(&k.vault) else {
+                tracing::warn!(vault = %k.vault, key = %k.name, "stored key belongs to no vault; ignored");
+                continue;
+            };
+            let mut entry = KeyEntry {
+                key: Key { name: k.name.clone(), versions: Vec::new(), deleted: k.deleted },
+                material: HashMap::new(),
+            };
+            for (meta, sealed) in k.versions {
+                entry.material.insert(meta.version.clone(), Arc::new(Material::new(sealed)));
+                entry.key.versions.push(meta);
+            }
+            ve.keys.insert(key_index(&k.name), entry);
+        }
+        for p in snap.principals {
+            st.principals.insert(p.object_id.clone(), p);
+        }
+        st.arm_assignments = snap.arm_assignments;
+        st
+    }
+
+    /// The vault, or `VaultNotFound`.
+    pub fn vault(&self, name: &str) -> Result<&VaultEntry, BrokerError> {
+        self.vaults.get(name).ok_or_else(|| BrokerError::VaultNotFound { name: name.to_string() })
+    }
+
+    /// Applies committed changes and bumps the epoch once.
+    pub fn apply(&mut self, changes: Vec<Change>) {
+        for change in changes {
+            self.apply_one(change);
+        }
+        self.epoch += 1;
+    }
+
+    fn apply_one(&mut self, change: Change) {
+        match change {
+            Change::PutVault(v) => match self.vaults.get_mut(&v.name) {
+                Some(entry) => entry.vault = v,
+                None => {
+                    self.vaults.insert(v.name.clone(), VaultEntry { vault: v, keys: BTreeMap::new() });
+                }
+            },
+            Change::DeleteVault { vault } => {
+                self.vaults.remove(&vault);
+            }
+            Change::PutKeyVersion { vault, name, version, sealed } => {
+                let Some(ve) = self.vaults.get_mut(&vault) else { return };
+                let entry = ve.keys.entry(key_index(&name)).or_insert_with(|| KeyEntry {
+                    key: Key { name: name.clone(), versions: Vec::new(), deleted: None },
+                    material: HashMap::new(),
+                });
+                match sealed {
+                    Some(sealed) => {
+                        entry.material.insert(version.version.clone(), Arc::new(Material::new(sealed)));
+                        entry.key.versions.push(version);
+                    }
+                    None => {
+                        if let Some(v) = entry.key.versions.iter_mut().find(|v| v.version == version.version) {
+                            *v = version;
+                        }
+                    }
+                }
+            }
+            Change::SetKeyDeletion { vault, name, deleted } => {
+                if let Some(k) = self.vaults.get_mut(&vault).and_then(|ve| ve.keys.get_mut(&key_index(&name))) {
+                    k.key.deleted = deleted;
+                }
+            }
+            Change::PurgeKey { vault, name } => {
+                if let Some(ve) = self.vaults.get_mut(&vault) {
+                    ve.keys.remove(&key_index(&name));
+                }
+            }
+            Change::PutPrincipal(p) => {
+                self.principals.insert(p.object_id.clone(), p);
+            }
+            Change::PutArmAssignment(a) => {
+                self.arm_assignments.retain(|x| x.id != a.id);
+                self.arm_assignments.push(a);
+            }
+        }
+    }
+}

@@ -1,0 +1,1301 @@
+//! Client subcommands: `vault …`, `key …` and `clock …` call a running broker over gRPC as the
+//! bootstrap admin (token from `<data-dir>/admin.token`) or whoever `--token` names. Output is
+//! aligned text for people, or one JSON document per command (`--output json`) for scripts.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::io::Write as _;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use base64::Engine as _;
+use base64::engine::general_purpose::{STANDARD as B64, STANDARD_NO_PAD, URL_SAFE, URL_SAFE_NO_PAD};
+use serde_json::{Map, Value, json};
+use tonic::metadata::{Ascii, MetadataValue};
+use tonic::service::Interceptor;
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::{Channel, Endpoint};
+use tonic::{Code, Request, Status};
+
+use super::Command;
+use crate::config::{DEFAULT_DATA_DIR, DEFAULT_LISTEN};
+use crate::grpc::proto;
+use crate::grpc::proto::emulation_client::EmulationClient;
+use crate::grpc::proto::key_vault_client::KeyVaultClient;
+use crate::grpc::proto::vaults_client::VaultsClient;
+use crate::server::{ADMIN_TOKEN_FILE, MAX_MESSAGE_BYTES};
+
+/// How long to wait for the TCP connection before telling the user the broker is not there.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+// ---------------------------------------------------------------------------------------------
+// Command line
+// ---------------------------------------------------------------------------------------------
+
+/// Where the broker is, who we are, and how to print. Flattened into the top-level command with
+/// every argument global, so `tde-broker key list v --output json` works.
+#[derive(Debug, Clone, clap::Args)]
+pub struct Connection {
+    /// Broker gRPC address: `http://host:port` or `host:port`.
+    #[arg(long, global = true, help_heading = "Client options", env = "TDE_BROKER_SERVER", value_name = "URL", default_value_t = format!("http://{DEFAULT_LISTEN}"))]
+    pub server: String,
+    /// Data directory of the broker; the admin token is read from `<data-dir>/admin.token`
+    /// [default: ./tde-broker-data].
+    // No clap default on purpose: `serve --data-dir` shares this id, and a global default would
+    // be copied into `serve` and beat its TOML file.
+    #[arg(
+        long,
+        global = true,
+        help_heading = "Client options",
+        env = "TDE_BROKER_DATA_DIR",
+        value_name = "DIR"
+    )]
+    pub data_dir: Option<PathBuf>,
+    /// Bearer token to send instead of the admin token file.
+    #[arg(
+        long,
+        global = true,
+        help_heading = "Client options",
+        env = "TDE_BROKER_TOKEN",
+        hide_env_values = true,
+        value_name = "TOKEN"
+    )]
+    pub token: Option<String>,
+    /// Output format of client subcommands.
+    #[arg(long, global = true, help_heading = "Client options", value_enum, default_value_t = Output::Table)]
+    pub output: Output,
+}
+
+/// Output formats.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Output {
+    /// Aligned `field  value` lines, or a header row plus rows for lists.
+    Table,
+    /// One JSON document; bytes as standard base64, times as Unix seconds.
+    Json,
+}
+
+/// `tde-broker vault …`
+#[derive(Debug, clap::Subcommand)]
+pub enum VaultCmd {
+    /// Create a vault; unless --rbac or --no-default-policy, grant yourself every key permission.
+    Create {
+        /// Vault name (3-24 letters, digits and hyphens).
+        name: String,
+        /// Soft-delete retention, 7..90 days [default: 90].
+        #[arg(long, value_name = "N")]
+        retention_days: Option<i32>,
+        /// Turn purge protection on (irreversible).
+        #[arg(long)]
+        purge_protection: bool,
+        /// Authorize the data plane with RBAC instead of access policies.
+        #[arg(long)]
+        rbac: bool,
+        /// Do not grant the caller an access policy.
+        #[arg(long)]
+        no_default_policy: bool,
+    },
+    /// Show one vault.
+    Show {
+        /// Vault name.
+        name: String,
+    },
+    /// List vaults.
+    List,
+    /// Change a vault's settings; what is not given stays as it is.
+    Update {
+        /// Vault name.
+        name: String,
+        /// Turn purge protection on (it cannot be turned off).
+        #[arg(long)]
+        purge_protection: bool,
+        /// Use RBAC (true) or access policies (false) for the data plane.
+        #[arg(long, value_name = "true|false")]
+        rbac: Option<bool>,
+        /// Public network access.
+        #[arg(long, value_name = "Enabled|Disabled")]
+        public_network_access: Option<String>,
+    },
+    /// Delete a vault.
+    Delete {
+        /// Vault name.
+        name: String,
+    },
+    /// Replace the key permissions of one object id (an empty list removes its policy).
+    PolicySet {
+        /// Vault name.
+        name: String,
+        /// Object id (GUID) of the user, application or managed identity.
+        #[arg(long, value_name = "GUID")]
+        object_id: String,
+        /// Comma-separated key permissions (get, list, wrapKey, unwrapKey, …, or all); "" removes.
+        #[arg(long, value_name = "PERMS")]
+        permissions: String,
+    },
+    /// List the access policies of a vault.
+    PolicyList {
+        /// Vault name.
+        name: String,
+    },
+}
+
+/// `tde-broker key …`
+#[derive(Debug, clap::Subcommand)]
+pub enum KeyCmd {
+    /// Create a key, or a new version of an existing key.
+    Create(CreateKeyArgs),
+    /// Import private key material as a key or a new version.
+    Import(ImportKeyArgs),
+    /// Show a key (the newest version unless KEY_ID names one).
+    Show {
+        /// Key URI: https://{vault}.{suffix}/keys/{name}[/{version}].
+        key_id: String,
+    },
+    /// List the keys of a vault.
+    List {
+        /// Vault name.
+        vault: String,
+    },
+    /// List every version of a key.
+    Versions {
+        /// Key URI (unversioned).
+        key_id: String,
+    },
+    /// Change attributes, operations or tags of a key version; never its material.
+    Update(UpdateKeyArgs),
+    /// Create a new version with the same type and size.
+    Rotate {
+        /// Key URI.
+        key_id: String,
+    },
+    /// Soft-delete every version of a key.
+    Delete {
+        /// Key URI.
+        key_id: String,
+    },
+    /// List the soft-deleted keys of a vault.
+    Deleted {
+        /// Vault name.
+        vault: String,
+    },
+    /// Recover a soft-deleted key.
+    Recover {
+        /// Vault name.
+        vault: String,
+        /// Key name.
+        name: String,
+    },
+    /// Purge a soft-deleted key for good.
+    Purge {
+        /// Vault name.
+        vault: String,
+        /// Key name.
+        name: String,
+    },
+    /// Write an encrypted backup blob of every version of a key to a file.
+    Backup {
+        /// Key URI.
+        key_id: String,
+        /// Where to write the blob (raw bytes).
+        #[arg(long, value_name = "PATH")]
+        file: PathBuf,
+    },
+    /// Restore a key from a backup blob.
+    Restore {
+        /// Vault name.
+        vault: String,
+        /// The blob written by `key backup`.
+        #[arg(long, value_name = "PATH")]
+        file: PathBuf,
+    },
+    /// Wrap a key (e.g. a DEK) with this key.
+    Wrap(CryptoArgs),
+    /// Unwrap a wrapped key.
+    Unwrap(CryptoArgs),
+    /// Encrypt a value.
+    Encrypt(CryptoArgs),
+    /// Decrypt a value.
+    Decrypt(CryptoArgs),
+}
+
+/// `tde-broker clock …`
+#[derive(Debug, clap::Subcommand)]
+pub enum ClockCmd {
+    /// Show the broker's time.
+    Show,
+    /// Move a manual clock: seconds, or a number with s, m, h, d or w (90d, 25h, -30m).
+    Advance {
+        /// How far, e.g. 3600, 2h, 90d; negative moves back.
+        #[arg(value_name = "SECONDS", allow_hyphen_values = true, value_parser = parse_duration)]
+        seconds: i64,
+    },
+    /// Set a manual clock to a Unix time.
+    Set {
+        /// Unix seconds.
+        #[arg(value_name = "UNIX", allow_negative_numbers = true)]
+        now: i64,
+    },
+}
+
+/// Attributes, operations and tags given when a key is created or imported.
+#[derive(Debug, clap::Args)]
+pub struct KeyProps {
+    /// Permitted operations, comma-separated (encrypt, decrypt, wrapKey, unwrapKey, …)
+    /// [default: every one the key type supports].
+    #[arg(long, value_delimiter = ',', value_name = "OPS")]
+    pub ops: Vec<String>,
+    /// Not valid before this Unix time.
+    #[arg(long, value_name = "UNIX", allow_negative_numbers = true)]
+    pub nbf: Option<i64>,
+    /// Expires at this Unix time.
+    #[arg(long, value_name = "UNIX", allow_negative_numbers = true)]
+    pub exp: Option<i64>,
+    /// Create the key disabled.
+    #[arg(long)]
+    pub disabled: bool,
+    /// A tag; repeat for more.
+    #[arg(long = "tag", value_name = "K=V", value_parser = parse_tag)]
+    pub tags: Vec<(String, String)>,
+}
+
+/// `key create`
+#[derive(Debug, clap::Args)]
+pub struct CreateKeyArgs {
+    /// Vault name.
+    pub vault: String,
+    /// Key name.
+    pub name: String,
+    /// Key type: RSA, RSA-HSM or oct-HSM.
+    #[arg(long, default_value = "RSA")]
+    pub kty: String,
+    /// RSA: 2048 (default), 3072, 4096; oct-HSM: 128, 192, 256 (default).
+    #[arg(long, value_name = "N")]
+    pub size: Option<i32>,
+    #[command(flatten)]
+    pub props: KeyProps,
+}
+
+/// `key import`
+#[derive(Debug, clap::Args)]
+#[command(group(clap::ArgGroup::new("source").required(true).args(["pem_file", "der_file", "jwk_file"])))]
+pub struct ImportKeyArgs {
+    /// Vault name.
+    pub vault: String,
+    /// Key name.
+    pub name: String,
+    /// PEM private key ("PRIVATE KEY" or "RSA PRIVATE KEY").
+    #[arg(long, value_name = "PATH")]
+    pub pem_file: Option<PathBuf>,
+    /// PKCS#8 DER private key.
+    #[arg(long, value_name = "PATH")]
+    pub der_file: Option<PathBuf>,
+    /// Private JSON Web Key (RSA or oct).
+    #[arg(long, value_name = "PATH")]
+    pub jwk_file: Option<PathBuf>,
+    /// Mark the key RSA-HSM instead of RSA.
+    #[arg(long)]
+    pub hsm: bool,
+    #[command(flatten)]
+    pub props: KeyProps,
+}
+
+/// `key update`
+#[derive(Debug, clap::Args)]
+pub struct UpdateKeyArgs {
+    /// Key URI (unversioned = the newest version).
+    pub key_id: String,
+    /// Enable the key version.
+    #[arg(long, conflicts_with = "disable")]
+    pub enable: bool,
+    /// Disable the key version.
+    #[arg(long)]
+    pub disable: bool,
+    /// Not valid before this Unix time.
+    #[arg(long, value_name = "UNIX", allow_negative_numbers = true, conflicts_with = "clear_nbf")]
+    pub nbf: Option<i64>,
+    /// Expires at this Unix time.
+    #[arg(long, value_name = "UNIX", allow_negative_numbers = true, conflicts_with = "clear_exp")]
+    pub exp: Option<i64>,
+    /// Remove the activation time.
+    #[arg(long)]
+    pub clear_nbf: bool,
+    /// Remove the expiry time.
+    #[arg(long)]
+    pub clear_exp: bool,
+    /// Replace the permitted operations (comma-separated).
+    #[arg(long, value_delimiter = ',', value_name = "OPS")]
+    pub ops: Vec<String>,
+    /// Replace the tags; repeat for more.
+    #[arg(long = "tag", value_name = "K=V", value_parser = parse_tag)]
+    pub tags: Vec<(String, String)>,
+}
+
+/// `key wrap|unwrap|encrypt|decrypt`
+#[derive(Debug, clap::Args)]
+#[command(group(clap::ArgGroup::new("value_source").required(true).args(["value_b64", "value_hex", "input"])))]
+pub struct CryptoArgs {
+    /// Key URI (unversioned = the newest version).
+    pub key_id: String,
+    /// Algorithm: RSA-OAEP, RSA-OAEP-256, RSA1_5, A256KW, A256GCM, A256CBCPAD, …
+    #[arg(long, value_name = "ALG")]
+    pub alg: String,
+    /// The input value, base64.
+    #[arg(long, value_name = "B64")]
+    pub value_b64: Option<String>,
+    /// The input value, hex.
+    #[arg(long, value_name = "HEX")]
+    pub value_hex: Option<String>,
+    /// Read the input value (raw bytes) from a file.
+    #[arg(long = "in", value_name = "PATH")]
+    pub input: Option<PathBuf>,
+    /// Initialization vector, base64 (AES).
+    #[arg(long, value_name = "B64")]
+    pub iv_b64: Option<String>,
+    /// Additional authenticated data, base64 (AES-GCM).
+    #[arg(long, value_name = "B64")]
+    pub aad_b64: Option<String>,
+    /// Authentication tag, base64 (AES-GCM decrypt).
+    #[arg(long, value_name = "B64")]
+    pub tag_b64: Option<String>,
+}
+
+// ---------------------------------------------------------------------------------------------
+// Errors
+// ---------------------------------------------------------------------------------------------
+
+/// Why a client subcommand failed; `Display` is what the user reads after "error: ".
+#[derive(Debug, thiserror::Error)]
+pub enum CliError {
+    /// No `--token` and no admin token file: the broker never ran on that data directory.
+    #[error(
+        "no token: {} does not exist; start the broker (tde-broker serve) or pass --token/--data-dir",
+        .0.display()
+    )]
+    NoToken(PathBuf),
+    /// A local file could not be read or written.
+    #[error("{}: {source}", .path.display())]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// Nothing answered at the broker's address.
+    #[error(
+        "cannot reach the broker at {addr}: {detail}; start it with `tde-broker serve` or point --server at it"
+    )]
+    Connect {
+        /// The address tried.
+        addr: String,
+        /// What the transport said.
+        detail: String,
+    },
+    /// The broker refused the request.
+    #[error("{}", rpc_text(*.code, .reason.as_deref(), .message))]
+    Rpc {
+        /// The gRPC status code.
+        code: Code,
+        /// `ErrorInfo.reason`: the cloud's error code, e.g. `KeyDisabled`.
+        reason: Option<String>,
+        /// The cloud's error text.
+        message: String,
+    },
+    /// An argument is malformed in a way clap cannot check.
+    #[error("{0}")]
+    Invalid(String),
+}
+
+fn rpc_text(code: Code, reason: Option<&str>, message: &str) -> String {
+    match reason {
+        Some(r) => format!("{} ({r}): {message}", code_name(code)),
+        None => format!("{}: {message}", code_name(code)),
+    }
+}
+
+/// The gRPC code as the spec spells it.
+fn code_name(code: Code) -> &'static str {
+    match code {
+        Code::Ok => "OK",
+        Code::Cancelled => "CANCELLED",
+        Code::Unknown => "UNKNOWN",
+        Code::InvalidArgument => "INVALID_ARGUMENT",
+        Code::DeadlineExceeded => "DEADLINE_EXCEEDED",
+        Code::NotFound => "NOT_FOUND",
+        Code::AlreadyExists => "ALREADY_EXISTS",
+        Code::PermissionDenied => "PERMISSION_DENIED",
+        Code::ResourceExhausted => "RESOURCE_EXHAUSTED",
+        Code::FailedPrecondition => "FAILED_PRECONDITION",
+        Code::Aborted => "ABORTED",
+        Code::OutOfRange => "OUT_OF_RANGE",
+        Code::Unimplemented => "UNIMPLEMENTED",
+        Code::Internal => "INTERNAL",
+        Code::Unavailable => "UNAVAILABLE",
+        Code::DataLoss => "DATA_LOSS",
+        Code::Unauthenticated => "UNAUTHENTICATED",
+    }
+}
+
+/// An error and its causes on one line (tonic's transport errors hide the useful part).
+fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        let s = c.to_string();
+        if !text.contains(&s) {
+            text.push_str(": ");
+            text.push_str(&s);
+        }
+        cause = c.source();
+    }
+    text
+}
+
+fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> CliError + '_ {
+    move |source| CliError::Io { path: path.to_path_buf(), source }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Connection
+// ---------------------------------------------------------------------------------------------
+
+/// Adds `authorization: Bearer <token>` to every request.
+#[derive(Clone)]
+struct Bearer(MetadataValue<Ascii>);
+
+impl Interceptor for Bearer {
+    fn call(&mut self, mut request: Request<()>) -> Result<Request<()>, Status> {
+        request.metadata_mut().insert("authorization", self.0.clone());
+        Ok(request)
+    }
+}
+
+type Authed = InterceptedService<Channel, Bearer>;
+
+/// A connected, authenticated channel to the broker.
+struct Session {
+    /// Shared by every client; cloning is cheap.
+    channel: Channel,
+    /// Sent with every request.
+    bearer: Bearer,
+    /// The raw token, for the caller's object id.
+    token: String,
+    /// The URL dialled, for error messages.
+    addr: String,
+}
+
+impl Session {
+    async fn open(conn: &Connection) -> Result<Self, CliError> {
+        let token = load_token(conn)?;
+        let header = format!("Bearer {token}").parse::<MetadataValue<Ascii>>().map_err(|_| {
+            CliError::Invalid("the token holds characters that cannot go into a header".to_string())
+        })?;
+        let addr = server_url(&conn.server);
+        let endpoint = Endpoint::from_shared(addr.clone())
+            .map_err(|e| {
+                CliError::Invalid(format!("--server '{}' is not a valid address: {e}", conn.server))
+            })?
+            .connect_timeout(CONNECT_TIMEOUT);
+        let channel = endpoint
+            .connect()
+            .await
+            .map_err(|e| CliError::Connect { addr: addr.clone(), detail: error_chain(&e) })?;
+        Ok(Session { channel, bearer: Bearer(header), token, addr })
+    }
+
+    fn keys(&self) -> KeyVaultClient<Authed> {
+        KeyVaultClient::with_interceptor(self.channel.clone(), self.bearer.clone())
+            .max_decoding_message_size(MAX_MESSAGE_BYTES)
+    }
+
+    fn vaults(&self) -> VaultsClient<Authed> {
+        VaultsClient::with_interceptor(self.channel.clone(), self.bearer.clone())
+            .max_decoding_message_size(MAX_MESSAGE_BYTES)
+    }
+
+    fn emulation(&self) -> EmulationClient<Authed> {
+        EmulationClient::with_interceptor(self.channel.clone(), self.bearer.clone())
+            .max_decoding_message_size(MAX_MESSAGE_BYTES)
+    }
+
+    /// Awaits a call and turns its status into a [`CliError`].
+    async fn call<T>(
+        &self,
+        call: impl Future<Output = Result<tonic::Response<T>, Status>>,
+    ) -> Result<T, CliError> {
+        match call.await {
+            Ok(response) => Ok(response.into_inner()),
+            Err(status) => Err(self.status_error(&status)),
+        }
+    }
+
+    fn status_error(&self, status: &Status) -> CliError {
+        let reason = crate::grpc::status::reason(status);
+        // The broker's own Unavailable carries a reason; a bare one is the transport failing.
+        if status.code() == Code::Unavailable && reason.is_none() {
+            return CliError::Connect { addr: self.addr.clone(), detail: status.message().to_string() };
+        }
+        CliError::Rpc { code: status.code(), reason, message: status.message().to_string() }
+    }
+}
+
+/// `host:port` becomes `http://host:port`; a URL stays as it is.
+fn server_url(server: &str) -> String {
+    let server = server.trim();
+    if server.contains("://") { server.to_string() } else { format!("http://{server}") }
+}
+
+fn load_token(conn: &Connection) -> Result<String, CliError> {
+    let (text, origin) = match &conn.token {
+        Some(t) => (t.clone(), "--token".to_string()),
+        None => {
+            let dir = conn.data_dir.clone().unwrap_or_else(|| PathBuf::from(DEFAULT_DATA_DIR));
+            let path = dir.join(ADMIN_TOKEN_FILE);
+            match std::fs::read_to_string(&path) {
+                Ok(text) => (text, path.display().to_string()),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Err(CliError::NoToken(path)),
+                Err(e) => return Err(CliError::Io { path, source: e }),
+            }
+        }
+    };
+    let text = text.trim();
+    let token = text.strip_prefix("Bearer ").unwrap_or(text).trim();
+    if token.is_empty() {
+        return Err(CliError::Invalid(format!("no token: {origin} is empty")));
+    }
+    Ok(token.to_string())
+}
+
+/// The `oid` claim of a JWT: the caller's object id. The broker checks the signature; the
+/// client only reads who it is.
+fn token_object_id(token: &str) -> Result<String, CliError> {
+    let bad = || {
+        CliError::Invalid(
+            "cannot read the caller's object id (oid claim) from the token; pass --no-default-policy and grant access with `vault policy-set`"
+                .to_string(),
+        )
+    };
+    let payload = token.split('.').nth(1).ok_or_else(bad)?;
+    let bytes = URL_SAFE_NO_PAD.decode(payload.trim_end_matches('=')).map_err(|_| bad())?;
+    let claims: Value = serde_json::from_slice(&bytes).map_err(|_| bad())?;
+    claims
+        .get("oid")
+        .and_then(Value::as_str)
+        .filter(|oid| !oid.is_empty())
+        .map(str::to_string)
+        .ok_or_else(bad)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Running
+// ---------------------------------------------------------------------------------------------
+
+/// What a command prints: both renderings, the caller picks one.
+struct Out {
+    /// The `--output json` document.
+    json: Value,
+    /// The `--output table` text, newline-terminated.
+    table: String,
+}
+
+/// Runs one client subcommand against the broker.
+pub async fn run(conn: Connection, command: Command) -> Result<(), CliError> {
+    let not_a_client =
+        || CliError::Invalid("`serve` starts the broker; it is not a client subcommand".to_string());
+    if matches!(command, Command::Serve(_)) {
+        return Err(not_a_client());
+    }
+    let session = Session::open(&conn).await?;
+    let out = match command {
+        Command::Serve(_) => return Err(not_a_client()),
+        Command::Vault(cmd) => vault(&session, cmd).await?,
+        Command::Key(cmd) => key(&session, cmd).await?,
+        Command::Clock(cmd) => clock(&session, cmd).await?,
+    };
+    let text = match conn.output {
+        Output::Json => format!("{:#}\n", out.json),
+        Output::Table => out.table,
+    };
+    let mut stdout = std::io::stdout().lock();
+    match stdout.write_all(text.as_bytes()).and_then(|()| stdout.flush()) {
+        Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => Err(io_err(Path::new("stdout"))(e)),
+        _ => Ok(()),
+    }
+}
+
+async fn vault(s: &Session, cmd: VaultCmd) -> Result<Out, CliError> {
+    match cmd {
+        VaultCmd::Create { name, retention_days, purge_protection, rbac, no_default_policy } => {
+            let grant = !(no_default_policy || rbac);
+            let object_id = if grant { Some(token_object_id(&s.token)?) } else { None };
+            let request = proto::CreateVaultRequest {
+                name: name.clone(),
+                soft_delete_retention_days: retention_days.unwrap_or(0),
+                enable_purge_protection: purge_protection,
+                enable_rbac_authorization: rbac,
+                network_acls: None,
+                public_network_access: String::new(),
+            };
+            let v = s.call(s.vaults().create_vault(request)).await?;
+            let mut json = vault_json(&v);
+            let mut rows = vault_rows(&v);
+            if let Some(object_id) = object_id {
+                let request = proto::SetAccessPolicyRequest {
+                    vault_name: name,
+                    object_id: object_id.clone(),
+                    key_permissions: vec!["all".to_string()],
+                };
+                s.call(s.vaults().set_access_policy(request)).await?;
+                json["access_policy"] = json!({ "object_id": object_id, "key_permissions": ["all"] });
+                rows.push(("access policy", format!("{object_id}: all key permissions")));
+            }
+            Ok(Out { json, table: fields(&rows) })
+        }
+        VaultCmd::Show { name } => {
+            let v = s.call(s.vaults().get_vault(proto::GetVaultRequest { name })).await?;
+            Ok(vault_out(&v))
+        }
+        VaultCmd::List => {
+            let list = s.call(s.vaults().list_vaults(proto::ListVaultsRequest {})).await?;
+            let rows = list
+                .vaults
+                .iter()
+                .map(|v| {
+                    vec![
+                        v.name.clone(),
+                        v.soft_delete_retention_days.to_string(),
+                        v.enable_purge_protection.to_string(),
+                        v.enable_rbac_authorization.to_string(),
+                        v.public_network_access.clone(),
+                        v.uri.clone(),
+                    ]
+                })
+                .collect();
+            Ok(Out {
+                json: Value::Array(list.vaults.iter().map(vault_json).collect()),
+                table: table(
+                    &["NAME", "RETENTION", "PURGE-PROTECTION", "RBAC", "PUBLIC-ACCESS", "URI"],
+                    rows,
+                ),
+            })
+        }
+        VaultCmd::Update { name, purge_protection, rbac, public_network_access } => {
+            let request = proto::UpdateVaultRequest {
+                name,
+                enable_purge_protection: purge_protection.then_some(true),
+                enable_rbac_authorization: rbac,
+                network_acls: None,
+                public_network_access,
+            };
+            let v = s.call(s.vaults().update_vault(request)).await?;
+            Ok(vault_out(&v))
+        }
+        VaultCmd::Delete { name } => {
+            s.call(s.vaults().delete_vault(proto::DeleteVaultRequest { name: name.clone() })).await?;
+            Ok(Out { json: json!({ "deleted": name }), table: format!("deleted vault {name}\n") })
+        }
+        VaultCmd::PolicySet { name, object_id, permissions } => {
+            let key_permissions = comma_list(&permissions);
+            let request = proto::SetAccessPolicyRequest {
+                vault_name: name.clone(),
+                object_id: object_id.clone(),
+                key_permissions: key_permissions.clone(),
+            };
+            s.call(s.vaults().set_access_policy(request)).await?;
+            let table = if key_permissions.is_empty() {
+                format!("removed the access policy of {object_id} on {name}\n")
+            } else {
+                fields(&[
+                    ("vault", name.clone()),
+                    ("object id", object_id.clone()),
+                    ("permissions", key_permissions.join(", ")),
+                ])
+            };
+            Ok(Out {
+                json: json!({ "vault": name, "object_id": object_id, "key_permissions": key_permissions }),
+                table,
+            })
+        }
+        VaultCmd::PolicyList { name } => {
+            let list = s
+                .call(s.vaults().list_access_policies(proto::ListAccessPoliciesRequest { vault_name: name }))
+                .await?;
+            let json = list
+                .policies
+                .iter()
+                .map(|p| json!({ "object_id": p.object_id, "key_permissions": p.key_permissions }))
+                .collect();
+            let rows = list
+                .policies
+                .iter()
+                .map(|p| vec![p.object_id.clone(), p.key_permissions.join(",")])
+                .collect();
+            Ok(Out { json: Value::Array(json), table: table(&["OBJECT-ID", "PERMISSIONS"], rows) })
+        }
+    }
+}
+
+async fn key(s: &Session, cmd: KeyCmd) -> Result<Out, CliError> {
+    match cmd {
+        KeyCmd::Create(a) => {
+            let request = proto::CreateKeyRequest {
+                vault_name: a.vault,
+                name: a.name,
+                kty: a.kty,
+                key_size: a.size.unwrap_or(0),
+                key_ops: clean_list(a.props.ops),
+                attributes: Some(new_attributes(a.props.disabled, a.props.nbf, a.props.exp)),
+                tags: a.props.tags.into_iter().collect(),
+            };
+            Ok(bundle_out(&s.call(s.keys().create_key(request)).await?))
+        }
+        KeyCmd::Import(a) => {
+            let mut request = proto::ImportKeyRequest {
+                vault_name: a.vault,
+                name: a.name,
+                hsm: a.hsm,
+                key_ops: clean_list(a.props.ops),
+                attributes: Some(new_attributes(a.props.disabled, a.props.nbf, a.props.exp)),
+                tags: a.props.tags.into_iter().collect(),
+                ..Default::default()
+            };
+            if let Some(path) = &a.pem_file {
+                request.pem = std::fs::read_to_string(path).map_err(io_err(path))?;
+            } else if let Some(path) = &a.der_file {
+                request.pkcs8_der = std::fs::read(path).map_err(io_err(path))?;
+            } else if let Some(path) = &a.jwk_file {
+                request.jwk_json = std::fs::read_to_string(path).map_err(io_err(path))?;
+            }
+            Ok(bundle_out(&s.call(s.keys().import_key(request)).await?))
+        }
+        KeyCmd::Show { key_id } => {
+            Ok(bundle_out(&s.call(s.keys().get_key(proto::GetKeyRequest { key_id })).await?))
+        }
+        KeyCmd::List { vault } => {
+            let mut items = Vec::new();
+            let mut page_token = String::new();
+            loop {
+                let request = proto::ListKeysRequest {
+                    vault_name: vault.clone(),
+                    page_size: 0,
+                    page_token: page_token.clone(),
+                };
+                let page = s.call(s.keys().list_keys(request)).await?;
+                items.extend(page.keys);
+                if !next_page(&mut page_token, page.next_page_token) {
+                    break;
+                }
+            }
+            Ok(items_out(&items, "NAME", |kid| kid_parts(kid).0))
+        }
+        KeyCmd::Versions { key_id } => {
+            let mut items = Vec::new();
+            let mut page_token = String::new();
+            loop {
+                let request = proto::ListKeyVersionsRequest {
+                    key_id: key_id.clone(),
+                    page_size: 0,
+                    page_token: page_token.clone(),
+                };
+                let page = s.call(s.keys().list_key_versions(request)).await?;
+                items.extend(page.keys);
+                if !next_page(&mut page_token, page.next_page_token) {
+                    break;
+                }
+            }
+            Ok(items_out(&items, "VERSION", |kid| kid_parts(kid).1))
+        }
+        KeyCmd::Update(a) => {
+            let enabled = if a.enable {
+                Some(true)
+            } else if a.disable {
+                Some(false)
+            } else {
+                None
+            };
+            let request = proto::UpdateKeyRequest {
+                key_id: a.key_id,
+                enabled,
+                not_before: a.nbf,
+                expires: a.exp,
+                key_ops: clean_list(a.ops),
+                tags: a.tags.into_iter().collect(),
+                clear_not_before: a.clear_nbf,
+                clear_expires: a.clear_exp,
+            };
+            Ok(bundle_out(&s.call(s.keys().update_key(request)).await?))
+        }
+        KeyCmd::Rotate { key_id } => {
+            Ok(bundle_out(&s.call(s.keys().rotate_key(proto::RotateKeyRequest { key_id })).await?))
+        }
+        KeyCmd::Delete { key_id } => {
+            Ok(deleted_out(&s.call(s.keys().delete_key(proto::DeleteKeyRequest { key_id })).await?))
+        }
+        KeyCmd::Deleted { vault } => {
+            let mut items = Vec::new();
+            let mut page_token = String::new();
+            loop {
+                let request = proto::ListDeletedKeysRequest {
+                    vault_name: vault.clone(),
+                    page_size: 0,
+                    page_token: page_token.clone(),
+                };
+                let page = s.call(s.keys().list_deleted_keys(request)).await?;
+                items.extend(page.keys);
+                if !next_page(&mut page_token, page.next_page_token) {
+                    break;
+                }
+            }
+            let rows = items
+                .iter()
+                .map(|d| {
+                    let kid =
+                        d.key.as_ref().and_then(|b| b.key.as_ref()).map(|k| k.kid.as_str()).unwrap_or("");
+                    vec![
+                        kid_parts(kid).0,
+                        rfc3339(d.deleted_date),
+                        rfc3339(d.scheduled_purge_date),
+                        d.recovery_id.clone(),
+                    ]
+                })
+                .collect();
+            Ok(Out {
+                json: Value::Array(items.iter().map(deleted_json).collect()),
+                table: table(&["NAME", "DELETED", "PURGE-AFTER", "RECOVERY-ID"], rows),
+            })
+        }
+        KeyCmd::Recover { vault, name } => {
+            let request = proto::RecoverDeletedKeyRequest { vault_name: vault, name };
+            Ok(bundle_out(&s.call(s.keys().recover_deleted_key(request)).await?))
+        }
+        KeyCmd::Purge { vault, name } => {
+            let request = proto::PurgeDeletedKeyRequest { vault_name: vault.clone(), name: name.clone() };
+            s.call(s.keys().purge_deleted_key(request)).await?;
+            Ok(Out {
+                json: json!({ "vault": vault, "purged": name }),
+                table: format!("purged key {name} from {vault}\n"),
+            })
+        }
+        KeyCmd::Backup { key_id, file } => {
+            let backup = s.call(s.keys().backup_key(proto::BackupKeyRequest { key_id })).await?;
+            std::fs::write(&file, &backup.blob).map_err(io_err(&file))?;
+            let path = file.display().to_string();
+            Ok(Out {
+                json: json!({ "file": path, "bytes": backup.blob.len() }),
+                table: format!("wrote {} bytes to {path}\n", backup.blob.len()),
+            })
+        }
+        KeyCmd::Restore { vault, file } => {
+            let blob = std::fs::read(&file).map_err(io_err(&file))?;
+            let request = proto::RestoreKeyRequest { vault_name: vault, blob };
+            Ok(bundle_out(&s.call(s.keys().restore_key(request)).await?))
+        }
+        KeyCmd::Wrap(a) => {
+            let i = CryptoInput::read(&a)?;
+            let request = proto::WrapKeyRequest {
+                key_id: a.key_id,
+                algorithm: a.alg,
+                value: i.value,
+                iv: i.iv,
+                aad: i.aad,
+                tag: i.tag,
+            };
+            Ok(result_out(&s.call(s.keys().wrap_key(request)).await?))
+        }
+        KeyCmd::Unwrap(a) => {
+            let i = CryptoInput::read(&a)?;
+            let request = proto::UnwrapKeyRequest {
+                key_id: a.key_id,
+                algorithm: a.alg,
+                value: i.value,
+                iv: i.iv,
+                aad: i.aad,
+                tag: i.tag,
+            };
+            Ok(result_out(&s.call(s.keys().unwrap_key(request)).await?))
+        }
+        KeyCmd::Encrypt(a) => {
+            let i = CryptoInput::read(&a)?;
+            let request = proto::EncryptRequest {
+                key_id: a.key_id,
+                algorithm: a.alg,
+                value: i.value,
+                iv: i.iv,
+                aad: i.aad,
+                tag: i.tag,
+            };
+            Ok(result_out(&s.call(s.keys().encrypt(request)).await?))
+        }
+        KeyCmd::Decrypt(a) => {
+            let i = CryptoInput::read(&a)?;
+            let request = proto::DecryptRequest {
+                key_id: a.key_id,
+                algorithm: a.alg,
+                value: i.value,
+                iv: i.iv,
+                aad: i.aad,
+                tag: i.tag,
+            };
+            Ok(result_out(&s.call(s.keys().decrypt(request)).await?))
+        }
+    }
+}
+
+async fn clock(s: &Session, cmd: ClockCmd) -> Result<Out, CliError> {
+    let c = match cmd {
+        ClockCmd::Show => s.call(s.emulation().get_clock(proto::GetClockRequest {})).await?,
+        ClockCmd::Advance { seconds } => {
+            s.call(s.emulation().advance_clock(proto::AdvanceClockRequest { seconds })).await?
+        }
+        ClockCmd::Set { now } => s.call(s.emulation().set_clock(proto::SetClockRequest { now })).await?,
+    };
+    Ok(Out {
+        json: json!({ "now": c.now, "manual": c.manual }),
+        table: fields(&[("now", when(c.now)), ("manual", c.manual.to_string())]),
+    })
+}
+
+/// Advances a page token; false when the listing is complete (or the broker repeats itself).
+fn next_page(current: &mut String, next: String) -> bool {
+    if next.is_empty() || next == *current {
+        return false;
+    }
+    *current = next;
+    true
+}
+
+/// The decoded inputs of a crypto operation.
+struct CryptoInput {
+    value: Vec<u8>,
+    iv: Vec<u8>,
+    aad: Vec<u8>,
+    tag: Vec<u8>,
+}
+
+impl CryptoInput {
+    fn read(a: &CryptoArgs) -> Result<Self, CliError> {
+        let value = if let Some(b64) = &a.value_b64 {
+            decode_b64("--value-b64", b64)?
+        } else if let Some(text) = &a.value_hex {
+            let text: String = text.chars().filter(|c| !c.is_whitespace() && *c != ':').collect();
+            let text = text.strip_prefix("0x").unwrap_or(&text);
+            hex::decode(text).map_err(|e| CliError::Invalid(format!("--value-hex is not hex: {e}")))?
+        } else if let Some(path) = &a.input {
+            std::fs::read(path).map_err(io_err(path))?
+        } else {
+            return Err(CliError::Invalid("give the value: --value-b64, --value-hex or --in".to_string()));
+        };
+        let optional =
+            |flag: &str, v: &Option<String>| v.as_deref().map_or(Ok(Vec::new()), |t| decode_b64(flag, t));
+        Ok(CryptoInput {
+            value,
+            iv: optional("--iv-b64", &a.iv_b64)?,
+            aad: optional("--aad-b64", &a.aad_b64)?,
+            tag: optional("--tag-b64", &a.tag_b64)?,
+        })
+    }
+}
+
+/// Standard base64, forgiving about padding and the URL-safe alphabet.
+fn decode_b64(flag: &str, text: &str) -> Result<Vec<u8>, CliError> {
+    let text = text.trim();
+    [&B64, &STANDARD_NO_PAD, &URL_SAFE, &URL_SAFE_NO_PAD]
+        .iter()
+        .find_map(|engine| engine.decode(text).ok())
+        .ok_or_else(|| CliError::Invalid(format!("{flag} is not base64")))
+}
+
+fn new_attributes(disabled: bool, nbf: Option<i64>, exp: Option<i64>) -> proto::KeyAttributes {
+    proto::KeyAttributes {
+        enabled: disabled.then_some(false),
+        not_before: nbf,
+        expires: exp,
+        ..Default::default()
+    }
+}
+
+/// Splits a comma list, dropping blanks: "" is the empty list.
+fn comma_list(text: &str) -> Vec<String> {
+    text.split(',').map(str::trim).filter(|s| !s.is_empty()).map(str::to_string).collect()
+}
+
+/// Trims the items of a clap-split list and drops blanks.
+fn clean_list(items: Vec<String>) -> Vec<String> {
+    items.iter().flat_map(|s| comma_list(s)).collect()
+}
+
+fn parse_tag(text: &str) -> Result<(String, String), String> {
+    match text.split_once('=') {
+        Some((k, v)) if !k.trim().is_empty() => Ok((k.trim().to_string(), v.to_string())),
+        _ => Err(format!("'{text}' is not a tag: use KEY=VALUE")),
+    }
+}
+
+/// Seconds, or a number with a unit: s, m, h, d, w (`90d`, `25h`, `-30m`).
+fn parse_duration(text: &str) -> Result<i64, String> {
+    let bad = || {
+        format!("'{text}' is not a duration: use seconds or a number with s, m, h, d or w (90d, 25h, 30m)")
+    };
+    let t = text.trim();
+    let (number, unit) = match t.chars().last() {
+        Some(c) if c.is_ascii_alphabetic() => (&t[..t.len() - 1], c.to_ascii_lowercase()),
+        _ => (t, 's'),
+    };
+    let scale: i64 = match unit {
+        's' => 1,
+        'm' => 60,
+        'h' => 3_600,
+        'd' => 86_400,
+        'w' => 604_800,
+        _ => return Err(bad()),
+    };
+    let n: i64 = number.trim().parse().map_err(|_| bad())?;
+    n.checked_mul(scale).ok_or_else(|| format!("'{text}' is too large"))
+}
+
+// ---------------------------------------------------------------------------------------------
+// Rendering
+// ---------------------------------------------------------------------------------------------
+
+/// `field  value` lines with the values aligned.
+fn fields(rows: &[(&str, String)]) -> String {
+    let width = rows.iter().map(|(k, _)| k.chars().count()).max().unwrap_or(0);
+    rows.iter().map(|(k, v)| format!("{k:<width$}  {v}\n")).collect()
+}
+
+/// A header row and rows, columns aligned; the last column is not padded.
+fn table(header: &[&str], rows: Vec<Vec<String>>) -> String {
+    let mut widths: Vec<usize> = header.iter().map(|h| h.chars().count()).collect();
+    for row in &rows {
+        for (w, cell) in widths.iter_mut().zip(row) {
+            *w = (*w).max(cell.chars().count());
+        }
+    }
+    let line = |cells: Vec<&str>| {
+        let last = cells.len().saturating_sub(1);
+        let mut text = String::new();
+        for (i, (cell, w)) in cells.iter().zip(&widths).enumerate() {
+            if i == last {
+                text.push_str(cell);
+            } else {
+                text.push_str(&format!("{cell:<w$}  "));
+            }
+        }
+        text.trim_end().to_string() + "\n"
+    };
+    let mut out = line(header.to_vec());
+    for row in &rows {
+        out.push_str(&line(row.iter().map(String::as_str).collect()));
+    }
+    out
+}
+
+fn vault_out(v: &proto::Vault) -> Out {
+    Out { json: vault_json(v), table: fields(&vault_rows(v)) }
+}
+
+fn vault_json(v: &proto::Vault) -> Value {
+    json!({
+        "name": v.name,
+        "uri": v.uri,
+        "soft_delete_retention_days": v.soft_delete_retention_days,
+        "enable_purge_protection": v.enable_purge_protection,
+        "enable_rbac_authorization": v.enable_rbac_authorization,
+        "public_network_access": v.public_network_access,
+        "network_acls": v.network_acls.as_ref().map(|a| json!({
+            "default_action": a.default_action,
+            "bypass": a.bypass,
+            "ip_rules": a.ip_rules,
+            "virtual_network_rules": a.virtual_network_rules,
+        })),
+    })
+}
+
+fn vault_rows(v: &proto::Vault) -> Vec<(&'static str, String)> {
+    let mut rows = vec![
+        ("name", v.name.clone()),
+        ("uri", v.uri.clone()),
+        ("soft delete retention", format!("{} days", v.soft_delete_retention_days)),
+        ("purge protection", v.enable_purge_protection.to_string()),
+        ("rbac authorization", v.enable_rbac_authorization.to_string()),
+        ("public network access", v.public_network_access.clone()),
+    ];
+    if let Some(a) = &v.network_acls {
+        rows.push(("network default action", a.default_action.clone()));
+        rows.push(("network bypass", a.bypass.clone()));
+        rows.push(("ip rules", list_or_dash(&a.ip_rules)));
+        rows.push(("vnet rules", list_or_dash(&a.virtual_network_rules)));
+    }
+    rows
+}
+
+fn bundle_out(b: &proto::KeyBundle) -> Out {
+    Out { json: bundle_json(b), table: fields(&bundle_rows(b)) }
+}
+
+fn bundle_json(b: &proto::KeyBundle) -> Value {
+    let key = b.key.clone().unwrap_or_default();
+    json!({
+        "kid": key.kid,
+        "kty": key.kty,
+        "key_ops": key.key_ops,
+        "n": B64.encode(&key.n),
+        "e": B64.encode(&key.e),
+        "attributes": attributes_json(b.attributes.as_ref()),
+        "tags": tags_json(&b.tags),
+    })
+}
+
+fn bundle_rows(b: &proto::KeyBundle) -> Vec<(&'static str, String)> {
+    let key = b.key.clone().unwrap_or_default();
+    let a = b.attributes.clone().unwrap_or_default();
+    let mut rows = vec![
+        ("kid", key.kid),
+        ("kty", key.kty),
+        ("key ops", list_or_dash(&key.key_ops)),
+        ("enabled", a.enabled.unwrap_or(true).to_string()),
+        ("not before", when_opt(a.not_before)),
+        ("expires", when_opt(a.expires)),
+        ("created", when(a.created)),
+        ("updated", when(a.updated)),
+        ("recoverable days", a.recoverable_days.to_string()),
+        ("recovery level", a.recovery_level),
+        ("tags", tags_text(&b.tags)),
+    ];
+    if !key.n.is_empty() {
+        let leading_zeros = key.n.iter().take_while(|b| **b == 0).count();
+        rows.push(("modulus", format!("{} bits", (key.n.len() - leading_zeros) * 8)));
+        rows.push(("exponent", B64.encode(&key.e)));
+    }
+    rows
+}
+
+fn deleted_out(d: &proto::DeletedKeyBundle) -> Out {
+    let mut rows = d.key.as_ref().map(bundle_rows).unwrap_or_default();
+    rows.push(("recovery id", d.recovery_id.clone()));
+    rows.push(("deleted", when(d.deleted_date)));
+    rows.push(("scheduled purge", when(d.scheduled_purge_date)));
+    Out { json: deleted_json(d), table: fields(&rows) }
+}
+
+fn deleted_json(d: &proto::DeletedKeyBundle) -> Value {
+    let mut json = d.key.as_ref().map(bundle_json).unwrap_or_else(|| Value::Object(Map::new()));
+    json["recovery_id"] = json!(d.recovery_id);
+    json["deleted_date"] = json!(d.deleted_date);
+    json["scheduled_purge_date"] = json!(d.scheduled_purge_date);
+    json
+}
+
+/// Key listings: the first column comes from the kid (name or version), the full kid last.
+fn items_out(items: &[proto::KeyItem], first: &str, column: impl Fn(&str) -> String) -> Out {
+    let rows = items
+        .iter()
+        .map(|item| {
+            let a = item.attributes.clone().unwrap_or_default();
+            vec![
+                column(&item.kid),
+                a.enabled.unwrap_or(true).to_string(),
+                a.not_before.map_or_else(|| "-".to_string(), rfc3339),
+                a.expires.map_or_else(|| "-".to_string(), rfc3339),
+                rfc3339(a.updated),
+                item.kid.clone(),
+            ]
+        })
+        .collect();
+    let json = items
+        .iter()
+        .map(|item| {
+            json!({
+                "kid": item.kid,
+                "attributes": attributes_json(item.attributes.as_ref()),
+                "tags": tags_json(&item.tags),
+            })
+        })
+        .collect();
+    Out { json: Value::Array(json), table: table(&[first, "ENABLED", "NBF", "EXP", "UPDATED", "KID"], rows) }
+}
+
+fn result_out(r: &proto::KeyOperationResult) -> Out {
+    let mut rows = vec![("kid", r.kid.clone()), ("value", B64.encode(&r.value))];
+    if !r.iv.is_empty() {
+        rows.push(("iv", B64.encode(&r.iv)));
+    }
+    if !r.tag.is_empty() {
+        rows.push(("tag", B64.encode(&r.tag)));
+    }
+    Out {
+        json: json!({
+            "kid": r.kid,
+            "value": B64.encode(&r.value),
+            "iv": B64.encode(&r.iv),
+            "tag": B64.encode(&r.tag),
+        }),
+        table: fields(&rows),
+    }
+}
+
+fn attributes_json(a: Option<&proto::KeyAttributes>) -> Value {
+    let a = a.cloned().unwrap_or_default();
+    json!({
+        "enabled": a.enabled.unwrap_or(true),
+        "not_before": a.not_before,
+        "expires": a.expires,
+        "created": a.created,
+        "updated": a.updated,
+        "recoverable_days": a.recoverable_days,
+        "recovery_level": a.recovery_level,
+    })
+}
+
+fn tags_json(tags: &HashMap<String, String>) -> Value {
+    Value::Object(tags.iter().map(|(k, v)| (k.clone(), Value::String(v.clone()))).collect())
+}
+
+fn tags_text(tags: &HashMap<String, String>) -> String {
+    let mut pairs: Vec<String> = tags.iter().map(|(k, v)| format!("{k}={v}")).collect();
+    pairs.sort();
+    list_or_dash(&pairs)
+}
+
+fn list_or_dash(items: &[String]) -> String {
+    if items.is_empty() { "-".to_string() } else { items.join(", ") }
+}
+
+/// `(name, version)` of a key URI `https://{vault}.{suffix}/keys/{name}[/{version}]`; the whole
+/// text as the name when it is not one.
+fn kid_parts(kid: &str) -> (String, String) {
+    let rest = kid.find("/keys/").map(|i| &kid[i + "/keys/".len()..]).unwrap_or(kid);
+    let mut parts = rest.splitn(2, '/');
+    let name = parts.next().unwrap_or_default().to_string();
+    let version = parts.next().unwrap_or_default().trim_end_matches('/').to_string();
+    (name, version)
+}
+
+/// Unix seconds with their UTC rendering: `1800000000 (2027-01-15T08:00:00Z)`.
+fn when(t: i64) -> String {
+    format!("{t} ({})", rfc3339(t))
+}
+
+fn when_opt(t: Option<i64>) -> String {
+    t.map_or_else(|| "-".to_string(), when)
+}
+
+/// RFC 3339 UTC rendering of Unix seconds.
+fn rfc3339(t: i64) -> String {
+    let secs = t.rem_euclid(86_400);
+    let (y, m, d) = civil_from_days(t.div_euclid(86_400));
+    format!("{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z", secs / 3_600, secs % 3_600 / 60, secs % 60)
+}
+
+/// Days since 1970-01-01 to a proleptic Gregorian (year, month, day) — H. Hinnant's algorithm.
+fn civil_from_days(days: i64) -> (i64, i64, i64) {
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1_460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    (y, m, d)
+}

@@ -1,0 +1,112 @@
+//! All cryptography of the broker, behind one small API.
+//!
+//! This module is the only place that touches `aws-lc-rs`, `rsa`, `aes-kw` and `aes`.
+//! Secret material travels as [`Zbytes`] (zeroized on drop); errors never carry secret
+//! bytes, and every decryption failure collapses into [`CryptoError::DecryptionFailed`].
+
+pub mod aes_ops;
+pub mod import;
+pub mod jwt_sig;
+pub mod rsa_ops;
+pub mod seal;
+
+pub use aes_ops::{
+    GcmOutput, aes_gcm_decrypt, aes_gcm_encrypt, aes_kw_unwrap, aes_kw_wrap, generate_oct,
+};
+pub use import::{ImportedKey, import_jwk, import_pem, import_pkcs8_der};
+pub use jwt_sig::TokenSigningKey;
+pub use rsa_ops::{RsaPrivateKey, generate_rsa_pkcs8, rsa_encrypt_with_public};
+pub use seal::Sealer;
+
+use aws_lc_rs::rand::{SecureRandom, SystemRandom};
+
+/// Errors of the crypto layer. Messages never contain key material or plaintext.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum CryptoError {
+    /// Any failure to decrypt/unwrap an RSA or AES ciphertext. One variant, no detail,
+    /// so callers cannot build a padding oracle out of it.
+    #[error("decryption failed")]
+    DecryptionFailed,
+    /// Key material that cannot be used (wrong type, size, encoding or inconsistent).
+    #[error("invalid key material: {0}")]
+    InvalidKeyMaterial(String),
+    /// A caller-supplied parameter is unacceptable (lengths, algorithm, ...).
+    #[error("invalid input: {0}")]
+    InvalidInput(String),
+    /// A sealed blob could not be opened (wrong master key, wrong AAD, tampering, bad format).
+    #[error("unsealing failed")]
+    UnsealFailed,
+    /// The underlying library failed to generate a key or random bytes.
+    #[error("key generation failed")]
+    KeyGeneration,
+    /// A signature did not verify (or could not be produced).
+    #[error("signature invalid")]
+    BadSignature,
+}
+
+/// Owned secret bytes, zeroized when dropped.
+pub type Zbytes = zeroize::Zeroizing<Vec<u8>>;
+
+/// The algorithms are a domain concept; crypto implements them.
+pub use crate::model::Algorithm;
+
+/// Fills a buffer with random bytes, mapping failure to [`CryptoError::KeyGeneration`].
+pub(crate) fn fill_random(buf: &mut [u8]) -> Result<(), CryptoError> {
+    SystemRandom::new()
+        .fill(buf)
+        .map_err(|_| CryptoError::KeyGeneration)
+}
+
+/// `n` bytes from the system CSPRNG (aws-lc-rs `SystemRandom`).
+///
+/// # Panics
+/// Only if the operating system's random source fails, which aws-lc itself treats as fatal.
+pub fn random_bytes(n: usize) -> Vec<u8> {
+    let mut out = vec![0u8; n];
+    // ok: RAND_bytes failing means the OS CSPRNG is broken; no input can cause it.
+    fill_random(&mut out).expect("system random number generator failed");
+    out
+}
+
+/// SHA-256 of `data`.
+pub fn sha256(data: &[u8]) -> [u8; 32] {
+    let digest = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, data);
+    let mut out = [0u8; 32];
+    out.copy_from_slice(digest.as_ref()); // SHA-256 output is always 32 bytes
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn algorithm_classification_is_consistent() {
+        for alg in Algorithm::ALL {
+            let kinds = [alg.is_rsa(), alg.is_key_wrap(), alg.is_gcm()];
+            assert_eq!(kinds.iter().filter(|k| **k).count(), 1, "{alg}");
+            assert_eq!(alg.aes_bits().is_none(), alg.is_rsa(), "{alg}");
+        }
+        assert_eq!(Algorithm::A192Kw.aes_bits(), Some(192));
+        assert_eq!(Algorithm::A256Gcm.aes_bits(), Some(256));
+        assert_eq!(Algorithm::A128Kw.aes_bits(), Some(128));
+    }
+
+    #[test]
+    fn sha256_matches_known_vector() {
+        assert_eq!(
+            hex::encode(sha256(b"abc")),
+            "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+        );
+    }
+
+    #[test]
+    fn random_bytes_has_requested_length_and_varies() {
+        assert_eq!(random_bytes(0).len(), 0);
+        let a = random_bytes(32);
+        let b = random_bytes(32);
+        assert_eq!(a.len(), 32);
+        assert_ne!(a, b);
+    }
+}

@@ -1,0 +1,79 @@
+//! Conversions between broker views and proto messages.
+
+use crate::broker::keys::{DeletedKeyView, KeyItemView, KeyView};
+use crate::grpc::proto;
+use crate::model::{KeyAttributes, KeyVersion, NetworkAcls, Vault};
+
+/// Proto attributes of a version.
+pub fn attributes(a: &KeyAttributes, recoverable_days: i32, recovery_level: &str) -> proto::KeyAttributes {
+    proto::KeyAttributes {
+        enabled: Some(a.enabled),
+        not_before: a.not_before,
+        expires: a.expires,
+        created: a.created,
+        updated: a.updated,
+        recoverable_days,
+        recovery_level: recovery_level.to_string(),
+    }
+}
+
+fn jwk(kid: String, v: &KeyVersion) -> proto::JsonWebKey {
+    proto::JsonWebKey {
+        kid,
+        kty: v.kty.name().to_string(),
+        key_ops: v.key_ops.iter().map(|o| o.name().to_string()).collect(),
+        n: v.n.clone(),
+        e: v.e.clone(),
+    }
+}
+
+/// KeyBundle of a view.
+pub fn bundle(v: KeyView) -> proto::KeyBundle {
+    proto::KeyBundle {
+        attributes: Some(attributes(&v.version.attributes, v.recoverable_days, v.recovery_level)),
+        key: Some(jwk(v.kid, &v.version)),
+        tags: v.version.tags.into_iter().collect(),
+    }
+}
+
+/// DeletedKeyBundle of a view.
+pub fn deleted_bundle(v: DeletedKeyView) -> proto::DeletedKeyBundle {
+    proto::DeletedKeyBundle {
+        key: Some(bundle(v.key)),
+        recovery_id: v.recovery_id,
+        deleted_date: v.deletion.deleted_date,
+        scheduled_purge_date: v.deletion.scheduled_purge_date,
+    }
+}
+
+/// KeyItem of a list entry.
+pub fn item(v: KeyItemView) -> proto::KeyItem {
+    proto::KeyItem {
+        kid: v.kid,
+        attributes: Some(attributes(&v.version.attributes, v.recoverable_days, v.recovery_level)),
+        tags: v.version.tags.into_iter().collect(),
+    }
+}
+
+/// Proto vault.
+pub fn vault(v: Vault, suffix: &str) -> proto::Vault {
+    proto::Vault {
+        uri: crate::model::ids::vault_uri(&v.name, suffix),
+        name: v.name,
+        soft_delete_retention_days: v.retention_days,
+        enable_purge_protection: v.purge_protection,
+        enable_rbac_authorization: v.rbac,
+        network_acls: Some(network_acls(&v.network_acls)),
+        public_network_access: if v.public_network_access { "Enabled" } else { "Disabled" }.to_string(),
+    }
+}
+
+/// Proto network ACLs.
+pub fn network_acls(a: &NetworkAcls) -> proto::NetworkAcls {
+    proto::NetworkAcls {
+        default_action: if a.default_allow { "Allow" } else { "Deny" }.to_string(),
+        bypass: if a.bypass_azure_services { "AzureServices" } else { "None" }.to_string(),
+        ip_rules: a.ip_rules.clone(),
+        virtual_network_rules: a.virtual_network_rules.clone(),
+    }
+}

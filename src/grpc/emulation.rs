@@ -1,0 +1,62 @@
+//! The `Emulation` service: the broker's clock (admin only).
+
+use std::sync::Arc;
+
+use tonic::{Request, Response, Status};
+
+use super::proto::{self, emulation_server::Emulation};
+use super::{caller, to_status};
+use crate::broker::Broker;
+use crate::policy::control::Action;
+
+const CLOCK_READ: Action = Action { name: "Microsoft.TdeBroker/emulation/read", read_only: true };
+const CLOCK_WRITE: Action = Action { name: "Microsoft.TdeBroker/emulation/write", read_only: false };
+
+/// The service implementation.
+pub struct EmulationService {
+    broker: Arc<Broker>,
+}
+
+impl EmulationService {
+    /// Serves `broker`.
+    pub fn new(broker: Arc<Broker>) -> Self {
+        EmulationService { broker }
+    }
+
+    fn reply(&self, now: i64) -> Response<proto::ClockResponse> {
+        Response::new(proto::ClockResponse { now, manual: self.broker.clock.is_manual() })
+    }
+
+    /// After the clock moved, what has come due happens at once (soft-deleted keys past their
+    /// retention are purged).
+    async fn clock_moved(&self, now: i64) -> Result<Response<proto::ClockResponse>, Status> {
+        self.broker.purge_expired().await.map_err(to_status)?;
+        Ok(self.reply(now))
+    }
+}
+
+#[tonic::async_trait]
+impl Emulation for EmulationService {
+    async fn get_clock(&self, request: Request<proto::GetClockRequest>) -> Result<Response<proto::ClockResponse>, Status> {
+        let caller = caller(&request)?;
+        self.broker.authorize_control(&caller.object_id, CLOCK_READ, "/").map_err(to_status)?;
+        Ok(self.reply(self.broker.clock.now()))
+    }
+
+    async fn advance_clock(
+        &self,
+        request: Request<proto::AdvanceClockRequest>,
+    ) -> Result<Response<proto::ClockResponse>, Status> {
+        let caller = caller(&request)?;
+        self.broker.authorize_control(&caller.object_id, CLOCK_WRITE, "/").map_err(to_status)?;
+        let now = self.broker.clock.advance(request.get_ref().seconds).map_err(to_status)?;
+        self.clock_moved(now).await
+    }
+
+    async fn set_clock(&self, request: Request<proto::SetClockRequest>) -> Result<Response<proto::ClockResponse>, Status> {
+        let caller = caller(&request)?;
+        self.broker.authorize_control(&caller.object_id, CLOCK_WRITE, "/").map_err(to_status)?;
+        let now = self.broker.clock.set(request.get_ref().now).map_err(to_status)?;
+        self.clock_moved(now).await
+    }
+}

@@ -1,0 +1,117 @@
+//! The `Vaults` service: vaults and their access policies (control plane).
+
+use std::sync::Arc;
+
+use tonic::{Request, Response, Status};
+
+use super::convert::vault;
+use super::proto::{self, vaults_server::Vaults};
+use super::{caller, to_status};
+use crate::broker::Broker;
+use crate::broker::vaults::{VaultSpec, VaultUpdate};
+use crate::model::{BrokerError, NetworkAcls, Vault};
+
+/// The service implementation.
+pub struct VaultsService {
+    broker: Arc<Broker>,
+}
+
+impl VaultsService {
+    /// Serves `broker`.
+    pub fn new(broker: Arc<Broker>) -> Self {
+        VaultsService { broker }
+    }
+
+    fn out(&self, v: Vault) -> proto::Vault {
+        vault(v, &self.broker.settings.vault_dns_suffix)
+    }
+}
+
+fn acls(a: Option<proto::NetworkAcls>) -> Result<Option<NetworkAcls>, BrokerError> {
+    a.map(|a| NetworkAcls::parse(&a.default_action, &a.bypass, &a.ip_rules, &a.virtual_network_rules)).transpose()
+}
+
+#[tonic::async_trait]
+impl Vaults for VaultsService {
+    async fn create_vault(&self, request: Request<proto::CreateVaultRequest>) -> Result<Response<proto::Vault>, Status> {
+        let caller = caller(&request)?;
+        let r = request.into_inner();
+        let spec = VaultSpec {
+            name: r.name,
+            retention_days: r.soft_delete_retention_days,
+            purge_protection: r.enable_purge_protection,
+            rbac: r.enable_rbac_authorization,
+            network_acls: acls(r.network_acls).map_err(to_status)?,
+            public_network_access: Vault::parse_public_access(&r.public_network_access).map_err(to_status)?,
+        };
+        let v = self.broker.create_vault(&caller, spec).await.map_err(to_status)?;
+        Ok(Response::new(self.out(v)))
+    }
+
+    async fn get_vault(&self, request: Request<proto::GetVaultRequest>) -> Result<Response<proto::Vault>, Status> {
+        let caller = caller(&request)?;
+        let v = self.broker.get_vault(&caller, &request.get_ref().name).map_err(to_status)?;
+        Ok(Response::new(self.out(v)))
+    }
+
+    async fn list_vaults(&self, request: Request<proto::ListVaultsRequest>) -> Result<Response<proto::ListVaultsResponse>, Status> {
+        let caller = caller(&request)?;
+        let vaults = self.broker.list_vaults(&caller).into_iter().map(|v| self.out(v)).collect();
+        Ok(Response::new(proto::ListVaultsResponse { vaults }))
+    }
+
+    async fn update_vault(&self, request: Request<proto::UpdateVaultRequest>) -> Result<Response<proto::Vault>, Status> {
+        let caller = caller(&request)?;
+        let r = request.into_inner();
+        let update = VaultUpdate {
+            purge_protection: r.enable_purge_protection,
+            rbac: r.enable_rbac_authorization,
+            network_acls: acls(r.network_acls).map_err(to_status)?,
+            public_network_access: r
+                .public_network_access
+                .as_deref()
+                .map(Vault::parse_public_access)
+                .transpose()
+                .map_err(to_status)?,
+        };
+        let v = self.broker.update_vault(&caller, &r.name, update).await.map_err(to_status)?;
+        Ok(Response::new(self.out(v)))
+    }
+
+    async fn delete_vault(&self, request: Request<proto::DeleteVaultRequest>) -> Result<Response<proto::DeleteVaultResponse>, Status> {
+        let caller = caller(&request)?;
+        self.broker.delete_vault(&caller, &request.get_ref().name).await.map_err(to_status)?;
+        Ok(Response::new(proto::DeleteVaultResponse {}))
+    }
+
+    async fn set_access_policy(
+        &self,
+        request: Request<proto::SetAccessPolicyRequest>,
+    ) -> Result<Response<proto::SetAccessPolicyResponse>, Status> {
+        let caller = caller(&request)?;
+        let r = request.get_ref();
+        self.broker
+            .set_access_policy(&caller, &r.vault_name, &r.object_id, &r.key_permissions)
+            .await
+            .map_err(to_status)?;
+        Ok(Response::new(proto::SetAccessPolicyResponse {}))
+    }
+
+    async fn list_access_policies(
+        &self,
+        request: Request<proto::ListAccessPoliciesRequest>,
+    ) -> Result<Response<proto::ListAccessPoliciesResponse>, Status> {
+        let caller = caller(&request)?;
+        let policies = self
+            .broker
+            .list_access_policies(&caller, &request.get_ref().vault_name)
+            .map_err(to_status)?
+            .into_iter()
+            .map(|(object_id, perms)| proto::AccessPolicy {
+                object_id,
+                key_permissions: perms.iter().map(|p| p.name().to_string()).collect(),
+            })
+            .collect();
+        Ok(Response::new(proto::ListAccessPoliciesResponse { policies }))
+    }
+}

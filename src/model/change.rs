@@ -1,0 +1,49 @@
+//! Changes: the only way state moves. Each is committed to the store, then applied to the
+//! in-memory state, then the epoch is bumped (DESIGN §3 invariant 5).
+
+use super::key::{Deletion, KeyVersion};
+use super::principal::{ArmAssignment, Principal};
+use super::vault::Vault;
+
+/// One durable state change.
+#[derive(Clone, Debug)]
+pub enum Change {
+    /// Create or replace a vault's settings and policies.
+    PutVault(Vault),
+    /// Remove an (empty) vault.
+    DeleteVault {
+        /// Vault name.
+        vault: String,
+    },
+    /// Create a key version, or replace its metadata.
+    PutKeyVersion {
+        /// Vault name.
+        vault: String,
+        /// Key name as first created.
+        name: String,
+        /// The version's metadata.
+        version: KeyVersion,
+        /// Sealed private material: `Some` when the version is created, `None` on updates.
+        sealed: Option<Vec<u8>>,
+    },
+    /// Soft-delete (`Some`) or recover (`None`) a key with all its versions.
+    SetKeyDeletion {
+        /// Vault name.
+        vault: String,
+        /// Key name.
+        name: String,
+        /// Deletion record.
+        deleted: Option<Deletion>,
+    },
+    /// Remove a key, its versions and material for good.
+    PurgeKey {
+        /// Vault name.
+        vault: String,
+        /// Key name.
+        name: String,
+    },
+    /// Create or replace a principal.
+    PutPrincipal(Principal),
+    /// Create a control-plane role assignment.
+    PutArmAssignment(ArmAssignment),
+}

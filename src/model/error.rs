@@ -1,0 +1,344 @@
+//! The broker's typed errors. Each variant's `Display` is the cloud's text (reference
+//! `azure-semantics.md` A2–A5); [`BrokerError::code`] is the cloud's code (the inner code where the
+//! cloud has one) and [`BrokerError::class`] decides the gRPC status at the edge.
+
+use std::fmt;
+
+/// The Key Vault link the cloud appends to key-not-found errors.
+const KEY_NOT_FOUND_HELP: &str = "https://go.microsoft.com/fwlink/?linkid=2125182";
+/// The Key Vault link the cloud appends to access-policy denials.
+const ACCESS_DENIED_HELP: &str = "https://go.microsoft.com/fwlink/?linkid=2125287";
+
+/// How an error is reported on the wire; the edge maps each class to one gRPC status code.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ErrorClass {
+    /// 401: missing, forged, expired or misdirected credentials.
+    Unauthenticated,
+    /// 403: permissions, disabled keys, key_ops, expired-key wrap, purge protection.
+    Forbidden,
+    /// 404.
+    NotFound,
+    /// 409 on a name that is taken.
+    AlreadyExists,
+    /// 409 on a state that forbids the operation (deleted-but-recoverable names, validations).
+    FailedPrecondition,
+    /// 400.
+    InvalidArgument,
+    /// 503: the store or the broker itself failed.
+    Unavailable,
+    /// 500: a bug; the message says nothing more.
+    Internal,
+}
+
+/// How the caller appears in the cloud's denial texts: `appid=…;oid=…;iss=…`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CallerDescription {
+    /// Application (client) id of the caller.
+    pub app_id: String,
+    /// Object (principal) id of the caller.
+    pub object_id: String,
+    /// Token issuer, `https://sts.windows.net/{tenant}/`.
+    pub issuer: String,
+}
+
+impl fmt::Display for CallerDescription {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "appid={};oid={};iss={}", self.app_id, self.object_id, self.issuer)
+    }
+}
+
+/// Every failure the broker reports to a caller.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum BrokerError {
+    /// No `authorization` metadata at all (A5).
+    #[error("Request is missing a Bearer or PoP token.")]
+    MissingToken,
+    /// The token could not be parsed or its signature does not verify.
+    #[error("Error validating token: {reason}")]
+    InvalidToken {
+        /// What was wrong, without echoing the token.
+        reason: String,
+    },
+    /// The token's lifetime ended before the broker's clock (IDX10223).
+    #[error("Error validating token: IDX10223: Lifetime validation failed. The token is expired. ValidTo: '{expires}', Current time: '{now}'.")]
+    TokenExpired {
+        /// `exp` of the token.
+        expires: i64,
+        /// The broker's clock.
+        now: i64,
+    },
+    /// The token's `nbf` is in the future (IDX10222).
+    #[error("Error validating token: IDX10222: Lifetime validation failed. The token is not yet valid. ValidFrom: '{not_before}', Current time: '{now}'.")]
+    TokenNotYetValid {
+        /// `nbf` of the token.
+        not_before: i64,
+        /// The broker's clock.
+        now: i64,
+    },
+    /// AKV10022: wrong audience for the plane being called.
+    #[error("AKV10022: Invalid audience. Expected {expected}, found: {found}.")]
+    InvalidAudience {
+        /// The audience this plane accepts.
+        expected: String,
+        /// The token's audience(s).
+        found: String,
+    },
+    /// AKV10032: token from another tenant or issuer.
+    #[error("AKV10032: Invalid issuer. Expected one of {expected}, found {found}.")]
+    InvalidIssuer {
+        /// The broker's issuer.
+        expected: String,
+        /// The token's issuer.
+        found: String,
+    },
+    /// The token is valid but its principal no longer exists.
+    #[error("Error validating token: the principal '{object_id}' no longer exists.")]
+    PrincipalDeleted {
+        /// The token's `oid`.
+        object_id: String,
+    },
+    /// A control-plane action the caller holds no role for (ARM's `AuthorizationFailed`).
+    #[error("The client '{object_id}' with object id '{object_id}' does not have authorization to perform action '{action}' over scope '{scope}' or the scope is invalid. If access was recently granted, please refresh your credentials.")]
+    AuthorizationFailed {
+        /// The caller's object id.
+        object_id: String,
+        /// The ARM action, e.g. `Microsoft.KeyVault/vaults/write`.
+        action: String,
+        /// The resource scope.
+        scope: String,
+    },
+    /// Access-policy denial on the data plane (A3), inner code `AccessDenied`.
+    #[error("The user, group or application '{caller}' does not have keys {permission} permission on key vault '{vault};location={location}'. For help resolving this issue, please see {ACCESS_DENIED_HELP}")]
+    AccessDenied {
+        /// Who called.
+        caller: CallerDescription,
+        /// The key permission that was missing, as the cloud spells it (`get`, `unwrapKey`, …).
+        permission: &'static str,
+        /// The vault name.
+        vault: String,
+        /// The broker's configured location.
+        location: String,
+    },
+    /// RBAC denial on the data plane (A3), inner code `ForbiddenByRbac`.
+    #[error("Caller is not authorized to perform action on resource.\r\nIf role assignments, deny assignments or role definitions were changed recently, please observe propagation time.\r\nCaller: {caller}\r\nAction: '{action}'\r\nResource: '{resource}'\r\nAssignment: (not found)\r\nDenyAssignmentId: null\r\nDecisionReason: 'DeniedWithNoValidRBAC' \r\nVault: {vault};location={location}\r\n")]
+    ForbiddenByRbac {
+        /// Who called.
+        caller: CallerDescription,
+        /// The data action, e.g. `Microsoft.KeyVault/vaults/keys/unwrap/action`.
+        action: &'static str,
+        /// The lower-cased ARM resource path of the key.
+        resource: String,
+        /// The vault name.
+        vault: String,
+        /// The broker's configured location.
+        location: String,
+    },
+    /// `enabled = false` refuses every crypto operation (A2), inner code `KeyDisabled`.
+    #[error("Operation {operation} is not allowed on a disabled key.")]
+    KeyDisabled {
+        /// The operation name as the cloud spells it.
+        operation: &'static str,
+    },
+    /// The operation is not in the version's `key_ops` (A2), inner code `KeyOperationForbidden`.
+    #[error("Operation {operation} is not permitted on this key.")]
+    KeyOperationForbidden {
+        /// The operation name as the cloud spells it.
+        operation: &'static str,
+    },
+    /// encrypt/wrapKey after `exp` (A2: 403; the cloud's exact body is not public).
+    #[error("Operation {operation} is not allowed on an expired key.")]
+    KeyExpired {
+        /// The operation name as the cloud spells it.
+        operation: &'static str,
+    },
+    /// encrypt/wrapKey before `nbf` (A2: 403; the cloud's exact body is not public).
+    #[error("Operation {operation} is not allowed on a key that is not yet valid.")]
+    KeyNotYetValid {
+        /// The operation name as the cloud spells it.
+        operation: &'static str,
+    },
+    /// Missing key or key version (A2), code `KeyNotFound`.
+    #[error("A key with (name/id) {name_or_id} was not found in this key vault. If you recently deleted this key you may be able to recover it using the correct recovery command. For help resolving this issue, please see {KEY_NOT_FOUND_HELP}")]
+    KeyNotFound {
+        /// `name` or `name/version`, as the cloud prints it.
+        name_or_id: String,
+    },
+    /// GetDeletedKey/Recover/Purge on a key that is not soft-deleted.
+    #[error("Deleted Key not found: {name}")]
+    DeletedKeyNotFound {
+        /// The key name.
+        name: String,
+    },
+    /// The name belongs to a soft-deleted key (A2), inner code `ObjectIsDeletedButRecoverable`.
+    #[error("Key {name} is currently in a deleted but recoverable state, and its name cannot be reused; in this state, the key can only be recovered or purged.")]
+    KeyDeletedButRecoverable {
+        /// The key name.
+        name: String,
+    },
+    /// Purge refused while purge protection is on (A2).
+    #[error("Operation \"purge\" is not allowed because purge protection is enabled for this vault. Key Vault service will automatically purge it after the retention period has passed.")]
+    PurgeProtected,
+    /// RestoreKey into a vault where the name is taken.
+    #[error("There was a conflict restoring the key '{name}'. The key already exists in this vault.")]
+    KeyAlreadyExists {
+        /// The key name.
+        name: String,
+    },
+    /// A vault that does not exist.
+    #[error("The Resource 'Microsoft.KeyVault/vaults/{name}' was not found.")]
+    VaultNotFound {
+        /// The vault name.
+        name: String,
+    },
+    /// CreateVault with a name already in use.
+    #[error("The vault name '{name}' is already in use. Vault names are globally unique so it is possible that the name is already taken.")]
+    VaultAlreadyExists {
+        /// The vault name.
+        name: String,
+    },
+    /// DeleteVault on a vault that still holds keys, active or soft-deleted.
+    #[error("Vault '{name}' still holds {keys} key(s) (active or soft-deleted); delete and purge them before deleting the vault.")]
+    VaultNotEmpty {
+        /// The vault name.
+        name: String,
+        /// How many keys remain.
+        keys: usize,
+    },
+    /// Purge protection can only be turned on.
+    #[error("The property \"enablePurgeProtection\" cannot be set to false. Enabling the purge protection for a vault is an irreversible action.")]
+    PurgeProtectionIrreversible,
+    /// A request field with a bad value (code `BadParameter`).
+    #[error("{message}")]
+    BadParameter {
+        /// What was wrong and what is accepted.
+        message: String,
+    },
+    /// Any RSA/AES unwrap or decrypt failure: one identical answer, so no padding oracle.
+    #[error("The ciphertext could not be decrypted with this key and algorithm.")]
+    DecryptionFailed,
+    /// AdvanceClock/SetClock on the system clock.
+    #[error("The broker runs on the system clock; start it with --clock manual to move time.")]
+    ClockNotManual,
+    /// The store could not commit or read; the change was not made.
+    #[error("The broker could not reach its store; the request was not carried out. Retry later.")]
+    StoreUnavailable,
+    /// A bug or an inconsistency; details are logged, never returned.
+    #[error("An internal error occurred.")]
+    Internal,
+}
+
+impl BrokerError {
+    /// Shorthand for [`BrokerError::BadParameter`].
+    pub fn bad_parameter(message: impl Into<String>) -> Self {
+        BrokerError::BadParameter { message: message.into() }
+    }
+
+    /// The cloud's code (its inner code where it has one), carried as `ErrorInfo.reason`.
+    pub fn code(&self) -> &'static str {
+        use BrokerError::*;
+        match self {
+            MissingToken | InvalidToken { .. } | TokenExpired { .. } | TokenNotYetValid { .. } => {
+                "Unauthorized"
+            }
+            PrincipalDeleted { .. } => "Unauthorized",
+            InvalidAudience { .. } => "AKV10022",
+            InvalidIssuer { .. } => "AKV10032",
+            AuthorizationFailed { .. } => "AuthorizationFailed",
+            AccessDenied { .. } => "AccessDenied",
+            ForbiddenByRbac { .. } => "ForbiddenByRbac",
+            KeyDisabled { .. } => "KeyDisabled",
+            KeyOperationForbidden { .. } => "KeyOperationForbidden",
+            KeyExpired { .. } => "KeyExpired",
+            KeyNotYetValid { .. } => "KeyNotYetValid",
+            KeyNotFound { .. } | DeletedKeyNotFound { .. } => "KeyNotFound",
+            KeyDeletedButRecoverable { .. } => "ObjectIsDeletedButRecoverable",
+            PurgeProtected => "Forbidden",
+            KeyAlreadyExists { .. } => "Conflict",
+            VaultNotFound { .. } => "ResourceNotFound",
+            VaultAlreadyExists { .. } => "VaultAlreadyExists",
+            VaultNotEmpty { .. } => "VaultNotEmpty",
+            PurgeProtectionIrreversible => "BadRequest",
+            BadParameter { .. } | DecryptionFailed => "BadParameter",
+            ClockNotManual => "ClockNotManual",
+            StoreUnavailable => "ServiceUnavailable",
+            Internal => "InternalError",
+        }
+    }
+
+    /// The wire class of this error.
+    pub fn class(&self) -> ErrorClass {
+        use BrokerError::*;
+        match self {
+            MissingToken
+            | InvalidToken { .. }
+            | TokenExpired { .. }
+            | TokenNotYetValid { .. }
+            | InvalidAudience { .. }
+            | InvalidIssuer { .. }
+            | PrincipalDeleted { .. } => ErrorClass::Unauthenticated,
+            AuthorizationFailed { .. }
+            | AccessDenied { .. }
+            | ForbiddenByRbac { .. }
+            | KeyDisabled { .. }
+            | KeyOperationForbidden { .. }
+            | KeyExpired { .. }
+            | KeyNotYetValid { .. }
+            | PurgeProtected => ErrorClass::Forbidden,
+            KeyNotFound { .. } | DeletedKeyNotFound { .. } | VaultNotFound { .. } => {
+                ErrorClass::NotFound
+            }
+            KeyAlreadyExists { .. } | VaultAlreadyExists { .. } => ErrorClass::AlreadyExists,
+            KeyDeletedButRecoverable { .. } | VaultNotEmpty { .. } | ClockNotManual => {
+                ErrorClass::FailedPrecondition
+            }
+            PurgeProtectionIrreversible | BadParameter { .. } | DecryptionFailed => {
+                ErrorClass::InvalidArgument
+            }
+            StoreUnavailable => ErrorClass::Unavailable,
+            Internal => ErrorClass::Internal,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn key_not_found_text_matches_the_cloud() {
+        let e = BrokerError::KeyNotFound { name_or_id: "tde".into() };
+        assert_eq!(
+            e.to_string(),
+            "A key with (name/id) tde was not found in this key vault. If you recently deleted this key you may be able to recover it using the correct recovery command. For help resolving this issue, please see https://go.microsoft.com/fwlink/?linkid=2125182"
+        );
+        assert_eq!(e.code(), "KeyNotFound");
+        assert_eq!(e.class(), ErrorClass::NotFound);
+    }
+
+    #[test]
+    fn access_denied_text_names_caller_permission_and_vault() {
+        let e = BrokerError::AccessDenied {
+            caller: CallerDescription {
+                app_id: "a".into(),
+                object_id: "o".into(),
+                issuer: "https://sts.windows.net/t/".into(),
+            },
+            permission: "unwrapKey",
+            vault: "v1".into(),
+            location: "westus".into(),
+        };
+        assert_eq!(
+            e.to_string(),
+            "The user, group or application 'appid=a;oid=o;iss=https://sts.windows.net/t/' does not have keys unwrapKey permission on key vault 'v1;location=westus'. For help resolving this issue, please see https://go.microsoft.com/fwlink/?linkid=2125287"
+        );
+        assert_eq!(e.code(), "AccessDenied");
+    }
+
+    #[test]
+    fn disabled_key_text_names_the_operation() {
+        let e = BrokerError::KeyDisabled { operation: "unwrapKey" };
+        assert_eq!(e.to_string(), "Operation unwrapKey is not allowed on a disabled key.");
+        assert_eq!(e.class(), ErrorClass::Forbidden);
+    }
+}

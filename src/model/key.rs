@@ -1,0 +1,533 @@
+//! Keys, key versions, their attributes and the rules of DESIGN §1.1 that decide whether a crypto
+//! operation may run on a version. Pure: `now` is always an argument.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+use super::error::BrokerError;
+use super::ids::printable;
+
+/// Key types a vault holds (DESIGN §1: RSA, RSA-HSM, oct-HSM).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum KeyType {
+    /// Software-protected RSA.
+    #[serde(rename = "RSA")]
+    Rsa,
+    /// HSM-protected RSA (same arithmetic here; halves the throttling budget later).
+    #[serde(rename = "RSA-HSM")]
+    RsaHsm,
+    /// HSM-protected AES key.
+    #[serde(rename = "oct-HSM")]
+    OctHsm,
+}
+
+impl KeyType {
+    /// Parses the cloud's `kty` names.
+    pub fn parse(s: &str) -> Result<Self, BrokerError> {
+        match s {
+            "RSA" => Ok(KeyType::Rsa),
+            "RSA-HSM" => Ok(KeyType::RsaHsm),
+            "oct-HSM" => Ok(KeyType::OctHsm),
+            other => Err(BrokerError::bad_parameter(format!(
+                "The key type '{}' is not supported. Supported key types are RSA, RSA-HSM and oct-HSM.",
+                printable(other)
+            ))),
+        }
+    }
+
+    /// The cloud's `kty` name.
+    pub fn name(self) -> &'static str {
+        match self {
+            KeyType::Rsa => "RSA",
+            KeyType::RsaHsm => "RSA-HSM",
+            KeyType::OctHsm => "oct-HSM",
+        }
+    }
+
+    /// RSA or RSA-HSM.
+    pub fn is_rsa(self) -> bool {
+        matches!(self, KeyType::Rsa | KeyType::RsaHsm)
+    }
+
+    /// Validates a size in bits (0 = the default: RSA 2048, oct-HSM 256).
+    pub fn size(self, bits: i32) -> Result<u32, BrokerError> {
+        let (allowed, default): (&[i32], u32) = if self.is_rsa() {
+            (&[2048, 3072, 4096], 2048)
+        } else {
+            (&[128, 192, 256], 256)
+        };
+        match bits {
+            0 => Ok(default),
+            b if allowed.contains(&b) => Ok(b as u32),
+            b => Err(BrokerError::bad_parameter(format!(
+                "The key size {b} is not supported for key type {}. Supported sizes are {:?}.",
+                self.name(),
+                allowed
+            ))),
+        }
+    }
+
+    /// The operations a new key of this type allows when the caller names none.
+    pub fn default_ops(self) -> Vec<KeyOp> {
+        use KeyOp::*;
+        if self.is_rsa() {
+            vec![Encrypt, Decrypt, Sign, Verify, WrapKey, UnwrapKey]
+        } else {
+            vec![Encrypt, Decrypt, WrapKey, UnwrapKey]
+        }
+    }
+}
+
+/// `key_ops` values (SPEC75 JsonWebKeyOperation).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub enum KeyOp {
+    /// encrypt.
+    Encrypt,
+    /// decrypt.
+    Decrypt,
+    /// sign.
+    Sign,
+    /// verify.
+    Verify,
+    /// wrapKey.
+    WrapKey,
+    /// unwrapKey.
+    UnwrapKey,
+    /// import.
+    Import,
+    /// export.
+    Export,
+}
+
+impl KeyOp {
+    /// Parses a `key_ops` entry (case-insensitive, as the cloud accepts them).
+    pub fn parse(s: &str) -> Result<Self, BrokerError> {
+        use KeyOp::*;
+        Ok(match s.to_ascii_lowercase().as_str() {
+            "encrypt" => Encrypt,
+            "decrypt" => Decrypt,
+            "sign" => Sign,
+            "verify" => Verify,
+            "wrapkey" => WrapKey,
+            "unwrapkey" => UnwrapKey,
+            "import" => Import,
+            "export" => Export,
+            _ => {
+                return Err(BrokerError::bad_parameter(format!(
+                    "The key operation '{}' is invalid. Valid operations are encrypt, decrypt, sign, verify, wrapKey, unwrapKey, import, export.",
+                    printable(s)
+                )));
+            }
+        })
+    }
+
+    /// The cloud's spelling.
+    pub fn name(self) -> &'static str {
+        use KeyOp::*;
+        match self {
+            Encrypt => "encrypt",
+            Decrypt => "decrypt",
+            Sign => "sign",
+            Verify => "verify",
+            WrapKey => "wrapKey",
+            UnwrapKey => "unwrapKey",
+            Import => "import",
+            Export => "export",
+        }
+    }
+
+    /// Parses a list; an empty list means `kty`'s defaults. Duplicates collapse.
+    pub fn parse_list(ops: &[String], kty: KeyType) -> Result<Vec<KeyOp>, BrokerError> {
+        if ops.is_empty() {
+            return Ok(kty.default_ops());
+        }
+        let mut out = ops.iter().map(|s| KeyOp::parse(s)).collect::<Result<Vec<_>, _>>()?;
+        out.sort();
+        out.dedup();
+        Ok(out)
+    }
+}
+
+/// The four crypto operations of the data plane.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum CryptoOp {
+    /// Encrypt (public-key or AES-GCM).
+    Encrypt,
+    /// Decrypt.
+    Decrypt,
+    /// wrapKey.
+    WrapKey,
+    /// unwrapKey.
+    UnwrapKey,
+}
+
+impl CryptoOp {
+    /// The `key_ops` entry that allows this operation.
+    pub fn key_op(self) -> KeyOp {
+        match self {
+            CryptoOp::Encrypt => KeyOp::Encrypt,
+            CryptoOp::Decrypt => KeyOp::Decrypt,
+            CryptoOp::WrapKey => KeyOp::WrapKey,
+            CryptoOp::UnwrapKey => KeyOp::UnwrapKey,
+        }
+    }
+
+    /// The cloud's spelling in error texts.
+    pub fn name(self) -> &'static str {
+        self.key_op().name()
+    }
+
+    /// Decrypt and unwrapKey keep working outside nbf/exp (A2); encrypt and wrapKey do not.
+    pub fn works_outside_validity(self) -> bool {
+        matches!(self, CryptoOp::Decrypt | CryptoOp::UnwrapKey)
+    }
+}
+
+/// Encryption algorithms, by the cloud's names (SPEC75 JsonWebKeyEncryptionAlgorithm subset).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum Algorithm {
+    /// RSAES-OAEP with SHA-1 and MGF1-SHA1.
+    RsaOaep,
+    /// RSAES-OAEP with SHA-256 and MGF1-SHA256.
+    RsaOaep256,
+    /// RSAES-PKCS1-v1_5.
+    Rsa1_5,
+    /// AES key wrap (RFC 3394), 128-bit key.
+    A128Kw,
+    /// AES key wrap, 192-bit key.
+    A192Kw,
+    /// AES key wrap, 256-bit key.
+    A256Kw,
+    /// AES-GCM, 128-bit key.
+    A128Gcm,
+    /// AES-GCM, 192-bit key.
+    A192Gcm,
+    /// AES-GCM, 256-bit key.
+    A256Gcm,
+}
+
+impl Algorithm {
+    /// Every algorithm.
+    pub const ALL: [Algorithm; 9] = [
+        Algorithm::RsaOaep,
+        Algorithm::RsaOaep256,
+        Algorithm::Rsa1_5,
+        Algorithm::A128Kw,
+        Algorithm::A192Kw,
+        Algorithm::A256Kw,
+        Algorithm::A128Gcm,
+        Algorithm::A192Gcm,
+        Algorithm::A256Gcm,
+    ];
+
+    /// Parses the cloud's name exactly (`RSA-OAEP-256`, `A256KW`, …).
+    pub fn parse(s: &str) -> Result<Self, BrokerError> {
+        Self::ALL.into_iter().find(|a| a.name() == s).ok_or_else(|| {
+            BrokerError::bad_parameter(format!(
+                "The algorithm '{}' is not supported. Supported algorithms are RSA-OAEP, RSA-OAEP-256, RSA1_5, A128KW, A192KW, A256KW, A128GCM, A192GCM, A256GCM.",
+                printable(s)
+            ))
+        })
+    }
+
+    /// The cloud's name.
+    pub fn name(self) -> &'static str {
+        match self {
+            Algorithm::RsaOaep => "RSA-OAEP",
+            Algorithm::RsaOaep256 => "RSA-OAEP-256",
+            Algorithm::Rsa1_5 => "RSA1_5",
+            Algorithm::A128Kw => "A128KW",
+            Algorithm::A192Kw => "A192KW",
+            Algorithm::A256Kw => "A256KW",
+            Algorithm::A128Gcm => "A128GCM",
+            Algorithm::A192Gcm => "A192GCM",
+            Algorithm::A256Gcm => "A256GCM",
+        }
+    }
+
+    /// An RSA algorithm.
+    pub fn is_rsa(self) -> bool {
+        matches!(self, Algorithm::RsaOaep | Algorithm::RsaOaep256 | Algorithm::Rsa1_5)
+    }
+
+    /// An AES key-wrap algorithm.
+    pub fn is_key_wrap(self) -> bool {
+        matches!(self, Algorithm::A128Kw | Algorithm::A192Kw | Algorithm::A256Kw)
+    }
+
+    /// An AES-GCM algorithm.
+    pub fn is_gcm(self) -> bool {
+        matches!(self, Algorithm::A128Gcm | Algorithm::A192Gcm | Algorithm::A256Gcm)
+    }
+
+    /// The AES key size the algorithm needs.
+    pub fn aes_bits(self) -> Option<u32> {
+        match self {
+            Algorithm::A128Kw | Algorithm::A128Gcm => Some(128),
+            Algorithm::A192Kw | Algorithm::A192Gcm => Some(192),
+            Algorithm::A256Kw | Algorithm::A256Gcm => Some(256),
+            _ => None,
+        }
+    }
+}
+
+impl std::fmt::Display for Algorithm {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// Mutable attributes of one key version.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KeyAttributes {
+    /// `false` refuses every crypto operation.
+    pub enabled: bool,
+    /// Activation time (Unix seconds).
+    pub not_before: Option<i64>,
+    /// Expiry time (Unix seconds).
+    pub expires: Option<i64>,
+    /// Creation time of this version.
+    pub created: i64,
+    /// Last change of this version.
+    pub updated: i64,
+}
+
+/// Metadata of one key version; the private material is kept apart, sealed.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KeyVersion {
+    /// 32 lowercase hex characters.
+    pub version: String,
+    /// Key type.
+    pub kty: KeyType,
+    /// Size in bits.
+    pub bits: u32,
+    /// Operations this version allows.
+    pub key_ops: Vec<KeyOp>,
+    /// Attributes.
+    pub attributes: KeyAttributes,
+    /// Tags (at most 15, names and values up to 256 characters).
+    pub tags: BTreeMap<String, String>,
+    /// RSA modulus, big-endian; empty for oct-HSM.
+    pub n: Vec<u8>,
+    /// RSA public exponent, big-endian; empty for oct-HSM.
+    pub e: Vec<u8>,
+}
+
+impl KeyVersion {
+    /// DESIGN §1.1: decides whether `op` with `alg` may run on this version at `now`.
+    /// Order: enabled, key_ops, algorithm fits the key, nbf/exp window (decrypt and unwrapKey
+    /// still work outside it).
+    pub fn check_crypto(&self, op: CryptoOp, alg: Algorithm, now: i64) -> Result<(), BrokerError> {
+        if !self.attributes.enabled {
+            return Err(BrokerError::KeyDisabled { operation: op.name() });
+        }
+        if !self.key_ops.contains(&op.key_op()) {
+            return Err(BrokerError::KeyOperationForbidden { operation: op.name() });
+        }
+        self.check_algorithm(op, alg)?;
+        if !op.works_outside_validity() {
+            if let Some(nbf) = self.attributes.not_before
+                && now < nbf
+            {
+                return Err(BrokerError::KeyNotYetValid { operation: op.name() });
+            }
+            if let Some(exp) = self.attributes.expires
+                && now >= exp
+            {
+                return Err(BrokerError::KeyExpired { operation: op.name() });
+            }
+        }
+        Ok(())
+    }
+
+    /// RSA algorithms on RSA keys; AES-KW for wrap/unwrap and AES-GCM for encrypt/decrypt on
+    /// oct-HSM keys, with the algorithm's size equal to the key's.
+    fn check_algorithm(&self, op: CryptoOp, alg: Algorithm) -> Result<(), BrokerError> {
+        let fits = if self.kty.is_rsa() {
+            alg.is_rsa()
+        } else {
+            let family = match op {
+                CryptoOp::WrapKey | CryptoOp::UnwrapKey => alg.is_key_wrap(),
+                CryptoOp::Encrypt | CryptoOp::Decrypt => alg.is_gcm(),
+            };
+            family && alg.aes_bits() == Some(self.bits)
+        };
+        if fits {
+            Ok(())
+        } else {
+            Err(BrokerError::bad_parameter(format!(
+                "Algorithm {} is not supported for operation {} on a key of type {} and size {}.",
+                alg.name(),
+                op.name(),
+                self.kty.name(),
+                self.bits
+            )))
+        }
+    }
+}
+
+/// Validates tags: at most 15, names and values of at most 256 characters.
+pub fn validate_tags(tags: &BTreeMap<String, String>) -> Result<(), BrokerError> {
+    if tags.len() > 15 {
+        return Err(BrokerError::bad_parameter("A key can hold at most 15 tags."));
+    }
+    if tags.iter().any(|(k, v)| k.is_empty() || k.chars().count() > 256 || v.chars().count() > 256)
+    {
+        return Err(BrokerError::bad_parameter(
+            "Tag names must be 1-256 characters and tag values at most 256 characters.",
+        ));
+    }
+    Ok(())
+}
+
+/// Validates that `not_before` precedes `expires` when both are set.
+pub fn validate_window(not_before: Option<i64>, expires: Option<i64>) -> Result<(), BrokerError> {
+    match (not_before, expires) {
+        (Some(nbf), Some(exp)) if nbf >= exp => Err(BrokerError::bad_parameter(
+            "The key's activation time (nbf) must be before its expiry time (exp).",
+        )),
+        _ => Ok(()),
+    }
+}
+
+/// Soft-deletion record of a key: every version is deleted together.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Deletion {
+    /// When it was deleted.
+    pub deleted_date: i64,
+    /// When the broker purges it by itself (deleted_date + retention).
+    pub scheduled_purge_date: i64,
+}
+
+/// A key: its versions in creation order (newest last) and its deletion state.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Key {
+    /// Name as first created (lookups are case-insensitive).
+    pub name: String,
+    /// Versions, oldest first.
+    pub versions: Vec<KeyVersion>,
+    /// `Some` while soft-deleted.
+    pub deleted: Option<Deletion>,
+}
+
+impl Key {
+    /// The newest version.
+    pub fn latest(&self) -> Option<&KeyVersion> {
+        self.versions.last()
+    }
+
+    /// A version by id, or the newest for `None`.
+    pub fn version(&self, version: Option<&str>) -> Option<&KeyVersion> {
+        match version {
+            None => self.latest(),
+            Some(v) => self.versions.iter().find(|kv| kv.version == v),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn version(kty: KeyType, bits: u32) -> KeyVersion {
+        KeyVersion {
+            version: "0".repeat(32),
+            kty,
+            bits,
+            key_ops: kty.default_ops(),
+            attributes: KeyAttributes {
+                enabled: true,
+                not_before: None,
+                expires: None,
+                created: 0,
+                updated: 0,
+            },
+            tags: BTreeMap::new(),
+            n: vec![],
+            e: vec![],
+        }
+    }
+
+    const ALL_OPS: [CryptoOp; 4] =
+        [CryptoOp::Encrypt, CryptoOp::Decrypt, CryptoOp::WrapKey, CryptoOp::UnwrapKey];
+
+    #[test]
+    fn disabled_key_refuses_every_crypto_operation() {
+        let mut v = version(KeyType::Rsa, 2048);
+        v.attributes.enabled = false;
+        for op in ALL_OPS {
+            let e = v.check_crypto(op, Algorithm::RsaOaep256, 0).unwrap_err();
+            assert_eq!(e, BrokerError::KeyDisabled { operation: op.name() });
+        }
+    }
+
+    #[test]
+    fn expired_key_allows_unwrap_and_decrypt_and_refuses_wrap_and_encrypt() {
+        let mut v = version(KeyType::Rsa, 2048);
+        v.attributes.expires = Some(100);
+        for (op, ok) in [
+            (CryptoOp::UnwrapKey, true),
+            (CryptoOp::Decrypt, true),
+            (CryptoOp::WrapKey, false),
+            (CryptoOp::Encrypt, false),
+        ] {
+            let r = v.check_crypto(op, Algorithm::RsaOaep256, 100);
+            assert_eq!(r.is_ok(), ok, "{op:?}");
+            if !ok {
+                assert_eq!(r.unwrap_err().code(), "KeyExpired");
+            }
+        }
+        assert!(v.check_crypto(CryptoOp::WrapKey, Algorithm::RsaOaep256, 99).is_ok());
+    }
+
+    #[test]
+    fn not_yet_valid_key_allows_unwrap_and_decrypt_and_refuses_wrap_and_encrypt() {
+        let mut v = version(KeyType::OctHsm, 256);
+        v.attributes.not_before = Some(100);
+        assert!(v.check_crypto(CryptoOp::UnwrapKey, Algorithm::A256Kw, 99).is_ok());
+        assert!(v.check_crypto(CryptoOp::Decrypt, Algorithm::A256Gcm, 99).is_ok());
+        let e = v.check_crypto(CryptoOp::WrapKey, Algorithm::A256Kw, 99).unwrap_err();
+        assert_eq!(e.code(), "KeyNotYetValid");
+        assert!(v.check_crypto(CryptoOp::WrapKey, Algorithm::A256Kw, 100).is_ok());
+    }
+
+    #[test]
+    fn operation_missing_from_key_ops_is_forbidden() {
+        let mut v = version(KeyType::Rsa, 2048);
+        v.key_ops = vec![KeyOp::WrapKey, KeyOp::UnwrapKey];
+        let e = v.check_crypto(CryptoOp::Decrypt, Algorithm::RsaOaep, 0).unwrap_err();
+        assert_eq!(e.to_string(), "Operation decrypt is not permitted on this key.");
+        assert_eq!(e.code(), "KeyOperationForbidden");
+    }
+
+    #[test]
+    fn aes_algorithm_size_must_match_the_key() {
+        let v = version(KeyType::OctHsm, 192);
+        assert!(v.check_crypto(CryptoOp::WrapKey, Algorithm::A192Kw, 0).is_ok());
+        assert!(v.check_crypto(CryptoOp::WrapKey, Algorithm::A256Kw, 0).is_err());
+        assert!(v.check_crypto(CryptoOp::WrapKey, Algorithm::A192Gcm, 0).is_err());
+        assert!(v.check_crypto(CryptoOp::Encrypt, Algorithm::A192Gcm, 0).is_ok());
+        assert!(v.check_crypto(CryptoOp::Encrypt, Algorithm::RsaOaep, 0).is_err());
+        let rsa = version(KeyType::RsaHsm, 3072);
+        assert!(rsa.check_crypto(CryptoOp::WrapKey, Algorithm::A256Kw, 0).is_err());
+    }
+
+    #[test]
+    fn algorithm_names_round_trip_and_unknown_ones_are_refused() {
+        for a in Algorithm::ALL {
+            assert_eq!(Algorithm::parse(a.name()).unwrap(), a);
+        }
+        assert_eq!(Algorithm::parse("rsa-oaep").unwrap_err().code(), "BadParameter");
+    }
+
+    #[test]
+    fn key_sizes_are_checked_per_type() {
+        assert_eq!(KeyType::Rsa.size(0).unwrap(), 2048);
+        assert_eq!(KeyType::OctHsm.size(0).unwrap(), 256);
+        assert!(KeyType::Rsa.size(1024).is_err());
+        assert!(KeyType::OctHsm.size(2048).is_err());
+        assert_eq!(KeyType::RsaHsm.size(4096).unwrap(), 4096);
+    }
+}

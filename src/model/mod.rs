@@ -1,0 +1,15 @@
+//! The pure domain: identifiers, vaults, keys, principals, changes and errors. No async, no I/O,
+//! no clock: `now` is an argument (ARCHITECTURE.md invariant 1).
+
+pub mod change;
+pub mod error;
+pub mod ids;
+pub mod key;
+pub mod principal;
+pub mod vault;
+
+pub use change::Change;
+pub use error::{BrokerError, CallerDescription, ErrorClass};
+pub use key::{Algorithm, CryptoOp, Deletion, Key, KeyAttributes, KeyOp, KeyType, KeyVersion};
+pub use principal::{ArmAssignment, ArmRole, Caller, Principal, PrincipalKind};
+pub use vault::{KeyPermission, NetworkAcls, Vault};

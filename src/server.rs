@@ -1,0 +1,323 @@
+//! Start-up and serving: opens the data directory (master key, store, signing key), bootstraps
+//! the admin principal and its token, applies the seed file, and serves gRPC until shutdown.
+//! Tests call [`App::open`] and [`App::serve`] on an ephemeral loopback listener.
+
+use std::future::Future;
+use std::io::Write;
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use base64::Engine as _;
+use base64::engine::general_purpose::STANDARD as B64;
+use tokio::net::TcpListener;
+use tonic::service::interceptor::InterceptedService;
+use tokio_stream::wrappers::TcpListenerStream;
+use zeroize::Zeroizing;
+
+use crate::auth::{AuthInterceptor, Authenticator, MANAGEMENT_AUDIENCE, Plane, VAULT_AUDIENCE};
+use crate::broker::{Broker, Clock, Settings, new_guid};
+use crate::config::{ClockKind, Config};
+use crate::crypto::{Sealer, TokenSigningKey};
+use crate::grpc::emulation::EmulationService;
+use crate::grpc::keyvault::KeyVaultService;
+use crate::grpc::proto::emulation_server::EmulationServer;
+use crate::grpc::proto::key_vault_server::KeyVaultServer;
+use crate::grpc::proto::vaults_server::VaultsServer;
+use crate::grpc::vaults::VaultsService;
+use crate::model::{ArmAssignment, ArmRole, BrokerError, Caller, Change, Principal, PrincipalKind};
+use crate::seed;
+use crate::store::sqlite::SqliteStore;
+
+/// Environment variable that supplies the master key (base64 of 32 bytes) instead of the file.
+pub const MASTER_KEY_ENV: &str = "TDE_BROKER_MASTER_KEY";
+/// File names inside the data directory.
+pub const MASTER_KEY_FILE: &str = "master.key";
+/// The admin token file.
+pub const ADMIN_TOKEN_FILE: &str = "admin.token";
+/// The SQLite database file.
+pub const DB_FILE: &str = "broker.sqlite";
+/// Largest gRPC message accepted (the crypto value limit is far below).
+pub const MAX_MESSAGE_BYTES: usize = 4 * 1024 * 1024;
+
+const META_MASTER_CHECK: &str = "master_key_check";
+const META_SIGNING_KEY: &str = "token_signing_key";
+const META_SIGNING_KID: &str = "token_signing_kid";
+const META_ADMIN: &str = "admin_object_id";
+const MASTER_CHECK_PLAINTEXT: &[u8] = b"tde-broker master key check v1";
+
+/// Start-up failures.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// A file of the data directory could not be read or written.
+    #[error("{path}: {source}")]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The master key is missing, malformed, or does not open this data directory.
+    #[error("master key: {0}")]
+    MasterKey(String),
+    /// The store failed.
+    #[error("store: {0}")]
+    Store(#[from] crate::store::StoreError),
+    /// A broker operation failed during bootstrap or seeding.
+    #[error("{0}")]
+    Broker(#[from] BrokerError),
+    /// The seed file is invalid.
+    #[error("seed: {0}")]
+    Seed(String),
+    /// The gRPC server failed.
+    #[error("gRPC server: {0}")]
+    Transport(#[from] tonic::transport::Error),
+    /// Reflection could not be built.
+    #[error("reflection: {0}")]
+    Reflection(String),
+}
+
+fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> StartError + '_ {
+    move |source| StartError::Io { path: path.to_path_buf(), source }
+}
+
+/// Writes a secret file with mode 0600, durably.
+fn write_secret(path: &Path, contents: &[u8]) -> Result<(), StartError> {
+    let tmp = path.with_extension("tmp");
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&tmp)
+        .map_err(io_err(&tmp))?;
+    f.write_all(contents).map_err(io_err(&tmp))?;
+    f.sync_all().map_err(io_err(&tmp))?;
+    std::fs::rename(&tmp, path).map_err(io_err(path))?;
+    Ok(())
+}
+
+/// The running application: broker, authenticator and the admin's identity.
+pub struct App {
+    /// The broker.
+    pub broker: Arc<Broker>,
+    /// Token issuer/validator.
+    pub auth: Arc<Authenticator>,
+    /// The bootstrap admin.
+    pub admin: Principal,
+    /// Where the admin token was written.
+    pub admin_token_path: PathBuf,
+    config: Config,
+}
+
+impl App {
+    /// Opens the data directory and brings the broker up (without serving).
+    pub async fn open(config: Config) -> Result<App, StartError> {
+        let dir = &config.data_dir;
+        std::fs::create_dir_all(dir).map_err(io_err(dir))?;
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)).map_err(io_err(dir))?;
+
+        let master = load_master_key(dir)?;
+        let sealer = Arc::new(Sealer::new(&master).map_err(|e| StartError::MasterKey(e.to_string()))?);
+        let db_path = dir.join(DB_FILE);
+        let store = Arc::new(SqliteStore::open(&db_path)?);
+        check_master_key(store.as_ref(), &sealer)?;
+
+        let clock = match config.clock {
+            ClockKind::System => Clock::System,
+            ClockKind::Manual => Clock::manual(config.clock_start.unwrap_or_else(crate::broker::clock::system_now)),
+        };
+        let settings = Settings {
+            vault_dns_suffix: config.vault_dns_suffix.clone(),
+            location: config.location.clone(),
+            tenant_id: config.tenant_id.clone(),
+            subscription_id: config.subscription_id.clone(),
+            resource_group: config.resource_group.clone(),
+        };
+        let broker = Broker::open(store.clone(), sealer.clone(), clock, settings).await?;
+        let (signing_key, kid) = load_signing_key(store.as_ref(), &sealer)?;
+        let auth = Arc::new(Authenticator::new(signing_key, kid, broker.clone()));
+        let admin = bootstrap_admin(&broker).await?;
+        let admin_token_path = dir.join(ADMIN_TOKEN_FILE);
+        ensure_admin_token(&auth, &admin, &admin_token_path, config.admin_token_lifetime)?;
+
+        if let Some(seed_path) = &config.seed {
+            let caller = Caller {
+                object_id: admin.object_id.clone(),
+                app_id: admin.app_id.clone(),
+                issuer: broker.settings.issuer(),
+                peer: None,
+            };
+            seed::apply(&broker, &caller, seed_path).await?;
+        }
+        // Keys whose retention ran out while the broker was down are purged now.
+        broker.purge_expired().await?;
+        Ok(App { broker, auth, admin, admin_token_path, config })
+    }
+
+    /// Issues a fresh admin token (both planes) valid for the configured lifetime.
+    pub fn admin_token(&self) -> Result<String, BrokerError> {
+        Ok(self
+            .auth
+            .issue_user_token(&self.admin, &[MANAGEMENT_AUDIENCE, VAULT_AUDIENCE], self.config.admin_token_lifetime)?
+            .0)
+    }
+
+    /// Serves gRPC on `listener` until `shutdown` completes, then drains in-flight calls.
+    pub async fn serve(self, listener: TcpListener, shutdown: impl Future<Output = ()> + Send) -> Result<(), StartError> {
+        let data = AuthInterceptor::new(self.auth.clone(), Plane::Data);
+        let control = AuthInterceptor::new(self.auth.clone(), Plane::Control);
+
+        let (health_reporter, health) = tonic_health::server::health_reporter();
+        health_reporter.set_serving::<KeyVaultServer<KeyVaultService>>().await;
+        health_reporter.set_serving::<VaultsServer<VaultsService>>().await;
+        health_reporter.set_serving::<EmulationServer<EmulationService>>().await;
+        let reflection = tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(crate::grpc::proto::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+            .build_v1()
+            .map_err(|e| StartError::Reflection(e.to_string()))?;
+
+        let keyvault = InterceptedService::new(
+            KeyVaultServer::new(KeyVaultService::new(self.broker.clone())).max_decoding_message_size(MAX_MESSAGE_BYTES),
+            data,
+        );
+        let vaults = InterceptedService::new(
+            VaultsServer::new(VaultsService::new(self.broker.clone())).max_decoding_message_size(MAX_MESSAGE_BYTES),
+            control.clone(),
+        );
+        let emulation = InterceptedService::new(
+            EmulationServer::new(EmulationService::new(self.broker.clone())).max_decoding_message_size(MAX_MESSAGE_BYTES),
+            control,
+        );
+
+        // Soft-deleted keys are purged when their retention ends, also while nobody calls.
+        let sweeper_broker = self.broker.clone();
+        let sweeper = tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(10));
+            loop {
+                tick.tick().await;
+                if let Err(e) = sweeper_broker.purge_expired().await {
+                    tracing::warn!(error = %e, "purging expired soft-deleted keys failed; will retry");
+                }
+            }
+        });
+
+        let addr = listener.local_addr().map_err(io_err(Path::new("listener")))?;
+        tracing::info!(%addr, data_dir = %self.config.data_dir.display(), admin_token = %self.admin_token_path.display(), "tde-broker serving gRPC");
+        let result = tonic::transport::Server::builder()
+            .add_service(health)
+            .add_service(reflection)
+            .add_service(keyvault)
+            .add_service(vaults)
+            .add_service(emulation)
+            .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
+            .await;
+        sweeper.abort();
+        tracing::info!("tde-broker stopped");
+        Ok(result?)
+    }
+}
+
+fn load_master_key(dir: &Path) -> Result<Zeroizing<Vec<u8>>, StartError> {
+    let decode = |text: &str, source: &str| -> Result<Zeroizing<Vec<u8>>, StartError> {
+        let key = Zeroizing::new(
+            B64.decode(text.trim())
+                .map_err(|_| StartError::MasterKey(format!("{source} is not base64")))?,
+        );
+        if key.len() != 32 {
+            return Err(StartError::MasterKey(format!("{source} must hold 32 bytes, found {}", key.len())));
+        }
+        Ok(key)
+    };
+    if let Ok(text) = std::env::var(MASTER_KEY_ENV) {
+        return decode(&Zeroizing::new(text), MASTER_KEY_ENV);
+    }
+    let path = dir.join(MASTER_KEY_FILE);
+    match std::fs::read_to_string(&path) {
+        Ok(text) => decode(&Zeroizing::new(text), &path.display().to_string()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            let key = Sealer::generate_master_key();
+            write_secret(&path, Zeroizing::new(B64.encode(&key)).as_bytes())?;
+            tracing::info!(path = %path.display(), "generated a new master key; back it up: without it the data directory cannot be opened");
+            Ok(key)
+        }
+        Err(e) => Err(io_err(&path)(e)),
+    }
+}
+
+/// A data directory opened with the wrong master key must fail loudly at start, not later.
+fn check_master_key(store: &SqliteStore, sealer: &Sealer) -> Result<(), StartError> {
+    use crate::store::Store;
+    match store.get_meta(META_MASTER_CHECK)? {
+        Some(sealed) => {
+            let plain = sealer.unseal(META_MASTER_CHECK.as_bytes(), &sealed).map_err(|_| {
+                StartError::MasterKey("this master key does not open this data directory".to_string())
+            })?;
+            if plain.as_slice() != MASTER_CHECK_PLAINTEXT {
+                return Err(StartError::MasterKey("the master key check value is wrong".to_string()));
+            }
+        }
+        None => {
+            let sealed = sealer
+                .seal(META_MASTER_CHECK.as_bytes(), MASTER_CHECK_PLAINTEXT)
+                .map_err(|e| StartError::MasterKey(e.to_string()))?;
+            store.put_meta(META_MASTER_CHECK, &sealed)?;
+        }
+    }
+    Ok(())
+}
+
+fn load_signing_key(store: &SqliteStore, sealer: &Sealer) -> Result<(TokenSigningKey, String), StartError> {
+    use crate::store::Store;
+    let master_err = |e: crate::crypto::CryptoError| StartError::MasterKey(format!("token signing key: {e}"));
+    if let (Some(sealed), Some(kid)) = (store.get_meta(META_SIGNING_KEY)?, store.get_meta(META_SIGNING_KID)?) {
+        let der = sealer.unseal(META_SIGNING_KEY.as_bytes(), &sealed).map_err(master_err)?;
+        let key = TokenSigningKey::from_pkcs8(&der).map_err(master_err)?;
+        return Ok((key, String::from_utf8_lossy(&kid).into_owned()));
+    }
+    let (key, der) = TokenSigningKey::generate().map_err(master_err)?;
+    let sealed = sealer.seal(META_SIGNING_KEY.as_bytes(), &der).map_err(master_err)?;
+    let kid = hex::encode(crate::crypto::random_bytes(8));
+    store.put_meta(META_SIGNING_KEY, &sealed)?;
+    store.put_meta(META_SIGNING_KID, kid.as_bytes())?;
+    Ok((key, kid))
+}
+
+async fn bootstrap_admin(broker: &Arc<Broker>) -> Result<Principal, StartError> {
+    let store = broker.store().clone();
+    if let Some(oid) = store.get_meta(META_ADMIN)? {
+        let oid = String::from_utf8_lossy(&oid).into_owned();
+        return broker
+            .principal(&oid)
+            .ok_or_else(|| StartError::Seed(format!("the bootstrap admin {oid} is missing from the store")));
+    }
+    let admin = Principal {
+        object_id: new_guid(),
+        app_id: new_guid(),
+        name: "admin".to_string(),
+        kind: PrincipalKind::User,
+        created: broker.clock.now(),
+    };
+    let owner = ArmAssignment { id: new_guid(), scope: "/".to_string(), principal_id: admin.object_id.clone(), role: ArmRole::Owner };
+    let txn = broker.begin().await;
+    broker.commit(txn, vec![Change::PutPrincipal(admin.clone()), Change::PutArmAssignment(owner)]).await?;
+    store.put_meta(META_ADMIN, admin.object_id.as_bytes())?;
+    tracing::info!(object_id = %admin.object_id, "bootstrapped the admin principal (Owner at /)");
+    Ok(admin)
+}
+
+/// Writes the admin token at first start, and again whenever the file is missing or its token
+/// no longer validates (expired on the broker's clock, or signed by a previous key).
+fn ensure_admin_token(auth: &Authenticator, admin: &Principal, path: &Path, lifetime: i64) -> Result<(), StartError> {
+    if let Ok(existing) = std::fs::read_to_string(path)
+        && auth.validate(existing.trim(), Plane::Control).is_ok()
+    {
+        return Ok(());
+    }
+    let (token, _) = auth.issue_user_token(admin, &[MANAGEMENT_AUDIENCE, VAULT_AUDIENCE], lifetime)?;
+    write_secret(path, token.as_bytes())?;
+    tracing::info!(path = %path.display(), "wrote the admin token");
+    Ok(())
+}

@@ -1,0 +1,292 @@
+//! The default store: one SQLite file in WAL mode with `synchronous = FULL`, documents as JSON,
+//! sealed key material as BLOBs.
+
+use std::path::Path;
+use std::sync::Mutex;
+
+use rusqlite::{Connection, OptionalExtension, params};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+
+use super::{Snapshot, Store, StoreError, StoredKey};
+use crate::model::ids::key_index;
+use crate::model::{Change, KeyVersion};
+
+const SCHEMA_VERSION: i64 = 1;
+
+const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS meta (k TEXT PRIMARY KEY, v BLOB NOT NULL);
+CREATE TABLE IF NOT EXISTS vaults (name TEXT PRIMARY KEY, doc TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS keys (
+    vault TEXT NOT NULL, idx TEXT NOT NULL, name TEXT NOT NULL, deleted TEXT,
+    PRIMARY KEY (vault, idx));
+CREATE TABLE IF NOT EXISTS key_versions (
+    vault TEXT NOT NULL, idx TEXT NOT NULL, version TEXT NOT NULL, seq INTEGER NOT NULL,
+    doc TEXT NOT NULL, sealed BLOB NOT NULL,
+    PRIMARY KEY (vault, idx, version));
+CREATE TABLE IF NOT EXISTS principals (object_id TEXT PRIMARY KEY, doc TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS arm_assignments (id TEXT PRIMARY KEY, doc TEXT NOT NULL);
+";
+
+/// SQLite-backed [`Store`]. One connection, serialised by a mutex: writes are few and small, and
+/// the hot path never reads the store.
+pub struct SqliteStore {
+    conn: Mutex<Connection>,
+}
+
+impl SqliteStore {
+    /// Opens (creating if needed) the database file at `path`.
+    pub fn open(path: &Path) -> Result<Self, StoreError> {
+        let conn = Connection::open(path)?;
+        conn.pragma_update(None, "journal_mode", "WAL")?;
+        conn.pragma_update(None, "synchronous", "FULL")?;
+        conn.busy_timeout(std::time::Duration::from_secs(5))?;
+        conn.execute_batch(SCHEMA)?;
+        let version: Option<i64> = conn
+            .query_row("SELECT v FROM meta WHERE k = 'schema_version'", [], |r| {
+                let blob: Vec<u8> = r.get(0)?;
+                Ok(String::from_utf8_lossy(&blob).parse::<i64>().unwrap_or(-1))
+            })
+            .optional()?;
+        match version {
+            None => {
+                conn.execute(
+                    "INSERT INTO meta (k, v) VALUES ('schema_version', ?1)",
+                    params![SCHEMA_VERSION.to_string().into_bytes()],
+                )?;
+            }
+            Some(SCHEMA_VERSION) => {}
+            Some(other) => return Err(StoreError::Schema(other)),
+        }
+        Ok(SqliteStore { conn: Mutex::new(conn) })
+    }
+
+    fn conn(&self) -> std::sync::MutexGuard<'_, Connection> {
+        // A panic while holding the lock leaves no half-done transaction (SQLite rolls back an
+        // unfinished one), so the poisoned connection is still sound to use.
+        self.conn.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+}
+
+fn to_doc<T: Serialize>(value: &T, table: &'static str) -> Result<String, StoreError> {
+    serde_json::to_string(value).map_err(|source| StoreError::Corrupt { table, source })
+}
+
+fn from_doc<T: DeserializeOwned>(doc: &str, table: &'static str) -> Result<T, StoreError> {
+    serde_json::from_str(doc).map_err(|source| StoreError::Corrupt { table, source })
+}
+
+fn all_docs<T: DeserializeOwned>(conn: &Connection, sql: &str, table: &'static str) -> Result<Vec<T>, StoreError> {
+    let mut stmt = conn.prepare(sql)?;
+    let docs = stmt.query_map([], |r| r.get::<_, String>(0))?.collect::<Result<Vec<_>, _>>()?;
+    docs.iter().map(|d| from_doc(d, table)).collect()
+}
+
+impl Store for SqliteStore {
+    fn load(&self) -> Result<Snapshot, StoreError> {
+        let conn = self.conn();
+        let vaults = all_docs(&conn, "SELECT doc FROM vaults ORDER BY name", "vaults")?;
+        let principals = all_docs(&conn, "SELECT doc FROM principals", "principals")?;
+        let arm_assignments = all_docs(&conn, "SELECT doc FROM arm_assignments", "arm_assignments")?;
+
+        let mut keys = Vec::new();
+        let mut stmt = conn.prepare("SELECT vault, idx, name, deleted FROM keys ORDER BY vault, idx")?;
+        let rows = stmt
+            .query_map([], |r| {
+                Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?, r.get::<_, String>(2)?, r.get::<_, Option<String>>(3)?))
+            })?
+            .collect::<Result<Vec<_>, _>>()?;
+        let mut vstmt = conn.prepare(
+            "SELECT doc, sealed FROM key_versions WHERE vault = ?1 AND idx = ?2 ORDER BY seq",
+        )?;
+        for (vault, idx, name, deleted) in rows {
+            let deleted = deleted.map(|d| from_doc(&d, "keys")).transpose()?;
+            let versions = vstmt
+                .query_map(params![vault, idx], |r| Ok((r.get::<_, String>(0)?, r.get::<_, Vec<u8>>(1)?)))?
+                .collect::<Result<Vec<_>, _>>()?
+                .into_iter()
+                .map(|(doc, sealed)| Ok((from_doc::<KeyVersion>(&doc, "key_versions")?, sealed)))
+                .collect::<Result<Vec<_>, StoreError>>()?;
+            keys.push(StoredKey { vault, name, deleted, versions });
+        }
+        Ok(Snapshot { vaults, keys, principals, arm_assignments })
+    }
+
+    fn commit(&self, changes: &[Change]) -> Result<(), StoreError> {
+        let mut conn = self.conn();
+        let tx = conn.transaction()?;
+        for change in changes {
+            match change {
+                Change::PutVault(v) => {
+                    tx.execute(
+                        "INSERT INTO vaults (name, doc) VALUES (?1, ?2)
+                         ON CONFLICT(name) DO UPDATE SET doc = excluded.doc",
+                        params![v.name, to_doc(v, "vaults")?],
+                    )?;
+                }
+                Change::DeleteVault { vault } => {
+                    tx.execute("DELETE FROM key_versions WHERE vault = ?1", params![vault])?;
+                    tx.execute("DELETE FROM keys WHERE vault = ?1", params![vault])?;
+                    tx.execute("DELETE FROM vaults WHERE name = ?1", params![vault])?;
+                }
+                Change::PutKeyVersion { vault, name, version, sealed } => {
+                    let idx = key_index(name);
+                    let doc = to_doc(version, "key_versions")?;
+                    match sealed {
+                        Some(sealed) => {
+                            tx.execute(
+                                "INSERT OR IGNORE INTO keys (vault, idx, name, deleted) VALUES (?1, ?2, ?3, NULL)",
+                                params![vault, idx, name],
+                            )?;
+                            tx.execute(
+                                "INSERT INTO key_versions (vault, idx, version, seq, doc, sealed)
+                                 VALUES (?1, ?2, ?3, (SELECT IFNULL(MAX(seq), 0) + 1 FROM key_versions), ?4, ?5)",
+                                params![vault, idx, version.version, doc, sealed],
+                            )?;
+                        }
+                        None => {
+                            let n = tx.execute(
+                                "UPDATE key_versions SET doc = ?4 WHERE vault = ?1 AND idx = ?2 AND version = ?3",
+                                params![vault, idx, version.version, doc],
+                            )?;
+                            if n != 1 {
+                                return Err(StoreError::Database(rusqlite::Error::QueryReturnedNoRows));
+                            }
+                        }
+                    }
+                }
+                Change::SetKeyDeletion { vault, name, deleted } => {
+                    let doc = deleted.as_ref().map(|d| to_doc(d, "keys")).transpose()?;
+                    tx.execute(
+                        "UPDATE keys SET deleted = ?3 WHERE vault = ?1 AND idx = ?2",
+                        params![vault, key_index(name), doc],
+                    )?;
+                }
+                Change::PurgeKey { vault, name } => {
+                    let idx = key_index(name);
+                    tx.execute("DELETE FROM key_versions WHERE vault = ?1 AND idx = ?2", params![vault, idx])?;
+                    tx.execute("DELETE FROM keys WHERE vault = ?1 AND idx = ?2", params![vault, idx])?;
+                }
+                Change::PutPrincipal(p) => {
+                    tx.execute(
+                        "INSERT INTO principals (object_id, doc) VALUES (?1, ?2)
+                         ON CONFLICT(object_id) DO UPDATE SET doc = excluded.doc",
+                        params![p.object_id, to_doc(p, "principals")?],
+                    )?;
+                }
+                Change::PutArmAssignment(a) => {
+                    tx.execute(
+                        "INSERT INTO arm_assignments (id, doc) VALUES (?1, ?2)
+                         ON CONFLICT(id) DO UPDATE SET doc = excluded.doc",
+                        params![a.id, to_doc(a, "arm_assignments")?],
+                    )?;
+                }
+            }
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
+    fn get_meta(&self, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        let conn = self.conn();
+        Ok(conn.query_row("SELECT v FROM meta WHERE k = ?1", params![key], |r| r.get(0)).optional()?)
+    }
+
+    fn put_meta(&self, key: &str, value: &[u8]) -> Result<(), StoreError> {
+        let conn = self.conn();
+        conn.execute(
+            "INSERT INTO meta (k, v) VALUES (?1, ?2) ON CONFLICT(k) DO UPDATE SET v = excluded.v",
+            params![key, value],
+        )?;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use super::*;
+    use crate::model::{Deletion, KeyAttributes, KeyType, NetworkAcls, Vault};
+
+    fn vault(name: &str) -> Vault {
+        Vault {
+            name: name.into(),
+            retention_days: 90,
+            purge_protection: true,
+            rbac: false,
+            network_acls: NetworkAcls::default(),
+            public_network_access: true,
+            access_policies: BTreeMap::new(),
+            created: 1,
+        }
+    }
+
+    fn version(v: &str) -> KeyVersion {
+        KeyVersion {
+            version: v.into(),
+            kty: KeyType::Rsa,
+            bits: 2048,
+            key_ops: KeyType::Rsa.default_ops(),
+            attributes: KeyAttributes { enabled: true, not_before: None, expires: None, created: 1, updated: 1 },
+            tags: BTreeMap::new(),
+            n: vec![1],
+            e: vec![1, 0, 1],
+        }
+    }
+
+    #[test]
+    fn committed_changes_survive_reopening_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("db.sqlite");
+        {
+            let s = SqliteStore::open(&path).unwrap();
+            s.commit(&[
+                Change::PutVault(vault("v1")),
+                Change::PutKeyVersion { vault: "v1".into(), name: "Key".into(), version: version("b"), sealed: Some(vec![9]) },
+                Change::PutKeyVersion { vault: "v1".into(), name: "Key".into(), version: version("a"), sealed: Some(vec![8]) },
+            ])
+            .unwrap();
+            let mut updated = version("b");
+            updated.attributes.enabled = false;
+            s.commit(&[
+                Change::PutKeyVersion { vault: "v1".into(), name: "key".into(), version: updated, sealed: None },
+                Change::SetKeyDeletion { vault: "v1".into(), name: "KEY".into(), deleted: Some(Deletion { deleted_date: 5, scheduled_purge_date: 6 }) },
+            ])
+            .unwrap();
+        }
+        let snap = SqliteStore::open(&path).unwrap().load().unwrap();
+        assert_eq!(snap.vaults, vec![vault("v1")]);
+        let k = &snap.keys[0];
+        assert_eq!(k.name, "Key");
+        assert_eq!(k.deleted.as_ref().unwrap().deleted_date, 5);
+        // Creation order is kept, updates keep the material.
+        assert_eq!(k.versions.iter().map(|(v, s)| (v.version.as_str(), s[0])).collect::<Vec<_>>(), vec![("b", 9), ("a", 8)]);
+        assert!(!k.versions[0].0.attributes.enabled);
+    }
+
+    #[test]
+    fn a_failing_change_rolls_back_the_whole_commit() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = SqliteStore::open(&dir.path().join("db.sqlite")).unwrap();
+        let r = s.commit(&[
+            Change::PutVault(vault("v1")),
+            Change::PutKeyVersion { vault: "v1".into(), name: "k".into(), version: version("missing"), sealed: None },
+        ]);
+        assert!(r.is_err());
+        assert!(s.load().unwrap().vaults.is_empty());
+    }
+
+    #[test]
+    fn purge_removes_the_key_and_its_material() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = SqliteStore::open(&dir.path().join("db.sqlite")).unwrap();
+        s.commit(&[
+            Change::PutVault(vault("v1")),
+            Change::PutKeyVersion { vault: "v1".into(), name: "k".into(), version: version("a"), sealed: Some(vec![1]) },
+        ])
+        .unwrap();
+        s.commit(&[Change::PurgeKey { vault: "v1".into(), name: "K".into() }]).unwrap();
+        assert!(s.load().unwrap().keys.is_empty());
+    }
+}

@@ -1,0 +1,170 @@
+//! End-to-end tests of the `tde-broker` client subcommands: the real binary against a broker
+//! served in-process on an ephemeral loopback port.
+
+use std::path::{Path, PathBuf};
+use std::process::Output;
+
+use base64::Engine as _;
+use base64::engine::general_purpose::STANDARD as B64;
+use clap::CommandFactory as _;
+use serde_json::Value;
+use tde_broker::config::{ClockKind, Config};
+use tde_broker::server::App;
+
+/// A broker on a manual clock serving in this process; dropped with the test's runtime.
+struct Broker {
+    server: String,
+    data_dir: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+async fn start_broker() -> Broker {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut cfg = Config::for_data_dir(dir.path());
+    cfg.clock = ClockKind::Manual;
+    let app = App::open(cfg).await.expect("broker starts");
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    tokio::spawn(app.serve(listener, std::future::pending()));
+    Broker { server: format!("http://{addr}"), data_dir: dir.path().to_path_buf(), _dir: dir }
+}
+
+/// Runs the binary (blocking, so off the runtime's workers) with a clean environment.
+async fn cli(server: &str, data_dir: &Path, args: &[&str]) -> Output {
+    let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_tde-broker"));
+    command
+        .env_remove("TDE_BROKER_TOKEN")
+        .env_remove("TDE_BROKER_SERVER")
+        .env_remove("TDE_BROKER_DATA_DIR")
+        .env("RUST_LOG", "off")
+        .arg("--server")
+        .arg(server)
+        .arg("--data-dir")
+        .arg(data_dir)
+        .args(args);
+    tokio::task::spawn_blocking(move || command.output().expect("run tde-broker")).await.expect("join")
+}
+
+impl Broker {
+    async fn run(&self, args: &[&str]) -> Output {
+        cli(&self.server, &self.data_dir, args).await
+    }
+
+    /// Runs a command that must succeed with `--output json` and parses its document.
+    async fn json(&self, args: &[&str]) -> Value {
+        let mut all = args.to_vec();
+        all.extend(["--output", "json"]);
+        let out = self.run(&all).await;
+        assert!(out.status.success(), "{args:?} failed: {}", String::from_utf8_lossy(&out.stderr));
+        serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+            panic!("{args:?} printed no JSON ({e}): {}", String::from_utf8_lossy(&out.stdout))
+        })
+    }
+
+    /// Runs a command that must fail, returning its stderr.
+    async fn fails(&self, args: &[&str]) -> String {
+        let out = self.run(args).await;
+        assert!(!out.status.success(), "{args:?} succeeded");
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    }
+}
+
+fn str_of<'a>(v: &'a Value, field: &str) -> &'a str {
+    v[field].as_str().unwrap_or_else(|| panic!("no string '{field}' in {v}"))
+}
+
+#[test]
+fn command_line_definition_is_consistent() {
+    tde_broker::cli::Cli::command().debug_assert();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readme_walkthrough_wrap_disable_expire() {
+    let b = start_broker().await;
+
+    let vault = b.json(&["vault", "create", "cli-vault"]).await;
+    assert_eq!(str_of(&vault, "name"), "cli-vault");
+    assert_eq!(vault["access_policy"]["key_permissions"][0], "all");
+    let policies = b.json(&["vault", "policy-list", "cli-vault"]).await;
+    assert_eq!(policies.as_array().map(Vec::len), Some(1));
+
+    let key = b.json(&["key", "create", "cli-vault", "tde", "--ops", "wrapKey,unwrapKey"]).await;
+    let kid = str_of(&key, "kid").to_string();
+    assert_eq!(key["kty"], "RSA");
+
+    // A 32-byte DEK round-trips.
+    let dek: Vec<u8> = (0u8..32).collect();
+    let dek_hex = hex::encode(&dek);
+    let wrapped = b.json(&["key", "wrap", &kid, "--alg", "RSA-OAEP-256", "--value-hex", &dek_hex]).await;
+    assert_eq!(str_of(&wrapped, "kid"), kid);
+    let ciphertext = str_of(&wrapped, "value").to_string();
+    let unwrapped =
+        b.json(&["key", "unwrap", &kid, "--alg", "RSA-OAEP-256", "--value-b64", &ciphertext]).await;
+    assert_eq!(B64.decode(str_of(&unwrapped, "value")).expect("base64"), dek);
+
+    // Table output of the same call: `kid` and `value` lines.
+    let table = b.run(&["key", "unwrap", &kid, "--alg", "RSA-OAEP-256", "--value-b64", &ciphertext]).await;
+    let text = String::from_utf8_lossy(&table.stdout);
+    assert!(text.lines().any(|l| l.starts_with("kid") && l.ends_with(&kid)), "{text}");
+    assert!(text.lines().any(|l| l.starts_with("value") && l.ends_with(&B64.encode(&dek))), "{text}");
+
+    // Disabled: wrap is refused with the cloud's code.
+    b.json(&["key", "update", &kid, "--disable"]).await;
+    let err = b.fails(&["key", "wrap", &kid, "--alg", "RSA-OAEP-256", "--value-hex", &dek_hex]).await;
+    assert!(err.contains("KeyDisabled"), "{err}");
+
+    // Enabled again with an expiry one hour ahead, then the clock moves past it.
+    let now = b.json(&["clock", "show"]).await["now"].as_i64().expect("now");
+    let exp = (now + 3600).to_string();
+    let updated = b.json(&["key", "update", &kid, "--enable", "--exp", &exp]).await;
+    assert_eq!(updated["attributes"]["enabled"], true);
+    assert_eq!(updated["attributes"]["expires"].as_i64(), Some(now + 3600));
+    let moved = b.json(&["clock", "advance", "2h"]).await;
+    assert_eq!(moved["now"].as_i64(), Some(now + 7200));
+
+    // Expired: unwrap still works (so data stays readable), wrap does not.
+    let unwrapped =
+        b.json(&["key", "unwrap", &kid, "--alg", "RSA-OAEP-256", "--value-b64", &ciphertext]).await;
+    assert_eq!(B64.decode(str_of(&unwrapped, "value")).expect("base64"), dek);
+    let err = b.fails(&["key", "wrap", &kid, "--alg", "RSA-OAEP-256", "--value-hex", &dek_hex]).await;
+    assert!(err.contains("KeyExpired"), "{err}");
+    assert!(err.starts_with("error: ") && err.contains(" (KeyExpired): "), "{err}");
+
+    // Listings page through and print a header.
+    let versions = b.json(&["key", "versions", &kid]).await;
+    assert_eq!(versions.as_array().map(Vec::len), Some(1));
+    let list = b.run(&["key", "list", "cli-vault"]).await;
+    let text = String::from_utf8_lossy(&list.stdout);
+    assert!(text.starts_with("NAME"), "{text}");
+    assert!(text.lines().nth(1).is_some_and(|l| l.starts_with("tde ")), "{text}");
+
+    // Errors name the gRPC code and the cloud's reason.
+    let err = b.fails(&["vault", "show", "no-such-vault"]).await;
+    assert!(err.starts_with("error: NOT_FOUND ("), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn missing_token_file_and_unreachable_broker_are_explained() {
+    let empty = tempfile::tempdir().expect("tempdir");
+    let out = cli("http://127.0.0.1:9", empty.path(), &["vault", "list"]).await;
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    let token_path = empty.path().join("admin.token");
+    assert!(
+        err.contains(&format!(
+            "no token: {} does not exist; start the broker (tde-broker serve) or pass --token/--data-dir",
+            token_path.display()
+        )),
+        "{err}"
+    );
+
+    // A port nobody listens on: the message names the address and how to start a broker.
+    let port =
+        std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).expect("free port").port();
+    let server = format!("127.0.0.1:{port}");
+    let out = cli(&server, empty.path(), &["clock", "show", "--token", "x.y.z"]).await;
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains(&format!("http://127.0.0.1:{port}")), "{err}");
+    assert!(err.contains("tde-broker serve"), "{err}");
+}

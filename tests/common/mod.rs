@@ -1,0 +1,224 @@
+//! Test harness: a real broker serving gRPC on an ephemeral loopback port, and authenticated
+//! clients for it.
+#![allow(dead_code)]
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use tde_broker::auth::Authenticator;
+use tde_broker::config::{ClockKind, Config};
+use tde_broker::grpc::proto::emulation_client::EmulationClient;
+use tde_broker::grpc::proto::key_vault_client::KeyVaultClient;
+use tde_broker::grpc::proto::vaults_client::VaultsClient;
+use tde_broker::grpc::proto::{self};
+use tde_broker::model::Principal;
+use tde_broker::server::App;
+use tonic::metadata::{Ascii, MetadataValue};
+use tonic::service::Interceptor;
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::Channel;
+use tonic::{Code, Request, Status};
+
+/// Adds `authorization: Bearer …` to every request (or nothing, for `None`).
+#[derive(Clone)]
+pub struct Bearer(pub Option<MetadataValue<Ascii>>);
+
+impl Interceptor for Bearer {
+    fn call(&mut self, mut request: Request<()>) -> Result<Request<()>, Status> {
+        if let Some(v) = &self.0 {
+            request.metadata_mut().insert("authorization", v.clone());
+        }
+        Ok(request)
+    }
+}
+
+pub type Kv = KeyVaultClient<InterceptedService<Channel, Bearer>>;
+pub type Vaults = VaultsClient<InterceptedService<Channel, Bearer>>;
+pub type Emu = EmulationClient<InterceptedService<Channel, Bearer>>;
+
+/// A broker running in this process.
+pub struct TestBroker {
+    pub addr: std::net::SocketAddr,
+    pub token: String,
+    pub auth: Arc<Authenticator>,
+    pub admin: Principal,
+    pub channel: Channel,
+    pub data_dir: PathBuf,
+    _dir: Option<tempfile::TempDir>,
+    shutdown: Option<tokio::sync::oneshot::Sender<()>>,
+    served: Option<tokio::task::JoinHandle<()>>,
+}
+
+/// A broker on a manual clock in a fresh data directory.
+pub async fn start() -> TestBroker {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().to_path_buf();
+    let mut b = start_in(&path, ClockKind::Manual).await;
+    b._dir = Some(dir);
+    b
+}
+
+/// A broker on `data_dir` (kept by the caller).
+pub async fn start_in(data_dir: &std::path::Path, clock: ClockKind) -> TestBroker {
+    let mut cfg = Config::for_data_dir(data_dir);
+    cfg.clock = clock;
+    cfg.clock_start = Some(1_800_000_000);
+    let app = App::open(cfg).await.expect("broker starts");
+    let token = app.admin_token().expect("admin token");
+    let auth = app.auth.clone();
+    let admin = app.admin.clone();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+    let served = tokio::spawn(async move {
+        app.serve(listener, async {
+            let _ = rx.await;
+        })
+        .await
+        .expect("serve");
+    });
+    let channel = Channel::from_shared(format!("http://{addr}")).expect("uri").connect().await.expect("connect");
+    TestBroker {
+        addr,
+        token,
+        auth,
+        admin,
+        channel,
+        data_dir: data_dir.to_path_buf(),
+        _dir: None,
+        shutdown: Some(tx),
+        served: Some(served),
+    }
+}
+
+pub fn bearer(token: &str) -> Bearer {
+    Bearer(Some(format!("Bearer {token}").parse().expect("ascii token")))
+}
+
+impl TestBroker {
+    pub fn kv(&self) -> Kv {
+        KeyVaultClient::with_interceptor(self.channel.clone(), bearer(&self.token))
+    }
+    pub fn kv_with(&self, b: Bearer) -> Kv {
+        KeyVaultClient::with_interceptor(self.channel.clone(), b)
+    }
+    pub fn vaults(&self) -> Vaults {
+        VaultsClient::with_interceptor(self.channel.clone(), bearer(&self.token))
+    }
+    pub fn vaults_with(&self, b: Bearer) -> Vaults {
+        VaultsClient::with_interceptor(self.channel.clone(), b)
+    }
+    pub fn emu(&self) -> Emu {
+        EmulationClient::with_interceptor(self.channel.clone(), bearer(&self.token))
+    }
+
+    pub fn key_uri(&self, vault: &str, name: &str) -> String {
+        format!("https://{vault}.vault.azure.net/keys/{name}")
+    }
+
+    /// A vault in which the admin holds every key permission.
+    pub async fn vault(&self, name: &str, purge_protection: bool) {
+        self.vaults()
+            .create_vault(proto::CreateVaultRequest {
+                name: name.into(),
+                enable_purge_protection: purge_protection,
+                ..Default::default()
+            })
+            .await
+            .expect("create vault");
+        self.vaults()
+            .set_access_policy(proto::SetAccessPolicyRequest {
+                vault_name: name.into(),
+                object_id: self.admin.object_id.clone(),
+                key_permissions: vec!["all".into()],
+            })
+            .await
+            .expect("policy");
+    }
+
+    pub async fn key(&self, vault: &str, name: &str, kty: &str, size: i32) -> proto::KeyBundle {
+        self.create_key(proto::CreateKeyRequest {
+            vault_name: vault.into(),
+            name: name.into(),
+            kty: kty.into(),
+            key_size: size,
+            ..Default::default()
+        })
+        .await
+        .expect("create key")
+    }
+
+    pub async fn create_key(&self, req: proto::CreateKeyRequest) -> Result<proto::KeyBundle, Status> {
+        self.kv().create_key(req).await.map(|r| r.into_inner())
+    }
+
+    pub async fn advance(&self, seconds: i64) -> i64 {
+        self.emu().advance_clock(proto::AdvanceClockRequest { seconds }).await.expect("advance").into_inner().now
+    }
+
+    pub async fn now(&self) -> i64 {
+        self.emu().get_clock(proto::GetClockRequest {}).await.expect("clock").into_inner().now
+    }
+
+    pub async fn stop(mut self) {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+        if let Some(h) = self.served.take() {
+            let _ = h.await;
+        }
+    }
+}
+
+pub fn kid(b: &proto::KeyBundle) -> String {
+    b.key.as_ref().expect("key").kid.clone()
+}
+
+pub fn crypto_req(key_id: &str, alg: &str, value: &[u8]) -> proto::WrapKeyRequest {
+    proto::WrapKeyRequest { key_id: key_id.into(), algorithm: alg.into(), value: value.to_vec(), ..Default::default() }
+}
+
+pub fn unwrap_req(key_id: &str, alg: &str, value: &[u8]) -> proto::UnwrapKeyRequest {
+    proto::UnwrapKeyRequest { key_id: key_id.into(), algorithm: alg.into(), value: value.to_vec(), ..Default::default() }
+}
+
+/// Asserts a status code and `ErrorInfo.reason`, returning the message.
+pub fn assert_status(r: Result<impl std::fmt::Debug, Status>, code: Code, reason: &str) -> String {
+    let s = r.expect_err("expected an error");
+    assert_eq!(s.code(), code, "message: {}", s.message());
+    assert_eq!(tde_broker::grpc::status::reason(&s).as_deref(), Some(reason), "message: {}", s.message());
+    s.message().to_string()
+}
+
+/// The broker's CSPRNG as a `rand_core` RNG, for the independent `rsa` crate.
+pub struct TestRng;
+
+impl rsa::rand_core::TryRng for TestRng {
+    type Error = std::convert::Infallible;
+    fn try_next_u32(&mut self) -> Result<u32, Self::Error> {
+        let mut b = [0u8; 4];
+        self.try_fill_bytes(&mut b)?;
+        Ok(u32::from_le_bytes(b))
+    }
+    fn try_next_u64(&mut self) -> Result<u64, Self::Error> {
+        let mut b = [0u8; 8];
+        self.try_fill_bytes(&mut b)?;
+        Ok(u64::from_le_bytes(b))
+    }
+    fn try_fill_bytes(&mut self, dst: &mut [u8]) -> Result<(), Self::Error> {
+        dst.copy_from_slice(&tde_broker::crypto::random_bytes(dst.len()));
+        Ok(())
+    }
+}
+
+impl rsa::rand_core::TryCryptoRng for TestRng {}
+
+/// Runs a tool the test needs, failing with what to install when it is missing.
+pub fn run_tool(program: &str, args: &[&str], install_hint: &str) -> std::process::Output {
+    let out = std::process::Command::new(program)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {program} ({e}): install it ({install_hint})"));
+    assert!(out.status.success(), "{program} {args:?} failed: {}", String::from_utf8_lossy(&out.stderr));
+    out
+}
