@@ -181,7 +181,8 @@ mod tests {
     fn flags_override_the_file_and_the_file_overrides_defaults() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("c.toml");
-        std::fs::write(&path, "listen = \"127.0.0.1:6000\"\nclock = \"manual\"\nlocation = \"eastus\"\n").unwrap();
+        std::fs::write(&path, "listen = \"127.0.0.1:6000\"\nclock = \"manual\"\nlocation = \"eastus\"\n")
+            .unwrap();
         let cfg = Config::resolve(ServeArgs {
             listen: Some("127.0.0.1:7000".into()),
             config: Some(path),
@@ -207,8 +208,9 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("c.toml");
         std::fs::write(&path, "tenant_id = \"nope\"\nadmin_token_lifetime = 0\n").unwrap();
-        let err = Config::resolve(ServeArgs { listen: Some("x".into()), config: Some(path), ..Default::default() })
-            .unwrap_err();
+        let err =
+            Config::resolve(ServeArgs { listen: Some("x".into()), config: Some(path), ..Default::default() })
+                .unwrap_err();
         assert_eq!(err.0.len(), 3, "{err}");
     }
 }

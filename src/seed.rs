@@ -75,21 +75,26 @@ struct SeedKey {
 
 /// Applies the seed file as `caller` (the bootstrap admin).
 pub async fn apply(broker: &Broker, caller: &Caller, path: &Path) -> Result<(), StartError> {
-    let text = std::fs::read_to_string(path).map_err(|source| StartError::Io { path: path.to_path_buf(), source })?;
-    let seed: SeedFile = toml::from_str(&text).map_err(|e| StartError::Seed(format!("{}: {e}", path.display())))?;
+    let text = std::fs::read_to_string(path)
+        .map_err(|source| StartError::Io { path: path.to_path_buf(), source })?;
+    let seed: SeedFile =
+        toml::from_str(&text).map_err(|e| StartError::Seed(format!("{}: {e}", path.display())))?;
     for v in seed.vault {
         let name = vault_name(&v.name)?;
         let exists = broker.read().vaults.contains_key(&name);
         if !exists {
             broker
-                .create_vault(caller, VaultSpec {
-                    name: name.clone(),
-                    retention_days: v.soft_delete_retention_days,
-                    purge_protection: v.enable_purge_protection,
-                    rbac: v.enable_rbac_authorization,
-                    network_acls: None,
-                    public_network_access: true,
-                })
+                .create_vault(
+                    caller,
+                    VaultSpec {
+                        name: name.clone(),
+                        retention_days: v.soft_delete_retention_days,
+                        purge_protection: v.enable_purge_protection,
+                        rbac: v.enable_rbac_authorization,
+                        network_acls: None,
+                        public_network_access: true,
+                    },
+                )
                 .await?;
             if v.admin_access {
                 let all: Vec<String> = KeyPermission::ALL.iter().map(|p| p.name().to_string()).collect();
@@ -103,14 +108,21 @@ pub async fn apply(broker: &Broker, caller: &Caller, path: &Path) -> Result<(), 
                 continue;
             }
             broker
-                .add_key_version(caller, NewKey {
-                    vault: name.clone(),
-                    name: k.name.clone(),
-                    material: NewMaterial::Generate { kty: KeyType::parse(&k.kty)?, size: k.size },
-                    key_ops: k.key_ops,
-                    attributes: NewAttributes { enabled: k.enabled, not_before: k.not_before, expires: k.expires },
-                    tags: k.tags,
-                })
+                .add_key_version(
+                    caller,
+                    NewKey {
+                        vault: name.clone(),
+                        name: k.name.clone(),
+                        material: NewMaterial::Generate { kty: KeyType::parse(&k.kty)?, size: k.size },
+                        key_ops: k.key_ops,
+                        attributes: NewAttributes {
+                            enabled: k.enabled,
+                            not_before: k.not_before,
+                            expires: k.expires,
+                        },
+                        tags: k.tags,
+                    },
+                )
                 .await?;
             tracing::info!(vault = %name, key = %k.name, "seed: created key");
         }

@@ -12,8 +12,8 @@ use std::time::Duration;
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as B64;
 use tokio::net::TcpListener;
-use tonic::service::interceptor::InterceptedService;
 use tokio_stream::wrappers::TcpListenerStream;
+use tonic::service::interceptor::InterceptedService;
 use zeroize::Zeroizing;
 
 use crate::auth::{AuthInterceptor, Authenticator, MANAGEMENT_AUDIENCE, Plane, VAULT_AUDIENCE};
@@ -126,7 +126,9 @@ impl App {
 
         let clock = match config.clock {
             ClockKind::System => Clock::System,
-            ClockKind::Manual => Clock::manual(config.clock_start.unwrap_or_else(crate::broker::clock::system_now)),
+            ClockKind::Manual => {
+                Clock::manual(config.clock_start.unwrap_or_else(crate::broker::clock::system_now))
+            }
         };
         let settings = Settings {
             vault_dns_suffix: config.vault_dns_suffix.clone(),
@@ -160,12 +162,20 @@ impl App {
     pub fn admin_token(&self) -> Result<String, BrokerError> {
         Ok(self
             .auth
-            .issue_user_token(&self.admin, &[MANAGEMENT_AUDIENCE, VAULT_AUDIENCE], self.config.admin_token_lifetime)?
+            .issue_user_token(
+                &self.admin,
+                &[MANAGEMENT_AUDIENCE, VAULT_AUDIENCE],
+                self.config.admin_token_lifetime,
+            )?
             .0)
     }
 
     /// Serves gRPC on `listener` until `shutdown` completes, then drains in-flight calls.
-    pub async fn serve(self, listener: TcpListener, shutdown: impl Future<Output = ()> + Send) -> Result<(), StartError> {
+    pub async fn serve(
+        self,
+        listener: TcpListener,
+        shutdown: impl Future<Output = ()> + Send,
+    ) -> Result<(), StartError> {
         let data = AuthInterceptor::new(self.auth.clone(), Plane::Data);
         let control = AuthInterceptor::new(self.auth.clone(), Plane::Control);
 
@@ -180,15 +190,18 @@ impl App {
             .map_err(|e| StartError::Reflection(e.to_string()))?;
 
         let keyvault = InterceptedService::new(
-            KeyVaultServer::new(KeyVaultService::new(self.broker.clone())).max_decoding_message_size(MAX_MESSAGE_BYTES),
+            KeyVaultServer::new(KeyVaultService::new(self.broker.clone()))
+                .max_decoding_message_size(MAX_MESSAGE_BYTES),
             data,
         );
         let vaults = InterceptedService::new(
-            VaultsServer::new(VaultsService::new(self.broker.clone())).max_decoding_message_size(MAX_MESSAGE_BYTES),
+            VaultsServer::new(VaultsService::new(self.broker.clone()))
+                .max_decoding_message_size(MAX_MESSAGE_BYTES),
             control.clone(),
         );
         let emulation = InterceptedService::new(
-            EmulationServer::new(EmulationService::new(self.broker.clone())).max_decoding_message_size(MAX_MESSAGE_BYTES),
+            EmulationServer::new(EmulationService::new(self.broker.clone()))
+                .max_decoding_message_size(MAX_MESSAGE_BYTES),
             control,
         );
 
@@ -223,8 +236,7 @@ impl App {
 fn load_master_key(dir: &Path) -> Result<Zeroizing<Vec<u8>>, StartError> {
     let decode = |text: &str, source: &str| -> Result<Zeroizing<Vec<u8>>, StartError> {
         let key = Zeroizing::new(
-            B64.decode(text.trim())
-                .map_err(|_| StartError::MasterKey(format!("{source} is not base64")))?,
+            B64.decode(text.trim()).map_err(|_| StartError::MasterKey(format!("{source} is not base64")))?,
         );
         if key.len() != 32 {
             return Err(StartError::MasterKey(format!("{source} must hold 32 bytes, found {}", key.len())));
@@ -272,7 +284,8 @@ fn check_master_key(store: &SqliteStore, sealer: &Sealer) -> Result<(), StartErr
 fn load_signing_key(store: &SqliteStore, sealer: &Sealer) -> Result<(TokenSigningKey, String), StartError> {
     use crate::store::Store;
     let master_err = |e: crate::crypto::CryptoError| StartError::MasterKey(format!("token signing key: {e}"));
-    if let (Some(sealed), Some(kid)) = (store.get_meta(META_SIGNING_KEY)?, store.get_meta(META_SIGNING_KID)?) {
+    if let (Some(sealed), Some(kid)) = (store.get_meta(META_SIGNING_KEY)?, store.get_meta(META_SIGNING_KID)?)
+    {
         let der = sealer.unseal(META_SIGNING_KEY.as_bytes(), &sealed).map_err(master_err)?;
         let key = TokenSigningKey::from_pkcs8(&der).map_err(master_err)?;
         return Ok((key, String::from_utf8_lossy(&kid).into_owned()));
@@ -300,7 +313,12 @@ async fn bootstrap_admin(broker: &Arc<Broker>) -> Result<Principal, StartError> 
         kind: PrincipalKind::User,
         created: broker.clock.now(),
     };
-    let owner = ArmAssignment { id: new_guid(), scope: "/".to_string(), principal_id: admin.object_id.clone(), role: ArmRole::Owner };
+    let owner = ArmAssignment {
+        id: new_guid(),
+        scope: "/".to_string(),
+        principal_id: admin.object_id.clone(),
+        role: ArmRole::Owner,
+    };
     let txn = broker.begin().await;
     broker.commit(txn, vec![Change::PutPrincipal(admin.clone()), Change::PutArmAssignment(owner)]).await?;
     store.put_meta(META_ADMIN, admin.object_id.as_bytes())?;
@@ -310,7 +328,12 @@ async fn bootstrap_admin(broker: &Arc<Broker>) -> Result<Principal, StartError> 
 
 /// Writes the admin token at first start, and again whenever the file is missing or its token
 /// no longer validates (expired on the broker's clock, or signed by a previous key).
-fn ensure_admin_token(auth: &Authenticator, admin: &Principal, path: &Path, lifetime: i64) -> Result<(), StartError> {
+fn ensure_admin_token(
+    auth: &Authenticator,
+    admin: &Principal,
+    path: &Path,
+    lifetime: i64,
+) -> Result<(), StartError> {
     if let Ok(existing) = std::fs::read_to_string(path)
         && auth.validate(existing.trim(), Plane::Control).is_ok()
     {

@@ -51,7 +51,9 @@ async fn each_plane_requires_its_audience() {
     let (mgmt_only, _) = b.auth.issue_user_token(&b.admin, &[MANAGEMENT_AUDIENCE], 3600).unwrap();
     let (vault_only, _) = b.auth.issue_user_token(&b.admin, &[VAULT_AUDIENCE], 3600).unwrap();
     let msg = assert_status(
-        b.kv_with(bearer(&mgmt_only)).get_key(proto::GetKeyRequest { key_id: b.key_uri("aud-vault", "k") }).await,
+        b.kv_with(bearer(&mgmt_only))
+            .get_key(proto::GetKeyRequest { key_id: b.key_uri("aud-vault", "k") })
+            .await,
         Code::Unauthenticated,
         "AKV10022",
     );
@@ -64,7 +66,9 @@ async fn each_plane_requires_its_audience() {
     // The right audience passes on each plane.
     assert!(b.vaults_with(bearer(&mgmt_only)).list_vaults(proto::ListVaultsRequest {}).await.is_ok());
     assert_status(
-        b.kv_with(bearer(&vault_only)).get_key(proto::GetKeyRequest { key_id: b.key_uri("aud-vault", "k") }).await,
+        b.kv_with(bearer(&vault_only))
+            .get_key(proto::GetKeyRequest { key_id: b.key_uri("aud-vault", "k") })
+            .await,
         Code::NotFound,
         "KeyNotFound",
     );
@@ -96,7 +100,14 @@ async fn control_plane_admin_has_no_data_plane_rights_without_an_access_policy()
         .create_vault(proto::CreateVaultRequest { name: "ap-vault".into(), ..Default::default() })
         .await
         .unwrap();
-    let r = b.create_key(proto::CreateKeyRequest { vault_name: "ap-vault".into(), name: "k".into(), kty: "RSA".into(), ..Default::default() }).await;
+    let r = b
+        .create_key(proto::CreateKeyRequest {
+            vault_name: "ap-vault".into(),
+            name: "k".into(),
+            kty: "RSA".into(),
+            ..Default::default()
+        })
+        .await;
     let msg = assert_status(r, Code::PermissionDenied, "AccessDenied");
     assert_eq!(
         msg,
@@ -114,16 +125,36 @@ async fn control_plane_admin_has_no_data_plane_rights_without_an_access_policy()
         })
         .await
         .unwrap();
-    let id = kid(&b.create_key(proto::CreateKeyRequest { vault_name: "ap-vault".into(), name: "k".into(), kty: "RSA".into(), ..Default::default() }).await.unwrap());
+    let id = kid(&b
+        .create_key(proto::CreateKeyRequest {
+            vault_name: "ap-vault".into(),
+            name: "k".into(),
+            kty: "RSA".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap());
     assert!(b.kv().get_key(proto::GetKeyRequest { key_id: id.clone() }).await.is_ok());
-    let msg = assert_status(b.kv().wrap_key(crypto_req(&id, "RSA-OAEP", b"0123456789abcdef")).await, Code::PermissionDenied, "AccessDenied");
+    let msg = assert_status(
+        b.kv().wrap_key(crypto_req(&id, "RSA-OAEP", b"0123456789abcdef")).await,
+        Code::PermissionDenied,
+        "AccessDenied",
+    );
     assert!(msg.contains("does not have keys wrapKey permission"), "{msg}");
     // Revoking takes effect on the very next call.
     b.vaults()
-        .set_access_policy(proto::SetAccessPolicyRequest { vault_name: "ap-vault".into(), object_id: b.admin.object_id.clone(), key_permissions: vec![] })
+        .set_access_policy(proto::SetAccessPolicyRequest {
+            vault_name: "ap-vault".into(),
+            object_id: b.admin.object_id.clone(),
+            key_permissions: vec![],
+        })
         .await
         .unwrap();
-    assert_status(b.kv().get_key(proto::GetKeyRequest { key_id: id }).await, Code::PermissionDenied, "AccessDenied");
+    assert_status(
+        b.kv().get_key(proto::GetKeyRequest { key_id: id }).await,
+        Code::PermissionDenied,
+        "AccessDenied",
+    );
     b.stop().await;
 }
 
@@ -131,10 +162,21 @@ async fn control_plane_admin_has_no_data_plane_rights_without_an_access_policy()
 async fn rbac_vault_without_role_assignments_denies_with_forbidden_by_rbac() {
     let b = start().await;
     b.vaults()
-        .create_vault(proto::CreateVaultRequest { name: "rbac-vault".into(), enable_rbac_authorization: true, ..Default::default() })
+        .create_vault(proto::CreateVaultRequest {
+            name: "rbac-vault".into(),
+            enable_rbac_authorization: true,
+            ..Default::default()
+        })
         .await
         .unwrap();
-    let r = b.create_key(proto::CreateKeyRequest { vault_name: "rbac-vault".into(), name: "k".into(), kty: "RSA".into(), ..Default::default() }).await;
+    let r = b
+        .create_key(proto::CreateKeyRequest {
+            vault_name: "rbac-vault".into(),
+            name: "k".into(),
+            kty: "RSA".into(),
+            ..Default::default()
+        })
+        .await;
     let msg = assert_status(r, Code::PermissionDenied, "ForbiddenByRbac");
     assert!(msg.contains("Action: 'Microsoft.KeyVault/vaults/keys/create/action'"), "{msg}");
     assert!(msg.contains("/providers/microsoft.keyvault/vaults/rbac-vault/keys/k'"), "{msg}");
@@ -155,12 +197,20 @@ async fn health_and_reflection_need_no_token() {
     use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
     use tonic_reflection::pb::v1::server_reflection_response::MessageResponse;
     let mut refl = ServerReflectionClient::new(b.channel.clone());
-    let req = tonic_reflection::pb::v1::ServerReflectionRequest { host: String::new(), message_request: Some(MessageRequest::ListServices(String::new())) };
-    let mut stream = refl.server_reflection_info(tokio_stream::iter(vec![req])).await.expect("reflection").into_inner();
+    let req = tonic_reflection::pb::v1::ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(MessageRequest::ListServices(String::new())),
+    };
+    let mut stream =
+        refl.server_reflection_info(tokio_stream::iter(vec![req])).await.expect("reflection").into_inner();
     let first = stream.message().await.unwrap().unwrap();
-    let Some(MessageResponse::ListServicesResponse(list)) = first.message_response else { panic!("unexpected reflection answer") };
+    let Some(MessageResponse::ListServicesResponse(list)) = first.message_response else {
+        panic!("unexpected reflection answer")
+    };
     let names: Vec<String> = list.service.into_iter().map(|s| s.name).collect();
-    for svc in ["tdebroker.v1.KeyVault", "tdebroker.v1.Vaults", "tdebroker.v1.Emulation", "grpc.health.v1.Health"] {
+    for svc in
+        ["tdebroker.v1.KeyVault", "tdebroker.v1.Vaults", "tdebroker.v1.Emulation", "grpc.health.v1.Health"]
+    {
         assert!(names.iter().any(|n| n == svc), "{svc} missing from {names:?}");
     }
     b.stop().await;
@@ -170,7 +220,11 @@ async fn health_and_reflection_need_no_token() {
 async fn system_clock_cannot_be_moved_and_secrets_are_private_files() {
     let dir = tempfile::tempdir().unwrap();
     let b = start_in(dir.path(), ClockKind::System).await;
-    let msg = assert_status(b.emu().advance_clock(proto::AdvanceClockRequest { seconds: 60 }).await, Code::FailedPrecondition, "ClockNotManual");
+    let msg = assert_status(
+        b.emu().advance_clock(proto::AdvanceClockRequest { seconds: 60 }).await,
+        Code::FailedPrecondition,
+        "ClockNotManual",
+    );
     assert!(msg.contains("--clock manual"), "{msg}");
     let clock = b.emu().get_clock(proto::GetClockRequest {}).await.unwrap().into_inner();
     assert!(!clock.manual);

@@ -58,32 +58,56 @@ async fn acknowledged_keys_survive_sigkill_and_no_private_bytes_reach_the_databa
     let (ch, auth) = connect(port, &data).await;
     let mut vaults = VaultsClient::with_interceptor(ch.clone(), auth.clone());
     let mut kv = KeyVaultClient::with_interceptor(ch, auth);
-    vaults.create_vault(proto::CreateVaultRequest { name: "dur-vault".into(), ..Default::default() }).await.unwrap();
+    vaults
+        .create_vault(proto::CreateVaultRequest { name: "dur-vault".into(), ..Default::default() })
+        .await
+        .unwrap();
     let token = std::fs::read_to_string(data.join("admin.token")).unwrap();
     let oid = {
         use base64::Engine as _;
         let payload = token.trim().split('.').nth(1).unwrap();
-        let claims: serde_json::Value = serde_json::from_slice(&base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(payload).unwrap()).unwrap();
+        let claims: serde_json::Value = serde_json::from_slice(
+            &base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(payload).unwrap(),
+        )
+        .unwrap();
         claims["oid"].as_str().unwrap().to_string()
     };
     vaults
-        .set_access_policy(proto::SetAccessPolicyRequest { vault_name: "dur-vault".into(), object_id: oid, key_permissions: vec!["all".into()] })
+        .set_access_policy(proto::SetAccessPolicyRequest {
+            vault_name: "dur-vault".into(),
+            object_id: oid,
+            key_permissions: vec!["all".into()],
+        })
         .await
         .unwrap();
     let imported = kv
-        .import_key(proto::ImportKeyRequest { vault_name: "dur-vault".into(), name: "imported".into(), pkcs8_der: der.clone(), ..Default::default() })
+        .import_key(proto::ImportKeyRequest {
+            vault_name: "dur-vault".into(),
+            name: "imported".into(),
+            pkcs8_der: der.clone(),
+            ..Default::default()
+        })
         .await
         .unwrap()
         .into_inner();
     let created = kv
-        .create_key(proto::CreateKeyRequest { vault_name: "dur-vault".into(), name: "created".into(), kty: "RSA".into(), ..Default::default() })
+        .create_key(proto::CreateKeyRequest {
+            vault_name: "dur-vault".into(),
+            name: "created".into(),
+            kty: "RSA".into(),
+            ..Default::default()
+        })
         .await
         .unwrap()
         .into_inner();
-    let w_imported = kv.wrap_key(crypto_req(&kid(&imported), "RSA-OAEP-256", DEK)).await.unwrap().into_inner().value;
-    let w_created = kv.wrap_key(crypto_req(&kid(&created), "RSA-OAEP-256", DEK)).await.unwrap().into_inner().value;
+    let w_imported =
+        kv.wrap_key(crypto_req(&kid(&imported), "RSA-OAEP-256", DEK)).await.unwrap().into_inner().value;
+    let w_created =
+        kv.wrap_key(crypto_req(&kid(&created), "RSA-OAEP-256", DEK)).await.unwrap().into_inner().value;
     let rotated = kv
-        .rotate_key(proto::RotateKeyRequest { key_id: "https://dur-vault.vault.azure.net/keys/created".into() })
+        .rotate_key(proto::RotateKeyRequest {
+            key_id: "https://dur-vault.vault.azure.net/keys/created".into(),
+        })
         .await
         .unwrap()
         .into_inner();
@@ -95,7 +119,11 @@ async fn acknowledged_keys_survive_sigkill_and_no_private_bytes_reach_the_databa
     let mut child = spawn_broker(&data, port);
     let (ch, auth) = connect(port, &data).await;
     let mut kv = KeyVaultClient::with_interceptor(ch, auth);
-    let got = kv.get_key(proto::GetKeyRequest { key_id: "https://dur-vault.vault.azure.net/keys/created".into() }).await.unwrap().into_inner();
+    let got = kv
+        .get_key(proto::GetKeyRequest { key_id: "https://dur-vault.vault.azure.net/keys/created".into() })
+        .await
+        .unwrap()
+        .into_inner();
     assert_eq!(kid(&got), kid(&rotated), "the rotation acknowledged before the kill is there");
     for (key, wrapped) in [(&imported, &w_imported), (&created, &w_created)] {
         let out = kv.unwrap_key(unwrap_req(&kid(key), "RSA-OAEP-256", wrapped)).await.unwrap().into_inner();

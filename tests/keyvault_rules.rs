@@ -8,22 +8,47 @@ use tonic::Code;
 
 const DEK: [u8; 32] = [7u8; 32];
 
-async fn wrap(b: &TestBroker, key_id: &str, alg: &str, value: &[u8]) -> Result<proto::KeyOperationResult, tonic::Status> {
+async fn wrap(
+    b: &TestBroker,
+    key_id: &str,
+    alg: &str,
+    value: &[u8],
+) -> Result<proto::KeyOperationResult, tonic::Status> {
     b.kv().wrap_key(crypto_req(key_id, alg, value)).await.map(|r| r.into_inner())
 }
 
-async fn unwrap(b: &TestBroker, key_id: &str, alg: &str, value: &[u8]) -> Result<proto::KeyOperationResult, tonic::Status> {
+async fn unwrap(
+    b: &TestBroker,
+    key_id: &str,
+    alg: &str,
+    value: &[u8],
+) -> Result<proto::KeyOperationResult, tonic::Status> {
     b.kv().unwrap_key(unwrap_req(key_id, alg, value)).await.map(|r| r.into_inner())
 }
 
-async fn encrypt(b: &TestBroker, key_id: &str, alg: &str, value: &[u8]) -> Result<proto::KeyOperationResult, tonic::Status> {
+async fn encrypt(
+    b: &TestBroker,
+    key_id: &str,
+    alg: &str,
+    value: &[u8],
+) -> Result<proto::KeyOperationResult, tonic::Status> {
     b.kv()
-        .encrypt(proto::EncryptRequest { key_id: key_id.into(), algorithm: alg.into(), value: value.to_vec(), ..Default::default() })
+        .encrypt(proto::EncryptRequest {
+            key_id: key_id.into(),
+            algorithm: alg.into(),
+            value: value.to_vec(),
+            ..Default::default()
+        })
         .await
         .map(|r| r.into_inner())
 }
 
-async fn decrypt(b: &TestBroker, key_id: &str, alg: &str, r: &proto::KeyOperationResult) -> Result<proto::KeyOperationResult, tonic::Status> {
+async fn decrypt(
+    b: &TestBroker,
+    key_id: &str,
+    alg: &str,
+    r: &proto::KeyOperationResult,
+) -> Result<proto::KeyOperationResult, tonic::Status> {
     b.kv()
         .decrypt(proto::DecryptRequest {
             key_id: key_id.into(),
@@ -87,8 +112,10 @@ async fn disabled_key_refuses_wrap_unwrap_encrypt_and_decrypt() {
     let id = kid(&b.key("dis-vault", "k", "RSA", 2048).await);
     let w = wrap(&b, &id, "RSA-OAEP-256", &DEK).await.unwrap();
     let e = encrypt(&b, &id, "RSA-OAEP", b"x").await.unwrap();
-    update(&b, proto::UpdateKeyRequest { key_id: id.clone(), enabled: Some(false), ..Default::default() }).await;
-    let msg = assert_status(unwrap(&b, &id, "RSA-OAEP-256", &w.value).await, Code::PermissionDenied, "KeyDisabled");
+    update(&b, proto::UpdateKeyRequest { key_id: id.clone(), enabled: Some(false), ..Default::default() })
+        .await;
+    let msg =
+        assert_status(unwrap(&b, &id, "RSA-OAEP-256", &w.value).await, Code::PermissionDenied, "KeyDisabled");
     assert_eq!(msg, "Operation unwrapKey is not allowed on a disabled key.");
     let msg = assert_status(wrap(&b, &id, "RSA-OAEP-256", &DEK).await, Code::PermissionDenied, "KeyDisabled");
     assert_eq!(msg, "Operation wrapKey is not allowed on a disabled key.");
@@ -97,7 +124,8 @@ async fn disabled_key_refuses_wrap_unwrap_encrypt_and_decrypt() {
     // GetKey still answers, showing the key disabled.
     let got = b.kv().get_key(proto::GetKeyRequest { key_id: id.clone() }).await.unwrap().into_inner();
     assert_eq!(got.attributes.unwrap().enabled, Some(false));
-    update(&b, proto::UpdateKeyRequest { key_id: id.clone(), enabled: Some(true), ..Default::default() }).await;
+    update(&b, proto::UpdateKeyRequest { key_id: id.clone(), enabled: Some(true), ..Default::default() })
+        .await;
     assert_eq!(unwrap(&b, &id, "RSA-OAEP-256", &w.value).await.unwrap().value, DEK);
     b.stop().await;
 }
@@ -136,7 +164,11 @@ async fn not_yet_valid_key_allows_unwrap_and_refuses_wrap_until_nbf() {
     let id = kid(&b.key("nbf-vault", "k", "oct-HSM", 256).await);
     let w = wrap(&b, &id, "A256KW", &DEK).await.unwrap();
     let now = b.now().await;
-    update(&b, proto::UpdateKeyRequest { key_id: id.clone(), not_before: Some(now + 600), ..Default::default() }).await;
+    update(
+        &b,
+        proto::UpdateKeyRequest { key_id: id.clone(), not_before: Some(now + 600), ..Default::default() },
+    )
+    .await;
     assert_eq!(unwrap(&b, &id, "A256KW", &w.value).await.unwrap().value, DEK);
     assert_status(wrap(&b, &id, "A256KW", &DEK).await, Code::PermissionDenied, "KeyNotYetValid");
     assert_status(encrypt(&b, &id, "A256GCM", b"x").await, Code::PermissionDenied, "KeyNotYetValid");
@@ -162,10 +194,18 @@ async fn operation_missing_from_key_ops_is_forbidden() {
     assert_eq!(bundle.key.as_ref().unwrap().key_ops, vec!["wrapKey", "unwrapKey"]);
     let id = kid(&bundle);
     assert!(wrap(&b, &id, "RSA-OAEP", &DEK).await.is_ok());
-    let msg = assert_status(encrypt(&b, &id, "RSA-OAEP", b"x").await, Code::PermissionDenied, "KeyOperationForbidden");
+    let msg = assert_status(
+        encrypt(&b, &id, "RSA-OAEP", b"x").await,
+        Code::PermissionDenied,
+        "KeyOperationForbidden",
+    );
     assert_eq!(msg, "Operation encrypt is not permitted on this key.");
     let e = proto::KeyOperationResult { value: vec![1; 256], ..Default::default() };
-    let msg = assert_status(decrypt(&b, &id, "RSA-OAEP", &e).await, Code::PermissionDenied, "KeyOperationForbidden");
+    let msg = assert_status(
+        decrypt(&b, &id, "RSA-OAEP", &e).await,
+        Code::PermissionDenied,
+        "KeyOperationForbidden",
+    );
     assert_eq!(msg, "Operation decrypt is not permitted on this key.");
     b.stop().await;
 }
@@ -198,20 +238,39 @@ async fn soft_deleted_key_can_only_be_recovered_or_purged() {
     let id = kid(&b.key("sd-vault", "k", "RSA", 2048).await);
     let w = wrap(&b, &id, "RSA-OAEP-256", &DEK).await.unwrap();
     let base = b.key_uri("sd-vault", "k");
-    let deleted = b.kv().delete_key(proto::DeleteKeyRequest { key_id: base.clone() }).await.unwrap().into_inner();
+    let deleted =
+        b.kv().delete_key(proto::DeleteKeyRequest { key_id: base.clone() }).await.unwrap().into_inner();
     assert_eq!(deleted.recovery_id, "https://sd-vault.vault.azure.net/deletedkeys/k");
     assert_eq!(deleted.scheduled_purge_date - deleted.deleted_date, 90 * 86_400);
     // Every other operation fails as if the key did not exist.
     assert_status(unwrap(&b, &id, "RSA-OAEP-256", &w.value).await, Code::NotFound, "KeyNotFound");
-    assert_status(b.kv().get_key(proto::GetKeyRequest { key_id: base.clone() }).await, Code::NotFound, "KeyNotFound");
-    let listed = b.kv().list_keys(proto::ListKeysRequest { vault_name: "sd-vault".into(), ..Default::default() }).await.unwrap();
+    assert_status(
+        b.kv().get_key(proto::GetKeyRequest { key_id: base.clone() }).await,
+        Code::NotFound,
+        "KeyNotFound",
+    );
+    let listed = b
+        .kv()
+        .list_keys(proto::ListKeysRequest { vault_name: "sd-vault".into(), ..Default::default() })
+        .await
+        .unwrap();
     assert!(listed.into_inner().keys.is_empty());
-    let dl = b.kv().list_deleted_keys(proto::ListDeletedKeysRequest { vault_name: "sd-vault".into(), ..Default::default() }).await.unwrap();
+    let dl = b
+        .kv()
+        .list_deleted_keys(proto::ListDeletedKeysRequest {
+            vault_name: "sd-vault".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
     assert_eq!(dl.into_inner().keys.len(), 1);
     // Recover brings back every version, and old ciphertexts unwrap again.
     let rec = b
         .kv()
-        .recover_deleted_key(proto::RecoverDeletedKeyRequest { vault_name: "sd-vault".into(), name: "k".into() })
+        .recover_deleted_key(proto::RecoverDeletedKeyRequest {
+            vault_name: "sd-vault".into(),
+            name: "k".into(),
+        })
         .await
         .unwrap()
         .into_inner();
@@ -219,15 +278,25 @@ async fn soft_deleted_key_can_only_be_recovered_or_purged() {
     assert_eq!(unwrap(&b, &id, "RSA-OAEP-256", &w.value).await.unwrap().value, DEK);
     // Recovering a key that is not deleted is refused.
     assert_status(
-        b.kv().recover_deleted_key(proto::RecoverDeletedKeyRequest { vault_name: "sd-vault".into(), name: "k".into() }).await,
+        b.kv()
+            .recover_deleted_key(proto::RecoverDeletedKeyRequest {
+                vault_name: "sd-vault".into(),
+                name: "k".into(),
+            })
+            .await,
         Code::NotFound,
         "KeyNotFound",
     );
     // Purge removes it for good.
     b.kv().delete_key(proto::DeleteKeyRequest { key_id: base.clone() }).await.unwrap();
-    b.kv().purge_deleted_key(proto::PurgeDeletedKeyRequest { vault_name: "sd-vault".into(), name: "k".into() }).await.unwrap();
+    b.kv()
+        .purge_deleted_key(proto::PurgeDeletedKeyRequest { vault_name: "sd-vault".into(), name: "k".into() })
+        .await
+        .unwrap();
     assert_status(
-        b.kv().get_deleted_key(proto::GetDeletedKeyRequest { vault_name: "sd-vault".into(), name: "k".into() }).await,
+        b.kv()
+            .get_deleted_key(proto::GetDeletedKeyRequest { vault_name: "sd-vault".into(), name: "k".into() })
+            .await,
         Code::NotFound,
         "KeyNotFound",
     );
@@ -240,10 +309,28 @@ async fn deleted_key_name_cannot_be_reused_until_recovered_or_purged() {
     b.vault("reuse-vault", false).await;
     b.key("reuse-vault", "k", "RSA", 2048).await;
     b.kv().delete_key(proto::DeleteKeyRequest { key_id: b.key_uri("reuse-vault", "k") }).await.unwrap();
-    let req = proto::CreateKeyRequest { vault_name: "reuse-vault".into(), name: "K".into(), kty: "RSA".into(), ..Default::default() };
-    let msg = assert_status(b.create_key(req.clone()).await, Code::FailedPrecondition, "ObjectIsDeletedButRecoverable");
-    assert_eq!(msg, "Key k is currently in a deleted but recoverable state, and its name cannot be reused; in this state, the key can only be recovered or purged.");
-    b.kv().purge_deleted_key(proto::PurgeDeletedKeyRequest { vault_name: "reuse-vault".into(), name: "k".into() }).await.unwrap();
+    let req = proto::CreateKeyRequest {
+        vault_name: "reuse-vault".into(),
+        name: "K".into(),
+        kty: "RSA".into(),
+        ..Default::default()
+    };
+    let msg = assert_status(
+        b.create_key(req.clone()).await,
+        Code::FailedPrecondition,
+        "ObjectIsDeletedButRecoverable",
+    );
+    assert_eq!(
+        msg,
+        "Key k is currently in a deleted but recoverable state, and its name cannot be reused; in this state, the key can only be recovered or purged."
+    );
+    b.kv()
+        .purge_deleted_key(proto::PurgeDeletedKeyRequest {
+            vault_name: "reuse-vault".into(),
+            name: "k".into(),
+        })
+        .await
+        .unwrap();
     assert!(b.create_key(req).await.is_ok());
     b.stop().await;
 }
@@ -255,21 +342,47 @@ async fn purge_protection_refuses_purge_until_retention_ends() {
     b.key("pp-vault", "k", "RSA", 2048).await;
     b.kv().delete_key(proto::DeleteKeyRequest { key_id: b.key_uri("pp-vault", "k") }).await.unwrap();
     let purge = proto::PurgeDeletedKeyRequest { vault_name: "pp-vault".into(), name: "k".into() };
-    let msg = assert_status(b.kv().purge_deleted_key(purge.clone()).await, Code::PermissionDenied, "Forbidden");
-    assert!(msg.starts_with("Operation \"purge\" is not allowed because purge protection is enabled for this vault."), "{msg}");
+    let msg =
+        assert_status(b.kv().purge_deleted_key(purge.clone()).await, Code::PermissionDenied, "Forbidden");
+    assert!(
+        msg.starts_with(
+            "Operation \"purge\" is not allowed because purge protection is enabled for this vault."
+        ),
+        "{msg}"
+    );
     // Purge protection cannot be turned off.
-    let off = proto::UpdateVaultRequest { name: "pp-vault".into(), enable_purge_protection: Some(false), ..Default::default() };
+    let off = proto::UpdateVaultRequest {
+        name: "pp-vault".into(),
+        enable_purge_protection: Some(false),
+        ..Default::default()
+    };
     assert_status(b.vaults().update_vault(off).await, Code::InvalidArgument, "BadRequest");
     // After the retention the broker purges it by itself, and the name is free again.
     b.advance(89 * 86_400).await;
-    assert!(b.kv().get_deleted_key(proto::GetDeletedKeyRequest { vault_name: "pp-vault".into(), name: "k".into() }).await.is_ok());
+    assert!(
+        b.kv()
+            .get_deleted_key(proto::GetDeletedKeyRequest { vault_name: "pp-vault".into(), name: "k".into() })
+            .await
+            .is_ok()
+    );
     b.advance(86_400).await;
     assert_status(
-        b.kv().get_deleted_key(proto::GetDeletedKeyRequest { vault_name: "pp-vault".into(), name: "k".into() }).await,
+        b.kv()
+            .get_deleted_key(proto::GetDeletedKeyRequest { vault_name: "pp-vault".into(), name: "k".into() })
+            .await,
         Code::NotFound,
         "KeyNotFound",
     );
-    assert!(b.create_key(proto::CreateKeyRequest { vault_name: "pp-vault".into(), name: "k".into(), kty: "RSA".into(), ..Default::default() }).await.is_ok());
+    assert!(
+        b.create_key(proto::CreateKeyRequest {
+            vault_name: "pp-vault".into(),
+            name: "k".into(),
+            kty: "RSA".into(),
+            ..Default::default()
+        })
+        .await
+        .is_ok()
+    );
     b.stop().await;
 }
 
@@ -281,7 +394,8 @@ async fn rotation_adds_a_version_and_old_versions_keep_unwrapping() {
     let base = b.key_uri("rot-vault", "k");
     let w1 = wrap(&b, &base, "RSA-OAEP-256", &DEK).await.unwrap();
     assert_eq!(w1.kid, v1, "an unversioned id means the newest version");
-    let v2 = kid(&b.kv().rotate_key(proto::RotateKeyRequest { key_id: base.clone() }).await.unwrap().into_inner());
+    let v2 =
+        kid(&b.kv().rotate_key(proto::RotateKeyRequest { key_id: base.clone() }).await.unwrap().into_inner());
     assert_ne!(v1, v2);
     let w2 = wrap(&b, &base, "RSA-OAEP-256", &DEK).await.unwrap();
     assert_eq!(w2.kid, v2);
@@ -289,7 +403,11 @@ async fn rotation_adds_a_version_and_old_versions_keep_unwrapping() {
     assert_eq!(unwrap(&b, &v2, "RSA-OAEP-256", &w2.value).await.unwrap().value, DEK);
     let versions = b
         .kv()
-        .list_key_versions(proto::ListKeyVersionsRequest { key_id: base.clone(), page_size: 1, ..Default::default() })
+        .list_key_versions(proto::ListKeyVersionsRequest {
+            key_id: base.clone(),
+            page_size: 1,
+            ..Default::default()
+        })
         .await
         .unwrap()
         .into_inner();
@@ -297,7 +415,11 @@ async fn rotation_adds_a_version_and_old_versions_keep_unwrapping() {
     assert_eq!(versions.keys[0].kid, v1);
     let rest = b
         .kv()
-        .list_key_versions(proto::ListKeyVersionsRequest { key_id: base, page_size: 1, page_token: versions.next_page_token })
+        .list_key_versions(proto::ListKeyVersionsRequest {
+            key_id: base,
+            page_size: 1,
+            page_token: versions.next_page_token,
+        })
         .await
         .unwrap()
         .into_inner();
@@ -314,14 +436,18 @@ async fn backup_restores_every_version_into_an_empty_name() {
     let base = b.key_uri("bk-vault", "k");
     let w1 = wrap(&b, &v1, "RSA-OAEP", &DEK).await.unwrap();
     b.kv().rotate_key(proto::RotateKeyRequest { key_id: base.clone() }).await.unwrap();
-    let blob = b.kv().backup_key(proto::BackupKeyRequest { key_id: base.clone() }).await.unwrap().into_inner().blob;
+    let blob =
+        b.kv().backup_key(proto::BackupKeyRequest { key_id: base.clone() }).await.unwrap().into_inner().blob;
     // The blob is sealed: the public modulus is visible in GetKey but nothing readable in it.
     assert!(!blob.windows(16).any(|w| w == &DEK[..16]));
     // Restoring over an existing key is refused.
     let restore = proto::RestoreKeyRequest { vault_name: "bk-vault".into(), blob: blob.clone() };
     assert_status(b.kv().restore_key(restore.clone()).await, Code::AlreadyExists, "Conflict");
     b.kv().delete_key(proto::DeleteKeyRequest { key_id: base.clone() }).await.unwrap();
-    b.kv().purge_deleted_key(proto::PurgeDeletedKeyRequest { vault_name: "bk-vault".into(), name: "k".into() }).await.unwrap();
+    b.kv()
+        .purge_deleted_key(proto::PurgeDeletedKeyRequest { vault_name: "bk-vault".into(), name: "k".into() })
+        .await
+        .unwrap();
     b.kv().restore_key(restore).await.unwrap();
     assert_eq!(unwrap(&b, &v1, "RSA-OAEP", &w1.value).await.unwrap().value, DEK);
     // A tampered blob is refused.
@@ -369,33 +495,80 @@ async fn bad_input_is_invalid_argument_with_a_clear_message() {
     b.vault("bad-vault", false).await;
     let rsa = kid(&b.key("bad-vault", "rsa", "RSA", 2048).await);
     let oct = kid(&b.key("bad-vault", "oct", "oct-HSM", 256).await);
-    for key_id in ["", "not a uri", "https://bad-vault.vault.azure.net/keys/", "https://bad-vault.vault.azure.net/keys/rsa/xyz", "https://bad-vault.example.org/keys/rsa", "https://bad-vault.vault.azure.net/secrets/rsa", "https://bad-vault.vault.azure.net/keys/has space"] {
-        let msg = assert_status(wrap(&b, key_id, "RSA-OAEP", &DEK).await, Code::InvalidArgument, "BadParameter");
+    for key_id in [
+        "",
+        "not a uri",
+        "https://bad-vault.vault.azure.net/keys/",
+        "https://bad-vault.vault.azure.net/keys/rsa/xyz",
+        "https://bad-vault.example.org/keys/rsa",
+        "https://bad-vault.vault.azure.net/secrets/rsa",
+        "https://bad-vault.vault.azure.net/keys/has space",
+    ] {
+        let msg =
+            assert_status(wrap(&b, key_id, "RSA-OAEP", &DEK).await, Code::InvalidArgument, "BadParameter");
         assert!(msg.contains("invalid"), "{key_id:?}: {msg}");
     }
-    let msg = assert_status(wrap(&b, &rsa, "RSA-OAEP-384", &DEK).await, Code::InvalidArgument, "BadParameter");
+    let msg =
+        assert_status(wrap(&b, &rsa, "RSA-OAEP-384", &DEK).await, Code::InvalidArgument, "BadParameter");
     assert!(msg.contains("RSA-OAEP-384") && msg.contains("not supported"), "{msg}");
     assert_status(wrap(&b, &rsa, "A256KW", &DEK).await, Code::InvalidArgument, "BadParameter");
     assert_status(wrap(&b, &oct, "A128KW", &DEK).await, Code::InvalidArgument, "BadParameter");
     assert_status(wrap(&b, &oct, "A256KW", &[1u8; 15]).await, Code::InvalidArgument, "BadParameter");
     let msg = assert_status(wrap(&b, &rsa, "RSA-OAEP", &[]).await, Code::InvalidArgument, "BadParameter");
     assert!(msg.contains("empty"), "{msg}");
-    let msg = assert_status(wrap(&b, &rsa, "RSA-OAEP", &vec![1u8; 300]).await, Code::InvalidArgument, "BadParameter");
+    let msg = assert_status(
+        wrap(&b, &rsa, "RSA-OAEP", &vec![1u8; 300]).await,
+        Code::InvalidArgument,
+        "BadParameter",
+    );
     assert!(msg.contains("long") || msg.contains("at most"), "{msg}");
-    let msg = assert_status(wrap(&b, &oct, "A256KW", &vec![1u8; 70_000]).await, Code::InvalidArgument, "BadParameter");
+    let msg = assert_status(
+        wrap(&b, &oct, "A256KW", &vec![1u8; 70_000]).await,
+        Code::InvalidArgument,
+        "BadParameter",
+    );
     assert!(msg.contains("at most 65536 bytes"), "{msg}");
     for (kty, size) in [("RSA", 1024), ("oct-HSM", 512), ("EC", 256), ("rsa", 2048)] {
-        let r = b.create_key(proto::CreateKeyRequest { vault_name: "bad-vault".into(), name: "x".into(), kty: kty.into(), key_size: size, ..Default::default() }).await;
+        let r = b
+            .create_key(proto::CreateKeyRequest {
+                vault_name: "bad-vault".into(),
+                name: "x".into(),
+                kty: kty.into(),
+                key_size: size,
+                ..Default::default()
+            })
+            .await;
         assert_status(r, Code::InvalidArgument, "BadParameter");
     }
-    let r = b.create_key(proto::CreateKeyRequest { vault_name: "bad-vault".into(), name: "bad_name".into(), kty: "RSA".into(), ..Default::default() }).await;
+    let r = b
+        .create_key(proto::CreateKeyRequest {
+            vault_name: "bad-vault".into(),
+            name: "bad_name".into(),
+            kty: "RSA".into(),
+            ..Default::default()
+        })
+        .await;
     assert_status(r, Code::InvalidArgument, "BadParameter");
-    let r = b.create_key(proto::CreateKeyRequest { vault_name: "bad-vault".into(), name: "x".into(), kty: "RSA".into(), key_ops: vec!["fly".into()], ..Default::default() }).await;
+    let r = b
+        .create_key(proto::CreateKeyRequest {
+            vault_name: "bad-vault".into(),
+            name: "x".into(),
+            kty: "RSA".into(),
+            key_ops: vec!["fly".into()],
+            ..Default::default()
+        })
+        .await;
     assert_status(r, Code::InvalidArgument, "BadParameter");
     // A 5 MiB message is refused by the transport, and the server keeps serving.
     let huge = wrap(&b, &oct, "A256KW", &vec![0u8; 5 * 1024 * 1024]).await.expect_err("too large");
-    assert!(matches!(huge.code(), Code::ResourceExhausted | Code::OutOfRange | Code::InvalidArgument), "{huge:?}");
-    assert_eq!(unwrap(&b, &oct, "A256KW", &wrap(&b, &oct, "A256KW", &DEK).await.unwrap().value).await.unwrap().value, DEK);
+    assert!(
+        matches!(huge.code(), Code::ResourceExhausted | Code::OutOfRange | Code::InvalidArgument),
+        "{huge:?}"
+    );
+    assert_eq!(
+        unwrap(&b, &oct, "A256KW", &wrap(&b, &oct, "A256KW", &DEK).await.unwrap().value).await.unwrap().value,
+        DEK
+    );
     b.stop().await;
 }
 
@@ -412,7 +585,11 @@ async fn list_keys_pages_through_active_keys_only() {
     loop {
         let page = b
             .kv()
-            .list_keys(proto::ListKeysRequest { vault_name: "list-vault".into(), page_size: 2, page_token: token })
+            .list_keys(proto::ListKeysRequest {
+                vault_name: "list-vault".into(),
+                page_size: 2,
+                page_token: token,
+            })
             .await
             .unwrap()
             .into_inner();

@@ -62,7 +62,12 @@ impl Authenticator {
 
     /// Issues a token for `principal` valid for `lifetime` seconds from the broker's now.
     /// Returns the token and its expiry.
-    pub fn issue_user_token(&self, principal: &Principal, audiences: &[&str], lifetime: i64) -> Result<(String, i64), BrokerError> {
+    pub fn issue_user_token(
+        &self,
+        principal: &Principal,
+        audiences: &[&str],
+        lifetime: i64,
+    ) -> Result<(String, i64), BrokerError> {
         let now = self.broker.clock.now();
         let claims = Claims {
             iss: self.broker.settings.issuer(),
@@ -90,7 +95,10 @@ impl Authenticator {
             return Err(BrokerError::InvalidIssuer { expected: expected_iss, found: claims.iss });
         }
         if !claims.aud.iter().any(|a| plane.accepts(a)) {
-            return Err(BrokerError::InvalidAudience { expected: plane.expected(), found: claims.aud.joined() });
+            return Err(BrokerError::InvalidAudience {
+                expected: plane.expected(),
+                found: claims.aud.joined(),
+            });
         }
         let now = self.broker.clock.now();
         if now >= claims.exp.saturating_add(CLOCK_SKEW) {
@@ -120,7 +128,11 @@ impl AuthInterceptor {
     }
 
     /// Authenticates the request's metadata; the edge turns an error into UNAUTHENTICATED.
-    pub fn authenticate(&self, authorization: Option<&str>, peer: Option<std::net::SocketAddr>) -> Result<Caller, BrokerError> {
+    pub fn authenticate(
+        &self,
+        authorization: Option<&str>,
+        peer: Option<std::net::SocketAddr>,
+    ) -> Result<Caller, BrokerError> {
         let header = authorization.ok_or(BrokerError::MissingToken)?;
         let (scheme, token) = header.trim().split_once(' ').ok_or(BrokerError::MissingToken)?;
         if !scheme.eq_ignore_ascii_case("bearer") || token.trim().is_empty() {

@@ -62,7 +62,9 @@ impl Clock {
     pub fn set(&self, now: i64) -> Result<i64, BrokerError> {
         match self {
             Clock::System => Err(BrokerError::ClockNotManual),
-            Clock::Manual(_) if now < 0 => Err(BrokerError::bad_parameter("The clock cannot be set before 1970.")),
+            Clock::Manual(_) if now < 0 => {
+                Err(BrokerError::bad_parameter("The clock cannot be set before 1970."))
+            }
             Clock::Manual(t) => {
                 t.store(now, Ordering::SeqCst);
                 Ok(now)

@@ -16,8 +16,8 @@ use crate::crypto::{self, CryptoError, ImportedKey, Zbytes};
 use crate::model::ids::{KeyId, key_index, key_name, key_uri, vault_name};
 use crate::model::key::{validate_tags, validate_window};
 use crate::model::{
-    Algorithm, BrokerError, Caller, Change, CryptoOp, Deletion, KeyAttributes, KeyOp, KeyPermission,
-    KeyType, KeyVersion,
+    Algorithm, BrokerError, Caller, Change, CryptoOp, Deletion, KeyAttributes, KeyOp, KeyPermission, KeyType,
+    KeyVersion,
 };
 use crate::policy::data::{self, DataRequest};
 
@@ -184,7 +184,9 @@ fn crypto_error(e: CryptoError) -> BrokerError {
     match e {
         CryptoError::DecryptionFailed => BrokerError::DecryptionFailed,
         CryptoError::InvalidInput(m) => BrokerError::bad_parameter(m),
-        CryptoError::InvalidKeyMaterial(m) => BrokerError::bad_parameter(format!("The key material is invalid: {m}")),
+        CryptoError::InvalidKeyMaterial(m) => {
+            BrokerError::bad_parameter(format!("The key material is invalid: {m}"))
+        }
         other => {
             tracing::error!(error = %other, "crypto failure");
             BrokerError::Internal
@@ -206,7 +208,9 @@ fn permission_for(op: CryptoOp) -> KeyPermission {
 }
 
 /// Runs blocking crypto on the blocking pool.
-async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T, BrokerError> + Send + 'static) -> Result<T, BrokerError> {
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, BrokerError> + Send + 'static,
+) -> Result<T, BrokerError> {
     tokio::task::spawn_blocking(f).await.map_err(|_| BrokerError::Internal)?
 }
 
@@ -231,7 +235,12 @@ impl Broker {
         let resource = self.key_resource(&ve.vault.name, key);
         data::authorize(
             &ve.vault,
-            &DataRequest { caller: &desc, permission, resource: &resource, location: &self.settings.location },
+            &DataRequest {
+                caller: &desc,
+                permission,
+                resource: &resource,
+                location: &self.settings.location,
+            },
         )
     }
 
@@ -253,7 +262,10 @@ impl Broker {
     }
 
     /// A version of an active key, or `KeyNotFound` naming `name/version`.
-    fn active_version<'a>(ve: &'a VaultEntry, id: &KeyId) -> Result<(&'a KeyEntry, &'a KeyVersion), BrokerError> {
+    fn active_version<'a>(
+        ve: &'a VaultEntry,
+        id: &KeyId,
+    ) -> Result<(&'a KeyEntry, &'a KeyVersion), BrokerError> {
         let not_found = || BrokerError::KeyNotFound {
             name_or_id: match &id.version {
                 Some(v) => format!("{}/{v}", id.name),
@@ -299,7 +311,13 @@ impl Broker {
                         let k = crypto::RsaPrivateKey::from_pkcs8(&der).map_err(crypto_error)?;
                         Ok((kty, bits, der, k.n().to_vec(), k.e().to_vec()))
                     } else {
-                        Ok((kty, bits, crypto::generate_oct(bits as usize).map_err(crypto_error)?, vec![], vec![]))
+                        Ok((
+                            kty,
+                            bits,
+                            crypto::generate_oct(bits as usize).map_err(crypto_error)?,
+                            vec![],
+                            vec![],
+                        ))
                     }
                 })
                 .await?
@@ -371,7 +389,12 @@ impl Broker {
             .map_err(crypto_error)?;
         self.commit(
             txn,
-            vec![Change::PutKeyVersion { vault: vault.to_string(), name: stored_name, version: meta, sealed: Some(sealed) }],
+            vec![Change::PutKeyVersion {
+                vault: vault.to_string(),
+                name: stored_name,
+                version: meta,
+                sealed: Some(sealed),
+            }],
         )
         .await?;
         Ok(view)
@@ -401,12 +424,15 @@ impl Broker {
         self.authorize_data(ve, caller, KeyPermission::List, None)?;
         let items = ve.keys.iter().filter(|(_, k)| k.key.deleted.is_none()).filter_map(|(idx, k)| {
             k.key.latest().map(|v| {
-                (idx.clone(), KeyItemView {
-                    kid: key_uri(&vault, &self.settings.vault_dns_suffix, &k.key.name, None),
-                    version: v.clone(),
-                    recoverable_days: ve.vault.retention_days,
-                    recovery_level: ve.vault.recovery_level(),
-                })
+                (
+                    idx.clone(),
+                    KeyItemView {
+                        kid: key_uri(&vault, &self.settings.vault_dns_suffix, &k.key.name, None),
+                        version: v.clone(),
+                        recoverable_days: ve.vault.retention_days,
+                        recovery_level: ve.vault.recovery_level(),
+                    },
+                )
             })
         });
         paginate(items, page_size, page_token)
@@ -426,18 +452,26 @@ impl Broker {
         self.authorize_data(ve, caller, KeyPermission::List, Some(&id.name))?;
         let k = Self::active_key(ve, &id.name)?;
         let items = k.key.versions.iter().enumerate().map(|(i, v)| {
-            (format!("{i:08}"), KeyItemView {
-                kid: key_uri(&id.vault, &self.settings.vault_dns_suffix, &k.key.name, Some(&v.version)),
-                version: v.clone(),
-                recoverable_days: ve.vault.retention_days,
-                recovery_level: ve.vault.recovery_level(),
-            })
+            (
+                format!("{i:08}"),
+                KeyItemView {
+                    kid: key_uri(&id.vault, &self.settings.vault_dns_suffix, &k.key.name, Some(&v.version)),
+                    version: v.clone(),
+                    recoverable_days: ve.vault.retention_days,
+                    recovery_level: ve.vault.recovery_level(),
+                },
+            )
         });
         paginate(items, page_size, page_token)
     }
 
     /// UpdateKey: attributes, key_ops and tags of one version; never the material.
-    pub async fn update_key(&self, caller: &Caller, key_id: &str, update: KeyUpdate) -> Result<KeyView, BrokerError> {
+    pub async fn update_key(
+        &self,
+        caller: &Caller,
+        key_id: &str,
+        update: KeyUpdate,
+    ) -> Result<KeyView, BrokerError> {
         let id = self.parse_key_id(key_id)?;
         let txn = self.begin().await;
         let (name, view) = {
@@ -474,7 +508,12 @@ impl Broker {
         };
         self.commit(
             txn,
-            vec![Change::PutKeyVersion { vault: id.vault, name, version: view.version.clone(), sealed: None }],
+            vec![Change::PutKeyVersion {
+                vault: id.vault,
+                name,
+                version: view.version.clone(),
+                sealed: None,
+            }],
         )
         .await?;
         Ok(view)
@@ -512,7 +551,13 @@ impl Broker {
             kty,
             bits,
             key_ops: latest.key_ops,
-            attributes: KeyAttributes { enabled: true, not_before: None, expires: None, created: now, updated: now },
+            attributes: KeyAttributes {
+                enabled: true,
+                not_before: None,
+                expires: None,
+                created: now,
+                updated: now,
+            },
             tags: latest.tags,
             n,
             e,
@@ -541,7 +586,11 @@ impl Broker {
             };
             let view = DeletedKeyView {
                 key: self.view(ve, &k.key.name, v),
-                recovery_id: crate::model::ids::recovery_id(&id.vault, &self.settings.vault_dns_suffix, &k.key.name),
+                recovery_id: crate::model::ids::recovery_id(
+                    &id.vault,
+                    &self.settings.vault_dns_suffix,
+                    &k.key.name,
+                ),
                 deletion,
             };
             (k.key.name.clone(), view)
@@ -559,12 +608,20 @@ impl Broker {
         let latest = k.key.latest()?;
         Some(DeletedKeyView {
             key: self.view(ve, &k.key.name, latest),
-            recovery_id: crate::model::ids::recovery_id(&ve.vault.name, &self.settings.vault_dns_suffix, &k.key.name),
+            recovery_id: crate::model::ids::recovery_id(
+                &ve.vault.name,
+                &self.settings.vault_dns_suffix,
+                &k.key.name,
+            ),
             deletion,
         })
     }
 
-    fn deleted_key<'a>(st: &'a State, vault: &str, name: &str) -> Result<(&'a VaultEntry, &'a KeyEntry), BrokerError> {
+    fn deleted_key<'a>(
+        st: &'a State,
+        vault: &str,
+        name: &str,
+    ) -> Result<(&'a VaultEntry, &'a KeyEntry), BrokerError> {
         let ve = st.vault(vault)?;
         match ve.keys.get(&key_index(name)) {
             Some(k) if k.key.deleted.is_some() => Ok((ve, k)),
@@ -573,7 +630,12 @@ impl Broker {
     }
 
     /// GetDeletedKey.
-    pub fn get_deleted_key(&self, caller: &Caller, vault: &str, name: &str) -> Result<DeletedKeyView, BrokerError> {
+    pub fn get_deleted_key(
+        &self,
+        caller: &Caller,
+        vault: &str,
+        name: &str,
+    ) -> Result<DeletedKeyView, BrokerError> {
         let vault = vault_name(vault)?;
         let name = key_name(name)?;
         let st = self.read();
@@ -599,7 +661,12 @@ impl Broker {
     }
 
     /// RecoverDeletedKey: back to active with every version.
-    pub async fn recover_deleted_key(&self, caller: &Caller, vault: &str, name: &str) -> Result<KeyView, BrokerError> {
+    pub async fn recover_deleted_key(
+        &self,
+        caller: &Caller,
+        vault: &str,
+        name: &str,
+    ) -> Result<KeyView, BrokerError> {
         let vault = vault_name(vault)?;
         let name = key_name(name)?;
         let txn = self.begin().await;
@@ -615,7 +682,12 @@ impl Broker {
     }
 
     /// PurgeDeletedKey: refused while the vault has purge protection.
-    pub async fn purge_deleted_key(&self, caller: &Caller, vault: &str, name: &str) -> Result<(), BrokerError> {
+    pub async fn purge_deleted_key(
+        &self,
+        caller: &Caller,
+        vault: &str,
+        name: &str,
+    ) -> Result<(), BrokerError> {
         let vault = vault_name(vault)?;
         let name = key_name(name)?;
         let txn = self.begin().await;
@@ -639,9 +711,15 @@ impl Broker {
             st.vaults
                 .values()
                 .flat_map(|ve| {
-                    ve.keys.values().filter(move |k| k.key.deleted.as_ref().is_some_and(|d| d.scheduled_purge_date <= now)).map(
-                        move |k| Change::PurgeKey { vault: ve.vault.name.clone(), name: k.key.name.clone() },
-                    )
+                    ve.keys
+                        .values()
+                        .filter(move |k| {
+                            k.key.deleted.as_ref().is_some_and(|d| d.scheduled_purge_date <= now)
+                        })
+                        .map(move |k| Change::PurgeKey {
+                            vault: ve.vault.name.clone(),
+                            name: k.key.name.clone(),
+                        })
                 })
                 .collect()
         };
@@ -698,13 +776,22 @@ impl Broker {
 
     /// RestoreKey: recreates a backed-up key with all its versions in `vault`. The name must be
     /// free (neither active nor soft-deleted).
-    pub async fn restore_key(&self, caller: &Caller, vault: &str, blob: &[u8]) -> Result<KeyView, BrokerError> {
+    pub async fn restore_key(
+        &self,
+        caller: &Caller,
+        vault: &str,
+        blob: &[u8],
+    ) -> Result<KeyView, BrokerError> {
         let vault = vault_name(vault)?;
         {
             let st = self.read();
             self.authorize_data(st.vault(&vault)?, caller, KeyPermission::Restore, None)?;
         }
-        let bad_blob = || BrokerError::bad_parameter("The backup blob is invalid, corrupted, or was made by a broker with a different master key.");
+        let bad_blob = || {
+            BrokerError::bad_parameter(
+                "The backup blob is invalid, corrupted, or was made by a broker with a different master key.",
+            )
+        };
         let body = blob.strip_prefix(BACKUP_MAGIC).ok_or_else(bad_blob)?;
         let json = self.sealer().unseal(BACKUP_AAD, body).map_err(|_| bad_blob())?;
         let payload: BackupPayload = serde_json::from_slice(&json).map_err(|_| bad_blob())?;
@@ -714,33 +801,33 @@ impl Broker {
         }
         let txn = self.begin().await;
         let (changes, last) = {
-        let st = self.read();
-        let ve = st.vault(&vault)?;
-        self.authorize_data(ve, caller, KeyPermission::Restore, Some(&payload.name))?;
-        match ve.keys.get(&key_index(&payload.name)) {
-            Some(k) if k.key.deleted.is_some() => {
-                return Err(BrokerError::KeyDeletedButRecoverable { name: k.key.name.clone() });
+            let st = self.read();
+            let ve = st.vault(&vault)?;
+            self.authorize_data(ve, caller, KeyPermission::Restore, Some(&payload.name))?;
+            match ve.keys.get(&key_index(&payload.name)) {
+                Some(k) if k.key.deleted.is_some() => {
+                    return Err(BrokerError::KeyDeletedButRecoverable { name: k.key.name.clone() });
+                }
+                Some(k) => return Err(BrokerError::KeyAlreadyExists { name: k.key.name.clone() }),
+                None => {}
             }
-            Some(k) => return Err(BrokerError::KeyAlreadyExists { name: k.key.name.clone() }),
-            None => {}
-        }
-        let mut changes = Vec::new();
-        let mut last = None;
-        for v in &payload.versions {
-            let plain = Zeroizing::new(B64.decode(&v.material).map_err(|_| bad_blob())?);
-            let sealed = self
-                .sealer()
-                .seal(material_aad(&vault, &payload.name, &v.meta.version).as_bytes(), &plain)
-                .map_err(crypto_error)?;
-            last = Some(self.view(ve, &payload.name, &v.meta));
-            changes.push(Change::PutKeyVersion {
-                vault: vault.clone(),
-                name: payload.name.clone(),
-                version: v.meta.clone(),
-                sealed: Some(sealed),
-            });
-        }
-        (changes, last)
+            let mut changes = Vec::new();
+            let mut last = None;
+            for v in &payload.versions {
+                let plain = Zeroizing::new(B64.decode(&v.material).map_err(|_| bad_blob())?);
+                let sealed = self
+                    .sealer()
+                    .seal(material_aad(&vault, &payload.name, &v.meta.version).as_bytes(), &plain)
+                    .map_err(crypto_error)?;
+                last = Some(self.view(ve, &payload.name, &v.meta));
+                changes.push(Change::PutKeyVersion {
+                    vault: vault.clone(),
+                    name: payload.name.clone(),
+                    version: v.meta.clone(),
+                    sealed: Some(sealed),
+                });
+            }
+            (changes, last)
         };
         self.commit(txn, changes).await?;
         last.ok_or_else(bad_blob)
@@ -793,11 +880,15 @@ fn run_crypto(
 ) -> Result<(Zbytes, Vec<u8>, Vec<u8>), BrokerError> {
     let plain = |v: Vec<u8>| (Zeroizing::new(v), Vec::new(), Vec::new());
     match (key, op) {
-        (Loaded::Rsa(k), CryptoOp::Encrypt | CryptoOp::WrapKey) => Ok(plain(k.encrypt(alg, value).map_err(crypto_error)?)),
+        (Loaded::Rsa(k), CryptoOp::Encrypt | CryptoOp::WrapKey) => {
+            Ok(plain(k.encrypt(alg, value).map_err(crypto_error)?))
+        }
         (Loaded::Rsa(k), CryptoOp::Decrypt | CryptoOp::UnwrapKey) => {
             Ok((k.decrypt(alg, value).map_err(crypto_error)?, Vec::new(), Vec::new()))
         }
-        (Loaded::Oct(k), CryptoOp::WrapKey) => Ok(plain(crypto::aes_kw_wrap(k, value).map_err(crypto_error)?)),
+        (Loaded::Oct(k), CryptoOp::WrapKey) => {
+            Ok(plain(crypto::aes_kw_wrap(k, value).map_err(crypto_error)?))
+        }
         (Loaded::Oct(k), CryptoOp::UnwrapKey) => {
             Ok((crypto::aes_kw_unwrap(k, value).map_err(crypto_error)?, Vec::new(), Vec::new()))
         }
@@ -808,9 +899,15 @@ fn run_crypto(
         }
         (Loaded::Oct(k), CryptoOp::Decrypt) => {
             if iv.is_empty() || tag.is_empty() {
-                return Err(BrokerError::bad_parameter("AES-GCM decryption needs the iv and tag returned by encrypt."));
+                return Err(BrokerError::bad_parameter(
+                    "AES-GCM decryption needs the iv and tag returned by encrypt.",
+                ));
             }
-            Ok((crypto::aes_gcm_decrypt(k, iv, aad, value, tag).map_err(crypto_error)?, Vec::new(), Vec::new()))
+            Ok((
+                crypto::aes_gcm_decrypt(k, iv, aad, value, tag).map_err(crypto_error)?,
+                Vec::new(),
+                Vec::new(),
+            ))
         }
     }
 }

@@ -154,14 +154,16 @@ impl State {
                         entry.key.versions.push(version);
                     }
                     None => {
-                        if let Some(v) = entry.key.versions.iter_mut().find(|v| v.version == version.version) {
+                        if let Some(v) = entry.key.versions.iter_mut().find(|v| v.version == version.version)
+                        {
                             *v = version;
                         }
                     }
                 }
             }
             Change::SetKeyDeletion { vault, name, deleted } => {
-                if let Some(k) = self.vaults.get_mut(&vault).and_then(|ve| ve.keys.get_mut(&key_index(&name))) {
+                if let Some(k) = self.vaults.get_mut(&vault).and_then(|ve| ve.keys.get_mut(&key_index(&name)))
+                {
                     k.key.deleted = deleted;
                 }
             }

@@ -96,7 +96,12 @@ impl Broker {
     }
 
     /// UpdateVault: purge protection only turns on; absent fields stay.
-    pub async fn update_vault(&self, caller: &Caller, name: &str, update: VaultUpdate) -> Result<Vault, BrokerError> {
+    pub async fn update_vault(
+        &self,
+        caller: &Caller,
+        name: &str,
+        update: VaultUpdate,
+    ) -> Result<Vault, BrokerError> {
         let name = vault_name(name)?;
         self.authorize_control(&caller.object_id, VAULT_WRITE, &self.vault_scope(&name))?;
         let txn = self.begin().await;

@@ -67,7 +67,8 @@ async fn serve(args: ServeArgs) -> Result<(), String> {
     let config = Config::resolve(args).map_err(|e| e.to_string())?;
     let listen = config.listen;
     let app = App::open(config).await.map_err(|e| e.to_string())?;
-    let listener = tokio::net::TcpListener::bind(listen).await.map_err(|e| format!("cannot listen on {listen}: {e}"))?;
+    let listener =
+        tokio::net::TcpListener::bind(listen).await.map_err(|e| format!("cannot listen on {listen}: {e}"))?;
     app.serve(listener, shutdown_signal()).await.map_err(|e| e.to_string())
 }
 

@@ -69,13 +69,11 @@ pub fn aes_kw_unwrap(key: &[u8], wrapped: &[u8]) -> Result<Zbytes, CryptoError> 
     let mut out = Zeroizing::new(vec![0u8; wrapped.len() - KW_OVERHEAD]);
     if key.len() == 24 {
         let kek = aes_kw::KekAes192::try_from(key).map_err(|_| bad_aes_key())?;
-        kek.unwrap(wrapped, &mut out)
-            .map_err(|_| CryptoError::DecryptionFailed)?;
+        kek.unwrap(wrapped, &mut out).map_err(|_| CryptoError::DecryptionFailed)?;
     } else {
         let cipher = if key.len() == 16 { &AES_128 } else { &AES_256 };
         let kek = AesKek::new(cipher, key).map_err(|_| bad_aes_key())?;
-        kek.unwrap(wrapped, &mut out)
-            .map_err(|_| CryptoError::DecryptionFailed)?;
+        kek.unwrap(wrapped, &mut out).map_err(|_| CryptoError::DecryptionFailed)?;
     }
     Ok(out)
 }
@@ -104,10 +102,7 @@ fn gcm_key(key: &[u8]) -> Result<LessSafeKey, CryptoError> {
 
 fn gcm_nonce(iv: &[u8]) -> Result<Nonce, CryptoError> {
     Nonce::try_assume_unique_for_key(iv).map_err(|_| {
-        CryptoError::InvalidInput(format!(
-            "AES-GCM IV must be {GCM_IV_LEN} bytes (got {})",
-            iv.len()
-        ))
+        CryptoError::InvalidInput(format!("AES-GCM IV must be {GCM_IV_LEN} bytes (got {})", iv.len()))
     })
 }
 
@@ -133,11 +128,7 @@ pub fn aes_gcm_encrypt(
     let tag = key
         .seal_in_place_separate_tag(nonce, Aad::from(aad), &mut buf)
         .map_err(|_| CryptoError::InvalidInput("AES-GCM encryption failed".into()))?;
-    Ok(GcmOutput {
-        iv,
-        ciphertext: std::mem::take(&mut *buf),
-        tag: tag.as_ref().to_vec(),
-    })
+    Ok(GcmOutput { iv, ciphertext: std::mem::take(&mut *buf), tag: tag.as_ref().to_vec() })
 }
 
 /// AES-GCM decryption. A bad key length gives `InvalidKeyMaterial`, a bad IV length
@@ -157,10 +148,8 @@ pub fn aes_gcm_decrypt(
     let mut buf = Zeroizing::new(Vec::with_capacity(ciphertext.len() + GCM_TAG_LEN));
     buf.extend_from_slice(ciphertext);
     buf.extend_from_slice(tag);
-    let len = key
-        .open_in_place(nonce, Aad::from(aad), &mut buf)
-        .map_err(|_| CryptoError::DecryptionFailed)?
-        .len();
+    let len =
+        key.open_in_place(nonce, Aad::from(aad), &mut buf).map_err(|_| CryptoError::DecryptionFailed)?.len();
     buf.truncate(len);
     Ok(buf)
 }
@@ -182,29 +171,13 @@ mod tests {
         let data256 = "00112233445566778899AABBCCDDEEFF000102030405060708090A0B0C0D0E0F";
         let vectors = [
             // 4.1: 128-bit KEK, 128-bit data
-            (
-                &KEK256[..32],
-                data128,
-                "1FA68B0A8112B447 AEF34BD8FB5A7B82 9D3E862371D2CFE5",
-            ),
+            (&KEK256[..32], data128, "1FA68B0A8112B447 AEF34BD8FB5A7B82 9D3E862371D2CFE5"),
             // 4.2: 192-bit KEK, 128-bit data
-            (
-                &KEK256[..48],
-                data128,
-                "96778B25AE6CA435 F92B5B97C050AED2 468AB8A17AD84E5D",
-            ),
+            (&KEK256[..48], data128, "96778B25AE6CA435 F92B5B97C050AED2 468AB8A17AD84E5D"),
             // 4.3: 256-bit KEK, 128-bit data
-            (
-                KEK256,
-                data128,
-                "64E8C3F9CE0F5BA2 63E9777905818A2A 93C8191E7D6E8AE7",
-            ),
+            (KEK256, data128, "64E8C3F9CE0F5BA2 63E9777905818A2A 93C8191E7D6E8AE7"),
             // 4.4: 192-bit KEK, 192-bit data
-            (
-                &KEK256[..48],
-                data192,
-                "031D33264E15D332 68F24EC260743EDC E1C6C7DDEE725A93 6BA814915C6762D2",
-            ),
+            (&KEK256[..48], data192, "031D33264E15D332 68F24EC260743EDC E1C6C7DDEE725A93 6BA814915C6762D2"),
             // 4.6: 256-bit KEK, 256-bit data
             (
                 KEK256,
@@ -259,14 +232,8 @@ mod tests {
         }
         for klen in [0, 15, 20, 33] {
             let key = vec![1u8; klen];
-            assert!(matches!(
-                aes_kw_wrap(&key, &[0u8; 16]),
-                Err(CryptoError::InvalidKeyMaterial(_))
-            ));
-            assert!(matches!(
-                aes_kw_unwrap(&key, &[0u8; 24]),
-                Err(CryptoError::InvalidKeyMaterial(_))
-            ));
+            assert!(matches!(aes_kw_wrap(&key, &[0u8; 16]), Err(CryptoError::InvalidKeyMaterial(_))));
+            assert!(matches!(aes_kw_unwrap(&key, &[0u8; 24]), Err(CryptoError::InvalidKeyMaterial(_))));
         }
     }
 
@@ -277,20 +244,14 @@ mod tests {
         }
         assert_ne!(generate_oct(256).unwrap(), generate_oct(256).unwrap());
         for bits in [0, 64, 512] {
-            assert!(matches!(
-                generate_oct(bits),
-                Err(CryptoError::InvalidInput(_))
-            ));
+            assert!(matches!(generate_oct(bits), Err(CryptoError::InvalidInput(_))));
         }
     }
 
     #[test]
     fn aes_gcm_matches_nist_test_case_2() {
         let out = aes_gcm_encrypt(&[0u8; 16], Some(&[0u8; 12]), b"", &[0u8; 16]).unwrap();
-        assert_eq!(
-            hex::encode(&out.ciphertext),
-            "0388dace60b6a392f328c2b971b2fe78"
-        );
+        assert_eq!(hex::encode(&out.ciphertext), "0388dace60b6a392f328c2b971b2fe78");
         assert_eq!(hex::encode(&out.tag), "ab6e47d42cec13bdf53a67b21257bddf");
         assert_eq!(out.iv, vec![0u8; 12]);
     }

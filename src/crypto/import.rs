@@ -36,15 +36,11 @@ fn invalid(msg: impl Into<String>) -> CryptoError {
 /// Validates a PKCS#8 DER RSA private key (2048/3072/4096 bits) and returns it re-encoded
 /// as canonical PKCS#8 v1 DER.
 pub fn import_pkcs8_der(der: &[u8]) -> Result<ImportedKey, CryptoError> {
-    let key = PrivateDecryptingKey::from_pkcs8(der)
-        .map_err(|_| invalid("not a valid PKCS#8 RSA private key"))?;
+    let key =
+        PrivateDecryptingKey::from_pkcs8(der).map_err(|_| invalid("not a valid PKCS#8 RSA private key"))?;
     RsaPrivateKey::from_key(key.clone())?; // size and usability checks
-    let canonical = key
-        .as_der()
-        .map_err(|_| invalid("cannot re-encode RSA key"))?;
-    Ok(ImportedKey::Rsa(Zeroizing::new(
-        canonical.as_ref().to_vec(),
-    )))
+    let canonical = key.as_der().map_err(|_| invalid("cannot re-encode RSA key"))?;
+    Ok(ImportedKey::Rsa(Zeroizing::new(canonical.as_ref().to_vec())))
 }
 
 /// PEM: `-----BEGIN PRIVATE KEY-----` (PKCS#8) or `-----BEGIN RSA PRIVATE KEY-----` (PKCS#1,
@@ -53,13 +49,9 @@ pub fn import_pkcs8_der(der: &[u8]) -> Result<ImportedKey, CryptoError> {
 pub fn import_pem(pem: &str) -> Result<ImportedKey, CryptoError> {
     const BEGIN: &str = "-----BEGIN ";
     const DASHES: &str = "-----";
-    let start = pem
-        .find(BEGIN)
-        .ok_or_else(|| invalid("no PEM block found"))?;
+    let start = pem.find(BEGIN).ok_or_else(|| invalid("no PEM block found"))?;
     let rest = &pem[start + BEGIN.len()..];
-    let label_end = rest
-        .find(DASHES)
-        .ok_or_else(|| invalid("malformed PEM header"))?;
+    let label_end = rest.find(DASHES).ok_or_else(|| invalid("malformed PEM header"))?;
     let label = &rest[..label_end];
     let body_and_tail = &rest[label_end + DASHES.len()..];
     let end_marker = format!("-----END {label}-----");
@@ -71,36 +63,24 @@ pub fn import_pem(pem: &str) -> Result<ImportedKey, CryptoError> {
     match label {
         "PRIVATE KEY" | "RSA PRIVATE KEY" => {}
         "ENCRYPTED PRIVATE KEY" => {
-            return Err(invalid(
-                "encrypted PEM is not supported; decrypt the key before importing",
-            ));
+            return Err(invalid("encrypted PEM is not supported; decrypt the key before importing"));
         }
         _ => {
-            return Err(invalid(
-                "unsupported PEM type; expected PRIVATE KEY or RSA PRIVATE KEY",
-            ));
+            return Err(invalid("unsupported PEM type; expected PRIVATE KEY or RSA PRIVATE KEY"));
         }
     }
     if body.contains("Proc-Type:") || body.contains("DEK-Info:") {
-        return Err(invalid(
-            "encrypted PEM is not supported; decrypt the key before importing",
-        ));
+        return Err(invalid("encrypted PEM is not supported; decrypt the key before importing"));
     }
-    let b64: Zeroizing<String> =
-        Zeroizing::new(body.chars().filter(|c| !c.is_ascii_whitespace()).collect());
-    let der = Zeroizing::new(
-        STANDARD
-            .decode(b64.as_bytes())
-            .map_err(|_| invalid("PEM body is not valid base64"))?,
-    );
+    let b64: Zeroizing<String> = Zeroizing::new(body.chars().filter(|c| !c.is_ascii_whitespace()).collect());
+    let der =
+        Zeroizing::new(STANDARD.decode(b64.as_bytes()).map_err(|_| invalid("PEM body is not valid base64"))?);
     if label == "PRIVATE KEY" {
         return import_pkcs8_der(&der);
     }
-    let key = rsa::PrivateKey::from_pkcs1_der(&der)
-        .map_err(|_| invalid("not a valid PKCS#1 RSA private key"))?;
-    let pkcs8 = key
-        .to_pkcs8_der()
-        .map_err(|_| invalid("cannot convert PKCS#1 key to PKCS#8"))?;
+    let key =
+        rsa::PrivateKey::from_pkcs1_der(&der).map_err(|_| invalid("not a valid PKCS#1 RSA private key"))?;
+    let pkcs8 = key.to_pkcs8_der().map_err(|_| invalid("cannot convert PKCS#1 key to PKCS#8"))?;
     import_pkcs8_der(pkcs8.as_bytes())
 }
 
@@ -152,9 +132,7 @@ fn check_crt(
     let derived = derived.ok_or_else(|| invalid("cannot derive CRT parameters"))?;
     let derived = Zeroizing::new(derived.to_be_bytes());
     if strip_zeros(&given) != strip_zeros(&derived) {
-        return Err(invalid(format!(
-            "JWK member \"{field}\" is inconsistent with the key"
-        )));
+        return Err(invalid(format!("JWK member \"{field}\" is inconsistent with the key")));
     }
     Ok(())
 }
@@ -187,9 +165,7 @@ fn import_rsa_jwk(jwk: &Jwk) -> Result<ImportedKey, CryptoError> {
     check_crt("dq", jwk.dq.as_ref(), key.dq())?;
     let qi = key.crt_coefficient().map(Zeroizing::new);
     check_crt("qi", jwk.qi.as_ref(), qi.as_deref())?;
-    let der = key
-        .to_pkcs8_der()
-        .map_err(|_| invalid("cannot encode RSA key as PKCS#8"))?;
+    let der = key.to_pkcs8_der().map_err(|_| invalid("cannot encode RSA key as PKCS#8"))?;
     import_pkcs8_der(der.as_bytes())
 }
 
@@ -199,11 +175,7 @@ fn import_rsa_jwk(jwk: &Jwk) -> Result<ImportedKey, CryptoError> {
 /// `InvalidKeyMaterial`; messages never echo member values.
 pub fn import_jwk(json: &str) -> Result<ImportedKey, CryptoError> {
     let jwk: Jwk = serde_json::from_str(json).map_err(|e| {
-        invalid(format!(
-            "JWK is not a valid JSON object (line {}, column {})",
-            e.line(),
-            e.column()
-        ))
+        invalid(format!("JWK is not a valid JSON object (line {}, column {})", e.line(), e.column()))
     })?;
     match jwk.kty.as_deref() {
         Some("RSA" | "RSA-HSM") => import_rsa_jwk(&jwk),
@@ -215,9 +187,7 @@ pub fn import_jwk(json: &str) -> Result<ImportedKey, CryptoError> {
             Ok(ImportedKey::Oct(k))
         }
         Some("EC" | "EC-HSM") => Err(invalid("EC keys are not supported")),
-        Some(_) => Err(invalid(
-            "unsupported JWK kty; expected RSA, RSA-HSM, oct or oct-HSM",
-        )),
+        Some(_) => Err(invalid("unsupported JWK kty; expected RSA, RSA-HSM, oct or oct-HSM")),
         None => Err(invalid("JWK member \"kty\" is missing")),
     }
 }
@@ -233,11 +203,7 @@ mod tests {
 
     fn pem(label: &str, der: &[u8], line_end: &str) -> String {
         let b64 = STANDARD.encode(der);
-        let lines: Vec<&str> = b64
-            .as_bytes()
-            .chunks(64)
-            .map(|c| std::str::from_utf8(c).unwrap())
-            .collect();
+        let lines: Vec<&str> = b64.as_bytes().chunks(64).map(|c| std::str::from_utf8(c).unwrap()).collect();
         format!(
             "-----BEGIN {label}-----{line_end}{}{line_end}-----END {label}-----{line_end}",
             lines.join(line_end)
@@ -252,10 +218,7 @@ mod tests {
     }
 
     fn n_of(imported: ImportedKey) -> Vec<u8> {
-        RsaPrivateKey::from_pkcs8(&rsa_der(imported))
-            .unwrap()
-            .n()
-            .to_vec()
+        RsaPrivateKey::from_pkcs8(&rsa_der(imported)).unwrap().n().to_vec()
     }
 
     fn b64u(bytes: &[u8]) -> String {
@@ -284,21 +247,14 @@ mod tests {
     fn pkcs8_der_import_validates_and_keeps_the_key() {
         let n = n_of(import_pkcs8_der(shared_pkcs8()).unwrap());
         assert_eq!(n, RsaPrivateKey::from_pkcs8(shared_pkcs8()).unwrap().n());
-        assert!(matches!(
-            import_pkcs8_der(b"not der"),
-            Err(CryptoError::InvalidKeyMaterial(_))
-        ));
+        assert!(matches!(import_pkcs8_der(b"not der"), Err(CryptoError::InvalidKeyMaterial(_))));
     }
 
     #[test]
     fn pem_pkcs1_and_pkcs8_import_produce_the_same_key() {
-        let pkcs1 = rsa::PrivateKey::from_pkcs8_der(shared_pkcs8())
-            .unwrap()
-            .to_pkcs1_der()
-            .unwrap();
+        let pkcs1 = rsa::PrivateKey::from_pkcs8_der(shared_pkcs8()).unwrap().to_pkcs1_der().unwrap();
         let from_pkcs8 = n_of(import_pem(&pem("PRIVATE KEY", shared_pkcs8(), "\n")).unwrap());
-        let from_pkcs1 =
-            n_of(import_pem(&pem("RSA PRIVATE KEY", pkcs1.as_bytes(), "\r\n")).unwrap());
+        let from_pkcs1 = n_of(import_pem(&pem("RSA PRIVATE KEY", pkcs1.as_bytes(), "\r\n")).unwrap());
         assert_eq!(from_pkcs8, from_pkcs1);
         assert_eq!(from_pkcs8.len(), 256);
     }
@@ -330,10 +286,7 @@ mod tests {
             "-----BEGIN PRIVATE KEY-----\n!!!!\n-----END PRIVATE KEY-----",
             &mismatched,
         ] {
-            assert!(
-                matches!(import_pem(input), Err(CryptoError::InvalidKeyMaterial(_))),
-                "{input:?}"
-            );
+            assert!(matches!(import_pem(input), Err(CryptoError::InvalidKeyMaterial(_))), "{input:?}");
         }
     }
 
@@ -342,15 +295,10 @@ mod tests {
         let ours = RsaPrivateKey::from_pkcs8(shared_pkcs8()).unwrap();
         for (kty, crt) in [("RSA", true), ("RSA-HSM", false)] {
             let imported =
-                RsaPrivateKey::from_pkcs8(&rsa_der(import_jwk(&rsa_jwk(kty, crt)).unwrap()))
-                    .unwrap();
+                RsaPrivateKey::from_pkcs8(&rsa_der(import_jwk(&rsa_jwk(kty, crt)).unwrap())).unwrap();
             assert_eq!(imported.n(), ours.n());
-            let ct =
-                rsa_encrypt_with_public(ours.n(), ours.e(), Algorithm::RsaOaep256, b"dek").unwrap();
-            assert_eq!(
-                &imported.decrypt(Algorithm::RsaOaep256, &ct).unwrap()[..],
-                b"dek"
-            );
+            let ct = rsa_encrypt_with_public(ours.n(), ours.e(), Algorithm::RsaOaep256, b"dek").unwrap();
+            assert_eq!(&imported.decrypt(Algorithm::RsaOaep256, &ct).unwrap()[..], b"dek");
         }
     }
 
@@ -401,10 +349,7 @@ mod tests {
             }
         }
         let json = format!(r#"{{"kty":"oct","k":"{}"}}"#, b64u(&[7u8; 20]));
-        assert!(matches!(
-            import_jwk(&json),
-            Err(CryptoError::InvalidKeyMaterial(_))
-        ));
+        assert!(matches!(import_jwk(&json), Err(CryptoError::InvalidKeyMaterial(_))));
     }
 
     #[test]

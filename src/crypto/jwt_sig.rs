@@ -28,8 +28,7 @@ impl std::fmt::Debug for TokenSigningKey {
 impl TokenSigningKey {
     /// Generates a fresh RSA-2048 signing key; also returns its PKCS#8 DER for persisting.
     pub fn generate() -> Result<(Self, Zbytes), CryptoError> {
-        let key_pair =
-            RsaKeyPair::generate(KeySize::Rsa2048).map_err(|_| CryptoError::KeyGeneration)?;
+        let key_pair = RsaKeyPair::generate(KeySize::Rsa2048).map_err(|_| CryptoError::KeyGeneration)?;
         let der = key_pair.as_der().map_err(|_| CryptoError::KeyGeneration)?;
         let der = Zeroizing::new(der.as_ref().to_vec());
         Ok((Self::from_key_pair(key_pair)?, der))
@@ -37,9 +36,8 @@ impl TokenSigningKey {
 
     /// Loads a signing key from PKCS#8 DER (RSA, 2048 to 4096 bits).
     pub fn from_pkcs8(der: &[u8]) -> Result<Self, CryptoError> {
-        let key_pair = RsaKeyPair::from_pkcs8(der).map_err(|_| {
-            CryptoError::InvalidKeyMaterial("not a valid PKCS#8 RSA private key".into())
-        })?;
+        let key_pair = RsaKeyPair::from_pkcs8(der)
+            .map_err(|_| CryptoError::InvalidKeyMaterial("not a valid PKCS#8 RSA private key".into()))?;
         Self::from_key_pair(key_pair)
     }
 
@@ -53,11 +51,7 @@ impl TokenSigningKey {
         let public_der = key_pair.public_key().as_ref().to_vec();
         let public = ParsedPublicKey::new(&RSA_PKCS1_2048_8192_SHA256, &public_der)
             .map_err(|_| CryptoError::InvalidKeyMaterial("unusable RSA public key".into()))?;
-        Ok(Self {
-            key_pair,
-            public,
-            public_der,
-        })
+        Ok(Self { key_pair, public, public_der })
     }
 
     /// The public key as PKCS#1 `RSAPublicKey` DER (for publishing / JWKS).
@@ -77,9 +71,7 @@ impl TokenSigningKey {
     /// Verifies an RS256 signature with the public half (aws-lc; no secret-dependent
     /// branches, since verification touches only public data). Failure gives `BadSignature`.
     pub fn verify(&self, message: &[u8], signature: &[u8]) -> Result<(), CryptoError> {
-        self.public
-            .verify_sig(message, signature)
-            .map_err(|_| CryptoError::BadSignature)
+        self.public.verify_sig(message, signature).map_err(|_| CryptoError::BadSignature)
     }
 }
 
@@ -98,19 +90,10 @@ mod tests {
         for i in [0, 100, 255] {
             let mut bad = sig.clone();
             bad[i] ^= 0x01;
-            assert!(matches!(
-                key.verify(msg, &bad),
-                Err(CryptoError::BadSignature)
-            ));
+            assert!(matches!(key.verify(msg, &bad), Err(CryptoError::BadSignature)));
         }
-        assert!(matches!(
-            key.verify(b"other", &sig),
-            Err(CryptoError::BadSignature)
-        ));
-        assert!(matches!(
-            key.verify(msg, &sig[..255]),
-            Err(CryptoError::BadSignature)
-        ));
+        assert!(matches!(key.verify(b"other", &sig), Err(CryptoError::BadSignature)));
+        assert!(matches!(key.verify(msg, &sig[..255]), Err(CryptoError::BadSignature)));
     }
 
     #[test]
@@ -118,10 +101,7 @@ mod tests {
         let key = TokenSigningKey::from_pkcs8(shared_pkcs8()).unwrap();
         let other = TokenSigningKey::from_pkcs8(other_pkcs8()).unwrap();
         let sig = other.sign(b"m").unwrap();
-        assert!(matches!(
-            key.verify(b"m", &sig),
-            Err(CryptoError::BadSignature)
-        ));
+        assert!(matches!(key.verify(b"m", &sig), Err(CryptoError::BadSignature)));
     }
 
     #[test]
@@ -137,9 +117,6 @@ mod tests {
 
     #[test]
     fn from_pkcs8_rejects_garbage() {
-        assert!(matches!(
-            TokenSigningKey::from_pkcs8(b"junk"),
-            Err(CryptoError::InvalidKeyMaterial(_))
-        ));
+        assert!(matches!(TokenSigningKey::from_pkcs8(b"junk"), Err(CryptoError::InvalidKeyMaterial(_))));
     }
 }

@@ -10,9 +10,7 @@ pub mod jwt_sig;
 pub mod rsa_ops;
 pub mod seal;
 
-pub use aes_ops::{
-    GcmOutput, aes_gcm_decrypt, aes_gcm_encrypt, aes_kw_unwrap, aes_kw_wrap, generate_oct,
-};
+pub use aes_ops::{GcmOutput, aes_gcm_decrypt, aes_gcm_encrypt, aes_kw_unwrap, aes_kw_wrap, generate_oct};
 pub use import::{ImportedKey, import_jwk, import_pem, import_pkcs8_der};
 pub use jwt_sig::TokenSigningKey;
 pub use rsa_ops::{RsaPrivateKey, generate_rsa_pkcs8, rsa_encrypt_with_public};
@@ -53,9 +51,7 @@ pub use crate::model::Algorithm;
 
 /// Fills a buffer with random bytes, mapping failure to [`CryptoError::KeyGeneration`].
 pub(crate) fn fill_random(buf: &mut [u8]) -> Result<(), CryptoError> {
-    SystemRandom::new()
-        .fill(buf)
-        .map_err(|_| CryptoError::KeyGeneration)
+    SystemRandom::new().fill(buf).map_err(|_| CryptoError::KeyGeneration)
 }
 
 /// `n` bytes from the system CSPRNG (aws-lc-rs `SystemRandom`).

@@ -3,9 +3,9 @@
 use super::{Algorithm, CryptoError, Zbytes};
 use aws_lc_rs::encoding::AsDer;
 use aws_lc_rs::rsa::{
-    KeySize, OAEP_SHA1_MGF1SHA1, OAEP_SHA256_MGF1SHA256, OaepPrivateDecryptingKey,
-    OaepPublicEncryptingKey, Pkcs1PrivateDecryptingKey, Pkcs1PublicEncryptingKey,
-    PrivateDecryptingKey, PublicEncryptingKey, PublicKeyComponents,
+    KeySize, OAEP_SHA1_MGF1SHA1, OAEP_SHA256_MGF1SHA256, OaepPrivateDecryptingKey, OaepPublicEncryptingKey,
+    Pkcs1PrivateDecryptingKey, Pkcs1PublicEncryptingKey, PrivateDecryptingKey, PublicEncryptingKey,
+    PublicKeyComponents,
 };
 use aws_lc_rs::signature::RsaSubjectPublicKey;
 use zeroize::Zeroizing;
@@ -40,8 +40,7 @@ fn strip_leading_zeros(bytes: &[u8]) -> &[u8] {
 
 /// Generates an RSA key of 2048, 3072 or 4096 bits (e = 65537) and returns it as PKCS#8 DER.
 pub fn generate_rsa_pkcs8(bits: usize) -> Result<Zbytes, CryptoError> {
-    let key =
-        PrivateDecryptingKey::generate(key_size(bits)?).map_err(|_| CryptoError::KeyGeneration)?;
+    let key = PrivateDecryptingKey::generate(key_size(bits)?).map_err(|_| CryptoError::KeyGeneration)?;
     let der = key.as_der().map_err(|_| CryptoError::KeyGeneration)?;
     Ok(Zeroizing::new(der.as_ref().to_vec()))
 }
@@ -98,13 +97,8 @@ impl RsaPublic {
         }
         let mut out = vec![0u8; self.oaep.ciphertext_size()];
         let written = match alg {
-            Algorithm::RsaOaep => self
-                .oaep
-                .encrypt(&OAEP_SHA1_MGF1SHA1, plaintext, &mut out, None),
-            Algorithm::RsaOaep256 => {
-                self.oaep
-                    .encrypt(&OAEP_SHA256_MGF1SHA256, plaintext, &mut out, None)
-            }
+            Algorithm::RsaOaep => self.oaep.encrypt(&OAEP_SHA1_MGF1SHA1, plaintext, &mut out, None),
+            Algorithm::RsaOaep256 => self.oaep.encrypt(&OAEP_SHA256_MGF1SHA256, plaintext, &mut out, None),
             _ => self.pkcs1.encrypt(plaintext, &mut out),
         }
         .map_err(|_| CryptoError::InvalidInput(format!("{alg} encryption failed")))?
@@ -124,9 +118,7 @@ pub struct RsaPrivateKey {
 
 impl std::fmt::Debug for RsaPrivateKey {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("RsaPrivateKey")
-            .field("bits", &self.public.bits)
-            .finish_non_exhaustive()
+        f.debug_struct("RsaPrivateKey").field("bits", &self.public.bits).finish_non_exhaustive()
     }
 }
 
@@ -134,9 +126,8 @@ impl RsaPrivateKey {
     /// Decodes an unencrypted PKCS#8 DER RSA private key. Non-RSA keys, malformed or
     /// inconsistent keys and sizes other than 2048/3072/4096 give `InvalidKeyMaterial`.
     pub fn from_pkcs8(der: &[u8]) -> Result<Self, CryptoError> {
-        let key = PrivateDecryptingKey::from_pkcs8(der).map_err(|_| {
-            CryptoError::InvalidKeyMaterial("not a valid PKCS#8 RSA private key".into())
-        })?;
+        let key = PrivateDecryptingKey::from_pkcs8(der)
+            .map_err(|_| CryptoError::InvalidKeyMaterial("not a valid PKCS#8 RSA private key".into()))?;
         Self::from_key(key)
     }
 
@@ -177,14 +168,8 @@ impl RsaPrivateKey {
     pub fn decrypt(&self, alg: Algorithm, ciphertext: &[u8]) -> Result<Zbytes, CryptoError> {
         let mut out = Zeroizing::new(vec![0u8; self.oaep.min_output_size()]);
         let written = match alg {
-            Algorithm::RsaOaep => {
-                self.oaep
-                    .decrypt(&OAEP_SHA1_MGF1SHA1, ciphertext, &mut out, None)
-            }
-            Algorithm::RsaOaep256 => {
-                self.oaep
-                    .decrypt(&OAEP_SHA256_MGF1SHA256, ciphertext, &mut out, None)
-            }
+            Algorithm::RsaOaep => self.oaep.decrypt(&OAEP_SHA1_MGF1SHA1, ciphertext, &mut out, None),
+            Algorithm::RsaOaep256 => self.oaep.decrypt(&OAEP_SHA256_MGF1SHA256, ciphertext, &mut out, None),
             Algorithm::Rsa1_5 => self.pkcs1.decrypt(ciphertext, &mut out),
             other => return Err(non_rsa(other)),
         }
@@ -212,10 +197,7 @@ pub fn rsa_encrypt_with_public(
     if !alg.is_rsa() {
         return Err(non_rsa(alg));
     }
-    let components = PublicKeyComponents {
-        n: strip_leading_zeros(n),
-        e: strip_leading_zeros(e),
-    };
+    let components = PublicKeyComponents { n: strip_leading_zeros(n), e: strip_leading_zeros(e) };
     let key: PublicEncryptingKey = components
         .try_into()
         .map_err(|_| CryptoError::InvalidKeyMaterial("invalid RSA public key (n, e)".into()))?;
@@ -278,10 +260,7 @@ pub(crate) mod tests {
     #[test]
     fn generate_rejects_unsupported_sizes() {
         for bits in [0, 1024, 2047, 2049, 8192] {
-            assert!(
-                matches!(generate_rsa_pkcs8(bits), Err(CryptoError::InvalidInput(_))),
-                "{bits}"
-            );
+            assert!(matches!(generate_rsa_pkcs8(bits), Err(CryptoError::InvalidInput(_))), "{bits}");
         }
     }
 
@@ -307,14 +286,9 @@ pub(crate) mod tests {
     fn every_rsa_algorithm_round_trips_at_2048() {
         let key = shared_key();
         for alg in RSA_ALGS {
-            let ct = key
-                .encrypt(alg, b"a 32-byte data encryption key!!!")
-                .unwrap();
+            let ct = key.encrypt(alg, b"a 32-byte data encryption key!!!").unwrap();
             assert_eq!(ct.len(), 256, "{alg}");
-            assert_eq!(
-                &key.decrypt(alg, &ct).unwrap()[..],
-                b"a 32-byte data encryption key!!!"
-            );
+            assert_eq!(&key.decrypt(alg, &ct).unwrap()[..], b"a 32-byte data encryption key!!!");
         }
     }
 
@@ -323,10 +297,7 @@ pub(crate) mod tests {
         let key = shared_key();
         let ct = key.encrypt(Algorithm::RsaOaep256, b"secret").unwrap();
         for alg in [Algorithm::RsaOaep, Algorithm::Rsa1_5] {
-            assert!(matches!(
-                key.decrypt(alg, &ct),
-                Err(CryptoError::DecryptionFailed)
-            ));
+            assert!(matches!(key.decrypt(alg, &ct), Err(CryptoError::DecryptionFailed)));
         }
     }
 
@@ -353,11 +324,8 @@ pub(crate) mod tests {
     #[test]
     fn too_long_plaintext_is_invalid_input_naming_the_limit() {
         let key = shared_key();
-        for (alg, max) in [
-            (Algorithm::RsaOaep, 214),
-            (Algorithm::RsaOaep256, 190),
-            (Algorithm::Rsa1_5, 245),
-        ] {
+        for (alg, max) in [(Algorithm::RsaOaep, 214), (Algorithm::RsaOaep256, 190), (Algorithm::Rsa1_5, 245)]
+        {
             assert_eq!(key.max_plaintext_len(alg).unwrap(), max);
             let ct = key.encrypt(alg, &vec![7u8; max]).unwrap();
             assert_eq!(key.decrypt(alg, &ct).unwrap().len(), max);
@@ -385,10 +353,7 @@ pub(crate) mod tests {
         let ec = EcdsaKeyPair::generate(&ECDSA_P256_SHA256_ASN1_SIGNING).unwrap();
         let ec_der = ec.to_pkcs8v1().unwrap();
         for der in [&b""[..], b"\x30\x03\x02\x01\x00", ec_der.as_ref()] {
-            assert!(matches!(
-                RsaPrivateKey::from_pkcs8(der),
-                Err(CryptoError::InvalidKeyMaterial(_))
-            ));
+            assert!(matches!(RsaPrivateKey::from_pkcs8(der), Err(CryptoError::InvalidKeyMaterial(_))));
         }
         let mut truncated = shared_pkcs8().to_vec();
         truncated.pop();

@@ -36,9 +36,7 @@ impl Sealer {
         }
         let key = UnboundKey::new(&AES_256_GCM, master_key)
             .map_err(|_| CryptoError::InvalidKeyMaterial("unusable master key".into()))?;
-        Ok(Self {
-            key: LessSafeKey::new(key),
-        })
+        Ok(Self { key: LessSafeKey::new(key) })
     }
 
     /// 32 fresh random bytes, suitable for [`Sealer::new`].
@@ -100,60 +98,38 @@ mod tests {
             let blob = s.seal(b"https://vault/keys/k/v1", pt).unwrap();
             assert_eq!(blob.len(), 1 + 12 + pt.len() + 16);
             assert_eq!(blob[0], 0x01);
-            assert_eq!(
-                &s.unseal(b"https://vault/keys/k/v1", &blob).unwrap()[..],
-                pt
-            );
+            assert_eq!(&s.unseal(b"https://vault/keys/k/v1", &blob).unwrap()[..], pt);
         }
     }
 
     #[test]
     fn sealing_twice_uses_fresh_nonces() {
         let s = sealer();
-        assert_ne!(
-            s.seal(b"a", b"same").unwrap(),
-            s.seal(b"a", b"same").unwrap()
-        );
+        assert_ne!(s.seal(b"a", b"same").unwrap(), s.seal(b"a", b"same").unwrap());
     }
 
     #[test]
     fn wrong_aad_flipped_bytes_wrong_key_and_bad_format_fail_with_unseal_failed() {
         let s = sealer();
         let blob = s.seal(b"row-1", b"secret").unwrap();
-        let mut bad = vec![
-            blob[..blob.len() - 1].to_vec(),
-            blob[..12].to_vec(),
-            Vec::new(),
-        ];
+        let mut bad = vec![blob[..blob.len() - 1].to_vec(), blob[..12].to_vec(), Vec::new()];
         for i in 0..blob.len() {
             let mut flipped = blob.clone();
             flipped[i] ^= 0x01;
             bad.push(flipped);
         }
         for b in &bad {
-            assert!(matches!(
-                s.unseal(b"row-1", b),
-                Err(CryptoError::UnsealFailed)
-            ));
+            assert!(matches!(s.unseal(b"row-1", b), Err(CryptoError::UnsealFailed)));
         }
-        assert!(matches!(
-            s.unseal(b"row-2", &blob),
-            Err(CryptoError::UnsealFailed)
-        ));
-        assert!(matches!(
-            sealer().unseal(b"row-1", &blob),
-            Err(CryptoError::UnsealFailed)
-        ));
+        assert!(matches!(s.unseal(b"row-2", &blob), Err(CryptoError::UnsealFailed)));
+        assert!(matches!(sealer().unseal(b"row-1", &blob), Err(CryptoError::UnsealFailed)));
     }
 
     #[test]
     fn master_key_must_be_32_bytes() {
         assert_eq!(Sealer::generate_master_key().len(), 32);
         for len in [0, 16, 31, 33] {
-            assert!(matches!(
-                Sealer::new(&vec![0u8; len]),
-                Err(CryptoError::InvalidKeyMaterial(_))
-            ));
+            assert!(matches!(Sealer::new(&vec![0u8; len]), Err(CryptoError::InvalidKeyMaterial(_))));
         }
         assert_eq!(format!("{:?}", sealer()), "Sealer { .. }");
     }

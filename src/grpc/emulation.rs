@@ -37,7 +37,10 @@ impl EmulationService {
 
 #[tonic::async_trait]
 impl Emulation for EmulationService {
-    async fn get_clock(&self, request: Request<proto::GetClockRequest>) -> Result<Response<proto::ClockResponse>, Status> {
+    async fn get_clock(
+        &self,
+        request: Request<proto::GetClockRequest>,
+    ) -> Result<Response<proto::ClockResponse>, Status> {
         let caller = caller(&request)?;
         self.broker.authorize_control(&caller.object_id, CLOCK_READ, "/").map_err(to_status)?;
         Ok(self.reply(self.broker.clock.now()))
@@ -53,7 +56,10 @@ impl Emulation for EmulationService {
         self.clock_moved(now).await
     }
 
-    async fn set_clock(&self, request: Request<proto::SetClockRequest>) -> Result<Response<proto::ClockResponse>, Status> {
+    async fn set_clock(
+        &self,
+        request: Request<proto::SetClockRequest>,
+    ) -> Result<Response<proto::ClockResponse>, Status> {
         let caller = caller(&request)?;
         self.broker.authorize_control(&caller.object_id, CLOCK_WRITE, "/").map_err(to_status)?;
         let now = self.broker.clock.set(request.get_ref().now).map_err(to_status)?;

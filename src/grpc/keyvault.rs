@@ -24,14 +24,24 @@ impl KeyVaultService {
         KeyVaultService { broker }
     }
 
-    async fn crypto(&self, caller: crate::model::Caller, req: CryptoRequest) -> Result<Response<proto::KeyOperationResult>, Status> {
+    async fn crypto(
+        &self,
+        caller: crate::model::Caller,
+        req: CryptoRequest,
+    ) -> Result<Response<proto::KeyOperationResult>, Status> {
         let r = self.broker.crypto(&caller, req).await.map_err(to_status)?;
-        Ok(Response::new(proto::KeyOperationResult { kid: r.kid, value: r.value.to_vec(), iv: r.iv, tag: r.tag }))
+        Ok(Response::new(proto::KeyOperationResult {
+            kid: r.kid,
+            value: r.value.to_vec(),
+            iv: r.iv,
+            tag: r.tag,
+        }))
     }
 }
 
 fn new_attributes(a: Option<proto::KeyAttributes>) -> NewAttributes {
-    a.map(|a| NewAttributes { enabled: a.enabled, not_before: a.not_before, expires: a.expires }).unwrap_or_default()
+    a.map(|a| NewAttributes { enabled: a.enabled, not_before: a.not_before, expires: a.expires })
+        .unwrap_or_default()
 }
 
 fn tags(t: std::collections::HashMap<String, String>) -> BTreeMap<String, String> {
@@ -53,61 +63,91 @@ fn import_material(r: &proto::ImportKeyRequest) -> Result<crypto::ImportedKey, B
     imported.map_err(|e| BrokerError::bad_parameter(format!("The key to import is invalid: {e}.")))
 }
 
-fn crypto_request(op: CryptoOp, key_id: String, algorithm: String, value: Vec<u8>, iv: Vec<u8>, aad: Vec<u8>, tag: Vec<u8>) -> CryptoRequest {
+fn crypto_request(
+    op: CryptoOp,
+    key_id: String,
+    algorithm: String,
+    value: Vec<u8>,
+    iv: Vec<u8>,
+    aad: Vec<u8>,
+    tag: Vec<u8>,
+) -> CryptoRequest {
     CryptoRequest { op, key_id, algorithm, value, iv, aad, tag }
 }
 
 #[tonic::async_trait]
 impl KeyVault for KeyVaultService {
-    async fn create_key(&self, request: Request<proto::CreateKeyRequest>) -> Result<Response<proto::KeyBundle>, Status> {
+    async fn create_key(
+        &self,
+        request: Request<proto::CreateKeyRequest>,
+    ) -> Result<Response<proto::KeyBundle>, Status> {
         let caller = caller(&request)?;
         let r = request.into_inner();
         let kty = KeyType::parse(&r.kty).map_err(to_status)?;
         let v = self
             .broker
-            .add_key_version(&caller, NewKey {
-                vault: r.vault_name,
-                name: r.name,
-                material: NewMaterial::Generate { kty, size: r.key_size },
-                key_ops: r.key_ops,
-                attributes: new_attributes(r.attributes),
-                tags: tags(r.tags),
-            })
+            .add_key_version(
+                &caller,
+                NewKey {
+                    vault: r.vault_name,
+                    name: r.name,
+                    material: NewMaterial::Generate { kty, size: r.key_size },
+                    key_ops: r.key_ops,
+                    attributes: new_attributes(r.attributes),
+                    tags: tags(r.tags),
+                },
+            )
             .await
             .map_err(to_status)?;
         Ok(Response::new(bundle(v)))
     }
 
-    async fn import_key(&self, request: Request<proto::ImportKeyRequest>) -> Result<Response<proto::KeyBundle>, Status> {
+    async fn import_key(
+        &self,
+        request: Request<proto::ImportKeyRequest>,
+    ) -> Result<Response<proto::KeyBundle>, Status> {
         let caller = caller(&request)?;
         let r = request.into_inner();
         let key = import_material(&r).map_err(to_status)?;
         let v = self
             .broker
-            .add_key_version(&caller, NewKey {
-                vault: r.vault_name,
-                name: r.name,
-                material: NewMaterial::Import { key, hsm: r.hsm },
-                key_ops: r.key_ops,
-                attributes: new_attributes(r.attributes),
-                tags: tags(r.tags),
-            })
+            .add_key_version(
+                &caller,
+                NewKey {
+                    vault: r.vault_name,
+                    name: r.name,
+                    material: NewMaterial::Import { key, hsm: r.hsm },
+                    key_ops: r.key_ops,
+                    attributes: new_attributes(r.attributes),
+                    tags: tags(r.tags),
+                },
+            )
             .await
             .map_err(to_status)?;
         Ok(Response::new(bundle(v)))
     }
 
-    async fn get_key(&self, request: Request<proto::GetKeyRequest>) -> Result<Response<proto::KeyBundle>, Status> {
+    async fn get_key(
+        &self,
+        request: Request<proto::GetKeyRequest>,
+    ) -> Result<Response<proto::KeyBundle>, Status> {
         let caller = caller(&request)?;
         let v = self.broker.get_key(&caller, &request.get_ref().key_id).map_err(to_status)?;
         Ok(Response::new(bundle(v)))
     }
 
-    async fn list_keys(&self, request: Request<proto::ListKeysRequest>) -> Result<Response<proto::ListKeysResponse>, Status> {
+    async fn list_keys(
+        &self,
+        request: Request<proto::ListKeysRequest>,
+    ) -> Result<Response<proto::ListKeysResponse>, Status> {
         let caller = caller(&request)?;
         let r = request.get_ref();
-        let (items, next) = self.broker.list_keys(&caller, &r.vault_name, r.page_size, &r.page_token).map_err(to_status)?;
-        Ok(Response::new(proto::ListKeysResponse { keys: items.into_iter().map(item).collect(), next_page_token: next }))
+        let (items, next) =
+            self.broker.list_keys(&caller, &r.vault_name, r.page_size, &r.page_token).map_err(to_status)?;
+        Ok(Response::new(proto::ListKeysResponse {
+            keys: items.into_iter().map(item).collect(),
+            next_page_token: next,
+        }))
     }
 
     async fn list_key_versions(
@@ -116,15 +156,20 @@ impl KeyVault for KeyVaultService {
     ) -> Result<Response<proto::ListKeyVersionsResponse>, Status> {
         let caller = caller(&request)?;
         let r = request.get_ref();
-        let (items, next) =
-            self.broker.list_key_versions(&caller, &r.key_id, r.page_size, &r.page_token).map_err(to_status)?;
+        let (items, next) = self
+            .broker
+            .list_key_versions(&caller, &r.key_id, r.page_size, &r.page_token)
+            .map_err(to_status)?;
         Ok(Response::new(proto::ListKeyVersionsResponse {
             keys: items.into_iter().map(item).collect(),
             next_page_token: next,
         }))
     }
 
-    async fn update_key(&self, request: Request<proto::UpdateKeyRequest>) -> Result<Response<proto::KeyBundle>, Status> {
+    async fn update_key(
+        &self,
+        request: Request<proto::UpdateKeyRequest>,
+    ) -> Result<Response<proto::KeyBundle>, Status> {
         let caller = caller(&request)?;
         let r = request.into_inner();
         let update = KeyUpdate {
@@ -140,13 +185,19 @@ impl KeyVault for KeyVaultService {
         Ok(Response::new(bundle(v)))
     }
 
-    async fn rotate_key(&self, request: Request<proto::RotateKeyRequest>) -> Result<Response<proto::KeyBundle>, Status> {
+    async fn rotate_key(
+        &self,
+        request: Request<proto::RotateKeyRequest>,
+    ) -> Result<Response<proto::KeyBundle>, Status> {
         let caller = caller(&request)?;
         let v = self.broker.rotate_key(&caller, &request.get_ref().key_id).await.map_err(to_status)?;
         Ok(Response::new(bundle(v)))
     }
 
-    async fn delete_key(&self, request: Request<proto::DeleteKeyRequest>) -> Result<Response<proto::DeletedKeyBundle>, Status> {
+    async fn delete_key(
+        &self,
+        request: Request<proto::DeleteKeyRequest>,
+    ) -> Result<Response<proto::DeletedKeyBundle>, Status> {
         let caller = caller(&request)?;
         let v = self.broker.delete_key(&caller, &request.get_ref().key_id).await.map_err(to_status)?;
         Ok(Response::new(deleted_bundle(v)))
@@ -168,8 +219,10 @@ impl KeyVault for KeyVaultService {
     ) -> Result<Response<proto::ListDeletedKeysResponse>, Status> {
         let caller = caller(&request)?;
         let r = request.get_ref();
-        let (items, next) =
-            self.broker.list_deleted_keys(&caller, &r.vault_name, r.page_size, &r.page_token).map_err(to_status)?;
+        let (items, next) = self
+            .broker
+            .list_deleted_keys(&caller, &r.vault_name, r.page_size, &r.page_token)
+            .map_err(to_status)?;
         Ok(Response::new(proto::ListDeletedKeysResponse {
             keys: items.into_iter().map(deleted_bundle).collect(),
             next_page_token: next,
@@ -196,40 +249,74 @@ impl KeyVault for KeyVaultService {
         Ok(Response::new(proto::PurgeDeletedKeyResponse {}))
     }
 
-    async fn backup_key(&self, request: Request<proto::BackupKeyRequest>) -> Result<Response<proto::BackupKeyResponse>, Status> {
+    async fn backup_key(
+        &self,
+        request: Request<proto::BackupKeyRequest>,
+    ) -> Result<Response<proto::BackupKeyResponse>, Status> {
         let caller = caller(&request)?;
         let blob = self.broker.backup_key(&caller, &request.get_ref().key_id).await.map_err(to_status)?;
         Ok(Response::new(proto::BackupKeyResponse { blob }))
     }
 
-    async fn restore_key(&self, request: Request<proto::RestoreKeyRequest>) -> Result<Response<proto::KeyBundle>, Status> {
+    async fn restore_key(
+        &self,
+        request: Request<proto::RestoreKeyRequest>,
+    ) -> Result<Response<proto::KeyBundle>, Status> {
         let caller = caller(&request)?;
         let r = request.get_ref();
         let v = self.broker.restore_key(&caller, &r.vault_name, &r.blob).await.map_err(to_status)?;
         Ok(Response::new(bundle(v)))
     }
 
-    async fn wrap_key(&self, request: Request<proto::WrapKeyRequest>) -> Result<Response<proto::KeyOperationResult>, Status> {
+    async fn wrap_key(
+        &self,
+        request: Request<proto::WrapKeyRequest>,
+    ) -> Result<Response<proto::KeyOperationResult>, Status> {
         let caller = caller(&request)?;
         let r = request.into_inner();
-        self.crypto(caller, crypto_request(CryptoOp::WrapKey, r.key_id, r.algorithm, r.value, r.iv, r.aad, r.tag)).await
+        self.crypto(
+            caller,
+            crypto_request(CryptoOp::WrapKey, r.key_id, r.algorithm, r.value, r.iv, r.aad, r.tag),
+        )
+        .await
     }
 
-    async fn unwrap_key(&self, request: Request<proto::UnwrapKeyRequest>) -> Result<Response<proto::KeyOperationResult>, Status> {
+    async fn unwrap_key(
+        &self,
+        request: Request<proto::UnwrapKeyRequest>,
+    ) -> Result<Response<proto::KeyOperationResult>, Status> {
         let caller = caller(&request)?;
         let r = request.into_inner();
-        self.crypto(caller, crypto_request(CryptoOp::UnwrapKey, r.key_id, r.algorithm, r.value, r.iv, r.aad, r.tag)).await
+        self.crypto(
+            caller,
+            crypto_request(CryptoOp::UnwrapKey, r.key_id, r.algorithm, r.value, r.iv, r.aad, r.tag),
+        )
+        .await
     }
 
-    async fn encrypt(&self, request: Request<proto::EncryptRequest>) -> Result<Response<proto::KeyOperationResult>, Status> {
+    async fn encrypt(
+        &self,
+        request: Request<proto::EncryptRequest>,
+    ) -> Result<Response<proto::KeyOperationResult>, Status> {
         let caller = caller(&request)?;
         let r = request.into_inner();
-        self.crypto(caller, crypto_request(CryptoOp::Encrypt, r.key_id, r.algorithm, r.value, r.iv, r.aad, r.tag)).await
+        self.crypto(
+            caller,
+            crypto_request(CryptoOp::Encrypt, r.key_id, r.algorithm, r.value, r.iv, r.aad, r.tag),
+        )
+        .await
     }
 
-    async fn decrypt(&self, request: Request<proto::DecryptRequest>) -> Result<Response<proto::KeyOperationResult>, Status> {
+    async fn decrypt(
+        &self,
+        request: Request<proto::DecryptRequest>,
+    ) -> Result<Response<proto::KeyOperationResult>, Status> {
         let caller = caller(&request)?;
         let r = request.into_inner();
-        self.crypto(caller, crypto_request(CryptoOp::Decrypt, r.key_id, r.algorithm, r.value, r.iv, r.aad, r.tag)).await
+        self.crypto(
+            caller,
+            crypto_request(CryptoOp::Decrypt, r.key_id, r.algorithm, r.value, r.iv, r.aad, r.tag),
+        )
+        .await
     }
 }

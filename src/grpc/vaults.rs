@@ -28,12 +28,16 @@ impl VaultsService {
 }
 
 fn acls(a: Option<proto::NetworkAcls>) -> Result<Option<NetworkAcls>, BrokerError> {
-    a.map(|a| NetworkAcls::parse(&a.default_action, &a.bypass, &a.ip_rules, &a.virtual_network_rules)).transpose()
+    a.map(|a| NetworkAcls::parse(&a.default_action, &a.bypass, &a.ip_rules, &a.virtual_network_rules))
+        .transpose()
 }
 
 #[tonic::async_trait]
 impl Vaults for VaultsService {
-    async fn create_vault(&self, request: Request<proto::CreateVaultRequest>) -> Result<Response<proto::Vault>, Status> {
+    async fn create_vault(
+        &self,
+        request: Request<proto::CreateVaultRequest>,
+    ) -> Result<Response<proto::Vault>, Status> {
         let caller = caller(&request)?;
         let r = request.into_inner();
         let spec = VaultSpec {
@@ -48,19 +52,28 @@ impl Vaults for VaultsService {
         Ok(Response::new(self.out(v)))
     }
 
-    async fn get_vault(&self, request: Request<proto::GetVaultRequest>) -> Result<Response<proto::Vault>, Status> {
+    async fn get_vault(
+        &self,
+        request: Request<proto::GetVaultRequest>,
+    ) -> Result<Response<proto::Vault>, Status> {
         let caller = caller(&request)?;
         let v = self.broker.get_vault(&caller, &request.get_ref().name).map_err(to_status)?;
         Ok(Response::new(self.out(v)))
     }
 
-    async fn list_vaults(&self, request: Request<proto::ListVaultsRequest>) -> Result<Response<proto::ListVaultsResponse>, Status> {
+    async fn list_vaults(
+        &self,
+        request: Request<proto::ListVaultsRequest>,
+    ) -> Result<Response<proto::ListVaultsResponse>, Status> {
         let caller = caller(&request)?;
         let vaults = self.broker.list_vaults(&caller).into_iter().map(|v| self.out(v)).collect();
         Ok(Response::new(proto::ListVaultsResponse { vaults }))
     }
 
-    async fn update_vault(&self, request: Request<proto::UpdateVaultRequest>) -> Result<Response<proto::Vault>, Status> {
+    async fn update_vault(
+        &self,
+        request: Request<proto::UpdateVaultRequest>,
+    ) -> Result<Response<proto::Vault>, Status> {
         let caller = caller(&request)?;
         let r = request.into_inner();
         let update = VaultUpdate {
@@ -78,7 +91,10 @@ impl Vaults for VaultsService {
         Ok(Response::new(self.out(v)))
     }
 
-    async fn delete_vault(&self, request: Request<proto::DeleteVaultRequest>) -> Result<Response<proto::DeleteVaultResponse>, Status> {
+    async fn delete_vault(
+        &self,
+        request: Request<proto::DeleteVaultRequest>,
+    ) -> Result<Response<proto::DeleteVaultResponse>, Status> {
         let caller = caller(&request)?;
         self.broker.delete_vault(&caller, &request.get_ref().name).await.map_err(to_status)?;
         Ok(Response::new(proto::DeleteVaultResponse {}))

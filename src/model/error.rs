@@ -61,7 +61,9 @@ pub enum BrokerError {
         reason: String,
     },
     /// The token's lifetime ended before the broker's clock (IDX10223).
-    #[error("Error validating token: IDX10223: Lifetime validation failed. The token is expired. ValidTo: '{expires}', Current time: '{now}'.")]
+    #[error(
+        "Error validating token: IDX10223: Lifetime validation failed. The token is expired. ValidTo: '{expires}', Current time: '{now}'."
+    )]
     TokenExpired {
         /// `exp` of the token.
         expires: i64,
@@ -69,7 +71,9 @@ pub enum BrokerError {
         now: i64,
     },
     /// The token's `nbf` is in the future (IDX10222).
-    #[error("Error validating token: IDX10222: Lifetime validation failed. The token is not yet valid. ValidFrom: '{not_before}', Current time: '{now}'.")]
+    #[error(
+        "Error validating token: IDX10222: Lifetime validation failed. The token is not yet valid. ValidFrom: '{not_before}', Current time: '{now}'."
+    )]
     TokenNotYetValid {
         /// `nbf` of the token.
         not_before: i64,
@@ -99,7 +103,9 @@ pub enum BrokerError {
         object_id: String,
     },
     /// A control-plane action the caller holds no role for (ARM's `AuthorizationFailed`).
-    #[error("The client '{object_id}' with object id '{object_id}' does not have authorization to perform action '{action}' over scope '{scope}' or the scope is invalid. If access was recently granted, please refresh your credentials.")]
+    #[error(
+        "The client '{object_id}' with object id '{object_id}' does not have authorization to perform action '{action}' over scope '{scope}' or the scope is invalid. If access was recently granted, please refresh your credentials."
+    )]
     AuthorizationFailed {
         /// The caller's object id.
         object_id: String,
@@ -109,10 +115,12 @@ pub enum BrokerError {
         scope: String,
     },
     /// Access-policy denial on the data plane (A3), inner code `AccessDenied`.
-    #[error("The user, group or application '{caller}' does not have keys {permission} permission on key vault '{vault};location={location}'. For help resolving this issue, please see {ACCESS_DENIED_HELP}")]
+    #[error(
+        "The user, group or application '{caller}' does not have keys {permission} permission on key vault '{vault};location={location}'. For help resolving this issue, please see {ACCESS_DENIED_HELP}"
+    )]
     AccessDenied {
-        /// Who called.
-        caller: CallerDescription,
+        /// Who called (boxed: keeps `Result<_, BrokerError>` small on the hot path).
+        caller: Box<CallerDescription>,
         /// The key permission that was missing, as the cloud spells it (`get`, `unwrapKey`, …).
         permission: &'static str,
         /// The vault name.
@@ -121,10 +129,12 @@ pub enum BrokerError {
         location: String,
     },
     /// RBAC denial on the data plane (A3), inner code `ForbiddenByRbac`.
-    #[error("Caller is not authorized to perform action on resource.\r\nIf role assignments, deny assignments or role definitions were changed recently, please observe propagation time.\r\nCaller: {caller}\r\nAction: '{action}'\r\nResource: '{resource}'\r\nAssignment: (not found)\r\nDenyAssignmentId: null\r\nDecisionReason: 'DeniedWithNoValidRBAC' \r\nVault: {vault};location={location}\r\n")]
+    #[error(
+        "Caller is not authorized to perform action on resource.\r\nIf role assignments, deny assignments or role definitions were changed recently, please observe propagation time.\r\nCaller: {caller}\r\nAction: '{action}'\r\nResource: '{resource}'\r\nAssignment: (not found)\r\nDenyAssignmentId: null\r\nDecisionReason: 'DeniedWithNoValidRBAC' \r\nVault: {vault};location={location}\r\n"
+    )]
     ForbiddenByRbac {
-        /// Who called.
-        caller: CallerDescription,
+        /// Who called (boxed: keeps `Result<_, BrokerError>` small on the hot path).
+        caller: Box<CallerDescription>,
         /// The data action, e.g. `Microsoft.KeyVault/vaults/keys/unwrap/action`.
         action: &'static str,
         /// The lower-cased ARM resource path of the key.
@@ -159,7 +169,9 @@ pub enum BrokerError {
         operation: &'static str,
     },
     /// Missing key or key version (A2), code `KeyNotFound`.
-    #[error("A key with (name/id) {name_or_id} was not found in this key vault. If you recently deleted this key you may be able to recover it using the correct recovery command. For help resolving this issue, please see {KEY_NOT_FOUND_HELP}")]
+    #[error(
+        "A key with (name/id) {name_or_id} was not found in this key vault. If you recently deleted this key you may be able to recover it using the correct recovery command. For help resolving this issue, please see {KEY_NOT_FOUND_HELP}"
+    )]
     KeyNotFound {
         /// `name` or `name/version`, as the cloud prints it.
         name_or_id: String,
@@ -171,13 +183,17 @@ pub enum BrokerError {
         name: String,
     },
     /// The name belongs to a soft-deleted key (A2), inner code `ObjectIsDeletedButRecoverable`.
-    #[error("Key {name} is currently in a deleted but recoverable state, and its name cannot be reused; in this state, the key can only be recovered or purged.")]
+    #[error(
+        "Key {name} is currently in a deleted but recoverable state, and its name cannot be reused; in this state, the key can only be recovered or purged."
+    )]
     KeyDeletedButRecoverable {
         /// The key name.
         name: String,
     },
     /// Purge refused while purge protection is on (A2).
-    #[error("Operation \"purge\" is not allowed because purge protection is enabled for this vault. Key Vault service will automatically purge it after the retention period has passed.")]
+    #[error(
+        "Operation \"purge\" is not allowed because purge protection is enabled for this vault. Key Vault service will automatically purge it after the retention period has passed."
+    )]
     PurgeProtected,
     /// RestoreKey into a vault where the name is taken.
     #[error("There was a conflict restoring the key '{name}'. The key already exists in this vault.")]
@@ -192,13 +208,17 @@ pub enum BrokerError {
         name: String,
     },
     /// CreateVault with a name already in use.
-    #[error("The vault name '{name}' is already in use. Vault names are globally unique so it is possible that the name is already taken.")]
+    #[error(
+        "The vault name '{name}' is already in use. Vault names are globally unique so it is possible that the name is already taken."
+    )]
     VaultAlreadyExists {
         /// The vault name.
         name: String,
     },
     /// DeleteVault on a vault that still holds keys, active or soft-deleted.
-    #[error("Vault '{name}' still holds {keys} key(s) (active or soft-deleted); delete and purge them before deleting the vault.")]
+    #[error(
+        "Vault '{name}' still holds {keys} key(s) (active or soft-deleted); delete and purge them before deleting the vault."
+    )]
     VaultNotEmpty {
         /// The vault name.
         name: String,
@@ -206,7 +226,9 @@ pub enum BrokerError {
         keys: usize,
     },
     /// Purge protection can only be turned on.
-    #[error("The property \"enablePurgeProtection\" cannot be set to false. Enabling the purge protection for a vault is an irreversible action.")]
+    #[error(
+        "The property \"enablePurgeProtection\" cannot be set to false. Enabling the purge protection for a vault is an irreversible action."
+    )]
     PurgeProtectionIrreversible,
     /// A request field with a bad value (code `BadParameter`).
     #[error("{message}")]
@@ -285,9 +307,7 @@ impl BrokerError {
             | KeyExpired { .. }
             | KeyNotYetValid { .. }
             | PurgeProtected => ErrorClass::Forbidden,
-            KeyNotFound { .. } | DeletedKeyNotFound { .. } | VaultNotFound { .. } => {
-                ErrorClass::NotFound
-            }
+            KeyNotFound { .. } | DeletedKeyNotFound { .. } | VaultNotFound { .. } => ErrorClass::NotFound,
             KeyAlreadyExists { .. } | VaultAlreadyExists { .. } => ErrorClass::AlreadyExists,
             KeyDeletedButRecoverable { .. } | VaultNotEmpty { .. } | ClockNotManual => {
                 ErrorClass::FailedPrecondition
@@ -319,11 +339,11 @@ mod tests {
     #[test]
     fn access_denied_text_names_caller_permission_and_vault() {
         let e = BrokerError::AccessDenied {
-            caller: CallerDescription {
+            caller: Box::new(CallerDescription {
                 app_id: "a".into(),
                 object_id: "o".into(),
                 issuer: "https://sts.windows.net/t/".into(),
-            },
+            }),
             permission: "unwrapKey",
             vault: "v1".into(),
             location: "westus".into(),

@@ -25,8 +25,7 @@ pub fn vault_name(name: &str) -> Result<String, BrokerError> {
 /// Validates a key name: 1–127 characters of `0-9 a-z A-Z -` (SPEC75 pattern `^[0-9a-zA-Z-]+$`).
 /// Key names are case-insensitive: callers index keys by [`key_index`].
 pub fn key_name(name: &str) -> Result<&str, BrokerError> {
-    if (1..=127).contains(&name.len()) && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
-    {
+    if (1..=127).contains(&name.len()) && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '-') {
         Ok(name)
     } else {
         Err(BrokerError::bad_parameter(format!(
@@ -43,8 +42,7 @@ pub fn key_index(name: &str) -> String {
 
 /// Validates a key version: 32 lowercase hexadecimal characters (system generated).
 pub fn key_version(version: &str) -> Result<&str, BrokerError> {
-    if version.len() == 32 && version.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
-    {
+    if version.len() == 32 && version.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)) {
         Ok(version)
     } else {
         Err(BrokerError::bad_parameter(format!(

@@ -52,11 +52,8 @@ impl KeyType {
 
     /// Validates a size in bits (0 = the default: RSA 2048, oct-HSM 256).
     pub fn size(self, bits: i32) -> Result<u32, BrokerError> {
-        let (allowed, default): (&[i32], u32) = if self.is_rsa() {
-            (&[2048, 3072, 4096], 2048)
-        } else {
-            (&[128, 192, 256], 256)
-        };
+        let (allowed, default): (&[i32], u32) =
+            if self.is_rsa() { (&[2048, 3072, 4096], 2048) } else { (&[128, 192, 256], 256) };
         match bits {
             0 => Ok(default),
             b if allowed.contains(&b) => Ok(b as u32),
@@ -373,8 +370,7 @@ pub fn validate_tags(tags: &BTreeMap<String, String>) -> Result<(), BrokerError>
     if tags.len() > 15 {
         return Err(BrokerError::bad_parameter("A key can hold at most 15 tags."));
     }
-    if tags.iter().any(|(k, v)| k.is_empty() || k.chars().count() > 256 || v.chars().count() > 256)
-    {
+    if tags.iter().any(|(k, v)| k.is_empty() || k.chars().count() > 256 || v.chars().count() > 256) {
         return Err(BrokerError::bad_parameter(
             "Tag names must be 1-256 characters and tag values at most 256 characters.",
         ));

@@ -45,22 +45,20 @@ pub fn authorize(vault: &Vault, req: &DataRequest<'_>) -> Result<(), BrokerError
         // Role assignments on the data plane arrive with the identities issue; until then an
         // RBAC vault has none, and the cloud's answer to a caller without one is this denial.
         return Err(BrokerError::ForbiddenByRbac {
-            caller: req.caller.clone(),
+            caller: Box::new(req.caller.clone()),
             action: data_action(req.permission),
             resource: req.resource.to_ascii_lowercase(),
             vault: vault.name.clone(),
             location: req.location.to_string(),
         });
     }
-    let granted = vault
-        .access_policies
-        .get(&req.caller.object_id)
-        .is_some_and(|perms| perms.contains(&req.permission));
+    let granted =
+        vault.access_policies.get(&req.caller.object_id).is_some_and(|perms| perms.contains(&req.permission));
     if granted {
         Ok(())
     } else {
         Err(BrokerError::AccessDenied {
-            caller: req.caller.clone(),
+            caller: Box::new(req.caller.clone()),
             permission: req.permission.name(),
             vault: vault.name.clone(),
             location: req.location.to_string(),
@@ -118,7 +116,9 @@ mod tests {
         c.object_id = "someone-else".into();
         let e = authorize(&vault(&KeyPermission::ALL), &req(&c, KeyPermission::WrapKey)).unwrap_err();
         assert_eq!(e.code(), "AccessDenied");
-        assert!(e.to_string().contains("does not have keys wrapKey permission on key vault 'v1;location=westus'"));
+        assert!(
+            e.to_string().contains("does not have keys wrapKey permission on key vault 'v1;location=westus'")
+        );
     }
 
     #[test]

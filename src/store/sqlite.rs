@@ -76,7 +76,11 @@ fn from_doc<T: DeserializeOwned>(doc: &str, table: &'static str) -> Result<T, St
     serde_json::from_str(doc).map_err(|source| StoreError::Corrupt { table, source })
 }
 
-fn all_docs<T: DeserializeOwned>(conn: &Connection, sql: &str, table: &'static str) -> Result<Vec<T>, StoreError> {
+fn all_docs<T: DeserializeOwned>(
+    conn: &Connection,
+    sql: &str,
+    table: &'static str,
+) -> Result<Vec<T>, StoreError> {
     let mut stmt = conn.prepare(sql)?;
     let docs = stmt.query_map([], |r| r.get::<_, String>(0))?.collect::<Result<Vec<_>, _>>()?;
     docs.iter().map(|d| from_doc(d, table)).collect()
@@ -93,12 +97,16 @@ impl Store for SqliteStore {
         let mut stmt = conn.prepare("SELECT vault, idx, name, deleted FROM keys ORDER BY vault, idx")?;
         let rows = stmt
             .query_map([], |r| {
-                Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?, r.get::<_, String>(2)?, r.get::<_, Option<String>>(3)?))
+                Ok((
+                    r.get::<_, String>(0)?,
+                    r.get::<_, String>(1)?,
+                    r.get::<_, String>(2)?,
+                    r.get::<_, Option<String>>(3)?,
+                ))
             })?
             .collect::<Result<Vec<_>, _>>()?;
-        let mut vstmt = conn.prepare(
-            "SELECT doc, sealed FROM key_versions WHERE vault = ?1 AND idx = ?2 ORDER BY seq",
-        )?;
+        let mut vstmt =
+            conn.prepare("SELECT doc, sealed FROM key_versions WHERE vault = ?1 AND idx = ?2 ORDER BY seq")?;
         for (vault, idx, name, deleted) in rows {
             let deleted = deleted.map(|d| from_doc(&d, "keys")).transpose()?;
             let versions = vstmt
@@ -164,7 +172,10 @@ impl Store for SqliteStore {
                 }
                 Change::PurgeKey { vault, name } => {
                     let idx = key_index(name);
-                    tx.execute("DELETE FROM key_versions WHERE vault = ?1 AND idx = ?2", params![vault, idx])?;
+                    tx.execute(
+                        "DELETE FROM key_versions WHERE vault = ?1 AND idx = ?2",
+                        params![vault, idx],
+                    )?;
                     tx.execute("DELETE FROM keys WHERE vault = ?1 AND idx = ?2", params![vault, idx])?;
                 }
                 Change::PutPrincipal(p) => {
@@ -228,7 +239,13 @@ mod tests {
             kty: KeyType::Rsa,
             bits: 2048,
             key_ops: KeyType::Rsa.default_ops(),
-            attributes: KeyAttributes { enabled: true, not_before: None, expires: None, created: 1, updated: 1 },
+            attributes: KeyAttributes {
+                enabled: true,
+                not_before: None,
+                expires: None,
+                created: 1,
+                updated: 1,
+            },
             tags: BTreeMap::new(),
             n: vec![1],
             e: vec![1, 0, 1],
@@ -243,15 +260,34 @@ mod tests {
             let s = SqliteStore::open(&path).unwrap();
             s.commit(&[
                 Change::PutVault(vault("v1")),
-                Change::PutKeyVersion { vault: "v1".into(), name: "Key".into(), version: version("b"), sealed: Some(vec![9]) },
-                Change::PutKeyVersion { vault: "v1".into(), name: "Key".into(), version: version("a"), sealed: Some(vec![8]) },
+                Change::PutKeyVersion {
+                    vault: "v1".into(),
+                    name: "Key".into(),
+                    version: version("b"),
+                    sealed: Some(vec![9]),
+                },
+                Change::PutKeyVersion {
+                    vault: "v1".into(),
+                    name: "Key".into(),
+                    version: version("a"),
+                    sealed: Some(vec![8]),
+                },
             ])
             .unwrap();
             let mut updated = version("b");
             updated.attributes.enabled = false;
             s.commit(&[
-                Change::PutKeyVersion { vault: "v1".into(), name: "key".into(), version: updated, sealed: None },
-                Change::SetKeyDeletion { vault: "v1".into(), name: "KEY".into(), deleted: Some(Deletion { deleted_date: 5, scheduled_purge_date: 6 }) },
+                Change::PutKeyVersion {
+                    vault: "v1".into(),
+                    name: "key".into(),
+                    version: updated,
+                    sealed: None,
+                },
+                Change::SetKeyDeletion {
+                    vault: "v1".into(),
+                    name: "KEY".into(),
+                    deleted: Some(Deletion { deleted_date: 5, scheduled_purge_date: 6 }),
+                },
             ])
             .unwrap();
         }
@@ -261,7 +297,10 @@ mod tests {
         assert_eq!(k.name, "Key");
         assert_eq!(k.deleted.as_ref().unwrap().deleted_date, 5);
         // Creation order is kept, updates keep the material.
-        assert_eq!(k.versions.iter().map(|(v, s)| (v.version.as_str(), s[0])).collect::<Vec<_>>(), vec![("b", 9), ("a", 8)]);
+        assert_eq!(
+            k.versions.iter().map(|(v, s)| (v.version.as_str(), s[0])).collect::<Vec<_>>(),
+            vec![("b", 9), ("a", 8)]
+        );
         assert!(!k.versions[0].0.attributes.enabled);
     }
 
@@ -271,7 +310,12 @@ mod tests {
         let s = SqliteStore::open(&dir.path().join("db.sqlite")).unwrap();
         let r = s.commit(&[
             Change::PutVault(vault("v1")),
-            Change::PutKeyVersion { vault: "v1".into(), name: "k".into(), version: version("missing"), sealed: None },
+            Change::PutKeyVersion {
+                vault: "v1".into(),
+                name: "k".into(),
+                version: version("missing"),
+                sealed: None,
+            },
         ]);
         assert!(r.is_err());
         assert!(s.load().unwrap().vaults.is_empty());
@@ -283,7 +327,12 @@ mod tests {
         let s = SqliteStore::open(&dir.path().join("db.sqlite")).unwrap();
         s.commit(&[
             Change::PutVault(vault("v1")),
-            Change::PutKeyVersion { vault: "v1".into(), name: "k".into(), version: version("a"), sealed: Some(vec![1]) },
+            Change::PutKeyVersion {
+                vault: "v1".into(),
+                name: "k".into(),
+                version: version("a"),
+                sealed: Some(vec![1]),
+            },
         ])
         .unwrap();
         s.commit(&[Change::PurgeKey { vault: "v1".into(), name: "K".into() }]).unwrap();

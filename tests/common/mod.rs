@@ -77,7 +77,8 @@ pub async fn start_in(data_dir: &std::path::Path, clock: ClockKind) -> TestBroke
         .await
         .expect("serve");
     });
-    let channel = Channel::from_shared(format!("http://{addr}")).expect("uri").connect().await.expect("connect");
+    let channel =
+        Channel::from_shared(format!("http://{addr}")).expect("uri").connect().await.expect("connect");
     TestBroker {
         addr,
         token,
@@ -153,7 +154,12 @@ impl TestBroker {
     }
 
     pub async fn advance(&self, seconds: i64) -> i64 {
-        self.emu().advance_clock(proto::AdvanceClockRequest { seconds }).await.expect("advance").into_inner().now
+        self.emu()
+            .advance_clock(proto::AdvanceClockRequest { seconds })
+            .await
+            .expect("advance")
+            .into_inner()
+            .now
     }
 
     pub async fn now(&self) -> i64 {
@@ -175,11 +181,21 @@ pub fn kid(b: &proto::KeyBundle) -> String {
 }
 
 pub fn crypto_req(key_id: &str, alg: &str, value: &[u8]) -> proto::WrapKeyRequest {
-    proto::WrapKeyRequest { key_id: key_id.into(), algorithm: alg.into(), value: value.to_vec(), ..Default::default() }
+    proto::WrapKeyRequest {
+        key_id: key_id.into(),
+        algorithm: alg.into(),
+        value: value.to_vec(),
+        ..Default::default()
+    }
 }
 
 pub fn unwrap_req(key_id: &str, alg: &str, value: &[u8]) -> proto::UnwrapKeyRequest {
-    proto::UnwrapKeyRequest { key_id: key_id.into(), algorithm: alg.into(), value: value.to_vec(), ..Default::default() }
+    proto::UnwrapKeyRequest {
+        key_id: key_id.into(),
+        algorithm: alg.into(),
+        value: value.to_vec(),
+        ..Default::default()
+    }
 }
 
 /// Asserts a status code and `ErrorInfo.reason`, returning the message.
