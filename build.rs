@@ -11,6 +11,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "proto/tdebroker/v1/keyvault.proto",
         "proto/tdebroker/v1/vaults.proto",
         "proto/tdebroker/v1/emulation.proto",
+        "proto/tdebroker/v1/identities.proto",
     ];
     tonic_prost_build::configure()
         .file_descriptor_set_path(out.join("tdebroker_descriptor.bin"))

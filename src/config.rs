@@ -54,6 +54,8 @@ pub struct FileConfig {
     pub resource_group: Option<String>,
     /// Lifetime of the bootstrap admin token, seconds.
     pub admin_token_lifetime: Option<i64>,
+    /// Lifetime of user and managed identity tokens, seconds.
+    pub token_lifetime: Option<i64>,
 }
 
 /// What the command line (and its environment variables) gave.
@@ -107,6 +109,8 @@ pub struct Config {
     pub resource_group: String,
     /// Admin token lifetime, seconds.
     pub admin_token_lifetime: i64,
+    /// User and managed identity token lifetime, seconds (the cloud's: one hour).
+    pub token_lifetime: i64,
 }
 
 /// Configuration problems, all reported together.
@@ -156,6 +160,10 @@ impl Config {
         if admin_token_lifetime <= 0 {
             errors.push("admin_token_lifetime must be positive".to_string());
         }
+        let token_lifetime = file.token_lifetime.unwrap_or(3600);
+        if token_lifetime <= 0 {
+            errors.push("token_lifetime must be positive".to_string());
+        }
         let cfg = Config {
             listen,
             data_dir: args.data_dir.or(file.data_dir).unwrap_or_else(|| PathBuf::from(DEFAULT_DATA_DIR)),
@@ -168,6 +176,7 @@ impl Config {
             subscription_id: file.subscription_id.unwrap_or_else(|| DEFAULT_SUBSCRIPTION.to_string()),
             resource_group: file.resource_group.unwrap_or_else(|| "tde-broker".to_string()),
             admin_token_lifetime,
+            token_lifetime,
         };
         if errors.is_empty() { Ok(cfg) } else { Err(ConfigError(errors)) }
     }

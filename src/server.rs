@@ -21,12 +21,14 @@ use crate::broker::{Broker, Clock, Settings, new_guid};
 use crate::config::{ClockKind, Config};
 use crate::crypto::{Sealer, TokenSigningKey};
 use crate::grpc::emulation::EmulationService;
+use crate::grpc::identities::IdentitiesService;
+use crate::grpc::proto::identities_server::IdentitiesServer;
 use crate::grpc::keyvault::KeyVaultService;
 use crate::grpc::proto::emulation_server::EmulationServer;
 use crate::grpc::proto::key_vault_server::KeyVaultServer;
 use crate::grpc::proto::vaults_server::VaultsServer;
 use crate::grpc::vaults::VaultsService;
-use crate::model::{ArmAssignment, ArmRole, BrokerError, Caller, Change, Principal, PrincipalKind};
+use crate::model::{BrokerError, Caller, Change, Principal, PrincipalKind, Role, RoleAssignment};
 use crate::seed;
 use crate::store::sqlite::SqliteStore;
 
@@ -183,6 +185,7 @@ impl App {
         health_reporter.set_serving::<KeyVaultServer<KeyVaultService>>().await;
         health_reporter.set_serving::<VaultsServer<VaultsService>>().await;
         health_reporter.set_serving::<EmulationServer<EmulationService>>().await;
+        health_reporter.set_serving::<IdentitiesServer<IdentitiesService>>().await;
         let reflection = tonic_reflection::server::Builder::configure()
             .register_encoded_file_descriptor_set(crate::grpc::proto::FILE_DESCRIPTOR_SET)
             .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
@@ -197,6 +200,15 @@ impl App {
         let vaults = InterceptedService::new(
             VaultsServer::new(VaultsService::new(self.broker.clone()))
                 .max_decoding_message_size(MAX_MESSAGE_BYTES),
+            control.clone(),
+        );
+        let identities = InterceptedService::new(
+            IdentitiesServer::new(IdentitiesService::new(
+                self.broker.clone(),
+                self.auth.clone(),
+                self.config.token_lifetime,
+            ))
+            .max_decoding_message_size(MAX_MESSAGE_BYTES),
             control.clone(),
         );
         let emulation = InterceptedService::new(
@@ -225,6 +237,7 @@ impl App {
             .add_service(keyvault)
             .add_service(vaults)
             .add_service(emulation)
+            .add_service(identities)
             .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
             .await;
         sweeper.abort();
@@ -311,16 +324,18 @@ async fn bootstrap_admin(broker: &Arc<Broker>) -> Result<Principal, StartError> 
         app_id: new_guid(),
         name: "admin".to_string(),
         kind: PrincipalKind::User,
+        resource_id: None,
         created: broker.clock.now(),
     };
-    let owner = ArmAssignment {
+    let owner = RoleAssignment {
         id: new_guid(),
         scope: "/".to_string(),
+        display_scope: "/".to_string(),
         principal_id: admin.object_id.clone(),
-        role: ArmRole::Owner,
+        role: Role::Owner,
     };
     let txn = broker.begin().await;
-    broker.commit(txn, vec![Change::PutPrincipal(admin.clone()), Change::PutArmAssignment(owner)]).await?;
+    broker.commit(txn, vec![Change::PutPrincipal(admin.clone()), Change::PutRoleAssignment(owner)]).await?;
     store.put_meta(META_ADMIN, admin.object_id.as_bytes())?;
     tracing::info!(object_id = %admin.object_id, "bootstrapped the admin principal (Owner at /)");
     Ok(admin)

@@ -21,6 +21,23 @@ pub const MANAGEMENT_AUDIENCE: &str = "https://management.azure.com/";
 /// Tolerated clock skew, seconds (the cloud's token libraries allow five minutes).
 pub const CLOCK_SKEW: i64 = 300;
 
+/// The canonical audience for a requested resource: the Key Vault or ARM resource, with or
+/// without a trailing slash or `/.default` (an empty request means Key Vault).
+pub fn canonical_audience(requested: &str) -> Result<&'static str, BrokerError> {
+    let r = requested.trim();
+    let r = r.strip_suffix("/.default").unwrap_or(r).trim_end_matches('/');
+    if r.is_empty() || r.eq_ignore_ascii_case(VAULT_AUDIENCE) || r.eq_ignore_ascii_case(VAULT_APP_ID) {
+        Ok(VAULT_AUDIENCE)
+    } else if r.eq_ignore_ascii_case(MANAGEMENT_AUDIENCE.trim_end_matches('/')) {
+        Ok(MANAGEMENT_AUDIENCE)
+    } else {
+        Err(BrokerError::bad_parameter(format!(
+            "The audience '{}' is not served here. Use {VAULT_AUDIENCE} or {MANAGEMENT_AUDIENCE}.",
+            crate::model::ids::printable(requested)
+        )))
+    }
+}
+
 /// Which plane a service belongs to: decides the audience a token must carry.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Plane {
@@ -79,6 +96,27 @@ impl Authenticator {
             idtyp: "user".to_string(),
             name: Some(principal.name.clone()),
             xms_mirid: None,
+            iat: now,
+            nbf: now,
+            exp: now.saturating_add(lifetime),
+        };
+        let token = jwt::encode(&claims, &self.kid, &self.key)?;
+        Ok((token, claims.exp))
+    }
+
+    /// Issues a managed identity's token for one audience, with `xms_mirid` naming the resource.
+    pub fn issue_identity_token(&self, identity: &Principal, audience: &str, lifetime: i64) -> Result<(String, i64), BrokerError> {
+        let now = self.broker.clock.now();
+        let claims = Claims {
+            iss: self.broker.settings.issuer(),
+            aud: Audience::One(audience.to_string()),
+            sub: identity.object_id.clone(),
+            oid: identity.object_id.clone(),
+            tid: self.broker.settings.tenant_id.clone(),
+            appid: identity.app_id.clone(),
+            idtyp: "app".to_string(),
+            name: None,
+            xms_mirid: identity.resource_id.clone(),
             iat: now,
             nbf: now,
             exp: now.saturating_add(lifetime),

@@ -226,6 +226,7 @@ impl Broker {
     /// Authorizes a data-plane permission on a vault (or one of its keys).
     fn authorize_data(
         &self,
+        st: &State,
         ve: &VaultEntry,
         caller: &Caller,
         permission: KeyPermission,
@@ -235,6 +236,7 @@ impl Broker {
         let resource = self.key_resource(&ve.vault.name, key);
         data::authorize(
             &ve.vault,
+            &st.role_assignments,
             &DataRequest {
                 caller: &desc,
                 permission,
@@ -292,7 +294,7 @@ impl Broker {
         {
             let st = self.read();
             let ve = st.vault(&vault)?;
-            self.authorize_data(ve, caller, permission, Some(&name))?;
+            self.authorize_data(&st, ve, caller, permission, Some(&name))?;
             if let Some(k) = ve.keys.get(&key_index(&name))
                 && k.key.deleted.is_some()
             {
@@ -372,7 +374,7 @@ impl Broker {
         let (stored_name, view) = {
             let st = self.read();
             let ve = st.vault(vault)?;
-            self.authorize_data(ve, caller, permission, Some(name))?;
+            self.authorize_data(&st, ve, caller, permission, Some(name))?;
             let stored_name = match ve.keys.get(&key_index(name)) {
                 Some(k) if k.key.deleted.is_some() => {
                     return Err(BrokerError::KeyDeletedButRecoverable { name: k.key.name.clone() });
@@ -405,7 +407,7 @@ impl Broker {
         let id = self.parse_key_id(key_id)?;
         let st = self.read();
         let ve = st.vault(&id.vault)?;
-        self.authorize_data(ve, caller, KeyPermission::Get, Some(&id.name))?;
+        self.authorize_data(&st, ve, caller, KeyPermission::Get, Some(&id.name))?;
         let (k, v) = Self::active_version(ve, &id)?;
         Ok(self.view(ve, &k.key.name, v))
     }
@@ -421,7 +423,7 @@ impl Broker {
         let vault = vault_name(vault)?;
         let st = self.read();
         let ve = st.vault(&vault)?;
-        self.authorize_data(ve, caller, KeyPermission::List, None)?;
+        self.authorize_data(&st, ve, caller, KeyPermission::List, None)?;
         let items = ve.keys.iter().filter(|(_, k)| k.key.deleted.is_none()).filter_map(|(idx, k)| {
             k.key.latest().map(|v| {
                 (
@@ -449,7 +451,7 @@ impl Broker {
         let id = self.parse_key_id(key_id)?;
         let st = self.read();
         let ve = st.vault(&id.vault)?;
-        self.authorize_data(ve, caller, KeyPermission::List, Some(&id.name))?;
+        self.authorize_data(&st, ve, caller, KeyPermission::List, Some(&id.name))?;
         let k = Self::active_key(ve, &id.name)?;
         let items = k.key.versions.iter().enumerate().map(|(i, v)| {
             (
@@ -477,7 +479,7 @@ impl Broker {
         let (name, view) = {
             let st = self.read();
             let ve = st.vault(&id.vault)?;
-            self.authorize_data(ve, caller, KeyPermission::Update, Some(&id.name))?;
+            self.authorize_data(&st, ve, caller, KeyPermission::Update, Some(&id.name))?;
             let (k, v) = Self::active_version(ve, &id)?;
             let mut v = v.clone();
             if let Some(en) = update.enabled {
@@ -529,7 +531,7 @@ impl Broker {
         let latest = {
             let st = self.read();
             let ve = st.vault(&id.vault)?;
-            self.authorize_data(ve, caller, KeyPermission::Rotate, Some(&id.name))?;
+            self.authorize_data(&st, ve, caller, KeyPermission::Rotate, Some(&id.name))?;
             let (_, v) = Self::active_version(ve, &id)?;
             v.clone()
         };
@@ -577,7 +579,7 @@ impl Broker {
         let (name, view) = {
             let st = self.read();
             let ve = st.vault(&id.vault)?;
-            self.authorize_data(ve, caller, KeyPermission::Delete, Some(&id.name))?;
+            self.authorize_data(&st, ve, caller, KeyPermission::Delete, Some(&id.name))?;
             let (k, v) = Self::active_version(ve, &id)?;
             let now = self.clock.now();
             let deletion = Deletion {
@@ -639,7 +641,7 @@ impl Broker {
         let vault = vault_name(vault)?;
         let name = key_name(name)?;
         let st = self.read();
-        self.authorize_data(st.vault(&vault)?, caller, KeyPermission::Get, Some(name))?;
+        self.authorize_data(&st, st.vault(&vault)?, caller, KeyPermission::Get, Some(name))?;
         let (ve, k) = Self::deleted_key(&st, &vault, name)?;
         self.deleted_view(ve, k).ok_or(BrokerError::Internal)
     }
@@ -655,7 +657,7 @@ impl Broker {
         let vault = vault_name(vault)?;
         let st = self.read();
         let ve = st.vault(&vault)?;
-        self.authorize_data(ve, caller, KeyPermission::List, None)?;
+        self.authorize_data(&st, ve, caller, KeyPermission::List, None)?;
         let items = ve.keys.iter().filter_map(|(idx, k)| self.deleted_view(ve, k).map(|v| (idx.clone(), v)));
         paginate(items, page_size, page_token)
     }
@@ -672,7 +674,7 @@ impl Broker {
         let txn = self.begin().await;
         let (stored, view) = {
             let st = self.read();
-            self.authorize_data(st.vault(&vault)?, caller, KeyPermission::Recover, Some(name))?;
+            self.authorize_data(&st, st.vault(&vault)?, caller, KeyPermission::Recover, Some(name))?;
             let (ve, k) = Self::deleted_key(&st, &vault, name)?;
             let latest = k.key.latest().ok_or(BrokerError::Internal)?;
             (k.key.name.clone(), self.view(ve, &k.key.name, latest))
@@ -693,7 +695,7 @@ impl Broker {
         let txn = self.begin().await;
         let stored = {
             let st = self.read();
-            self.authorize_data(st.vault(&vault)?, caller, KeyPermission::Purge, Some(name))?;
+            self.authorize_data(&st, st.vault(&vault)?, caller, KeyPermission::Purge, Some(name))?;
             let (ve, k) = Self::deleted_key(&st, &vault, name)?;
             if ve.vault.purge_protection {
                 return Err(BrokerError::PurgeProtected);
@@ -745,7 +747,7 @@ impl Broker {
         let (name, versions) = {
             let st = self.read();
             let ve = st.vault(&id.vault)?;
-            self.authorize_data(ve, caller, KeyPermission::Backup, Some(&id.name))?;
+            self.authorize_data(&st, ve, caller, KeyPermission::Backup, Some(&id.name))?;
             let k = Self::active_key(ve, &id.name)?;
             let versions = k
                 .key
@@ -785,7 +787,7 @@ impl Broker {
         let vault = vault_name(vault)?;
         {
             let st = self.read();
-            self.authorize_data(st.vault(&vault)?, caller, KeyPermission::Restore, None)?;
+            self.authorize_data(&st, st.vault(&vault)?, caller, KeyPermission::Restore, None)?;
         }
         let bad_blob = || {
             BrokerError::bad_parameter(
@@ -803,7 +805,7 @@ impl Broker {
         let (changes, last) = {
             let st = self.read();
             let ve = st.vault(&vault)?;
-            self.authorize_data(ve, caller, KeyPermission::Restore, Some(&payload.name))?;
+            self.authorize_data(&st, ve, caller, KeyPermission::Restore, Some(&payload.name))?;
             match ve.keys.get(&key_index(&payload.name)) {
                 Some(k) if k.key.deleted.is_some() => {
                     return Err(BrokerError::KeyDeletedButRecoverable { name: k.key.name.clone() });
@@ -851,7 +853,7 @@ impl Broker {
         let (kid, kty, material, aad) = {
             let st = self.read();
             let ve = st.vault(&id.vault)?;
-            self.authorize_data(ve, caller, permission_for(req.op), Some(&id.name))?;
+            self.authorize_data(&st, ve, caller, permission_for(req.op), Some(&id.name))?;
             let (k, v) = Self::active_version(ve, &id)?;
             v.check_crypto(req.op, alg, now)?;
             let material: Arc<Material> = k.material.get(&v.version).cloned().ok_or(BrokerError::Internal)?;

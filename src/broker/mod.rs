@@ -3,7 +3,9 @@
 //! store; writes are serialised, committed durably, then applied (ARCHITECTURE.md invariant 5).
 
 pub mod clock;
+pub mod identities;
 pub mod keys;
+pub mod roles;
 pub mod state;
 pub mod vaults;
 
@@ -13,7 +15,7 @@ use tokio::sync::{Mutex, OwnedMutexGuard};
 
 use crate::crypto::Sealer;
 use crate::model::{BrokerError, Change, Principal};
-use crate::policy::control::{self, Action};
+use crate::policy::control;
 use crate::store::Store;
 pub use clock::Clock;
 use state::State;
@@ -142,8 +144,8 @@ impl Broker {
     }
 
     /// Control-plane check against the ARM role assignments.
-    pub fn authorize_control(&self, object_id: &str, action: Action, scope: &str) -> Result<(), BrokerError> {
-        control::authorize(&self.read().arm_assignments, object_id, action, scope)
+    pub fn authorize_control(&self, object_id: &str, action: &str, scope: &str) -> Result<(), BrokerError> {
+        control::authorize(&self.read().role_assignments, object_id, action, scope)
     }
 
     /// The store (for bootstrap metadata).

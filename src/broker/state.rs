@@ -6,7 +6,7 @@ use std::sync::{Arc, OnceLock};
 
 use crate::crypto::{RsaPrivateKey, Sealer, Zbytes};
 use crate::model::ids::key_index;
-use crate::model::{ArmAssignment, BrokerError, Change, Key, KeyType, Principal, Vault};
+use crate::model::{BrokerError, Change, Key, KeyType, Principal, RoleAssignment, Vault};
 use crate::store::Snapshot;
 
 /// Decoded private material of one key version, ready for crypto.
@@ -85,8 +85,8 @@ pub struct State {
     pub vaults: BTreeMap<String, VaultEntry>,
     /// Principals by object id.
     pub principals: HashMap<String, Principal>,
-    /// Control-plane role assignments.
-    pub arm_assignments: Vec<ArmAssignment>,
+    /// Role assignments of both planes.
+    pub role_assignments: Vec<RoleAssignment>,
 }
 
 impl State {
@@ -114,7 +114,7 @@ impl State {
         for p in snap.principals {
             st.principals.insert(p.object_id.clone(), p);
         }
-        st.arm_assignments = snap.arm_assignments;
+        st.role_assignments = snap.role_assignments;
         st
     }
 
@@ -175,9 +175,15 @@ impl State {
             Change::PutPrincipal(p) => {
                 self.principals.insert(p.object_id.clone(), p);
             }
-            Change::PutArmAssignment(a) => {
-                self.arm_assignments.retain(|x| x.id != a.id);
-                self.arm_assignments.push(a);
+            Change::DeletePrincipal { object_id } => {
+                self.principals.remove(&object_id);
+            }
+            Change::PutRoleAssignment(a) => {
+                self.role_assignments.retain(|x| x.id != a.id);
+                self.role_assignments.push(a);
+            }
+            Change::DeleteRoleAssignment { id } => {
+                self.role_assignments.retain(|x| x.id != id);
             }
         }
     }

@@ -5,13 +5,11 @@ use std::collections::{BTreeMap, BTreeSet};
 use super::Broker;
 use crate::model::ids::vault_name;
 use crate::model::{BrokerError, Caller, Change, KeyPermission, NetworkAcls, Vault};
-use crate::policy::control::Action;
 
-const VAULT_READ: Action = Action { name: "Microsoft.KeyVault/vaults/read", read_only: true };
-const VAULT_WRITE: Action = Action { name: "Microsoft.KeyVault/vaults/write", read_only: false };
-const VAULT_DELETE: Action = Action { name: "Microsoft.KeyVault/vaults/delete", read_only: false };
-const POLICY_WRITE: Action =
-    Action { name: "Microsoft.KeyVault/vaults/accessPolicies/write", read_only: false };
+const VAULT_READ: &str = "Microsoft.KeyVault/vaults/read";
+const VAULT_WRITE: &str = "Microsoft.KeyVault/vaults/write";
+const VAULT_DELETE: &str = "Microsoft.KeyVault/vaults/delete";
+const POLICY_WRITE: &str = "Microsoft.KeyVault/vaults/accessPolicies/write";
 
 /// What CreateVault asks for.
 #[derive(Clone, Debug, Default)]
@@ -83,13 +81,12 @@ impl Broker {
         st.vaults
             .values()
             .filter(|ve| {
-                crate::policy::control::authorize(
-                    &st.arm_assignments,
+                crate::policy::control::allows(
+                    &st.role_assignments,
                     &caller.object_id,
                     VAULT_READ,
                     &self.vault_scope(&ve.vault.name),
                 )
-                .is_ok()
             })
             .map(|ve| ve.vault.clone())
             .collect()

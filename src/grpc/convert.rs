@@ -77,3 +77,29 @@ pub fn network_acls(a: &NetworkAcls) -> proto::NetworkAcls {
         virtual_network_rules: a.virtual_network_rules.clone(),
     }
 }
+
+/// Proto identity of a managed identity principal.
+pub fn identity(p: &crate::model::Principal, tenant_id: &str) -> proto::Identity {
+    proto::Identity {
+        resource_id: p.resource_id.clone().unwrap_or_default(),
+        principal_id: p.object_id.clone(),
+        client_id: p.app_id.clone(),
+        tenant_id: tenant_id.to_string(),
+        kind: match p.kind {
+            crate::model::PrincipalKind::UserAssignedIdentity => "UserAssigned",
+            crate::model::PrincipalKind::User => "User",
+        }
+        .to_string(),
+    }
+}
+
+/// Proto role assignment.
+pub fn role_assignment(a: crate::model::RoleAssignment) -> proto::RoleAssignment {
+    proto::RoleAssignment {
+        id: a.id,
+        scope: a.display_scope,
+        principal_id: a.principal_id,
+        role_name: a.role.name().to_string(),
+        normalized_scope: a.scope,
+    }
+}

@@ -7,10 +7,9 @@ use tonic::{Request, Response, Status};
 use super::proto::{self, emulation_server::Emulation};
 use super::{caller, to_status};
 use crate::broker::Broker;
-use crate::policy::control::Action;
 
-const CLOCK_READ: Action = Action { name: "Microsoft.TdeBroker/emulation/read", read_only: true };
-const CLOCK_WRITE: Action = Action { name: "Microsoft.TdeBroker/emulation/write", read_only: false };
+const CLOCK_READ: &str = "Microsoft.TdeBroker/emulation/read";
+const CLOCK_WRITE: &str = "Microsoft.TdeBroker/emulation/write";
 
 /// The service implementation.
 pub struct EmulationService {

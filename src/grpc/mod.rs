@@ -3,6 +3,7 @@
 
 pub mod convert;
 pub mod emulation;
+pub mod identities;
 pub mod keyvault;
 pub mod status;
 pub mod vaults;

@@ -4,7 +4,7 @@ use std::sync::Arc;
 
 use tonic::{Request, Response, Status};
 
-use super::convert::vault;
+use super::convert::{role_assignment, vault};
 use super::proto::{self, vaults_server::Vaults};
 use super::{caller, to_status};
 use crate::broker::Broker;
@@ -129,5 +129,43 @@ impl Vaults for VaultsService {
             })
             .collect();
         Ok(Response::new(proto::ListAccessPoliciesResponse { policies }))
+    }
+
+    async fn create_role_assignment(
+        &self,
+        request: Request<proto::CreateRoleAssignmentRequest>,
+    ) -> Result<Response<proto::RoleAssignment>, Status> {
+        let caller = caller(&request)?;
+        let r = request.get_ref();
+        let a = self
+            .broker
+            .create_role_assignment(&caller, &r.scope, &r.principal_id, &r.role_name)
+            .await
+            .map_err(to_status)?;
+        Ok(Response::new(role_assignment(a)))
+    }
+
+    async fn delete_role_assignment(
+        &self,
+        request: Request<proto::DeleteRoleAssignmentRequest>,
+    ) -> Result<Response<proto::DeleteRoleAssignmentResponse>, Status> {
+        let caller = caller(&request)?;
+        self.broker.delete_role_assignment(&caller, &request.get_ref().id).await.map_err(to_status)?;
+        Ok(Response::new(proto::DeleteRoleAssignmentResponse {}))
+    }
+
+    async fn list_role_assignments(
+        &self,
+        request: Request<proto::ListRoleAssignmentsRequest>,
+    ) -> Result<Response<proto::ListRoleAssignmentsResponse>, Status> {
+        let caller = caller(&request)?;
+        let assignments = self
+            .broker
+            .list_role_assignments(&caller, &request.get_ref().scope)
+            .map_err(to_status)?
+            .into_iter()
+            .map(role_assignment)
+            .collect();
+        Ok(Response::new(proto::ListRoleAssignmentsResponse { assignments }))
     }
 }

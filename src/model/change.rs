@@ -2,7 +2,8 @@
 //! in-memory state, then the epoch is bumped (DESIGN §3 invariant 5).
 
 use super::key::{Deletion, KeyVersion};
-use super::principal::{ArmAssignment, Principal};
+use super::principal::Principal;
+use super::role::RoleAssignment;
 use super::vault::Vault;
 
 /// One durable state change.
@@ -44,6 +45,16 @@ pub enum Change {
     },
     /// Create or replace a principal.
     PutPrincipal(Principal),
-    /// Create a control-plane role assignment.
-    PutArmAssignment(ArmAssignment),
+    /// Remove a principal (its tokens stop working at once).
+    DeletePrincipal {
+        /// Object id.
+        object_id: String,
+    },
+    /// Create a role assignment.
+    PutRoleAssignment(RoleAssignment),
+    /// Remove a role assignment.
+    DeleteRoleAssignment {
+        /// Assignment id.
+        id: String,
+    },
 }

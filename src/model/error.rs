@@ -230,6 +230,29 @@ pub enum BrokerError {
         "The property \"enablePurgeProtection\" cannot be set to false. Enabling the purge protection for a vault is an irreversible action."
     )]
     PurgeProtectionIrreversible,
+    /// A managed identity that does not exist (ARM's `ResourceNotFound`).
+    #[error("The Resource 'Microsoft.ManagedIdentity/userAssignedIdentities/{name}' was not found.")]
+    IdentityNotFound {
+        /// The identity's name, or the id the caller gave.
+        name: String,
+    },
+    /// A role assignment or policy names a principal the directory does not hold.
+    #[error("Principal {principal_id} does not exist in the directory {tenant_id}.")]
+    PrincipalNotFound {
+        /// The object id given.
+        principal_id: String,
+        /// The tenant.
+        tenant_id: String,
+    },
+    /// The same principal already holds the same role at the same scope.
+    #[error("The role assignment already exists.")]
+    RoleAssignmentExists,
+    /// DeleteRoleAssignment with an unknown id.
+    #[error("The role assignment '{id}' is not found.")]
+    RoleAssignmentNotFound {
+        /// The id given.
+        id: String,
+    },
     /// A request field with a bad value (code `BadParameter`).
     #[error("{message}")]
     BadParameter {
@@ -277,7 +300,10 @@ impl BrokerError {
             KeyDeletedButRecoverable { .. } => "ObjectIsDeletedButRecoverable",
             PurgeProtected => "Forbidden",
             KeyAlreadyExists { .. } => "Conflict",
-            VaultNotFound { .. } => "ResourceNotFound",
+            VaultNotFound { .. } | IdentityNotFound { .. } => "ResourceNotFound",
+            PrincipalNotFound { .. } => "PrincipalNotFound",
+            RoleAssignmentExists => "RoleAssignmentExists",
+            RoleAssignmentNotFound { .. } => "RoleAssignmentNotFound",
             VaultAlreadyExists { .. } => "VaultAlreadyExists",
             VaultNotEmpty { .. } => "VaultNotEmpty",
             PurgeProtectionIrreversible => "BadRequest",
@@ -307,12 +333,16 @@ impl BrokerError {
             | KeyExpired { .. }
             | KeyNotYetValid { .. }
             | PurgeProtected => ErrorClass::Forbidden,
-            KeyNotFound { .. } | DeletedKeyNotFound { .. } | VaultNotFound { .. } => ErrorClass::NotFound,
-            KeyAlreadyExists { .. } | VaultAlreadyExists { .. } => ErrorClass::AlreadyExists,
+            KeyNotFound { .. }
+            | DeletedKeyNotFound { .. }
+            | VaultNotFound { .. }
+            | IdentityNotFound { .. }
+            | RoleAssignmentNotFound { .. } => ErrorClass::NotFound,
+            KeyAlreadyExists { .. } | VaultAlreadyExists { .. } | RoleAssignmentExists => ErrorClass::AlreadyExists,
             KeyDeletedButRecoverable { .. } | VaultNotEmpty { .. } | ClockNotManual => {
                 ErrorClass::FailedPrecondition
             }
-            PurgeProtectionIrreversible | BadParameter { .. } | DecryptionFailed => {
+            PurgeProtectionIrreversible | BadParameter { .. } | DecryptionFailed | PrincipalNotFound { .. } => {
                 ErrorClass::InvalidArgument
             }
             StoreUnavailable => ErrorClass::Unavailable,

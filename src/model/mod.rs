@@ -6,10 +6,12 @@ pub mod error;
 pub mod ids;
 pub mod key;
 pub mod principal;
+pub mod role;
 pub mod vault;
 
 pub use change::Change;
 pub use error::{BrokerError, CallerDescription, ErrorClass};
 pub use key::{Algorithm, CryptoOp, Deletion, Key, KeyAttributes, KeyOp, KeyType, KeyVersion};
-pub use principal::{ArmAssignment, ArmRole, Caller, Principal, PrincipalKind};
+pub use principal::{Caller, Principal, PrincipalKind};
+pub use role::{Role, RoleAssignment};
 pub use vault::{KeyPermission, NetworkAcls, Vault};

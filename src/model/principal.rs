@@ -5,58 +5,28 @@ use serde::{Deserialize, Serialize};
 /// What kind of principal a token names.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum PrincipalKind {
-    /// A human or automation user of the control plane (the bootstrap admin is one).
+    /// A human or automation user (the bootstrap admin is one).
     User,
+    /// A user-assigned managed identity: a standalone resource.
+    UserAssignedIdentity,
 }
 
 /// An authenticated party. Tokens name it by `object_id` and stop working once it is gone.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Principal {
-    /// Object id (GUID), the token's `oid`.
+    /// Object id (GUID), the token's `oid`; a managed identity's principal id.
     pub object_id: String,
-    /// Application (client) id (GUID), the token's `appid`.
+    /// Application (client) id (GUID), the token's `appid`; a managed identity's client id.
     pub app_id: String,
     /// Display name.
     pub name: String,
     /// Kind.
     pub kind: PrincipalKind,
+    /// ARM resource id of a managed identity (`xms_mirid` in its tokens).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resource_id: Option<String>,
     /// Creation time.
     pub created: i64,
-}
-
-/// Built-in ARM roles known to the control plane.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub enum ArmRole {
-    /// Every action, including role assignments.
-    Owner,
-    /// Every action except role assignments.
-    Contributor,
-    /// Read actions only.
-    Reader,
-}
-
-impl ArmRole {
-    /// The cloud's role name.
-    pub fn name(self) -> &'static str {
-        match self {
-            ArmRole::Owner => "Owner",
-            ArmRole::Contributor => "Contributor",
-            ArmRole::Reader => "Reader",
-        }
-    }
-}
-
-/// A control-plane role assignment at a scope (`/`, a subscription, a resource group, a resource).
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct ArmAssignment {
-    /// Assignment id (GUID).
-    pub id: String,
-    /// ARM scope, `/` for everything.
-    pub scope: String,
-    /// Object id of the assignee.
-    pub principal_id: String,
-    /// The role.
-    pub role: ArmRole,
 }
 
 /// The authenticated caller of one request, as the auth layer established it.

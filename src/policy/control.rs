@@ -1,16 +1,7 @@
 //! Control-plane authorization: ARM role assignments at `/`, subscription, resource group or
-//! resource scope (DESIGN §1.2).
+//! resource scope (DESIGN §1.2). An assignment applies to its scope and everything beneath it.
 
-use crate::model::{ArmAssignment, ArmRole, BrokerError};
-
-/// A control-plane action, e.g. `Microsoft.KeyVault/vaults/write`.
-#[derive(Clone, Copy, Debug)]
-pub struct Action {
-    /// The ARM action name, as it appears in `AuthorizationFailed`.
-    pub name: &'static str,
-    /// Read actions are open to Reader; others need Contributor or Owner.
-    pub read_only: bool,
-}
+use crate::model::{BrokerError, RoleAssignment};
 
 /// Whether `scope` is `assignment_scope` or lies beneath it (segment-wise, case-insensitive).
 pub fn scope_contains(assignment_scope: &str, scope: &str) -> bool {
@@ -25,30 +16,26 @@ pub fn scope_contains(assignment_scope: &str, scope: &str) -> bool {
         && (inner.len() == outer.len() || inner[outer.len()..].starts_with('/'))
 }
 
-fn role_allows(role: ArmRole, action: Action) -> bool {
-    match role {
-        ArmRole::Owner | ArmRole::Contributor => true,
-        ArmRole::Reader => action.read_only,
-    }
+/// Whether some assignment of `object_id` at or above `scope` grants the control-plane `action`.
+pub fn allows(assignments: &[RoleAssignment], object_id: &str, action: &str, scope: &str) -> bool {
+    assignments
+        .iter()
+        .any(|a| a.principal_id == object_id && scope_contains(&a.scope, scope) && a.role.allows_action(action))
 }
 
-/// Allows the action when some assignment of the caller at or above `scope` holds a role that
-/// includes it; otherwise `AuthorizationFailed` naming the action and scope.
+/// Allows the action, or refuses with `AuthorizationFailed` naming the action and scope.
 pub fn authorize(
-    assignments: &[ArmAssignment],
+    assignments: &[RoleAssignment],
     object_id: &str,
-    action: Action,
+    action: &str,
     scope: &str,
 ) -> Result<(), BrokerError> {
-    let allowed = assignments.iter().any(|a| {
-        a.principal_id == object_id && scope_contains(&a.scope, scope) && role_allows(a.role, action)
-    });
-    if allowed {
+    if allows(assignments, object_id, action, scope) {
         Ok(())
     } else {
         Err(BrokerError::AuthorizationFailed {
             object_id: object_id.to_string(),
-            action: action.name.to_string(),
+            action: action.to_string(),
             scope: scope.to_string(),
         })
     }
@@ -57,23 +44,31 @@ pub fn authorize(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::model::Role;
 
-    const WRITE: Action = Action { name: "Microsoft.KeyVault/vaults/write", read_only: false };
-    const READ: Action = Action { name: "Microsoft.KeyVault/vaults/read", read_only: true };
+    const WRITE: &str = "Microsoft.KeyVault/vaults/write";
+    const READ: &str = "Microsoft.KeyVault/vaults/read";
 
-    fn assignment(scope: &str, role: ArmRole) -> ArmAssignment {
-        ArmAssignment { id: "a".into(), scope: scope.into(), principal_id: "p".into(), role }
+    fn assignment(scope: &str, role: Role) -> RoleAssignment {
+        RoleAssignment {
+            id: "a".into(),
+            scope: scope.into(),
+            display_scope: scope.into(),
+            principal_id: "p".into(),
+            role,
+        }
     }
 
     #[test]
     fn owner_at_root_may_do_everything_everywhere() {
-        let a = [assignment("/", ArmRole::Owner)];
+        let a = [assignment("/", Role::Owner)];
         assert!(authorize(&a, "p", WRITE, "/subscriptions/s/resourceGroups/rg").is_ok());
+        assert!(authorize(&a, "someone-else", WRITE, "/").is_err());
     }
 
     #[test]
     fn reader_may_read_but_not_write() {
-        let a = [assignment("/subscriptions/s", ArmRole::Reader)];
+        let a = [assignment("/subscriptions/s", Role::Reader)];
         assert!(authorize(&a, "p", READ, "/subscriptions/s/x").is_ok());
         let e = authorize(&a, "p", WRITE, "/subscriptions/s/x").unwrap_err();
         assert_eq!(e.code(), "AuthorizationFailed");
@@ -81,14 +76,17 @@ mod tests {
     }
 
     #[test]
+    fn assignments_apply_beneath_their_scope_only() {
+        let a = [assignment("/subscriptions/s/resourceGroups/rg", Role::Contributor)];
+        assert!(authorize(&a, "p", WRITE, "/subscriptions/S/resourcegroups/RG/providers/x").is_ok());
+        assert!(authorize(&a, "p", WRITE, "/subscriptions/s/resourceGroups/rg2").is_err());
+        assert!(authorize(&a, "p", WRITE, "/subscriptions/s").is_err());
+    }
+
+    #[test]
     fn scopes_match_by_whole_segments() {
         assert!(scope_contains("/subscriptions/s", "/subscriptions/S/rg"));
         assert!(!scope_contains("/subscriptions/s", "/subscriptions/s2"));
         assert!(scope_contains("/", "/anything"));
-    }
-
-    #[test]
-    fn no_assignment_means_no_access() {
-        assert!(authorize(&[], "p", READ, "/").is_err());
     }
 }

@@ -1,7 +1,8 @@
 //! Data-plane authorization: which key permission an operation needs, and whether the vault's
 //! permission model grants it to the caller (DESIGN §1.2).
 
-use crate::model::{BrokerError, CallerDescription, KeyPermission, Vault};
+use super::control::scope_contains;
+use crate::model::{BrokerError, CallerDescription, KeyPermission, RoleAssignment, Vault};
 
 /// The RBAC data action that corresponds to a key permission (Key Vault's built-in actions).
 pub fn data_action(permission: KeyPermission) -> &'static str {
@@ -39,21 +40,32 @@ pub struct DataRequest<'a> {
 }
 
 /// Decides a data-plane request against the vault's permission model. Default deny: a caller
-/// with no access policy (or, on an RBAC vault, no role assignment) is refused.
-pub fn authorize(vault: &Vault, req: &DataRequest<'_>) -> Result<(), BrokerError> {
+/// with no access policy (or, on an RBAC vault, no role assignment at the vault, the key, or a
+/// scope above them that grants the data action) is refused.
+pub fn authorize(vault: &Vault, assignments: &[RoleAssignment], req: &DataRequest<'_>) -> Result<(), BrokerError> {
     if vault.rbac {
-        // Role assignments on the data plane arrive with the identities issue; until then an
-        // RBAC vault has none, and the cloud's answer to a caller without one is this denial.
-        return Err(BrokerError::ForbiddenByRbac {
-            caller: Box::new(req.caller.clone()),
-            action: data_action(req.permission),
-            resource: req.resource.to_ascii_lowercase(),
-            vault: vault.name.clone(),
-            location: req.location.to_string(),
+        let action = data_action(req.permission);
+        let granted = assignments.iter().any(|a| {
+            a.principal_id == req.caller.object_id
+                && scope_contains(&a.scope, req.resource)
+                && a.role.allows_data_action(action)
         });
+        return if granted {
+            Ok(())
+        } else {
+            Err(BrokerError::ForbiddenByRbac {
+                caller: Box::new(req.caller.clone()),
+                action,
+                resource: req.resource.to_ascii_lowercase(),
+                vault: vault.name.clone(),
+                location: req.location.to_string(),
+            })
+        };
     }
-    let granted =
-        vault.access_policies.get(&req.caller.object_id).is_some_and(|perms| perms.contains(&req.permission));
+    let granted = vault
+        .access_policies
+        .get(&req.caller.object_id)
+        .is_some_and(|perms| perms.contains(&req.permission));
     if granted {
         Ok(())
     } else {
@@ -106,7 +118,7 @@ mod tests {
         let v = vault(&[KeyPermission::Get, KeyPermission::UnwrapKey]);
         for p in KeyPermission::ALL {
             let allowed = matches!(p, KeyPermission::Get | KeyPermission::UnwrapKey);
-            assert_eq!(authorize(&v, &req(&c, p)).is_ok(), allowed, "{p:?}");
+            assert_eq!(authorize(&v, &[], &req(&c, p)).is_ok(), allowed, "{p:?}");
         }
     }
 
@@ -114,7 +126,7 @@ mod tests {
     fn caller_without_policy_is_denied_with_access_denied() {
         let mut c = caller();
         c.object_id = "someone-else".into();
-        let e = authorize(&vault(&KeyPermission::ALL), &req(&c, KeyPermission::WrapKey)).unwrap_err();
+        let e = authorize(&vault(&KeyPermission::ALL), &[], &req(&c, KeyPermission::WrapKey)).unwrap_err();
         assert_eq!(e.code(), "AccessDenied");
         assert!(
             e.to_string().contains("does not have keys wrapKey permission on key vault 'v1;location=westus'")
@@ -126,10 +138,31 @@ mod tests {
         let c = caller();
         let mut v = vault(&KeyPermission::ALL);
         v.rbac = true;
-        let e = authorize(&v, &req(&c, KeyPermission::UnwrapKey)).unwrap_err();
+        let e = authorize(&v, &[], &req(&c, KeyPermission::UnwrapKey)).unwrap_err();
         assert_eq!(e.code(), "ForbiddenByRbac");
         let text = e.to_string();
         assert!(text.contains("Action: 'Microsoft.KeyVault/vaults/keys/unwrap/action'"));
         assert!(text.contains("Resource: '/x/keys/k'"));
+    }
+
+    #[test]
+    fn key_scoped_role_grants_that_key_and_not_its_neighbour_or_the_vault() {
+        let c = caller();
+        let mut v = vault(&[]);
+        v.rbac = true;
+        let a = [RoleAssignment {
+            id: "1".into(),
+            scope: "/x/keys/k".into(),
+            display_scope: String::new(),
+            principal_id: "oid-1".into(),
+            role: crate::model::Role::KeyVaultCryptoServiceEncryptionUser,
+        }];
+        let on = |resource: &'static str, p| DataRequest { caller: &c, permission: p, resource, location: "l" };
+        for p in [KeyPermission::Get, KeyPermission::WrapKey, KeyPermission::UnwrapKey] {
+            assert!(authorize(&v, &a, &on("/x/keys/K", p)).is_ok(), "{p:?}");
+            assert!(authorize(&v, &a, &on("/x/keys/k2", p)).is_err(), "{p:?}");
+        }
+        assert!(authorize(&v, &a, &on("/x/keys/k", KeyPermission::Decrypt)).is_err());
+        assert!(authorize(&v, &a, &on("/x", KeyPermission::List)).is_err());
     }
 }

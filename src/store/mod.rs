@@ -4,7 +4,7 @@
 
 pub mod sqlite;
 
-use crate::model::{ArmAssignment, Change, Deletion, KeyVersion, Principal, Vault};
+use crate::model::{Change, Deletion, KeyVersion, Principal, RoleAssignment, Vault};
 
 /// A failure of the storage backend. Reported to callers as "store unavailable"; the detail is
 /// logged, never returned.
@@ -57,8 +57,8 @@ pub struct Snapshot {
     pub keys: Vec<StoredKey>,
     /// Principals.
     pub principals: Vec<Principal>,
-    /// Control-plane role assignments.
-    pub arm_assignments: Vec<ArmAssignment>,
+    /// Role assignments (both planes).
+    pub role_assignments: Vec<RoleAssignment>,
 }
 
 /// Durable state. Methods block: async callers run them on the blocking pool.

@@ -25,7 +25,7 @@ CREATE TABLE IF NOT EXISTS key_versions (
     doc TEXT NOT NULL, sealed BLOB NOT NULL,
     PRIMARY KEY (vault, idx, version));
 CREATE TABLE IF NOT EXISTS principals (object_id TEXT PRIMARY KEY, doc TEXT NOT NULL);
-CREATE TABLE IF NOT EXISTS arm_assignments (id TEXT PRIMARY KEY, doc TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS role_assignments (id TEXT PRIMARY KEY, doc TEXT NOT NULL);
 ";
 
 /// SQLite-backed [`Store`]. One connection, serialised by a mutex: writes are few and small, and
@@ -91,7 +91,7 @@ impl Store for SqliteStore {
         let conn = self.conn();
         let vaults = all_docs(&conn, "SELECT doc FROM vaults ORDER BY name", "vaults")?;
         let principals = all_docs(&conn, "SELECT doc FROM principals", "principals")?;
-        let arm_assignments = all_docs(&conn, "SELECT doc FROM arm_assignments", "arm_assignments")?;
+        let role_assignments = all_docs(&conn, "SELECT doc FROM role_assignments", "role_assignments")?;
 
         let mut keys = Vec::new();
         let mut stmt = conn.prepare("SELECT vault, idx, name, deleted FROM keys ORDER BY vault, idx")?;
@@ -117,7 +117,7 @@ impl Store for SqliteStore {
                 .collect::<Result<Vec<_>, StoreError>>()?;
             keys.push(StoredKey { vault, name, deleted, versions });
         }
-        Ok(Snapshot { vaults, keys, principals, arm_assignments })
+        Ok(Snapshot { vaults, keys, principals, role_assignments })
     }
 
     fn commit(&self, changes: &[Change]) -> Result<(), StoreError> {
@@ -185,12 +185,18 @@ impl Store for SqliteStore {
                         params![p.object_id, to_doc(p, "principals")?],
                     )?;
                 }
-                Change::PutArmAssignment(a) => {
+                Change::DeletePrincipal { object_id } => {
+                    tx.execute("DELETE FROM principals WHERE object_id = ?1", params![object_id])?;
+                }
+                Change::PutRoleAssignment(a) => {
                     tx.execute(
-                        "INSERT INTO arm_assignments (id, doc) VALUES (?1, ?2)
+                        "INSERT INTO role_assignments (id, doc) VALUES (?1, ?2)
                          ON CONFLICT(id) DO UPDATE SET doc = excluded.doc",
-                        params![a.id, to_doc(a, "arm_assignments")?],
+                        params![a.id, to_doc(a, "role_assignments")?],
                     )?;
+                }
+                Change::DeleteRoleAssignment { id } => {
+                    tx.execute("DELETE FROM role_assignments WHERE id = ?1", params![id])?;
                 }
             }
         }
