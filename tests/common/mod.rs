@@ -63,6 +63,13 @@ pub async fn start_in(data_dir: &std::path::Path, clock: ClockKind) -> TestBroke
     let mut cfg = Config::for_data_dir(data_dir);
     cfg.clock = clock;
     cfg.clock_start = Some(1_800_000_000);
+    start_cfg(cfg).await
+}
+
+/// A broker with this configuration (its data directory is kept by the caller).
+pub async fn start_cfg(cfg: Config) -> TestBroker {
+    let data_dir = cfg.data_dir.clone();
+    let data_dir = data_dir.as_path();
     let app = App::open(cfg).await.expect("broker starts");
     let token = app.admin_token().expect("admin token");
     let auth = app.auth.clone();
@@ -237,4 +244,87 @@ pub fn run_tool(program: &str, args: &[&str], install_hint: &str) -> std::proces
         .unwrap_or_else(|e| panic!("cannot run {program} ({e}): install it ({install_hint})"));
     assert!(out.status.success(), "{program} {args:?} failed: {}", String::from_utf8_lossy(&out.stderr));
     out
+}
+
+pub type Ids = tde_broker::grpc::proto::identities_client::IdentitiesClient<InterceptedService<Channel, Bearer>>;
+
+/// A principal created through the API, with a token for it.
+pub struct Who {
+    pub object_id: String,
+    pub app_id: String,
+    pub token: String,
+}
+
+/// The claims of a token (no verification: tests read what the broker issued).
+pub fn claims(token: &str) -> serde_json::Value {
+    use base64::Engine as _;
+    let payload = token.split('.').nth(1).expect("jwt payload");
+    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(payload).expect("base64url");
+    serde_json::from_slice(&bytes).expect("json claims")
+}
+
+impl TestBroker {
+    pub fn ids(&self) -> Ids {
+        tde_broker::grpc::proto::identities_client::IdentitiesClient::with_interceptor(
+            self.channel.clone(),
+            bearer(&self.token),
+        )
+    }
+
+    pub fn ids_with(&self, b: Bearer) -> Ids {
+        tde_broker::grpc::proto::identities_client::IdentitiesClient::with_interceptor(self.channel.clone(), b)
+    }
+
+    /// A user principal and its token.
+    pub async fn user(&self, name: &str) -> Who {
+        let r = self.ids().create_user(proto::CreateUserRequest { name: name.into() }).await.expect("user").into_inner();
+        let app_id = claims(&r.token)["appid"].as_str().expect("appid").to_string();
+        Who { object_id: r.principal_id, app_id, token: r.token }
+    }
+
+    /// A user-assigned identity in resource group `rg` and a Key Vault token for it.
+    pub async fn identity(&self, rg: &str, name: &str) -> (proto::Identity, Who) {
+        let id = self
+            .ids()
+            .create_user_assigned_identity(proto::CreateUserAssignedIdentityRequest {
+                resource_group: rg.into(),
+                name: name.into(),
+                ..Default::default()
+            })
+            .await
+            .expect("identity")
+            .into_inner();
+        let token = self
+            .ids()
+            .get_token(proto::GetTokenRequest { client_id: id.client_id.clone(), ..Default::default() })
+            .await
+            .expect("identity token")
+            .into_inner()
+            .access_token;
+        let who = Who { object_id: id.principal_id.clone(), app_id: id.client_id.clone(), token };
+        (id, who)
+    }
+
+    pub async fn policy(&self, vault: &str, object_id: &str, perms: &[&str]) {
+        self.vaults()
+            .set_access_policy(proto::SetAccessPolicyRequest {
+                vault_name: vault.into(),
+                object_id: object_id.into(),
+                key_permissions: perms.iter().map(|p| p.to_string()).collect(),
+            })
+            .await
+            .expect("set policy");
+    }
+
+    pub async fn assign(&self, scope: &str, principal_id: &str, role: &str) -> proto::RoleAssignment {
+        self.vaults()
+            .create_role_assignment(proto::CreateRoleAssignmentRequest {
+                scope: scope.into(),
+                principal_id: principal_id.into(),
+                role_name: role.into(),
+            })
+            .await
+            .expect("role assignment")
+            .into_inner()
+    }
 }
