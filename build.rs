@@ -12,6 +12,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "proto/tdebroker/v1/vaults.proto",
         "proto/tdebroker/v1/emulation.proto",
         "proto/tdebroker/v1/identities.proto",
+        "proto/tdebroker/v1/servers.proto",
+        "proto/tdebroker/v1/engine.proto",
     ];
     tonic_prost_build::configure()
         .file_descriptor_set_path(out.join("tdebroker_descriptor.bin"))

@@ -26,6 +26,33 @@ pub enum ClockKind {
     Manual,
 }
 
+/// `--tls`: whether the broker makes its own certificates.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum TlsSetting {
+    /// Create a dev CA and server certificate in `<data-dir>/tls` (reused afterwards).
+    Auto,
+    /// No TLS (unless --tls-cert/--tls-key are given).
+    Off,
+}
+
+/// How the broker serves TLS, once resolved.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub enum TlsMode {
+    /// Plaintext gRPC.
+    #[default]
+    Off,
+    /// The dev CA and server certificate of the data directory (`--tls auto`).
+    Auto,
+    /// A certificate chain and key from files (`--tls-cert`, `--tls-key`).
+    Files {
+        /// PEM certificate chain.
+        cert: PathBuf,
+        /// PEM private key.
+        key: PathBuf,
+    },
+}
+
 /// The TOML file's shape; every field optional.
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -42,6 +69,16 @@ pub struct FileConfig {
     pub seed: Option<PathBuf>,
     /// Serve plaintext on a non-loopback address.
     pub insecure: Option<bool>,
+    /// `auto` or `off`.
+    pub tls: Option<TlsSetting>,
+    /// PEM server certificate chain.
+    pub tls_cert: Option<PathBuf>,
+    /// PEM server private key.
+    pub tls_key: Option<PathBuf>,
+    /// PEM CA certificate(s) that sign accepted client certificates.
+    pub client_ca: Option<PathBuf>,
+    /// Extra DNS names / IP addresses of the `--tls auto` server certificate.
+    pub tls_names: Option<Vec<String>>,
     /// Vault URI suffix.
     pub vault_dns_suffix: Option<String>,
     /// Location in texts.
@@ -56,6 +93,18 @@ pub struct FileConfig {
     pub admin_token_lifetime: Option<i64>,
     /// Lifetime of user and managed identity tokens, seconds.
     pub token_lifetime: Option<i64>,
+    /// `AzureCloud` (default), `AzureChinaCloud` or `AzureUSGovernment`.
+    pub cloud: Option<crate::model::server::Cloud>,
+    /// `off` (default), `audit` or `deny`.
+    pub enforce_cmk: Option<crate::broker::EnforceCmk>,
+    /// Seconds between TDE probes (default 600, as the cloud's ten minutes).
+    pub probe_interval: Option<i64>,
+    /// Seconds after a lost access within which databases heal by themselves (default 1800).
+    pub heal_window: Option<i64>,
+    /// Seconds transient faults are tolerated (default 86400).
+    pub transient_grace: Option<i64>,
+    /// Lifetime of engine host credentials, seconds (default 86400).
+    pub host_token_lifetime: Option<i64>,
 }
 
 /// What the command line (and its environment variables) gave.
@@ -82,6 +131,22 @@ pub struct ServeArgs {
     /// Allow plaintext gRPC on a non-loopback address.
     #[arg(long, env = "TDE_BROKER_INSECURE")]
     pub insecure: bool,
+    /// TLS: `auto` creates a dev CA and server certificate in `<data-dir>/tls`; `off` serves
+    /// plaintext [default: off, or on with --tls-cert/--tls-key].
+    #[arg(long, env = "TDE_BROKER_TLS", value_enum, value_name = "auto|off")]
+    pub tls: Option<TlsSetting>,
+    /// Server certificate chain (PEM); needs --tls-key.
+    #[arg(long, env = "TDE_BROKER_TLS_CERT", value_name = "PATH")]
+    pub tls_cert: Option<PathBuf>,
+    /// Server private key (PEM); needs --tls-cert.
+    #[arg(long, env = "TDE_BROKER_TLS_KEY", value_name = "PATH")]
+    pub tls_key: Option<PathBuf>,
+    /// CA certificate(s) (PEM) of client certificates (mTLS) [default with --tls auto: the dev CA].
+    #[arg(long, env = "TDE_BROKER_CLIENT_CA", value_name = "PATH")]
+    pub client_ca: Option<PathBuf>,
+    /// Another DNS name or IP address for the --tls auto server certificate; repeat for more.
+    #[arg(long = "tls-name", env = "TDE_BROKER_TLS_NAMES", value_delimiter = ',', value_name = "NAME")]
+    pub tls_names: Vec<String>,
 }
 
 /// Validated configuration.
@@ -109,8 +174,16 @@ pub struct Config {
     pub resource_group: String,
     /// Admin token lifetime, seconds.
     pub admin_token_lifetime: i64,
+    /// How TLS is served.
+    pub tls: TlsMode,
+    /// CA of accepted client certificates (overrides the dev CA under `--tls auto`).
+    pub client_ca: Option<PathBuf>,
+    /// Extra names of the `--tls auto` server certificate.
+    pub tls_names: Vec<String>,
     /// User and managed identity token lifetime, seconds (the cloud's: one hour).
     pub token_lifetime: i64,
+    /// TDE settings.
+    pub tde: crate::broker::TdeSettings,
 }
 
 /// Configuration problems, all reported together.
@@ -147,9 +220,24 @@ impl Config {
             SocketAddr::from(([127, 0, 0, 1], 50051))
         });
         let insecure = args.insecure || file.insecure.unwrap_or(false);
-        if !listen.ip().is_loopback() && !insecure {
+        let args_tls = TlsSources {
+            tls: args.tls,
+            cert: args.tls_cert,
+            key: args.tls_key,
+            client_ca: args.client_ca,
+            names: (!args.tls_names.is_empty()).then_some(args.tls_names),
+        };
+        let file_tls = TlsSources {
+            tls: file.tls,
+            cert: file.tls_cert,
+            key: file.tls_key,
+            client_ca: file.client_ca,
+            names: file.tls_names,
+        };
+        let (tls, client_ca, tls_names) = resolve_tls(args_tls, file_tls, &mut errors);
+        if !listen.ip().is_loopback() && !insecure && tls == TlsMode::Off {
             errors.push(format!(
-                "refusing to serve plaintext gRPC on non-loopback address {listen}: bind to 127.0.0.1 or pass --insecure"
+                "refusing to serve plaintext gRPC on non-loopback address {listen}: bind to 127.0.0.1, turn TLS on (--tls auto or --tls-cert/--tls-key) or pass --insecure"
             ));
         }
         let tenant_id = file.tenant_id.unwrap_or_else(|| DEFAULT_TENANT.to_string());
@@ -164,6 +252,33 @@ impl Config {
         if token_lifetime <= 0 {
             errors.push("token_lifetime must be positive".to_string());
         }
+        let defaults = crate::broker::TdeSettings::default();
+        let mut positive = |name: &str, v: Option<i64>, default: i64| match v {
+            Some(x) if x <= 0 => {
+                errors.push(format!("{name} must be positive"));
+                default
+            }
+            Some(x) => x,
+            None => default,
+        };
+        let tde = crate::broker::TdeSettings {
+            timing: crate::model::server::TdeTiming {
+                heal_window: positive("heal_window", file.heal_window, defaults.timing.heal_window),
+                transient_grace: positive(
+                    "transient_grace",
+                    file.transient_grace,
+                    defaults.timing.transient_grace,
+                ),
+            },
+            probe_interval: positive("probe_interval", file.probe_interval, defaults.probe_interval),
+            cloud: file.cloud.unwrap_or_default(),
+            enforce_cmk: file.enforce_cmk.unwrap_or_default(),
+            host_token_lifetime: positive(
+                "host_token_lifetime",
+                file.host_token_lifetime,
+                defaults.host_token_lifetime,
+            ),
+        };
         let cfg = Config {
             listen,
             data_dir: args.data_dir.or(file.data_dir).unwrap_or_else(|| PathBuf::from(DEFAULT_DATA_DIR)),
@@ -176,10 +291,80 @@ impl Config {
             subscription_id: file.subscription_id.unwrap_or_else(|| DEFAULT_SUBSCRIPTION.to_string()),
             resource_group: file.resource_group.unwrap_or_else(|| "tde-broker".to_string()),
             admin_token_lifetime,
+            tls,
+            client_ca,
+            tls_names,
             token_lifetime,
+            tde,
         };
         if errors.is_empty() { Ok(cfg) } else { Err(ConfigError(errors)) }
     }
+}
+
+/// The TLS settings of one source (flags or file).
+struct TlsSources {
+    tls: Option<TlsSetting>,
+    cert: Option<PathBuf>,
+    key: Option<PathBuf>,
+    client_ca: Option<PathBuf>,
+    names: Option<Vec<String>>,
+}
+
+/// Merges the TLS settings (flags over file) and checks that they fit together.
+fn resolve_tls(
+    args: TlsSources,
+    file: TlsSources,
+    errors: &mut Vec<String>,
+) -> (TlsMode, Option<PathBuf>, Vec<String>) {
+    let setting = args.tls.or(file.tls);
+    let cert = args.cert.or(file.cert);
+    let key = args.key.or(file.key);
+    let client_ca = args.client_ca.or(file.client_ca);
+    let names = args.names.or(file.names).unwrap_or_default();
+    for (path, what) in [(&cert, "--tls-cert"), (&key, "--tls-key"), (&client_ca, "--client-ca")] {
+        if let Some(path) = path
+            && !path.is_file()
+        {
+            errors.push(format!("{what} {}: no such file", path.display()));
+        }
+    }
+    let mode = match (setting, cert, key) {
+        (Some(TlsSetting::Auto), None, None) => TlsMode::Auto,
+        (Some(TlsSetting::Auto), _, _) => {
+            errors.push(
+                "--tls auto makes its own server certificate: drop --tls-cert/--tls-key, or drop --tls auto"
+                    .to_string(),
+            );
+            TlsMode::Auto
+        }
+        (Some(TlsSetting::Off), None, None) | (None, None, None) => TlsMode::Off,
+        (Some(TlsSetting::Off), _, _) => {
+            errors.push("--tls off contradicts --tls-cert/--tls-key".to_string());
+            TlsMode::Off
+        }
+        (None, Some(cert), Some(key)) => TlsMode::Files { cert, key },
+        (None, Some(_), None) => {
+            errors.push("--tls-cert needs --tls-key".to_string());
+            TlsMode::Off
+        }
+        (None, None, Some(_)) => {
+            errors.push("--tls-key needs --tls-cert".to_string());
+            TlsMode::Off
+        }
+    };
+    if mode == TlsMode::Off && client_ca.is_some() {
+        errors.push("--client-ca needs TLS: add --tls auto or --tls-cert/--tls-key".to_string());
+    }
+    if !names.is_empty() && mode != TlsMode::Auto {
+        errors
+            .push("--tls-name / tls_names apply only to --tls auto (the dev server certificate)".to_string());
+    }
+    for name in &names {
+        if rustls::pki_types::ServerName::try_from(name.as_str()).is_err() {
+            errors.push(format!("TLS name '{name}' is not a DNS name or IP address"));
+        }
+    }
+    (mode, client_ca, names)
 }
 
 #[cfg(test)]

@@ -10,6 +10,7 @@
 //! - [`auth`]: token issuing and validation, the authenticating interceptor.
 //! - [`grpc`]: tonic services and the error → status mapping; the only code that sees prost types.
 //! - [`server`]: start-up (data dir, master key, bootstrap admin, seed) and serving.
+//! - [`tls`]: TLS/mTLS: the dev CA, client certificates naming principals, rustls set-up.
 //! - [`cli`]: the `tde-broker` command line.
 #![forbid(unsafe_code)]
 
@@ -25,3 +26,4 @@ pub mod seed;
 pub mod server;
 pub mod store;
 pub mod telemetry;
+pub mod tls;

@@ -21,12 +21,16 @@ use crate::broker::{Broker, Clock, Settings, new_guid};
 use crate::config::{ClockKind, Config};
 use crate::crypto::{Sealer, TokenSigningKey};
 use crate::grpc::emulation::EmulationService;
+use crate::grpc::engine::EngineService;
 use crate::grpc::identities::IdentitiesService;
-use crate::grpc::proto::identities_server::IdentitiesServer;
 use crate::grpc::keyvault::KeyVaultService;
 use crate::grpc::proto::emulation_server::EmulationServer;
+use crate::grpc::proto::identities_server::IdentitiesServer;
 use crate::grpc::proto::key_vault_server::KeyVaultServer;
+use crate::grpc::proto::servers_server::ServersServer;
+use crate::grpc::proto::tde_engine_server::TdeEngineServer;
 use crate::grpc::proto::vaults_server::VaultsServer;
+use crate::grpc::servers::ServersService;
 use crate::grpc::vaults::VaultsService;
 use crate::model::{BrokerError, Caller, Change, Principal, PrincipalKind, Role, RoleAssignment};
 use crate::seed;
@@ -78,6 +82,9 @@ pub enum StartError {
     /// Reflection could not be built.
     #[error("reflection: {0}")]
     Reflection(String),
+    /// The TLS configuration (certificates, keys, the dev CA) is unusable.
+    #[error("TLS: {0}")]
+    Tls(#[from] crate::tls::TlsError),
 }
 
 fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> StartError + '_ {
@@ -119,6 +126,10 @@ impl App {
         let dir = &config.data_dir;
         std::fs::create_dir_all(dir).map_err(io_err(dir))?;
         std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)).map_err(io_err(dir))?;
+        // TLS is checked (and `--tls auto`'s dev CA created) before anything else, so a bad
+        // certificate fails the start and the CA exists once `open` returns.
+        crate::tls::install_crypto_provider();
+        crate::tls::server_tls(&config)?;
 
         let master = load_master_key(dir)?;
         let sealer = Arc::new(Sealer::new(&master).map_err(|e| StartError::MasterKey(e.to_string()))?);
@@ -138,6 +149,7 @@ impl App {
             tenant_id: config.tenant_id.clone(),
             subscription_id: config.subscription_id.clone(),
             resource_group: config.resource_group.clone(),
+            tde: config.tde.clone(),
         };
         let broker = Broker::open(store.clone(), sealer.clone(), clock, settings).await?;
         let (signing_key, kid) = load_signing_key(store.as_ref(), &sealer)?;
@@ -178,6 +190,10 @@ impl App {
         listener: TcpListener,
         shutdown: impl Future<Output = ()> + Send,
     ) -> Result<(), StartError> {
+        let mut builder = tonic::transport::Server::builder();
+        if let Some(tls) = crate::tls::server_tls(&self.config)? {
+            builder = builder.tls_config(tls)?;
+        }
         let data = AuthInterceptor::new(self.auth.clone(), Plane::Data);
         let control = AuthInterceptor::new(self.auth.clone(), Plane::Control);
 
@@ -186,6 +202,8 @@ impl App {
         health_reporter.set_serving::<VaultsServer<VaultsService>>().await;
         health_reporter.set_serving::<EmulationServer<EmulationService>>().await;
         health_reporter.set_serving::<IdentitiesServer<IdentitiesService>>().await;
+        health_reporter.set_serving::<ServersServer<ServersService>>().await;
+        health_reporter.set_serving::<TdeEngineServer<EngineService>>().await;
         let reflection = tonic_reflection::server::Builder::configure()
             .register_encoded_file_descriptor_set(crate::grpc::proto::FILE_DESCRIPTOR_SET)
             .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
@@ -195,12 +213,22 @@ impl App {
         let keyvault = InterceptedService::new(
             KeyVaultServer::new(KeyVaultService::new(self.broker.clone()))
                 .max_decoding_message_size(MAX_MESSAGE_BYTES),
-            data,
+            data.clone(),
         );
         let vaults = InterceptedService::new(
             VaultsServer::new(VaultsService::new(self.broker.clone()))
                 .max_decoding_message_size(MAX_MESSAGE_BYTES),
             control.clone(),
+        );
+        let servers = InterceptedService::new(
+            ServersServer::new(ServersService::new(self.broker.clone(), self.auth.clone()))
+                .max_decoding_message_size(MAX_MESSAGE_BYTES),
+            control.clone(),
+        );
+        let engine = InterceptedService::new(
+            TdeEngineServer::new(EngineService::new(self.broker.clone()))
+                .max_decoding_message_size(MAX_MESSAGE_BYTES),
+            data.clone(),
         );
         let identities = InterceptedService::new(
             IdentitiesServer::new(IdentitiesService::new(
@@ -219,25 +247,36 @@ impl App {
 
         // Soft-deleted keys are purged when their retention ends, also while nobody calls.
         let sweeper_broker = self.broker.clone();
+        // The TDE prober evaluates every server each `probe_interval` of the broker's clock.
         let sweeper = tokio::spawn(async move {
-            let mut tick = tokio::time::interval(Duration::from_secs(10));
+            let mut tick = tokio::time::interval(Duration::from_secs(1));
             loop {
                 tick.tick().await;
                 if let Err(e) = sweeper_broker.purge_expired().await {
                     tracing::warn!(error = %e, "purging expired soft-deleted keys failed; will retry");
                 }
+                if let Err(e) = sweeper_broker.probe_if_due().await {
+                    tracing::warn!(error = %e, "TDE probe failed; will retry");
+                }
             }
         });
 
         let addr = listener.local_addr().map_err(io_err(Path::new("listener")))?;
-        tracing::info!(%addr, data_dir = %self.config.data_dir.display(), admin_token = %self.admin_token_path.display(), "tde-broker serving gRPC");
-        let result = tonic::transport::Server::builder()
+        tracing::info!(%addr, data_dir = %self.config.data_dir.display(), admin_token = %self.admin_token_path.display(), tls = ?self.config.tls, "tde-broker serving gRPC");
+        let stopping = self.broker.clone();
+        let shutdown = async move {
+            shutdown.await;
+            stopping.begin_shutdown();
+        };
+        let result = builder
             .add_service(health)
             .add_service(reflection)
             .add_service(keyvault)
             .add_service(vaults)
             .add_service(emulation)
             .add_service(identities)
+            .add_service(servers)
+            .add_service(engine)
             .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
             .await;
         sweeper.abort();

@@ -41,14 +41,17 @@ async fn run_op(kv: &mut Kv, op: &str, perm: &str, t: &Targets) -> Result<(), to
             .get_deleted_key(proto::GetDeletedKeyRequest { vault_name: v, name: "deleted-g".into() })
             .await
             .map(drop),
-        "ListKeys" => kv.list_keys(proto::ListKeysRequest { vault_name: v, ..Default::default() }).await.map(drop),
+        "ListKeys" => {
+            kv.list_keys(proto::ListKeysRequest { vault_name: v, ..Default::default() }).await.map(drop)
+        }
         "ListKeyVersions" => kv
             .list_key_versions(proto::ListKeyVersionsRequest { key_id: t.key.clone(), ..Default::default() })
             .await
             .map(drop),
-        "ListDeletedKeys" => {
-            kv.list_deleted_keys(proto::ListDeletedKeysRequest { vault_name: v, ..Default::default() }).await.map(drop)
-        }
+        "ListDeletedKeys" => kv
+            .list_deleted_keys(proto::ListDeletedKeysRequest { vault_name: v, ..Default::default() })
+            .await
+            .map(drop),
         "UpdateKey" => kv
             .update_key(proto::UpdateKeyRequest {
                 key_id: t.key.clone(),
@@ -76,7 +79,9 @@ async fn run_op(kv: &mut Kv, op: &str, perm: &str, t: &Targets) -> Result<(), to
             })
             .await
             .map(drop),
-        "DeleteKey" => kv.delete_key(proto::DeleteKeyRequest { key_id: format!("{}-victim", t.key) }).await.map(drop),
+        "DeleteKey" => {
+            kv.delete_key(proto::DeleteKeyRequest { key_id: format!("{}-victim", t.key) }).await.map(drop)
+        }
         "RecoverDeletedKey" => kv
             .recover_deleted_key(proto::RecoverDeletedKeyRequest { vault_name: v, name: "deleted-r".into() })
             .await
@@ -151,13 +156,30 @@ async fn access_policy_permission_matrix_each_permission_allows_exactly_its_oper
     }
     // A blob whose name is free by the time `restore` runs.
     b.key("matrix-kv", "bk", "oct-HSM", 128).await;
-    let backup = b.kv().backup_key(proto::BackupKeyRequest { key_id: b.key_uri("matrix-kv", "bk") }).await.unwrap().into_inner().blob;
+    let backup = b
+        .kv()
+        .backup_key(proto::BackupKeyRequest { key_id: b.key_uri("matrix-kv", "bk") })
+        .await
+        .unwrap()
+        .into_inner()
+        .blob;
     b.kv().delete_key(proto::DeleteKeyRequest { key_id: b.key_uri("matrix-kv", "bk") }).await.unwrap();
-    b.kv().purge_deleted_key(proto::PurgeDeletedKeyRequest { vault_name: "matrix-kv".into(), name: "bk".into() }).await.unwrap();
+    b.kv()
+        .purge_deleted_key(proto::PurgeDeletedKeyRequest {
+            vault_name: "matrix-kv".into(),
+            name: "bk".into(),
+        })
+        .await
+        .unwrap();
     let wrapped = b.kv().wrap_key(crypto_req(&key, "RSA-OAEP-256", &DEK)).await.unwrap().into_inner().value;
     let encrypted = b
         .kv()
-        .encrypt(proto::EncryptRequest { key_id: key.clone(), algorithm: "RSA-OAEP".into(), value: b"x".to_vec(), ..Default::default() })
+        .encrypt(proto::EncryptRequest {
+            key_id: key.clone(),
+            algorithm: "RSA-OAEP".into(),
+            value: b"x".to_vec(),
+            ..Default::default()
+        })
         .await
         .unwrap()
         .into_inner()
@@ -166,7 +188,23 @@ async fn access_policy_permission_matrix_each_permission_allows_exactly_its_oper
     // Unversioned id so DeleteKey's target is `k-victim`.
     let t = Targets { key: base, ..t };
 
-    let permissions = ["get", "list", "update", "create", "import", "delete", "recover", "backup", "restore", "decrypt", "encrypt", "unwrapKey", "wrapKey", "purge", "rotate"];
+    let permissions = [
+        "get",
+        "list",
+        "update",
+        "create",
+        "import",
+        "delete",
+        "recover",
+        "backup",
+        "restore",
+        "decrypt",
+        "encrypt",
+        "unwrapKey",
+        "wrapKey",
+        "purge",
+        "rotate",
+    ];
     for perm in permissions {
         let who = b.user(&format!("holder-of-{perm}")).await;
         b.policy("matrix-kv", &who.object_id, &[perm]).await;
@@ -188,28 +226,58 @@ async fn access_policy_permission_matrix_each_permission_allows_exactly_its_oper
 async fn crypto_service_encryption_user_at_key_scope_grants_get_wrap_unwrap_on_that_key_only() {
     let b = start().await;
     b.vaults()
-        .create_vault(proto::CreateVaultRequest { name: "rbac-kv".into(), enable_rbac_authorization: true, ..Default::default() })
+        .create_vault(proto::CreateVaultRequest {
+            name: "rbac-kv".into(),
+            enable_rbac_authorization: true,
+            ..Default::default()
+        })
         .await
         .unwrap();
     b.assign("https://rbac-kv.vault.azure.net", &b.admin.object_id, "Key Vault Administrator").await;
     let k1 = kid(&b.key("rbac-kv", "k1", "RSA", 2048).await);
     let k2 = kid(&b.key("rbac-kv", "k2", "RSA", 2048).await);
     let (_, umi) = b.identity("tde-rg", "sql-umi").await;
-    let a = b.assign(&b.key_uri("rbac-kv", "k1"), &umi.object_id, "Key Vault Crypto Service Encryption User").await;
-    assert!(a.normalized_scope.ends_with("/providers/Microsoft.KeyVault/vaults/rbac-kv/keys/k1"), "{}", a.normalized_scope);
+    let a = b
+        .assign(&b.key_uri("rbac-kv", "k1"), &umi.object_id, "Key Vault Crypto Service Encryption User")
+        .await;
+    assert!(
+        a.normalized_scope.ends_with("/providers/Microsoft.KeyVault/vaults/rbac-kv/keys/k1"),
+        "{}",
+        a.normalized_scope
+    );
     let mut kv = b.kv_with(bearer(&umi.token));
     assert!(kv.get_key(proto::GetKeyRequest { key_id: k1.clone() }).await.is_ok());
     let w = kv.wrap_key(crypto_req(&k1, "RSA-OAEP-256", &DEK)).await.expect("wrap on k1").into_inner().value;
     assert_eq!(kv.unwrap_key(unwrap_req(&k1, "RSA-OAEP-256", &w)).await.unwrap().into_inner().value, DEK);
     let msg = assert_status(
-        kv.decrypt(proto::DecryptRequest { key_id: k1.clone(), algorithm: "RSA-OAEP-256".into(), value: w, ..Default::default() }).await,
+        kv.decrypt(proto::DecryptRequest {
+            key_id: k1.clone(),
+            algorithm: "RSA-OAEP-256".into(),
+            value: w,
+            ..Default::default()
+        })
+        .await,
         Code::PermissionDenied,
         "ForbiddenByRbac",
     );
     assert!(msg.contains("Action: 'Microsoft.KeyVault/vaults/keys/decrypt/action'"), "{msg}");
-    assert!(msg.contains(&format!("Caller: appid={};oid={};iss=https://sts.windows.net/{TENANT}/", umi.app_id, umi.object_id)), "{msg}");
-    assert_status(kv.get_key(proto::GetKeyRequest { key_id: k2.clone() }).await, Code::PermissionDenied, "ForbiddenByRbac");
-    assert_status(kv.wrap_key(crypto_req(&k2, "RSA-OAEP-256", &DEK)).await, Code::PermissionDenied, "ForbiddenByRbac");
+    assert!(
+        msg.contains(&format!(
+            "Caller: appid={};oid={};iss=https://sts.windows.net/{TENANT}/",
+            umi.app_id, umi.object_id
+        )),
+        "{msg}"
+    );
+    assert_status(
+        kv.get_key(proto::GetKeyRequest { key_id: k2.clone() }).await,
+        Code::PermissionDenied,
+        "ForbiddenByRbac",
+    );
+    assert_status(
+        kv.wrap_key(crypto_req(&k2, "RSA-OAEP-256", &DEK)).await,
+        Code::PermissionDenied,
+        "ForbiddenByRbac",
+    );
     assert_status(
         kv.list_keys(proto::ListKeysRequest { vault_name: "rbac-kv".into(), ..Default::default() }).await,
         Code::PermissionDenied,
@@ -217,13 +285,23 @@ async fn crypto_service_encryption_user_at_key_scope_grants_get_wrap_unwrap_on_t
     );
     // Access policies do not count on an RBAC vault.
     b.policy("rbac-kv", &umi.object_id, &["all"]).await;
-    assert_status(kv.get_key(proto::GetKeyRequest { key_id: k2 }).await, Code::PermissionDenied, "ForbiddenByRbac");
+    assert_status(
+        kv.get_key(proto::GetKeyRequest { key_id: k2 }).await,
+        Code::PermissionDenied,
+        "ForbiddenByRbac",
+    );
     b.stop().await;
 }
 
 /// Hammers UnwrapKey from several clients; `revoke` runs in the middle. Every call that started
 /// after `revoke` returned must be refused, and calls before it succeeded.
-async fn hammer_and_revoke<F, Fut>(b: &TestBroker, token: &str, key: &str, wrapped: Vec<u8>, revoke: F) -> (usize, usize)
+async fn hammer_and_revoke<F, Fut>(
+    b: &TestBroker,
+    token: &str,
+    key: &str,
+    wrapped: Vec<u8>,
+    revoke: F,
+) -> (usize, usize)
 where
     F: FnOnce() -> Fut,
     Fut: std::future::Future<Output = ()>,
@@ -260,7 +338,10 @@ where
             }
         }
     }
-    assert!(before_ok > 0 && after > 0, "the load did not straddle the revoke: {before_ok} before, {after} after");
+    assert!(
+        before_ok > 0 && after > 0,
+        "the load did not straddle the revoke: {before_ok} before, {after} after"
+    );
     (before_ok, after)
 }
 
@@ -280,16 +361,25 @@ async fn revoking_an_access_policy_takes_effect_on_the_very_next_call_under_load
 async fn deleting_a_role_assignment_takes_effect_on_the_very_next_call_under_load() {
     let b = start().await;
     b.vaults()
-        .create_vault(proto::CreateVaultRequest { name: "rev-rbac".into(), enable_rbac_authorization: true, ..Default::default() })
+        .create_vault(proto::CreateVaultRequest {
+            name: "rev-rbac".into(),
+            enable_rbac_authorization: true,
+            ..Default::default()
+        })
         .await
         .unwrap();
     b.assign("https://rev-rbac.vault.azure.net", &b.admin.object_id, "Key Vault Crypto Officer").await;
     let key = kid(&b.key("rev-rbac", "k", "RSA", 2048).await);
     let wrapped = b.kv().wrap_key(crypto_req(&key, "RSA-OAEP-256", &DEK)).await.unwrap().into_inner().value;
     let (_, umi) = b.identity("rg", "rev-umi").await;
-    let a = b.assign(&b.key_uri("rev-rbac", "k"), &umi.object_id, "Key Vault Crypto Service Encryption User").await;
+    let a = b
+        .assign(&b.key_uri("rev-rbac", "k"), &umi.object_id, "Key Vault Crypto Service Encryption User")
+        .await;
     hammer_and_revoke(&b, &umi.token, &key, wrapped, || async {
-        b.vaults().delete_role_assignment(proto::DeleteRoleAssignmentRequest { id: a.id.clone() }).await.unwrap();
+        b.vaults()
+            .delete_role_assignment(proto::DeleteRoleAssignmentRequest { id: a.id.clone() })
+            .await
+            .unwrap();
     })
     .await;
     b.stop().await;
@@ -305,7 +395,10 @@ async fn deleting_an_identity_takes_effect_on_the_very_next_call_under_load() {
     b.policy("rev-id", &umi.object_id, &["unwrapKey"]).await;
     hammer_and_revoke(&b, &umi.token, &key, wrapped, || async {
         b.ids()
-            .delete_user_assigned_identity(proto::DeleteUserAssignedIdentityRequest { resource_id: id.resource_id.clone(), force: false })
+            .delete_user_assigned_identity(proto::DeleteUserAssignedIdentityRequest {
+                resource_id: id.resource_id.clone(),
+                force: false,
+            })
             .await
             .unwrap();
     })
@@ -323,7 +416,9 @@ async fn deleting_an_identity_takes_effect_on_the_very_next_call_under_load() {
 async fn identity_tokens_carry_the_clouds_claims_and_expire_after_an_hour() {
     let b = start().await;
     let (id, umi) = b.identity("tde-rg", "claims-umi").await;
-    assert!(id.resource_id.ends_with("/resourceGroups/tde-rg/providers/Microsoft.ManagedIdentity/userAssignedIdentities/claims-umi"));
+    assert!(id.resource_id.ends_with(
+        "/resourceGroups/tde-rg/providers/Microsoft.ManagedIdentity/userAssignedIdentities/claims-umi"
+    ));
     assert_eq!(id.kind, "UserAssigned");
     let c = claims(&umi.token);
     assert_eq!(c["iss"], format!("https://sts.windows.net/{TENANT}/"));
@@ -348,9 +443,17 @@ async fn identity_tokens_carry_the_clouds_claims_and_expire_after_an_hour() {
     let get = proto::GetKeyRequest { key_id: b.key_uri("claims-kv", "k") };
     assert!(b.kv_with(bearer(&umi.token)).get_key(get.clone()).await.is_ok());
     // A Key Vault token does not open the control plane.
-    assert_status(b.ids_with(bearer(&umi.token)).list_identities(proto::ListIdentitiesRequest {}).await, Code::Unauthenticated, "AKV10022");
+    assert_status(
+        b.ids_with(bearer(&umi.token)).list_identities(proto::ListIdentitiesRequest {}).await,
+        Code::Unauthenticated,
+        "AKV10022",
+    );
     b.advance(3600 + 301).await;
-    let msg = assert_status(b.kv_with(bearer(&umi.token)).get_key(get).await, Code::Unauthenticated, "Unauthorized");
+    let msg = assert_status(
+        b.kv_with(bearer(&umi.token)).get_key(get).await,
+        Code::Unauthenticated,
+        "Unauthorized",
+    );
     assert!(msg.contains("IDX10223"), "{msg}");
     b.stop().await;
 }
@@ -362,7 +465,10 @@ async fn forged_signatures_are_refused() {
     let mut parts: Vec<String> = who.token.split('.').map(String::from).collect();
     // Flip one character of the signature.
     let sig = parts[2].clone();
-    let flipped = if sig.starts_with('A') { format!("B{}", &sig[1..]) } else { format!("A{}", &sig[1..]) };
+    let flipped = match sig.strip_prefix('A') {
+        Some(rest) => format!("B{rest}"),
+        None => format!("A{}", &sig[1..]),
+    };
     parts[2] = flipped;
     let msg = assert_status(
         b.vaults_with(bearer(&parts.join("."))).list_vaults(proto::ListVaultsRequest {}).await,
@@ -379,7 +485,8 @@ async fn tokens_from_another_tenant_are_refused_with_akv10032() {
     let b = start_in(dir.path(), ClockKind::Manual).await;
     let old = b.token.clone();
     b.stop().await;
-    std::fs::write(dir.path().join("tenant.toml"), "tenant_id = \"11111111-2222-3333-4444-555555555555\"\n").unwrap();
+    std::fs::write(dir.path().join("tenant.toml"), "tenant_id = \"11111111-2222-3333-4444-555555555555\"\n")
+        .unwrap();
     let mut cfg = tde_broker::config::Config::resolve(tde_broker::config::ServeArgs {
         config: Some(dir.path().join("tenant.toml")),
         data_dir: Some(dir.path().to_path_buf()),
@@ -389,10 +496,16 @@ async fn tokens_from_another_tenant_are_refused_with_akv10032() {
     cfg.clock = ClockKind::Manual;
     cfg.clock_start = Some(1_800_000_000);
     let b = start_cfg(cfg).await;
-    let msg = assert_status(b.vaults_with(bearer(&old)).list_vaults(proto::ListVaultsRequest {}).await, Code::Unauthenticated, "AKV10032");
+    let msg = assert_status(
+        b.vaults_with(bearer(&old)).list_vaults(proto::ListVaultsRequest {}).await,
+        Code::Unauthenticated,
+        "AKV10032",
+    );
     assert_eq!(
         msg,
-        format!("AKV10032: Invalid issuer. Expected one of https://sts.windows.net/11111111-2222-3333-4444-555555555555/, found https://sts.windows.net/{TENANT}/.")
+        format!(
+            "AKV10032: Invalid issuer. Expected one of https://sts.windows.net/11111111-2222-3333-4444-555555555555/, found https://sts.windows.net/{TENANT}/."
+        )
     );
     b.stop().await;
 }
@@ -403,11 +516,24 @@ async fn control_plane_roles_decide_who_creates_identities_and_vaults() {
     let reader = b.user("reader").await;
     let mic = b.user("identity-admin").await;
     b.assign("/", &reader.object_id, "Reader").await;
-    b.assign("/subscriptions/00000000-0000-0000-0000-000000000000", &mic.object_id, "Managed Identity Contributor").await;
-    let umi = |name: &str| proto::CreateUserAssignedIdentityRequest { resource_group: "rg".into(), name: name.into(), ..Default::default() };
+    b.assign(
+        "/subscriptions/00000000-0000-0000-0000-000000000000",
+        &mic.object_id,
+        "Managed Identity Contributor",
+    )
+    .await;
+    let umi = |name: &str| proto::CreateUserAssignedIdentityRequest {
+        resource_group: "rg".into(),
+        name: name.into(),
+        ..Default::default()
+    };
     let vault = |name: &str| proto::CreateVaultRequest { name: name.into(), ..Default::default() };
 
-    let msg = assert_status(b.ids_with(bearer(&reader.token)).create_user_assigned_identity(umi("by-reader")).await, Code::PermissionDenied, "AuthorizationFailed");
+    let msg = assert_status(
+        b.ids_with(bearer(&reader.token)).create_user_assigned_identity(umi("by-reader")).await,
+        Code::PermissionDenied,
+        "AuthorizationFailed",
+    );
     assert_eq!(
         msg,
         format!(
@@ -415,12 +541,20 @@ async fn control_plane_roles_decide_who_creates_identities_and_vaults() {
             reader.object_id
         )
     );
-    assert_status(b.vaults_with(bearer(&reader.token)).create_vault(vault("reader-kv")).await, Code::PermissionDenied, "AuthorizationFailed");
+    assert_status(
+        b.vaults_with(bearer(&reader.token)).create_vault(vault("reader-kv")).await,
+        Code::PermissionDenied,
+        "AuthorizationFailed",
+    );
     // A Reader can read.
     assert!(b.vaults_with(bearer(&reader.token)).list_vaults(proto::ListVaultsRequest {}).await.is_ok());
 
     assert!(b.ids_with(bearer(&mic.token)).create_user_assigned_identity(umi("by-mic")).await.is_ok());
-    assert_status(b.vaults_with(bearer(&mic.token)).create_vault(vault("mic-kv")).await, Code::PermissionDenied, "AuthorizationFailed");
+    assert_status(
+        b.vaults_with(bearer(&mic.token)).create_vault(vault("mic-kv")).await,
+        Code::PermissionDenied,
+        "AuthorizationFailed",
+    );
 
     assert!(b.ids().create_user_assigned_identity(umi("by-owner")).await.is_ok());
     assert!(b.vaults().create_vault(vault("owner-kv")).await.is_ok());
@@ -430,7 +564,11 @@ async fn control_plane_roles_decide_who_creates_identities_and_vaults() {
     b.assign("/", &contributor.object_id, "Contributor").await;
     let r = b
         .vaults_with(bearer(&contributor.token))
-        .create_role_assignment(proto::CreateRoleAssignmentRequest { scope: "/".into(), principal_id: contributor.object_id.clone(), role_name: "Owner".into() })
+        .create_role_assignment(proto::CreateRoleAssignmentRequest {
+            scope: "/".into(),
+            principal_id: contributor.object_id.clone(),
+            role_name: "Owner".into(),
+        })
         .await;
     assert_status(r, Code::PermissionDenied, "AuthorizationFailed");
     assert!(b.vaults_with(bearer(&contributor.token)).create_vault(vault("contrib-kv")).await.is_ok());
@@ -447,26 +585,55 @@ async fn role_assignments_validate_scope_role_and_principal() {
         principal_id: principal.into(),
         role_name: role.into(),
     };
-    assert_status(b.vaults().create_role_assignment(create("/", &who.object_id, "Janitor")).await, Code::InvalidArgument, "BadParameter");
     assert_status(
-        b.vaults().create_role_assignment(create(&format!("{}/{}", b.key_uri("ra-kv", "k"), "0".repeat(32)), &who.object_id, "Key Vault Reader")).await,
+        b.vaults().create_role_assignment(create("/", &who.object_id, "Janitor")).await,
         Code::InvalidArgument,
         "BadParameter",
     );
     assert_status(
-        b.vaults().create_role_assignment(create("/", "00000000-1111-2222-3333-444444444444", "Reader")).await,
+        b.vaults()
+            .create_role_assignment(create(
+                &format!("{}/{}", b.key_uri("ra-kv", "k"), "0".repeat(32)),
+                &who.object_id,
+                "Key Vault Reader",
+            ))
+            .await,
+        Code::InvalidArgument,
+        "BadParameter",
+    );
+    assert_status(
+        b.vaults()
+            .create_role_assignment(create("/", "00000000-1111-2222-3333-444444444444", "Reader"))
+            .await,
         Code::InvalidArgument,
         "PrincipalNotFound",
     );
     let a = b.assign("https://ra-kv.vault.azure.net/", &who.object_id, "Key Vault Reader").await;
-    assert_eq!(a.normalized_scope, "/subscriptions/00000000-0000-0000-0000-000000000000/resourceGroups/tde-broker/providers/Microsoft.KeyVault/vaults/ra-kv");
+    assert_eq!(
+        a.normalized_scope,
+        "/subscriptions/00000000-0000-0000-0000-000000000000/resourceGroups/tde-broker/providers/Microsoft.KeyVault/vaults/ra-kv"
+    );
     assert_status(
-        b.vaults().create_role_assignment(create("https://ra-kv.vault.azure.net", &who.object_id, "key vault reader")).await,
+        b.vaults()
+            .create_role_assignment(create(
+                "https://ra-kv.vault.azure.net",
+                &who.object_id,
+                "key vault reader",
+            ))
+            .await,
         Code::AlreadyExists,
         "RoleAssignmentExists",
     );
-    let listed = b.vaults().list_role_assignments(proto::ListRoleAssignmentsRequest { scope: b.key_uri("ra-kv", "k") }).await.unwrap().into_inner();
-    assert!(listed.assignments.iter().any(|x| x.id == a.id), "an assignment on the vault applies to its keys");
+    let listed = b
+        .vaults()
+        .list_role_assignments(proto::ListRoleAssignmentsRequest { scope: b.key_uri("ra-kv", "k") })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(
+        listed.assignments.iter().any(|x| x.id == a.id),
+        "an assignment on the vault applies to its keys"
+    );
     b.vaults().delete_role_assignment(proto::DeleteRoleAssignmentRequest { id: a.id.clone() }).await.unwrap();
     assert_status(
         b.vaults().delete_role_assignment(proto::DeleteRoleAssignmentRequest { id: a.id }).await,

@@ -85,7 +85,7 @@ async fn readme_walkthrough_wrap_disable_expire() {
     let vault = b.json(&["vault", "create", "cli-vault"]).await;
     assert_eq!(str_of(&vault, "name"), "cli-vault");
     assert_eq!(vault["access_policy"]["key_permissions"][0], "all");
-    let policies = b.json(&["vault", "policy-list", "cli-vault"]).await;
+    let policies = b.json(&["policy", "list", "cli-vault"]).await;
     assert_eq!(policies.as_array().map(Vec::len), Some(1));
 
     let key = b.json(&["key", "create", "cli-vault", "tde", "--ops", "wrapKey,unwrapKey"]).await;
@@ -167,4 +167,131 @@ async fn missing_token_file_and_unreachable_broker_are_explained() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains(&format!("http://127.0.0.1:{port}")), "{err}");
     assert!(err.contains("tde-broker serve"), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn identity_policy_token_then_crypto_as_the_identity_and_roles() {
+    let b = start_broker().await;
+    let vault = b.json(&["vault", "create", "id-vault"]).await;
+    let vault_uri = str_of(&vault, "uri").trim_end_matches('/').to_string();
+    let key = b.json(&["key", "create", "id-vault", "tde"]).await;
+    let kid = str_of(&key, "kid").to_string();
+    let key_uri = kid.rsplit_once('/').expect("versioned kid").0.to_string();
+
+    // A user-assigned identity, found again by each of its ids and in the listing.
+    let id = b.json(&["identity", "create", "app-id", "--resource-group", "rg-cli"]).await;
+    let principal_id = str_of(&id, "principal_id").to_string();
+    let client_id = str_of(&id, "client_id").to_string();
+    let resource_id = str_of(&id, "resource_id").to_string();
+    assert_eq!(str_of(&id, "kind"), "UserAssigned");
+    assert!(resource_id.contains("/resourceGroups/rg-cli/") && resource_id.ends_with("/app-id"), "{id}");
+    for (flag, value) in
+        [("--client-id", &client_id), ("--principal-id", &principal_id), ("--resource-id", &resource_id)]
+    {
+        assert_eq!(b.json(&["identity", "show", flag, value]).await, id, "{flag}");
+    }
+    let err =
+        b.fails(&["identity", "show", "--client-id", &client_id, "--principal-id", &principal_id]).await;
+    assert!(err.contains("cannot be used with"), "{err}");
+    let list = b.json(&["identity", "list"]).await;
+    assert!(list.as_array().is_some_and(|l| l.contains(&id)), "{list}");
+    let table = b.run(&["identity", "list"]).await;
+    let text = String::from_utf8_lossy(&table.stdout);
+    assert!(text.starts_with("NAME"), "{text}");
+    assert!(text.lines().any(|l| l.starts_with("app-id ") && l.ends_with(&resource_id)), "{text}");
+
+    // get/wrapKey/unwrapKey for the identity, next to the creator's own policy.
+    let set = b
+        .json(&[
+            "policy",
+            "set",
+            "id-vault",
+            "--object-id",
+            &principal_id,
+            "--permissions",
+            "get,wrapKey,unwrapKey",
+        ])
+        .await;
+    assert_eq!(set["key_permissions"], serde_json::json!(["get", "wrapKey", "unwrapKey"]));
+    let policies = b.json(&["policy", "list", "id-vault"]).await;
+    assert_eq!(policies.as_array().map(Vec::len), Some(2), "{policies}");
+    assert!(policies.as_array().is_some_and(|p| p.iter().any(|p| p["object_id"] == principal_id.as_str())));
+
+    // The identity's token: JSON has the token and its expiry, the table is the token alone.
+    let token = b.json(&["token", "get", "--client-id", &client_id]).await;
+    let access_token = str_of(&token, "access_token").to_string();
+    assert!(token["expires_on"].as_i64().is_some_and(|t| t > 0), "{token}");
+    assert_eq!(access_token.split('.').count(), 3, "{access_token}");
+    let plain = b.run(&["token", "get", "--principal-id", &principal_id]).await;
+    assert!(plain.status.success(), "{}", String::from_utf8_lossy(&plain.stderr));
+    let plain = String::from_utf8_lossy(&plain.stdout);
+    assert_eq!(plain.lines().count(), 1, "{plain}");
+    assert_eq!(plain.trim().split('.').count(), 3, "{plain}");
+
+    // As the identity: wrap and unwrap round-trip; encrypt is not among its permissions.
+    let dek_hex = hex::encode([0x5au8; 32]);
+    let as_id = ["--token", access_token.as_str()];
+    let wrap =
+        [["key", "wrap", &key_uri, "--alg", "RSA-OAEP-256", "--value-hex", &dek_hex].as_slice(), &as_id]
+            .concat();
+    let wrapped = b.json(&wrap).await;
+    assert_eq!(str_of(&wrapped, "kid"), kid);
+    let ciphertext = str_of(&wrapped, "value").to_string();
+    let unwrap =
+        [["key", "unwrap", &kid, "--alg", "RSA-OAEP-256", "--value-b64", &ciphertext].as_slice(), &as_id]
+            .concat();
+    let unwrapped = b.json(&unwrap).await;
+    assert_eq!(B64.decode(str_of(&unwrapped, "value")).expect("base64"), [0x5au8; 32]);
+    let encrypt =
+        [["key", "encrypt", &key_uri, "--alg", "RSA-OAEP-256", "--value-hex", &dek_hex].as_slice(), &as_id]
+            .concat();
+    let err = b.fails(&encrypt).await;
+    assert!(err.starts_with("error: PERMISSION_DENIED"), "{err}");
+
+    // A role assignment at the vault, listed in full and by scope, then deleted.
+    let role = "Key Vault Crypto Service Encryption User";
+    let assigned = b
+        .json(&["role", "assign", "--scope", &vault_uri, "--principal-id", &principal_id, "--role", role])
+        .await;
+    let assignment_id = str_of(&assigned, "id").to_string();
+    assert_eq!(str_of(&assigned, "role_name"), role);
+    assert_eq!(str_of(&assigned, "principal_id"), principal_id);
+    assert!(str_of(&assigned, "normalized_scope").ends_with("/vaults/id-vault"), "{assigned}");
+    let all = b.json(&["role", "list"]).await;
+    assert!(all.as_array().is_some_and(|l| l.contains(&assigned)), "{all}");
+    let at_vault = b.json(&["role", "list", "--scope", &vault_uri]).await;
+    assert!(at_vault.as_array().is_some_and(|l| l.contains(&assigned)), "{at_vault}");
+    let table = b.run(&["role", "list"]).await;
+    let text = String::from_utf8_lossy(&table.stdout);
+    assert!(text.starts_with("ID"), "{text}");
+    assert!(
+        text.lines().any(|l| l.starts_with(&assignment_id) && l.contains(role) && l.contains(&principal_id)),
+        "{text}"
+    );
+    assert_eq!(b.json(&["role", "delete", &assignment_id]).await["deleted"], assignment_id.as_str());
+    let all = b.json(&["role", "list"]).await;
+    assert!(all.as_array().is_some_and(|l| l.iter().all(|a| a["id"] != assignment_id.as_str())), "{all}");
+
+    // Removing the policy takes the identity's wrap right away.
+    let removed = b.json(&["policy", "delete", "id-vault", "--object-id", &principal_id]).await;
+    assert_eq!(removed["key_permissions"], serde_json::json!([]));
+    assert_eq!(b.json(&["policy", "list", "id-vault"]).await.as_array().map(Vec::len), Some(1));
+    let err = b.fails(&wrap).await;
+    assert!(err.starts_with("error: PERMISSION_DENIED"), "{err}");
+
+    // A user: its principal id, name and a token.
+    let user = b.json(&["user", "create", "alice"]).await;
+    assert_eq!(str_of(&user, "name"), "alice");
+    assert!(
+        !str_of(&user, "principal_id").is_empty() && str_of(&user, "token").split('.').count() == 3,
+        "{user}"
+    );
+    assert!(user["expires_on"].as_i64().is_some_and(|t| t > 0), "{user}");
+
+    // Deleting the identity: it is gone, and so is its token.
+    assert_eq!(b.json(&["identity", "delete", &resource_id]).await["deleted"], resource_id.as_str());
+    let err = b.fails(&["identity", "show", "--client-id", &client_id]).await;
+    assert!(err.starts_with("error: NOT_FOUND"), "{err}");
+    let err = b.fails(&["token", "get", "--client-id", &client_id]).await;
+    assert!(err.starts_with("error: NOT_FOUND"), "{err}");
 }

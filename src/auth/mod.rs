@@ -105,7 +105,12 @@ impl Authenticator {
     }
 
     /// Issues a managed identity's token for one audience, with `xms_mirid` naming the resource.
-    pub fn issue_identity_token(&self, identity: &Principal, audience: &str, lifetime: i64) -> Result<(String, i64), BrokerError> {
+    pub fn issue_identity_token(
+        &self,
+        identity: &Principal,
+        audience: &str,
+        lifetime: i64,
+    ) -> Result<(String, i64), BrokerError> {
         let now = self.broker.clock.now();
         let claims = Claims {
             iss: self.broker.settings.issuer(),
@@ -150,6 +155,24 @@ impl Authenticator {
         }
         Ok(Caller { object_id: claims.oid, app_id: claims.appid, issuer: claims.iss, peer: None })
     }
+
+    /// The caller a verified client certificate names (mTLS): the principal must exist.
+    pub fn caller_for_principal(
+        &self,
+        object_id: &str,
+        peer: Option<std::net::SocketAddr>,
+    ) -> Result<Caller, BrokerError> {
+        let principal = self
+            .broker
+            .principal(object_id)
+            .ok_or_else(|| BrokerError::PrincipalDeleted { object_id: object_id.to_string() })?;
+        Ok(Caller {
+            object_id: principal.object_id,
+            app_id: principal.app_id,
+            issuer: self.broker.settings.issuer(),
+            peer,
+        })
+    }
 }
 
 /// The tonic interceptor that authenticates every request of one service (default deny).
@@ -166,12 +189,19 @@ impl AuthInterceptor {
     }
 
     /// Authenticates the request's metadata; the edge turns an error into UNAUTHENTICATED.
+    /// A bearer token, when present, decides; without one, the verified client certificate
+    /// (`client_cert`: the leaf, DER) authenticates as the principal its SAN URI names.
     pub fn authenticate(
         &self,
         authorization: Option<&str>,
         peer: Option<std::net::SocketAddr>,
+        client_cert: Option<&[u8]>,
     ) -> Result<Caller, BrokerError> {
-        let header = authorization.ok_or(BrokerError::MissingToken)?;
+        let Some(header) = authorization else {
+            let oid =
+                client_cert.and_then(crate::tls::principal_from_cert).ok_or(BrokerError::MissingToken)?;
+            return self.auth.caller_for_principal(&oid, peer);
+        };
         let (scheme, token) = header.trim().split_once(' ').ok_or(BrokerError::MissingToken)?;
         if !scheme.eq_ignore_ascii_case("bearer") || token.trim().is_empty() {
             return Err(BrokerError::MissingToken);

@@ -103,7 +103,7 @@ impl Broker {
         }
         let st = self.read();
         let found = st.principals.values().find(|p| {
-            p.kind == PrincipalKind::UserAssignedIdentity
+            matches!(p.kind, PrincipalKind::UserAssignedIdentity | PrincipalKind::SystemAssignedIdentity)
                 && if !sel.resource_id.trim().is_empty() {
                     p.resource_id.as_deref().is_some_and(|r| r.eq_ignore_ascii_case(sel.resource_id.trim()))
                 } else if !sel.principal_id.trim().is_empty() {
@@ -145,19 +145,29 @@ impl Broker {
         out
     }
 
-    /// DeleteUserAssignedIdentity. `force` matters once servers use identities (their databases
-    /// become inaccessible); no server depends on an identity yet.
+    /// DeleteUserAssignedIdentity: refused while it is some server's effective identity for a
+    /// customer-managed protector, unless `force` (then those databases become inaccessible, as
+    /// in the cloud).
     pub async fn delete_user_assigned_identity(
         &self,
         caller: &Caller,
         resource_id: &str,
-        _force: bool,
+        force: bool,
     ) -> Result<(), BrokerError> {
         let sel = IdentitySelector { resource_id: resource_id.to_string(), ..Default::default() };
         let txn = self.begin().await;
         let p = self.find_identity(&sel)?;
-        self.authorize_control(&caller.object_id, IDENTITY_DELETE, p.resource_id.as_deref().unwrap_or("/"))?;
-        self.commit(txn, vec![Change::DeletePrincipal { object_id: p.object_id }]).await
+        let rid = p.resource_id.clone().unwrap_or_default();
+        self.authorize_control(&caller.object_id, IDENTITY_DELETE, &rid)?;
+        let dependants = self.identity_dependants(&self.read(), &rid);
+        if !dependants.is_empty() && !force {
+            return Err(BrokerError::IdentityInUse { identity: rid, dependants: dependants.join(", ") });
+        }
+        self.commit(txn, vec![Change::DeletePrincipal { object_id: p.object_id }]).await?;
+        if !dependants.is_empty() {
+            self.probe(None).await?;
+        }
+        Ok(())
     }
 
     /// CreateUser: a new user principal (directory write, an Owner's or Contributor's right).
@@ -180,9 +190,29 @@ impl Broker {
         Ok(user)
     }
 
-    /// The identity whose token the caller asks for, if the caller may have it.
-    pub fn identity_for_token(&self, caller: &Caller, sel: &IdentitySelector) -> Result<Principal, BrokerError> {
+    /// The identity whose token the caller asks for, if the caller may have it: an engine host
+    /// only gets the identities assigned to its own server (as a VM's metadata endpoint does).
+    pub fn identity_for_token(
+        &self,
+        caller: &Caller,
+        sel: &IdentitySelector,
+    ) -> Result<Principal, BrokerError> {
         let p = self.find_identity(sel)?;
+        if let Ok(server) = self.host_server(caller) {
+            let own = server.identity.system_principal_id.as_deref() == Some(p.object_id.as_str())
+                || p.resource_id
+                    .as_deref()
+                    .is_some_and(|r| server.identity.user_assigned.iter().any(|u| u.eq_ignore_ascii_case(r)));
+            return if own {
+                Ok(p)
+            } else {
+                Err(BrokerError::AuthorizationFailed {
+                    object_id: caller.object_id.clone(),
+                    action: IDENTITY_TOKEN.to_string(),
+                    scope: p.resource_id.unwrap_or_default(),
+                })
+            };
+        }
         self.authorize_control(&caller.object_id, IDENTITY_TOKEN, p.resource_id.as_deref().unwrap_or("/"))?;
         Ok(p)
     }

@@ -6,7 +6,9 @@ pub mod clock;
 pub mod identities;
 pub mod keys;
 pub mod roles;
+pub mod servers;
 pub mod state;
+pub mod tde;
 pub mod vaults;
 
 use std::sync::{Arc, RwLock, RwLockReadGuard};
@@ -33,6 +35,48 @@ pub struct Settings {
     pub subscription_id: String,
     /// Resource group that vaults live in.
     pub resource_group: String,
+    /// TDE behaviour.
+    pub tde: TdeSettings,
+}
+
+/// `enforce_cmk`: the built-in policy "SQL server should use customer-managed keys".
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum EnforceCmk {
+    /// No policy.
+    #[default]
+    Off,
+    /// Allow, and log the non-compliant resource.
+    Audit,
+    /// Refuse servers without a customer-managed key.
+    Deny,
+}
+
+/// TDE settings (DESIGN §1.4).
+#[derive(Clone, Debug)]
+pub struct TdeSettings {
+    /// Heal window and transient grace.
+    pub timing: crate::model::server::TdeTiming,
+    /// How often the prober evaluates every server, seconds of the broker's clock.
+    pub probe_interval: i64,
+    /// Which cloud's documentation links the texts carry.
+    pub cloud: crate::model::server::Cloud,
+    /// The CMK policy.
+    pub enforce_cmk: EnforceCmk,
+    /// Lifetime of engine host credentials, seconds.
+    pub host_token_lifetime: i64,
+}
+
+impl Default for TdeSettings {
+    fn default() -> Self {
+        TdeSettings {
+            timing: crate::model::server::TdeTiming::default(),
+            probe_interval: 600,
+            cloud: crate::model::server::Cloud::AzureCloud,
+            enforce_cmk: EnforceCmk::Off,
+            host_token_lifetime: 24 * 3600,
+        }
+    }
 }
 
 impl Settings {
@@ -73,6 +117,13 @@ pub struct Broker {
     pub clock: Clock,
     /// Identifier and text settings.
     pub settings: Settings,
+    /// Database state transitions, for watchers.
+    events: tokio::sync::broadcast::Sender<tde::DbEventRecord>,
+    /// Broker-clock time of the last full TDE probe.
+    last_probe: std::sync::atomic::AtomicI64,
+    /// Flips to true when the server starts shutting down: long-lived streams end then, so a
+    /// graceful shutdown does not wait for watchers forever.
+    shutting_down: tokio::sync::watch::Sender<bool>,
 }
 
 impl Broker {
@@ -91,12 +142,16 @@ impl Broker {
                 tracing::error!(error = %e, "loading the store failed");
                 BrokerError::StoreUnavailable
             })?;
+        let started = clock.now();
         Ok(Arc::new(Broker {
             core: Arc::new(Core { state: RwLock::new(State::from_snapshot(snap)), store }),
             writer: Arc::new(Mutex::new(())),
             sealer,
             clock,
             settings,
+            events: tokio::sync::broadcast::channel(1024).0,
+            last_probe: std::sync::atomic::AtomicI64::new(started),
+            shutting_down: tokio::sync::watch::channel(false).0,
         }))
     }
 
@@ -136,6 +191,19 @@ impl Broker {
         })
         .await
         .map_err(|_| BrokerError::Internal)?
+    }
+
+    /// Marks the start of shutdown: watch streams end.
+    pub fn begin_shutdown(&self) {
+        self.shutting_down.send_replace(true);
+    }
+
+    /// Completes once shutdown has begun.
+    pub fn shutdown_signal(&self) -> impl std::future::Future<Output = ()> + Send + 'static {
+        let mut rx = self.shutting_down.subscribe();
+        async move {
+            let _ = rx.wait_for(|down| *down).await;
+        }
     }
 
     /// The principal with this object id, if it still exists.

@@ -106,7 +106,11 @@ impl Broker {
 
     /// ListRoleAssignments: assignments the caller may read, at, above or beneath `scope`
     /// (every one for an empty scope).
-    pub fn list_role_assignments(&self, caller: &Caller, scope: &str) -> Result<Vec<RoleAssignment>, BrokerError> {
+    pub fn list_role_assignments(
+        &self,
+        caller: &Caller,
+        scope: &str,
+    ) -> Result<Vec<RoleAssignment>, BrokerError> {
         let filter = if scope.trim().is_empty() { None } else { Some(self.normalize_scope(scope)?) };
         let st = self.read();
         Ok(st

@@ -6,6 +6,7 @@ use std::sync::{Arc, OnceLock};
 
 use crate::crypto::{RsaPrivateKey, Sealer, Zbytes};
 use crate::model::ids::key_index;
+use crate::model::server::{Database, Server};
 use crate::model::{BrokerError, Change, Key, KeyType, Principal, RoleAssignment, Vault};
 use crate::store::Snapshot;
 
@@ -87,6 +88,15 @@ pub struct State {
     pub principals: HashMap<String, Principal>,
     /// Role assignments of both planes.
     pub role_assignments: Vec<RoleAssignment>,
+    /// Servers by lower-cased ARM id.
+    pub servers: BTreeMap<String, Server>,
+    /// Databases by (lower-cased server id, lower-cased name).
+    pub databases: BTreeMap<(String, String), Database>,
+}
+
+/// The key of a database in [`State::databases`].
+pub fn db_key(server_id: &str, name: &str) -> (String, String) {
+    (server_id.to_ascii_lowercase(), name.to_ascii_lowercase())
 }
 
 impl State {
@@ -115,6 +125,12 @@ impl State {
             st.principals.insert(p.object_id.clone(), p);
         }
         st.role_assignments = snap.role_assignments;
+        for s in snap.servers {
+            st.servers.insert(s.id.to_ascii_lowercase(), s);
+        }
+        for d in snap.databases {
+            st.databases.insert(db_key(&d.server_id, &d.name), d);
+        }
         st
     }
 
@@ -174,6 +190,20 @@ impl State {
             }
             Change::PutPrincipal(p) => {
                 self.principals.insert(p.object_id.clone(), p);
+            }
+            Change::PutServer(s) => {
+                self.servers.insert(s.id.to_ascii_lowercase(), s);
+            }
+            Change::DeleteServer { id } => {
+                let id = id.to_ascii_lowercase();
+                self.servers.remove(&id);
+                self.databases.retain(|(sid, _), _| *sid != id);
+            }
+            Change::PutDatabase(d) => {
+                self.databases.insert(db_key(&d.server_id, &d.name), d);
+            }
+            Change::DeleteDatabase { server_id, name } => {
+                self.databases.remove(&db_key(&server_id, &name));
             }
             Change::DeletePrincipal { object_id } => {
                 self.principals.remove(&object_id);

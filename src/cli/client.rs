@@ -1,4 +1,5 @@
-//! Client subcommands: `vault …`, `key …` and `clock …` call a running broker over gRPC as the
+//! Client subcommands: `vault …`, `key …`, `policy …`, `role …`, `identity …`, `user …`,
+//! `token …` and `clock …` call a running broker over gRPC as the
 //! bootstrap admin (token from `<data-dir>/admin.token`) or whoever `--token` names. Output is
 //! aligned text for people, or one JSON document per command (`--output json`) for scripts.
 
@@ -21,6 +22,7 @@ use super::Command;
 use crate::config::{DEFAULT_DATA_DIR, DEFAULT_LISTEN};
 use crate::grpc::proto;
 use crate::grpc::proto::emulation_client::EmulationClient;
+use crate::grpc::proto::identities_client::IdentitiesClient;
 use crate::grpc::proto::key_vault_client::KeyVaultClient;
 use crate::grpc::proto::vaults_client::VaultsClient;
 use crate::server::{ADMIN_TOKEN_FILE, MAX_MESSAGE_BYTES};
@@ -36,7 +38,7 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// every argument global, so `tde-broker key list v --output json` works.
 #[derive(Debug, Clone, clap::Args)]
 pub struct Connection {
-    /// Broker gRPC address: `http://host:port` or `host:port`.
+    /// Broker gRPC address: `http://host:port`, `https://host:port` (TLS) or `host:port`.
     #[arg(long, global = true, help_heading = "Client options", env = "TDE_BROKER_SERVER", value_name = "URL", default_value_t = format!("http://{DEFAULT_LISTEN}"))]
     pub server: String,
     /// Data directory of the broker; the admin token is read from `<data-dir>/admin.token`
@@ -61,6 +63,37 @@ pub struct Connection {
         value_name = "TOKEN"
     )]
     pub token: Option<String>,
+    /// CA certificate (PEM) that signs the broker's TLS certificate, for an https:// --server
+    /// [default: <data-dir>/tls/ca.pem, the dev CA of `serve --tls auto`, when it exists].
+    #[arg(
+        long,
+        global = true,
+        help_heading = "Client options",
+        env = "TDE_BROKER_CA_CERT",
+        value_name = "PATH"
+    )]
+    pub ca_cert: Option<PathBuf>,
+    /// Client certificate (PEM) for mTLS (see `cert issue`); without --token it alone says who
+    /// you are.
+    #[arg(
+        long,
+        global = true,
+        help_heading = "Client options",
+        env = "TDE_BROKER_CLIENT_CERT",
+        value_name = "PATH",
+        requires = "client_key"
+    )]
+    pub client_cert: Option<PathBuf>,
+    /// Private key (PEM) of --client-cert.
+    #[arg(
+        long,
+        global = true,
+        help_heading = "Client options",
+        env = "TDE_BROKER_CLIENT_KEY",
+        value_name = "PATH",
+        requires = "client_cert"
+    )]
+    pub client_key: Option<PathBuf>,
     /// Output format of client subcommands.
     #[arg(long, global = true, help_heading = "Client options", value_enum, default_value_t = Output::Table)]
     pub output: Output,
@@ -121,10 +154,15 @@ pub enum VaultCmd {
         /// Vault name.
         name: String,
     },
+}
+
+/// `tde-broker policy …`
+#[derive(Debug, clap::Subcommand)]
+pub enum PolicyCmd {
     /// Replace the key permissions of one object id (an empty list removes its policy).
-    PolicySet {
+    Set {
         /// Vault name.
-        name: String,
+        vault: String,
         /// Object id (GUID) of the user, application or managed identity.
         #[arg(long, value_name = "GUID")]
         object_id: String,
@@ -133,10 +171,112 @@ pub enum VaultCmd {
         permissions: String,
     },
     /// List the access policies of a vault.
-    PolicyList {
+    List {
         /// Vault name.
+        vault: String,
+    },
+    /// Remove the access policy of one object id.
+    Delete {
+        /// Vault name.
+        vault: String,
+        /// Object id (GUID) whose policy goes.
+        #[arg(long, value_name = "GUID")]
+        object_id: String,
+    },
+}
+
+/// `tde-broker role …`
+#[derive(Debug, clap::Subcommand)]
+pub enum RoleCmd {
+    /// Assign a role to a principal at a scope.
+    Assign {
+        /// ARM id (`/`, `/subscriptions/{sub}`, …), vault URI, or key URI without version.
+        #[arg(long, value_name = "SCOPE")]
+        scope: String,
+        /// Object id (GUID) of the user or managed identity.
+        #[arg(long, value_name = "GUID")]
+        principal_id: String,
+        /// The cloud's role name, e.g. "Key Vault Crypto Service Encryption User", "Owner".
+        #[arg(long, value_name = "ROLE")]
+        role: String,
+    },
+    /// List role assignments.
+    List {
+        /// Only the assignments at this scope [default: every one].
+        #[arg(long, value_name = "SCOPE")]
+        scope: Option<String>,
+    },
+    /// Delete a role assignment.
+    Delete {
+        /// Role assignment id, as `role list` shows it.
+        id: String,
+    },
+}
+
+/// `tde-broker identity …`
+#[derive(Debug, clap::Subcommand)]
+pub enum IdentityCmd {
+    /// Create a user-assigned managed identity.
+    Create {
+        /// Identity name.
+        name: String,
+        /// Resource group.
+        #[arg(long, value_name = "RG")]
+        resource_group: String,
+        /// Subscription id [default: the broker's default subscription].
+        #[arg(long, value_name = "SUB")]
+        subscription: Option<String>,
+    },
+    /// Show one identity, named by exactly one of its ids.
+    Show(IdentitySelector),
+    /// List identities.
+    List,
+    /// Delete a user-assigned identity; its tokens stop working at once.
+    Delete {
+        /// ARM resource id of the identity.
+        resource_id: String,
+        /// Delete even when a server uses it (its databases become inaccessible).
+        #[arg(long)]
+        force: bool,
+    },
+}
+
+/// `tde-broker user …`
+#[derive(Debug, clap::Subcommand)]
+pub enum UserCmd {
+    /// Create a user principal and print a token for it (both planes).
+    Create {
+        /// Display name.
         name: String,
     },
+}
+
+/// `tde-broker token …`
+#[derive(Debug, clap::Subcommand)]
+pub enum TokenCmd {
+    /// Get an access token for a managed identity (table output: the token alone).
+    Get {
+        #[command(flatten)]
+        identity: IdentitySelector,
+        /// Audience [default: https://vault.azure.net].
+        #[arg(long, value_name = "AUD")]
+        audience: Option<String>,
+    },
+}
+
+/// Exactly one of an identity's ids.
+#[derive(Debug, clap::Args)]
+#[command(group(clap::ArgGroup::new("which_identity").required(true).args(["resource_id", "principal_id", "client_id"])))]
+pub struct IdentitySelector {
+    /// ARM resource id.
+    #[arg(long, value_name = "ID")]
+    pub resource_id: Option<String>,
+    /// Principal (object) id.
+    #[arg(long, value_name = "GUID")]
+    pub principal_id: Option<String>,
+    /// Client (application) id.
+    #[arg(long, value_name = "GUID")]
+    pub client_id: Option<String>,
 }
 
 /// `tde-broker key …`
@@ -458,13 +598,16 @@ fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> CliError + '_ {
 // Connection
 // ---------------------------------------------------------------------------------------------
 
-/// Adds `authorization: Bearer <token>` to every request.
+/// Adds `authorization: Bearer <token>` to every request (nothing when a client certificate
+/// alone authenticates).
 #[derive(Clone)]
-struct Bearer(MetadataValue<Ascii>);
+struct Bearer(Option<MetadataValue<Ascii>>);
 
 impl Interceptor for Bearer {
     fn call(&mut self, mut request: Request<()>) -> Result<Request<()>, Status> {
-        request.metadata_mut().insert("authorization", self.0.clone());
+        if let Some(header) = &self.0 {
+            request.metadata_mut().insert("authorization", header.clone());
+        }
         Ok(request)
     }
 }
@@ -477,29 +620,63 @@ struct Session {
     channel: Channel,
     /// Sent with every request.
     bearer: Bearer,
-    /// The raw token, for the caller's object id.
-    token: String,
+    /// The raw token, for the caller's object id; `None` when the client certificate alone
+    /// authenticates.
+    token: Option<String>,
+    /// The principal the client certificate names, if one was given.
+    cert_principal: Option<String>,
     /// The URL dialled, for error messages.
     addr: String,
 }
 
 impl Session {
     async fn open(conn: &Connection) -> Result<Self, CliError> {
-        let token = load_token(conn)?;
-        let header = format!("Bearer {token}").parse::<MetadataValue<Ascii>>().map_err(|_| {
-            CliError::Invalid("the token holds characters that cannot go into a header".to_string())
-        })?;
+        let identity = load_client_identity(conn)?;
+        // A client certificate without --token authenticates by itself: the admin token file
+        // is not sent (it would take precedence at the broker).
+        let token = match (&identity, &conn.token) {
+            (Some(_), None) => None,
+            _ => Some(load_token(conn)?),
+        };
+        let header = match &token {
+            Some(token) => Some(format!("Bearer {token}").parse::<MetadataValue<Ascii>>().map_err(|_| {
+                CliError::Invalid("the token holds characters that cannot go into a header".to_string())
+            })?),
+            None => None,
+        };
         let addr = server_url(&conn.server);
-        let endpoint = Endpoint::from_shared(addr.clone())
+        let mut endpoint = Endpoint::from_shared(addr.clone())
             .map_err(|e| {
                 CliError::Invalid(format!("--server '{}' is not a valid address: {e}", conn.server))
             })?
             .connect_timeout(CONNECT_TIMEOUT);
+        let cert_principal = identity.as_ref().and_then(|(_, principal)| principal.clone());
+        if addr.starts_with("https://") {
+            endpoint = endpoint
+                .tls_config(client_tls(conn, identity.map(|(id, _)| id))?)
+                .map_err(|e| CliError::Invalid(format!("TLS: {}", error_chain(&e))))?;
+        } else if identity.is_some() {
+            return Err(CliError::Invalid(
+                "--client-cert needs TLS: point --server at https://host:port".to_string(),
+            ));
+        }
         let channel = endpoint
             .connect()
             .await
             .map_err(|e| CliError::Connect { addr: addr.clone(), detail: error_chain(&e) })?;
-        Ok(Session { channel, bearer: Bearer(header), token, addr })
+        Ok(Session { channel, bearer: Bearer(header), token, cert_principal, addr })
+    }
+
+    /// The caller's object id: the token's `oid`, or the principal the client certificate names.
+    fn caller_object_id(&self) -> Result<String, CliError> {
+        match (&self.token, &self.cert_principal) {
+            (Some(token), _) => token_object_id(token),
+            (None, Some(principal)) => Ok(principal.clone()),
+            (None, None) => Err(CliError::Invalid(
+                "the client certificate names no principal; pass --no-default-policy and grant access with `policy set`"
+                    .to_string(),
+            )),
+        }
     }
 
     fn keys(&self) -> KeyVaultClient<Authed> {
@@ -514,6 +691,11 @@ impl Session {
 
     fn emulation(&self) -> EmulationClient<Authed> {
         EmulationClient::with_interceptor(self.channel.clone(), self.bearer.clone())
+            .max_decoding_message_size(MAX_MESSAGE_BYTES)
+    }
+
+    fn identities(&self) -> IdentitiesClient<Authed> {
+        IdentitiesClient::with_interceptor(self.channel.clone(), self.bearer.clone())
             .max_decoding_message_size(MAX_MESSAGE_BYTES)
     }
 
@@ -536,6 +718,52 @@ impl Session {
         }
         CliError::Rpc { code: status.code(), reason, message: status.message().to_string() }
     }
+}
+
+/// `--client-cert`/`--client-key` as a tonic identity, with the principal the certificate names.
+fn load_client_identity(
+    conn: &Connection,
+) -> Result<Option<(tonic::transport::Identity, Option<String>)>, CliError> {
+    let (Some(cert_path), Some(key_path)) = (&conn.client_cert, &conn.client_key) else {
+        return Ok(None);
+    };
+    let cert = std::fs::read(cert_path).map_err(io_err(cert_path))?;
+    let key = std::fs::read(key_path).map_err(io_err(key_path))?;
+    let leaf = crate::tls::certs_from_pem(cert_path, &cert)
+        .map_err(|e| CliError::Invalid(e.to_string()))?
+        .swap_remove(0);
+    let principal = crate::tls::principal_from_cert(&leaf);
+    Ok(Some((tonic::transport::Identity::from_pem(cert, key), principal)))
+}
+
+/// TLS for an https:// server: trust --ca-cert, or the dev CA of the data directory.
+fn client_tls(
+    conn: &Connection,
+    identity: Option<tonic::transport::Identity>,
+) -> Result<tonic::transport::ClientTlsConfig, CliError> {
+    crate::tls::install_crypto_provider();
+    let ca_path = match &conn.ca_cert {
+        Some(path) => path.clone(),
+        None => {
+            let dir = conn.data_dir.clone().unwrap_or_else(|| PathBuf::from(DEFAULT_DATA_DIR));
+            let dev_ca = crate::tls::DevPki::in_data_dir(&dir).ca_cert;
+            if !dev_ca.is_file() {
+                return Err(CliError::Invalid(format!(
+                    "an https:// server needs the CA that signs its certificate: pass --ca-cert (no dev CA at {})",
+                    dev_ca.display()
+                )));
+            }
+            dev_ca
+        }
+    };
+    let ca = std::fs::read(&ca_path).map_err(io_err(&ca_path))?;
+    crate::tls::certs_from_pem(&ca_path, &ca).map_err(|e| CliError::Invalid(e.to_string()))?;
+    let mut tls =
+        tonic::transport::ClientTlsConfig::new().ca_certificate(tonic::transport::Certificate::from_pem(ca));
+    if let Some(identity) = identity {
+        tls = tls.identity(identity);
+    }
+    Ok(tls)
 }
 
 /// `host:port` becomes `http://host:port`; a URL stays as it is.
@@ -570,7 +798,7 @@ fn load_token(conn: &Connection) -> Result<String, CliError> {
 fn token_object_id(token: &str) -> Result<String, CliError> {
     let bad = || {
         CliError::Invalid(
-            "cannot read the caller's object id (oid claim) from the token; pass --no-default-policy and grant access with `vault policy-set`"
+            "cannot read the caller's object id (oid claim) from the token; pass --no-default-policy and grant access with `policy set`"
                 .to_string(),
         )
     };
@@ -600,15 +828,20 @@ struct Out {
 /// Runs one client subcommand against the broker.
 pub async fn run(conn: Connection, command: Command) -> Result<(), CliError> {
     let not_a_client =
-        || CliError::Invalid("`serve` starts the broker; it is not a client subcommand".to_string());
-    if matches!(command, Command::Serve(_)) {
+        || CliError::Invalid("`serve` and `cert` run locally; they are not client subcommands".to_string());
+    if matches!(command, Command::Serve(_) | Command::Cert(_)) {
         return Err(not_a_client());
     }
     let session = Session::open(&conn).await?;
     let out = match command {
-        Command::Serve(_) => return Err(not_a_client()),
+        Command::Serve(_) | Command::Cert(_) => return Err(not_a_client()),
         Command::Vault(cmd) => vault(&session, cmd).await?,
         Command::Key(cmd) => key(&session, cmd).await?,
+        Command::Policy(cmd) => policy(&session, cmd).await?,
+        Command::Role(cmd) => role(&session, cmd).await?,
+        Command::Identity(cmd) => identity(&session, cmd).await?,
+        Command::User(cmd) => user(&session, cmd).await?,
+        Command::Token(cmd) => token(&session, cmd).await?,
         Command::Clock(cmd) => clock(&session, cmd).await?,
     };
     let text = match conn.output {
@@ -626,7 +859,7 @@ async fn vault(s: &Session, cmd: VaultCmd) -> Result<Out, CliError> {
     match cmd {
         VaultCmd::Create { name, retention_days, purge_protection, rbac, no_default_policy } => {
             let grant = !(no_default_policy || rbac);
-            let object_id = if grant { Some(token_object_id(&s.token)?) } else { None };
+            let object_id = if grant { Some(s.caller_object_id()?) } else { None };
             let request = proto::CreateVaultRequest {
                 name: name.clone(),
                 soft_delete_retention_days: retention_days.unwrap_or(0),
@@ -693,31 +926,18 @@ async fn vault(s: &Session, cmd: VaultCmd) -> Result<Out, CliError> {
             s.call(s.vaults().delete_vault(proto::DeleteVaultRequest { name: name.clone() })).await?;
             Ok(Out { json: json!({ "deleted": name }), table: format!("deleted vault {name}\n") })
         }
-        VaultCmd::PolicySet { name, object_id, permissions } => {
-            let key_permissions = comma_list(&permissions);
-            let request = proto::SetAccessPolicyRequest {
-                vault_name: name.clone(),
-                object_id: object_id.clone(),
-                key_permissions: key_permissions.clone(),
-            };
-            s.call(s.vaults().set_access_policy(request)).await?;
-            let table = if key_permissions.is_empty() {
-                format!("removed the access policy of {object_id} on {name}\n")
-            } else {
-                fields(&[
-                    ("vault", name.clone()),
-                    ("object id", object_id.clone()),
-                    ("permissions", key_permissions.join(", ")),
-                ])
-            };
-            Ok(Out {
-                json: json!({ "vault": name, "object_id": object_id, "key_permissions": key_permissions }),
-                table,
-            })
+    }
+}
+
+async fn policy(s: &Session, cmd: PolicyCmd) -> Result<Out, CliError> {
+    match cmd {
+        PolicyCmd::Set { vault, object_id, permissions } => {
+            set_policy(s, vault, object_id, comma_list(&permissions)).await
         }
-        VaultCmd::PolicyList { name } => {
+        PolicyCmd::Delete { vault, object_id } => set_policy(s, vault, object_id, Vec::new()).await,
+        PolicyCmd::List { vault } => {
             let list = s
-                .call(s.vaults().list_access_policies(proto::ListAccessPoliciesRequest { vault_name: name }))
+                .call(s.vaults().list_access_policies(proto::ListAccessPoliciesRequest { vault_name: vault }))
                 .await?;
             let json = list
                 .policies
@@ -730,6 +950,161 @@ async fn vault(s: &Session, cmd: VaultCmd) -> Result<Out, CliError> {
                 .map(|p| vec![p.object_id.clone(), p.key_permissions.join(",")])
                 .collect();
             Ok(Out { json: Value::Array(json), table: table(&["OBJECT-ID", "PERMISSIONS"], rows) })
+        }
+    }
+}
+
+/// Replaces the key permissions of `object_id` on `vault`; an empty list removes its policy.
+async fn set_policy(
+    s: &Session,
+    vault: String,
+    object_id: String,
+    key_permissions: Vec<String>,
+) -> Result<Out, CliError> {
+    let request = proto::SetAccessPolicyRequest {
+        vault_name: vault.clone(),
+        object_id: object_id.clone(),
+        key_permissions: key_permissions.clone(),
+    };
+    s.call(s.vaults().set_access_policy(request)).await?;
+    let table = if key_permissions.is_empty() {
+        format!("removed the access policy of {object_id} on {vault}\n")
+    } else {
+        fields(&[
+            ("vault", vault.clone()),
+            ("object id", object_id.clone()),
+            ("permissions", key_permissions.join(", ")),
+        ])
+    };
+    Ok(Out {
+        json: json!({ "vault": vault, "object_id": object_id, "key_permissions": key_permissions }),
+        table,
+    })
+}
+
+async fn role(s: &Session, cmd: RoleCmd) -> Result<Out, CliError> {
+    match cmd {
+        RoleCmd::Assign { scope, principal_id, role } => {
+            let request = proto::CreateRoleAssignmentRequest { scope, principal_id, role_name: role };
+            let a = s.call(s.vaults().create_role_assignment(request)).await?;
+            Ok(Out {
+                json: role_json(&a),
+                table: fields(&[
+                    ("id", a.id.clone()),
+                    ("role", a.role_name.clone()),
+                    ("principal id", a.principal_id.clone()),
+                    ("scope", a.scope.clone()),
+                    ("normalized scope", a.normalized_scope.clone()),
+                ]),
+            })
+        }
+        RoleCmd::List { scope } => {
+            let request = proto::ListRoleAssignmentsRequest { scope: scope.unwrap_or_default() };
+            let list = s.call(s.vaults().list_role_assignments(request)).await?;
+            let rows = list
+                .assignments
+                .iter()
+                .map(|a| vec![a.id.clone(), a.role_name.clone(), a.principal_id.clone(), a.scope.clone()])
+                .collect();
+            Ok(Out {
+                json: Value::Array(list.assignments.iter().map(role_json).collect()),
+                table: table(&["ID", "ROLE", "PRINCIPAL-ID", "SCOPE"], rows),
+            })
+        }
+        RoleCmd::Delete { id } => {
+            s.call(s.vaults().delete_role_assignment(proto::DeleteRoleAssignmentRequest { id: id.clone() }))
+                .await?;
+            Ok(Out { json: json!({ "deleted": id }), table: format!("deleted role assignment {id}\n") })
+        }
+    }
+}
+
+async fn identity(s: &Session, cmd: IdentityCmd) -> Result<Out, CliError> {
+    match cmd {
+        IdentityCmd::Create { name, resource_group, subscription } => {
+            let request = proto::CreateUserAssignedIdentityRequest {
+                subscription_id: subscription.unwrap_or_default(),
+                resource_group,
+                name,
+            };
+            Ok(identity_out(&s.call(s.identities().create_user_assigned_identity(request)).await?))
+        }
+        IdentityCmd::Show(which) => {
+            let request = proto::GetIdentityRequest {
+                resource_id: which.resource_id.unwrap_or_default(),
+                principal_id: which.principal_id.unwrap_or_default(),
+                client_id: which.client_id.unwrap_or_default(),
+            };
+            Ok(identity_out(&s.call(s.identities().get_identity(request)).await?))
+        }
+        IdentityCmd::List => {
+            let list = s.call(s.identities().list_identities(proto::ListIdentitiesRequest {})).await?;
+            let rows = list
+                .identities
+                .iter()
+                .map(|i| {
+                    let name = i.resource_id.rsplit('/').next().unwrap_or_default().to_string();
+                    vec![
+                        name,
+                        i.kind.clone(),
+                        i.principal_id.clone(),
+                        i.client_id.clone(),
+                        i.resource_id.clone(),
+                    ]
+                })
+                .collect();
+            Ok(Out {
+                json: Value::Array(list.identities.iter().map(identity_json).collect()),
+                table: table(&["NAME", "KIND", "PRINCIPAL-ID", "CLIENT-ID", "RESOURCE-ID"], rows),
+            })
+        }
+        IdentityCmd::Delete { resource_id, force } => {
+            let request =
+                proto::DeleteUserAssignedIdentityRequest { resource_id: resource_id.clone(), force };
+            s.call(s.identities().delete_user_assigned_identity(request)).await?;
+            Ok(Out {
+                json: json!({ "deleted": resource_id }),
+                table: format!("deleted identity {resource_id}\n"),
+            })
+        }
+    }
+}
+
+async fn user(s: &Session, cmd: UserCmd) -> Result<Out, CliError> {
+    match cmd {
+        UserCmd::Create { name } => {
+            let u = s.call(s.identities().create_user(proto::CreateUserRequest { name })).await?;
+            Ok(Out {
+                json: json!({
+                    "principal_id": u.principal_id,
+                    "name": u.name,
+                    "token": u.token,
+                    "expires_on": u.expires_on,
+                }),
+                table: fields(&[
+                    ("principal id", u.principal_id.clone()),
+                    ("name", u.name.clone()),
+                    ("token", u.token.clone()),
+                    ("expires on", when(u.expires_on)),
+                ]),
+            })
+        }
+    }
+}
+
+async fn token(s: &Session, cmd: TokenCmd) -> Result<Out, CliError> {
+    match cmd {
+        TokenCmd::Get { identity, audience } => {
+            let request = proto::GetTokenRequest {
+                client_id: identity.client_id.unwrap_or_default(),
+                principal_id: identity.principal_id.unwrap_or_default(),
+                resource_id: identity.resource_id.unwrap_or_default(),
+                audience: audience.unwrap_or_default(),
+            };
+            let t = s.call(s.identities().get_token(request)).await?;
+            // The token alone, so `--token "$(tde-broker token get …)"` works.
+            let table = format!("{}\n", t.access_token);
+            Ok(Out { json: json!({ "access_token": t.access_token, "expires_on": t.expires_on }), table })
         }
     }
 }
@@ -1087,6 +1462,39 @@ fn table(header: &[&str], rows: Vec<Vec<String>>) -> String {
         out.push_str(&line(row.iter().map(String::as_str).collect()));
     }
     out
+}
+
+fn identity_out(i: &proto::Identity) -> Out {
+    Out {
+        json: identity_json(i),
+        table: fields(&[
+            ("resource id", i.resource_id.clone()),
+            ("principal id", i.principal_id.clone()),
+            ("client id", i.client_id.clone()),
+            ("tenant id", i.tenant_id.clone()),
+            ("kind", i.kind.clone()),
+        ]),
+    }
+}
+
+fn identity_json(i: &proto::Identity) -> Value {
+    json!({
+        "resource_id": i.resource_id,
+        "principal_id": i.principal_id,
+        "client_id": i.client_id,
+        "tenant_id": i.tenant_id,
+        "kind": i.kind,
+    })
+}
+
+fn role_json(a: &proto::RoleAssignment) -> Value {
+    json!({
+        "id": a.id,
+        "scope": a.scope,
+        "principal_id": a.principal_id,
+        "role_name": a.role_name,
+        "normalized_scope": a.normalized_scope,
+    })
 }
 
 fn vault_out(v: &proto::Vault) -> Out {

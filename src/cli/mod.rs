@@ -27,15 +27,49 @@ pub struct Cli {
 pub enum Command {
     /// Start the broker with embedded defaults (gRPC on 127.0.0.1:50051, data in ./tde-broker-data).
     Serve(ServeArgs),
-    /// Vaults: create, show, list, update, delete, access policies.
+    /// Vaults: create, show, list, update, delete.
     #[command(subcommand)]
     Vault(client::VaultCmd),
     /// Keys: lifecycle, backup/restore and crypto.
     #[command(subcommand)]
     Key(client::KeyCmd),
+    /// Access policies of a vault: who may do which key operations.
+    #[command(subcommand)]
+    Policy(client::PolicyCmd),
+    /// Role assignments (RBAC) for the control plane and RBAC vaults.
+    #[command(subcommand)]
+    Role(client::RoleCmd),
+    /// User-assigned managed identities.
+    #[command(subcommand)]
+    Identity(client::IdentityCmd),
+    /// User principals.
+    #[command(subcommand)]
+    User(client::UserCmd),
+    /// Access tokens of managed identities.
+    #[command(subcommand)]
+    Token(client::TokenCmd),
     /// The broker's clock (manual clock only for changes).
     #[command(subcommand)]
     Clock(client::ClockCmd),
+    /// mTLS client certificates, signed by the dev CA of `serve --tls auto` (local, no broker call).
+    #[command(subcommand)]
+    Cert(CertCmd),
+}
+
+/// `tde-broker cert …`
+#[derive(Debug, Subcommand)]
+pub enum CertCmd {
+    /// Issue a client certificate that authenticates as a principal (SAN URI
+    /// spiffe://tdebroker/principal/<GUID>), signed by the dev CA in <data-dir>/tls; writes
+    /// <GUID>.pem and <GUID>.key (0600).
+    Issue {
+        /// Object id (GUID) of the principal the certificate authenticates as.
+        #[arg(long, value_name = "GUID")]
+        principal: String,
+        /// Where to write the certificate and key [default: the current directory].
+        #[arg(long, value_name = "DIR")]
+        out_dir: Option<std::path::PathBuf>,
+    },
 }
 
 /// Parses the command line and runs it; the process exit code says how it went.
@@ -51,6 +85,7 @@ pub fn main() -> ExitCode {
     let result = runtime.block_on(async move {
         match cli.command {
             Command::Serve(args) => serve(args).await,
+            Command::Cert(cmd) => cert(cli.connection.data_dir.as_deref(), cmd),
             other => client::run(cli.connection, other).await.map_err(|e| e.to_string()),
         }
     });
@@ -70,6 +105,27 @@ async fn serve(args: ServeArgs) -> Result<(), String> {
     let listener =
         tokio::net::TcpListener::bind(listen).await.map_err(|e| format!("cannot listen on {listen}: {e}"))?;
     app.serve(listener, shutdown_signal()).await.map_err(|e| e.to_string())
+}
+
+/// `cert …`: runs beside the broker on its data directory (it reads the dev CA's files).
+fn cert(data_dir: Option<&std::path::Path>, cmd: CertCmd) -> Result<(), String> {
+    match cmd {
+        CertCmd::Issue { principal, out_dir } => {
+            let data_dir = data_dir.unwrap_or(std::path::Path::new(crate::config::DEFAULT_DATA_DIR));
+            let (cert, key) =
+                crate::tls::issue_client_cert(data_dir, &principal).map_err(|e| e.to_string())?;
+            let out_dir = out_dir.unwrap_or_else(|| std::path::PathBuf::from("."));
+            // The file names carry the id as the certificate does (lowercase, hyphenated).
+            let oid = uuid::Uuid::parse_str(principal.trim()).map_err(|e| e.to_string())?.to_string();
+            let cert_path = out_dir.join(format!("{oid}.pem"));
+            let key_path = out_dir.join(format!("{oid}.key"));
+            crate::tls::write_file(&key_path, key.as_bytes(), 0o600).map_err(|e| e.to_string())?;
+            crate::tls::write_file(&cert_path, cert.as_bytes(), 0o644).map_err(|e| e.to_string())?;
+            println!("certificate  {}", cert_path.display());
+            println!("key          {}", key_path.display());
+            Ok(())
+        }
+    }
 }
 
 /// Completes on SIGINT or SIGTERM.

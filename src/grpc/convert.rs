@@ -87,7 +87,9 @@ pub fn identity(p: &crate::model::Principal, tenant_id: &str) -> proto::Identity
         tenant_id: tenant_id.to_string(),
         kind: match p.kind {
             crate::model::PrincipalKind::UserAssignedIdentity => "UserAssigned",
+            crate::model::PrincipalKind::SystemAssignedIdentity => "SystemAssigned",
             crate::model::PrincipalKind::User => "User",
+            crate::model::PrincipalKind::ServerHost => "ServerHost",
         }
         .to_string(),
     }
@@ -101,5 +103,58 @@ pub fn role_assignment(a: crate::model::RoleAssignment) -> proto::RoleAssignment
         principal_id: a.principal_id,
         role_name: a.role.name().to_string(),
         normalized_scope: a.scope,
+    }
+}
+
+/// Proto server.
+pub fn server(s: &crate::model::server::Server) -> proto::Server {
+    use crate::model::server::ServerKind;
+    proto::Server {
+        id: s.id.clone(),
+        name: s.name.clone(),
+        kind: match s.kind {
+            ServerKind::SqlServer => proto::ServerKind::SqlServer,
+            ServerKind::ManagedInstance => proto::ServerKind::ManagedInstance,
+        } as i32,
+        identity: Some(proto::ServerIdentity {
+            system_assigned: s.identity.system_principal_id.is_some(),
+            system_principal_id: s.identity.system_principal_id.clone().unwrap_or_default(),
+            user_assigned_identity_ids: s.identity.user_assigned.clone(),
+            primary_user_assigned_identity_id: s.identity.primary.clone().unwrap_or_default(),
+        }),
+        protector: Some(protector(&s.protector)),
+        subnet_id: s.subnet_id.clone().unwrap_or_default(),
+    }
+}
+
+/// Proto encryption protector.
+pub fn protector(p: &crate::model::server::Protector) -> proto::EncryptionProtector {
+    use crate::model::server::Protector;
+    match p {
+        Protector::ServiceManaged => {
+            proto::EncryptionProtector { server_key_type: "ServiceManaged".into(), ..Default::default() }
+        }
+        Protector::AzureKeyVault { key_id, kid, auto_rotation } => proto::EncryptionProtector {
+            server_key_type: "AzureKeyVault".into(),
+            key_id: key_id.clone(),
+            kid: kid.clone(),
+            auto_rotation_enabled: *auto_rotation,
+        },
+    }
+}
+
+/// Proto database state.
+pub fn db_state(reason: Option<crate::model::server::Reason>) -> proto::DatabaseState {
+    if reason.is_some() { proto::DatabaseState::Inaccessible } else { proto::DatabaseState::Online }
+}
+
+/// Proto database.
+pub fn database(d: &crate::model::server::Database) -> proto::Database {
+    proto::Database {
+        server_id: d.server_id.clone(),
+        name: d.name.clone(),
+        state: db_state(d.reason) as i32,
+        reason: d.reason.map(|r| r.name().to_string()).unwrap_or_default(),
+        state_since: d.state_since,
     }
 }

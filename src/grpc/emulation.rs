@@ -30,6 +30,8 @@ impl EmulationService {
     /// retention are purged).
     async fn clock_moved(&self, now: i64) -> Result<Response<proto::ClockResponse>, Status> {
         self.broker.purge_expired().await.map_err(to_status)?;
+        // Probes that came due while the clock jumped run now.
+        self.broker.probe_if_due().await.map_err(to_status)?;
         Ok(self.reply(now))
     }
 }

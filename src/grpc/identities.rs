@@ -42,10 +42,17 @@ impl Identities for IdentitiesService {
         Ok(Response::new(identity(&p, &self.broker.settings.tenant_id)))
     }
 
-    async fn get_identity(&self, request: Request<proto::GetIdentityRequest>) -> Result<Response<proto::Identity>, Status> {
+    async fn get_identity(
+        &self,
+        request: Request<proto::GetIdentityRequest>,
+    ) -> Result<Response<proto::Identity>, Status> {
         let caller = caller(&request)?;
         let r = request.into_inner();
-        let sel = IdentitySelector { resource_id: r.resource_id, principal_id: r.principal_id, client_id: r.client_id };
+        let sel = IdentitySelector {
+            resource_id: r.resource_id,
+            principal_id: r.principal_id,
+            client_id: r.client_id,
+        };
         let p = self.broker.get_identity(&caller, &sel).map_err(to_status)?;
         Ok(Response::new(identity(&p, &self.broker.settings.tenant_id)))
     }
@@ -66,25 +73,43 @@ impl Identities for IdentitiesService {
     ) -> Result<Response<proto::DeleteUserAssignedIdentityResponse>, Status> {
         let caller = caller(&request)?;
         let r = request.get_ref();
-        self.broker.delete_user_assigned_identity(&caller, &r.resource_id, r.force).await.map_err(to_status)?;
+        self.broker
+            .delete_user_assigned_identity(&caller, &r.resource_id, r.force)
+            .await
+            .map_err(to_status)?;
         Ok(Response::new(proto::DeleteUserAssignedIdentityResponse {}))
     }
 
-    async fn create_user(&self, request: Request<proto::CreateUserRequest>) -> Result<Response<proto::CreateUserResponse>, Status> {
+    async fn create_user(
+        &self,
+        request: Request<proto::CreateUserRequest>,
+    ) -> Result<Response<proto::CreateUserResponse>, Status> {
         let caller = caller(&request)?;
         let user = self.broker.create_user(&caller, &request.get_ref().name).await.map_err(to_status)?;
         let (token, expires_on) = self
             .auth
             .issue_user_token(&user, &[MANAGEMENT_AUDIENCE, VAULT_AUDIENCE], self.token_lifetime)
             .map_err(to_status)?;
-        Ok(Response::new(proto::CreateUserResponse { principal_id: user.object_id, name: user.name, token, expires_on }))
+        Ok(Response::new(proto::CreateUserResponse {
+            principal_id: user.object_id,
+            name: user.name,
+            token,
+            expires_on,
+        }))
     }
 
-    async fn get_token(&self, request: Request<proto::GetTokenRequest>) -> Result<Response<proto::GetTokenResponse>, Status> {
+    async fn get_token(
+        &self,
+        request: Request<proto::GetTokenRequest>,
+    ) -> Result<Response<proto::GetTokenResponse>, Status> {
         let caller = caller(&request)?;
         let r = request.into_inner();
         let audience = canonical_audience(&r.audience).map_err(to_status)?;
-        let sel = IdentitySelector { resource_id: r.resource_id, principal_id: r.principal_id, client_id: r.client_id };
+        let sel = IdentitySelector {
+            resource_id: r.resource_id,
+            principal_id: r.principal_id,
+            client_id: r.client_id,
+        };
         let p = self.broker.identity_for_token(&caller, &sel).map_err(to_status)?;
         let (access_token, expires_on) =
             self.auth.issue_identity_token(&p, audience, self.token_lifetime).map_err(to_status)?;

@@ -45,6 +45,22 @@ pub enum Change {
     },
     /// Create or replace a principal.
     PutPrincipal(Principal),
+    /// Create or replace a server.
+    PutServer(super::server::Server),
+    /// Remove a server with its databases, system-assigned identity and host principal.
+    DeleteServer {
+        /// Server ARM id.
+        id: String,
+    },
+    /// Create or replace a database (its TDE state included).
+    PutDatabase(super::server::Database),
+    /// Remove a database.
+    DeleteDatabase {
+        /// Server ARM id.
+        server_id: String,
+        /// Database name.
+        name: String,
+    },
     /// Remove a principal (its tokens stop working at once).
     DeletePrincipal {
         /// Object id.

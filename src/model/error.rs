@@ -253,6 +253,160 @@ pub enum BrokerError {
         /// The id given.
         id: String,
     },
+    /// TDE protector in a vault without soft delete and purge protection.
+    #[error("The provided Key Vault uri is not valid.")]
+    TdeVaultRecoveryLevel,
+    /// TDE protector that is not RSA/RSA-HSM 2048 or 3072.
+    #[error(
+        "The provided key vault uses unsupported RSA Key Size or Key Type. The supported RSA key size is 2048 or 3072 and Key Type is RSA or RSA-HSM."
+    )]
+    TdeKeyNotSupported,
+    /// TDE protector that is disabled.
+    #[error(
+        "The key '{key}' is disabled in Azure Key Vault. The key must be in the Enabled state to be used as the TDE protector."
+    )]
+    TdeKeyDisabled {
+        /// Key URI.
+        key: String,
+    },
+    /// TDE protector outside its activation/expiry window.
+    #[error(
+        "The key '{key}' cannot be used as the TDE protector: its activation date (if set) must be in the past and its expiration date (if set) in the future."
+    )]
+    TdeKeyInvalidDates {
+        /// Key URI.
+        key: String,
+    },
+    /// TDE protector that does not exist in the vault.
+    #[error("The key '{key}' was not found in Azure Key Vault.")]
+    TdeKeyNotFound {
+        /// Key URI.
+        key: String,
+    },
+    /// A managed instance with a user-assigned identity needs a vault open to all networks (seed).
+    #[error(
+        "User Assigned Managed Identity for SQL Managed Instance is currently only supported on key vaults that have public access from all networks enabled. The key vault '{vault}' filters networks or uses private endpoints."
+    )]
+    TdeManagedInstanceUmiNeedsOpenVault {
+        /// Vault name.
+        vault: String,
+    },
+    /// The effective identity cannot use the key: the seed's message, word for word.
+    #[error(
+        "Failed to save Transparent Data Encryption settings for SQL resource: {server}. Error message: The managed identity with ID '{identity}' requires the following Azure Key Vault permissions: 'Get, WrapKey, UnwrapKey' to the key '{key}'. Please grant the missing permissions to the identity. Additionally ensure the key is not expired and is not disabled. For expired key, please extend the key expiry time so that SQL can use it to perform wrap and unwrap operations. If your key vault is behind a virtual network or firewall, ensure you select the 'Allow trusted Microsoft services to bypass this firewall' option. ({link})."
+    )]
+    TdeIdentityMissingPermissions {
+        /// Server name.
+        server: String,
+        /// The identity (UMI resource id or SMI principal id).
+        identity: String,
+        /// Key URI (without version).
+        key: String,
+        /// Documentation link of the configured cloud.
+        link: &'static str,
+    },
+    /// A new primary UMI that cannot use the protector.
+    #[error(
+        "PrimaryUserAssignedIdentityId provided by user does not have access to KeyId provided. The identity '{identity}' needs 'Get, WrapKey, UnwrapKey' on '{key}' before it can become primary."
+    )]
+    TdeUmiMissingPermissions {
+        /// The identity.
+        identity: String,
+        /// Key URI.
+        key: String,
+    },
+    /// Removing every UMI would fall back to an SMI that cannot use the protector (or none).
+    #[error(
+        "Removing all user-assigned identities from server '{server}' would make TDE use {fallback}, which cannot use the key '{key}'. Grant the system-assigned identity 'Get, WrapKey, UnwrapKey' on the key (or keep a user-assigned identity) first."
+    )]
+    TdeFallbackIdentityMissingPermissions {
+        /// Server name.
+        server: String,
+        /// What TDE would fall back to.
+        fallback: String,
+        /// Key URI.
+        key: String,
+    },
+    /// TDE with CMK without any identity.
+    #[error(
+        "Server '{server}' has no identity to reach Azure Key Vault: assign a user-assigned identity (primary) or turn on the system-assigned identity. A customer-managed key at server creation needs a user-assigned identity."
+    )]
+    TdeNoServerIdentity {
+        /// Server name.
+        server: String,
+    },
+    /// Deleting a UMI that servers use for TDE, without `force`.
+    #[error(
+        "The user-assigned identity '{identity}' is the key vault identity of: {dependants}. Deleting it makes their databases inaccessible; repeat with force to delete it anyway."
+    )]
+    IdentityInUse {
+        /// The identity.
+        identity: String,
+        /// Comma-separated server ids.
+        dependants: String,
+    },
+    /// A server that does not exist.
+    #[error("The requested resource of type 'Microsoft.Sql/servers' with name '{name}' was not found.")]
+    ServerNotFound {
+        /// Name or id.
+        name: String,
+    },
+    /// CreateServer with a name in use.
+    #[error("The server name '{name}' already exists. Choose a different name.")]
+    ServerAlreadyExists {
+        /// Name.
+        name: String,
+    },
+    /// A database that does not exist.
+    #[error(
+        "The requested resource of type 'Microsoft.Sql/servers/databases' with name '{name}' was not found."
+    )]
+    DatabaseNotFound {
+        /// Name.
+        name: String,
+    },
+    /// CreateDatabase with a name in use.
+    #[error("Database '{name}' already exists. Choose a different database name.")]
+    DatabaseAlreadyExists {
+        /// Name.
+        name: String,
+    },
+    /// An engine call on an inaccessible database (SQL error 40613's text).
+    #[error(
+        "Database '{database}' on server '{server}' is not currently available. Please retry the connection later. (Inaccessible: {reason})"
+    )]
+    DatabaseInaccessible {
+        /// Database.
+        database: String,
+        /// Server name.
+        server: String,
+        /// The reason code.
+        reason: &'static str,
+    },
+    /// A TdeEngine call by a principal that is no server's engine host.
+    #[error(
+        "The caller '{object_id}' is not the engine host of a server; TdeEngine is called with a host credential (Servers.IssueHostCredential)."
+    )]
+    NotAServerHost {
+        /// The caller.
+        object_id: String,
+    },
+    /// The built-in policy "SQL server should use customer-managed keys" in Deny mode.
+    #[error(
+        "Resource '{server}' was disallowed by policy. Policy identifiers: '[{{\"policyAssignment\":{{\"name\":\"SQL server should use customer-managed keys to encrypt data at rest\"}},\"policyDefinition\":{{\"name\":\"0a370ff3-6cab-4e85-8995-295fd854c5b8\"}}}}]'."
+    )]
+    DisallowedByPolicy {
+        /// Server name.
+        server: String,
+    },
+    /// Service-managed TDE while a CMK database is inaccessible (troubleshoot-tde).
+    #[error(
+        "The TDE protector of server '{server}' cannot be changed to service-managed while a database is inaccessible; restore key access and revalidate first."
+    )]
+    InaccessibleDatabaseBlocksChange {
+        /// Server name.
+        server: String,
+    },
     /// A request field with a bad value (code `BadParameter`).
     #[error("{message}")]
     BadParameter {
@@ -302,6 +456,24 @@ impl BrokerError {
             KeyAlreadyExists { .. } => "Conflict",
             VaultNotFound { .. } | IdentityNotFound { .. } => "ResourceNotFound",
             PrincipalNotFound { .. } => "PrincipalNotFound",
+            TdeVaultRecoveryLevel => "SecurityInvalidAzureKeyVaultRecoveryLevel",
+            TdeKeyNotSupported => "AzureKeyVaultRsaKeyNotSupported",
+            TdeKeyDisabled { .. } => "AzureKeyVaultKeyDisabled",
+            TdeKeyInvalidDates { .. } => "AzureKeyVaultInvalidExpirationDate",
+            TdeKeyNotFound { .. } => "AzureKeyVaultKeyNameNotFound",
+            TdeManagedInstanceUmiNeedsOpenVault { .. } => "AzureKeyVaultUmiNotSupportedWithFirewall",
+            TdeIdentityMissingPermissions { .. } => "AzureKeyVaultMissingPermissions",
+            TdeUmiMissingPermissions { .. } => "UmiMissingAkvPermissions",
+            TdeFallbackIdentityMissingPermissions { .. } => "AzureKeyVaultMissingPermissions",
+            TdeNoServerIdentity { .. } => "AzureKeyVaultNoServerIdentity",
+            IdentityInUse { .. } => "IdentityInUse",
+            ServerNotFound { .. } | DatabaseNotFound { .. } => "ResourceNotFound",
+            ServerAlreadyExists { .. } => "ServerAlreadyExists",
+            DatabaseAlreadyExists { .. } => "DatabaseAlreadyExists",
+            DatabaseInaccessible { .. } => "DatabaseInaccessible",
+            NotAServerHost { .. } => "NotAServerHost",
+            DisallowedByPolicy { .. } => "RequestDisallowedByPolicy",
+            InaccessibleDatabaseBlocksChange { .. } => "InaccessibleDatabaseBlocksChange",
             RoleAssignmentExists => "RoleAssignmentExists",
             RoleAssignmentNotFound { .. } => "RoleAssignmentNotFound",
             VaultAlreadyExists { .. } => "VaultAlreadyExists",
@@ -332,19 +504,41 @@ impl BrokerError {
             | KeyOperationForbidden { .. }
             | KeyExpired { .. }
             | KeyNotYetValid { .. }
-            | PurgeProtected => ErrorClass::Forbidden,
+            | PurgeProtected
+            | NotAServerHost { .. }
+            | DisallowedByPolicy { .. } => ErrorClass::Forbidden,
             KeyNotFound { .. }
             | DeletedKeyNotFound { .. }
             | VaultNotFound { .. }
             | IdentityNotFound { .. }
-            | RoleAssignmentNotFound { .. } => ErrorClass::NotFound,
-            KeyAlreadyExists { .. } | VaultAlreadyExists { .. } | RoleAssignmentExists => ErrorClass::AlreadyExists,
-            KeyDeletedButRecoverable { .. } | VaultNotEmpty { .. } | ClockNotManual => {
-                ErrorClass::FailedPrecondition
-            }
-            PurgeProtectionIrreversible | BadParameter { .. } | DecryptionFailed | PrincipalNotFound { .. } => {
-                ErrorClass::InvalidArgument
-            }
+            | RoleAssignmentNotFound { .. }
+            | ServerNotFound { .. }
+            | DatabaseNotFound { .. } => ErrorClass::NotFound,
+            KeyAlreadyExists { .. }
+            | VaultAlreadyExists { .. }
+            | RoleAssignmentExists
+            | ServerAlreadyExists { .. }
+            | DatabaseAlreadyExists { .. } => ErrorClass::AlreadyExists,
+            KeyDeletedButRecoverable { .. }
+            | VaultNotEmpty { .. }
+            | ClockNotManual
+            | TdeVaultRecoveryLevel
+            | TdeKeyNotSupported
+            | TdeKeyDisabled { .. }
+            | TdeKeyInvalidDates { .. }
+            | TdeKeyNotFound { .. }
+            | TdeManagedInstanceUmiNeedsOpenVault { .. }
+            | TdeIdentityMissingPermissions { .. }
+            | TdeUmiMissingPermissions { .. }
+            | TdeFallbackIdentityMissingPermissions { .. }
+            | TdeNoServerIdentity { .. }
+            | IdentityInUse { .. }
+            | DatabaseInaccessible { .. }
+            | InaccessibleDatabaseBlocksChange { .. } => ErrorClass::FailedPrecondition,
+            PurgeProtectionIrreversible
+            | BadParameter { .. }
+            | DecryptionFailed
+            | PrincipalNotFound { .. } => ErrorClass::InvalidArgument,
             StoreUnavailable => ErrorClass::Unavailable,
             Internal => ErrorClass::Internal,
         }

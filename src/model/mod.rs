@@ -7,6 +7,7 @@ pub mod ids;
 pub mod key;
 pub mod principal;
 pub mod role;
+pub mod server;
 pub mod vault;
 
 pub use change::Change;

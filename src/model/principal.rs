@@ -9,6 +9,10 @@ pub enum PrincipalKind {
     User,
     /// A user-assigned managed identity: a standalone resource.
     UserAssignedIdentity,
+    /// A server's system-assigned identity: created and deleted with its server.
+    SystemAssignedIdentity,
+    /// The engine host of a server: calls TdeEngine and acts with the server's identity.
+    ServerHost,
 }
 
 /// An authenticated party. Tokens name it by `object_id` and stop working once it is gone.

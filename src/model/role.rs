@@ -104,83 +104,89 @@ impl Role {
     /// broker models).
     pub fn definition(self) -> RoleDefinition {
         use Role::*;
-        let (actions, not_actions, data_actions): (&'static [&'static str], &'static [&'static str], &'static [&'static str]) =
-            match self {
-                Owner => (&["*"], &[], &[]),
-                Contributor => (
-                    &["*"],
-                    &[
-                        "Microsoft.Authorization/*/Delete",
-                        "Microsoft.Authorization/*/Write",
-                        "Microsoft.Authorization/elevateAccess/Action",
-                        "Microsoft.Directory/*",
-                    ],
-                    &[],
-                ),
-                Reader => (&["*/read"], &[], &[]),
-                KeyVaultContributor => (&["Microsoft.Authorization/*/read", "Microsoft.KeyVault/*"], &[], &[]),
-                ManagedIdentityContributor => (
-                    &[
-                        "Microsoft.ManagedIdentity/userAssignedIdentities/read",
-                        "Microsoft.ManagedIdentity/userAssignedIdentities/write",
-                        "Microsoft.ManagedIdentity/userAssignedIdentities/delete",
-                        "Microsoft.Authorization/*/read",
-                    ],
-                    &[],
-                    &[],
-                ),
-                ManagedIdentityOperator => (
-                    &[
-                        "Microsoft.ManagedIdentity/userAssignedIdentities/*/read",
-                        "Microsoft.ManagedIdentity/userAssignedIdentities/*/assign/action",
-                        "Microsoft.Authorization/*/read",
-                    ],
-                    &[],
-                    &[],
-                ),
-                SqlServerContributor => (&["Microsoft.Sql/servers/*", "Microsoft.Authorization/*/read"], &[], &[]),
-                SqlManagedInstanceContributor => {
-                    (&["Microsoft.Sql/managedInstances/*", "Microsoft.Authorization/*/read"], &[], &[])
-                }
-                KeyVaultAdministrator => (KEY_VAULT_READS, &[], &["Microsoft.KeyVault/vaults/*"]),
-                KeyVaultCryptoOfficer => (
-                    KEY_VAULT_READS,
-                    &[],
-                    &["Microsoft.KeyVault/vaults/keys/*", "Microsoft.KeyVault/vaults/deletedKeys/*"],
-                ),
-                KeyVaultCryptoUser => (
-                    &[],
-                    &[],
-                    &[
-                        "Microsoft.KeyVault/vaults/keys/read",
-                        "Microsoft.KeyVault/vaults/keys/update/action",
-                        "Microsoft.KeyVault/vaults/keys/backup/action",
-                        "Microsoft.KeyVault/vaults/keys/encrypt/action",
-                        "Microsoft.KeyVault/vaults/keys/decrypt/action",
-                        "Microsoft.KeyVault/vaults/keys/wrap/action",
-                        "Microsoft.KeyVault/vaults/keys/unwrap/action",
-                        "Microsoft.KeyVault/vaults/keys/sign/action",
-                        "Microsoft.KeyVault/vaults/keys/verify/action",
-                    ],
-                ),
-                KeyVaultCryptoServiceEncryptionUser => (
-                    &[],
-                    &[],
-                    &[
-                        "Microsoft.KeyVault/vaults/keys/read",
-                        "Microsoft.KeyVault/vaults/keys/wrap/action",
-                        "Microsoft.KeyVault/vaults/keys/unwrap/action",
-                    ],
-                ),
-                KeyVaultReader => (KEY_VAULT_READS, &[], &["Microsoft.KeyVault/vaults/*/read"]),
-            };
+        let (actions, not_actions, data_actions): (
+            &'static [&'static str],
+            &'static [&'static str],
+            &'static [&'static str],
+        ) = match self {
+            Owner => (&["*"], &[], &[]),
+            Contributor => (
+                &["*"],
+                &[
+                    "Microsoft.Authorization/*/Delete",
+                    "Microsoft.Authorization/*/Write",
+                    "Microsoft.Authorization/elevateAccess/Action",
+                    "Microsoft.Directory/*",
+                ],
+                &[],
+            ),
+            Reader => (&["*/read"], &[], &[]),
+            KeyVaultContributor => (&["Microsoft.Authorization/*/read", "Microsoft.KeyVault/*"], &[], &[]),
+            ManagedIdentityContributor => (
+                &[
+                    "Microsoft.ManagedIdentity/userAssignedIdentities/read",
+                    "Microsoft.ManagedIdentity/userAssignedIdentities/write",
+                    "Microsoft.ManagedIdentity/userAssignedIdentities/delete",
+                    "Microsoft.Authorization/*/read",
+                ],
+                &[],
+                &[],
+            ),
+            ManagedIdentityOperator => (
+                &[
+                    "Microsoft.ManagedIdentity/userAssignedIdentities/*/read",
+                    "Microsoft.ManagedIdentity/userAssignedIdentities/*/assign/action",
+                    "Microsoft.Authorization/*/read",
+                ],
+                &[],
+                &[],
+            ),
+            SqlServerContributor => {
+                (&["Microsoft.Sql/servers/*", "Microsoft.Authorization/*/read"], &[], &[])
+            }
+            SqlManagedInstanceContributor => {
+                (&["Microsoft.Sql/managedInstances/*", "Microsoft.Authorization/*/read"], &[], &[])
+            }
+            KeyVaultAdministrator => (KEY_VAULT_READS, &[], &["Microsoft.KeyVault/vaults/*"]),
+            KeyVaultCryptoOfficer => (
+                KEY_VAULT_READS,
+                &[],
+                &["Microsoft.KeyVault/vaults/keys/*", "Microsoft.KeyVault/vaults/deletedKeys/*"],
+            ),
+            KeyVaultCryptoUser => (
+                &[],
+                &[],
+                &[
+                    "Microsoft.KeyVault/vaults/keys/read",
+                    "Microsoft.KeyVault/vaults/keys/update/action",
+                    "Microsoft.KeyVault/vaults/keys/backup/action",
+                    "Microsoft.KeyVault/vaults/keys/encrypt/action",
+                    "Microsoft.KeyVault/vaults/keys/decrypt/action",
+                    "Microsoft.KeyVault/vaults/keys/wrap/action",
+                    "Microsoft.KeyVault/vaults/keys/unwrap/action",
+                    "Microsoft.KeyVault/vaults/keys/sign/action",
+                    "Microsoft.KeyVault/vaults/keys/verify/action",
+                ],
+            ),
+            KeyVaultCryptoServiceEncryptionUser => (
+                &[],
+                &[],
+                &[
+                    "Microsoft.KeyVault/vaults/keys/read",
+                    "Microsoft.KeyVault/vaults/keys/wrap/action",
+                    "Microsoft.KeyVault/vaults/keys/unwrap/action",
+                ],
+            ),
+            KeyVaultReader => (KEY_VAULT_READS, &[], &["Microsoft.KeyVault/vaults/*/read"]),
+        };
         RoleDefinition { actions, not_actions, data_actions }
     }
 
     /// Whether the role grants a control-plane action.
     pub fn allows_action(self, action: &str) -> bool {
         let d = self.definition();
-        d.actions.iter().any(|p| wildcard_match(p, action)) && !d.not_actions.iter().any(|p| wildcard_match(p, action))
+        d.actions.iter().any(|p| wildcard_match(p, action))
+            && !d.not_actions.iter().any(|p| wildcard_match(p, action))
     }
 
     /// Whether the role grants a data-plane action.
@@ -235,9 +241,15 @@ mod tests {
         assert!(wildcard_match("*", "Microsoft.KeyVault/vaults/write"));
         assert!(wildcard_match("*/read", "Microsoft.KeyVault/vaults/read"));
         assert!(!wildcard_match("*/read", "Microsoft.KeyVault/vaults/write"));
-        assert!(wildcard_match("Microsoft.Authorization/*/Write", "microsoft.authorization/roleAssignments/write"));
+        assert!(wildcard_match(
+            "Microsoft.Authorization/*/Write",
+            "microsoft.authorization/roleAssignments/write"
+        ));
         assert!(wildcard_match("Microsoft.KeyVault/vaults/*/read", "Microsoft.KeyVault/vaults/keys/read"));
-        assert!(!wildcard_match("Microsoft.KeyVault/vaults/keys/read", "Microsoft.KeyVault/vaults/keys/readx"));
+        assert!(!wildcard_match(
+            "Microsoft.KeyVault/vaults/keys/read",
+            "Microsoft.KeyVault/vaults/keys/readx"
+        ));
     }
 
     #[test]
@@ -262,8 +274,10 @@ mod tests {
         let r = Role::ManagedIdentityContributor;
         assert!(r.allows_action("Microsoft.ManagedIdentity/userAssignedIdentities/write"));
         assert!(!r.allows_action("Microsoft.KeyVault/vaults/write"));
-        assert!(Role::ManagedIdentityOperator
-            .allows_action("Microsoft.ManagedIdentity/userAssignedIdentities/x/assign/action"));
+        assert!(
+            Role::ManagedIdentityOperator
+                .allows_action("Microsoft.ManagedIdentity/userAssignedIdentities/x/assign/action")
+        );
     }
 
     #[test]

@@ -18,9 +18,9 @@ pub fn scope_contains(assignment_scope: &str, scope: &str) -> bool {
 
 /// Whether some assignment of `object_id` at or above `scope` grants the control-plane `action`.
 pub fn allows(assignments: &[RoleAssignment], object_id: &str, action: &str, scope: &str) -> bool {
-    assignments
-        .iter()
-        .any(|a| a.principal_id == object_id && scope_contains(&a.scope, scope) && a.role.allows_action(action))
+    assignments.iter().any(|a| {
+        a.principal_id == object_id && scope_contains(&a.scope, scope) && a.role.allows_action(action)
+    })
 }
 
 /// Allows the action, or refuses with `AuthorizationFailed` naming the action and scope.

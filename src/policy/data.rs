@@ -42,7 +42,11 @@ pub struct DataRequest<'a> {
 /// Decides a data-plane request against the vault's permission model. Default deny: a caller
 /// with no access policy (or, on an RBAC vault, no role assignment at the vault, the key, or a
 /// scope above them that grants the data action) is refused.
-pub fn authorize(vault: &Vault, assignments: &[RoleAssignment], req: &DataRequest<'_>) -> Result<(), BrokerError> {
+pub fn authorize(
+    vault: &Vault,
+    assignments: &[RoleAssignment],
+    req: &DataRequest<'_>,
+) -> Result<(), BrokerError> {
     if vault.rbac {
         let action = data_action(req.permission);
         let granted = assignments.iter().any(|a| {
@@ -62,10 +66,8 @@ pub fn authorize(vault: &Vault, assignments: &[RoleAssignment], req: &DataReques
             })
         };
     }
-    let granted = vault
-        .access_policies
-        .get(&req.caller.object_id)
-        .is_some_and(|perms| perms.contains(&req.permission));
+    let granted =
+        vault.access_policies.get(&req.caller.object_id).is_some_and(|perms| perms.contains(&req.permission));
     if granted {
         Ok(())
     } else {
@@ -157,7 +159,8 @@ mod tests {
             principal_id: "oid-1".into(),
             role: crate::model::Role::KeyVaultCryptoServiceEncryptionUser,
         }];
-        let on = |resource: &'static str, p| DataRequest { caller: &c, permission: p, resource, location: "l" };
+        let on =
+            |resource: &'static str, p| DataRequest { caller: &c, permission: p, resource, location: "l" };
         for p in [KeyPermission::Get, KeyPermission::WrapKey, KeyPermission::UnwrapKey] {
             assert!(authorize(&v, &a, &on("/x/keys/K", p)).is_ok(), "{p:?}");
             assert!(authorize(&v, &a, &on("/x/keys/k2", p)).is_err(), "{p:?}");

@@ -59,6 +59,10 @@ pub struct Snapshot {
     pub principals: Vec<Principal>,
     /// Role assignments (both planes).
     pub role_assignments: Vec<RoleAssignment>,
+    /// Servers.
+    pub servers: Vec<crate::model::server::Server>,
+    /// Databases.
+    pub databases: Vec<crate::model::server::Database>,
 }
 
 /// Durable state. Methods block: async callers run them on the blocking pool.

@@ -26,6 +26,9 @@ CREATE TABLE IF NOT EXISTS key_versions (
     PRIMARY KEY (vault, idx, version));
 CREATE TABLE IF NOT EXISTS principals (object_id TEXT PRIMARY KEY, doc TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS role_assignments (id TEXT PRIMARY KEY, doc TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS servers (id TEXT PRIMARY KEY, doc TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS databases (
+    server_id TEXT NOT NULL, name TEXT NOT NULL, doc TEXT NOT NULL, PRIMARY KEY (server_id, name));
 ";
 
 /// SQLite-backed [`Store`]. One connection, serialised by a mutex: writes are few and small, and
@@ -92,6 +95,8 @@ impl Store for SqliteStore {
         let vaults = all_docs(&conn, "SELECT doc FROM vaults ORDER BY name", "vaults")?;
         let principals = all_docs(&conn, "SELECT doc FROM principals", "principals")?;
         let role_assignments = all_docs(&conn, "SELECT doc FROM role_assignments", "role_assignments")?;
+        let servers = all_docs(&conn, "SELECT doc FROM servers ORDER BY id", "servers")?;
+        let databases = all_docs(&conn, "SELECT doc FROM databases ORDER BY server_id, name", "databases")?;
 
         let mut keys = Vec::new();
         let mut stmt = conn.prepare("SELECT vault, idx, name, deleted FROM keys ORDER BY vault, idx")?;
@@ -117,7 +122,7 @@ impl Store for SqliteStore {
                 .collect::<Result<Vec<_>, StoreError>>()?;
             keys.push(StoredKey { vault, name, deleted, versions });
         }
-        Ok(Snapshot { vaults, keys, principals, role_assignments })
+        Ok(Snapshot { vaults, keys, principals, role_assignments, servers, databases })
     }
 
     fn commit(&self, changes: &[Change]) -> Result<(), StoreError> {
@@ -183,6 +188,34 @@ impl Store for SqliteStore {
                         "INSERT INTO principals (object_id, doc) VALUES (?1, ?2)
                          ON CONFLICT(object_id) DO UPDATE SET doc = excluded.doc",
                         params![p.object_id, to_doc(p, "principals")?],
+                    )?;
+                }
+                Change::PutServer(srv) => {
+                    tx.execute(
+                        "INSERT INTO servers (id, doc) VALUES (?1, ?2) ON CONFLICT(id) DO UPDATE SET doc = excluded.doc",
+                        params![srv.id.to_ascii_lowercase(), to_doc(srv, "servers")?],
+                    )?;
+                }
+                Change::DeleteServer { id } => {
+                    let id = id.to_ascii_lowercase();
+                    tx.execute("DELETE FROM databases WHERE server_id = ?1", params![id])?;
+                    tx.execute("DELETE FROM servers WHERE id = ?1", params![id])?;
+                }
+                Change::PutDatabase(db) => {
+                    tx.execute(
+                        "INSERT INTO databases (server_id, name, doc) VALUES (?1, ?2, ?3)
+                         ON CONFLICT(server_id, name) DO UPDATE SET doc = excluded.doc",
+                        params![
+                            db.server_id.to_ascii_lowercase(),
+                            db.name.to_ascii_lowercase(),
+                            to_doc(db, "databases")?
+                        ],
+                    )?;
+                }
+                Change::DeleteDatabase { server_id, name } => {
+                    tx.execute(
+                        "DELETE FROM databases WHERE server_id = ?1 AND name = ?2",
+                        params![server_id.to_ascii_lowercase(), name.to_ascii_lowercase()],
                     )?;
                 }
                 Change::DeletePrincipal { object_id } => {

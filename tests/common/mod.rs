@@ -246,7 +246,8 @@ pub fn run_tool(program: &str, args: &[&str], install_hint: &str) -> std::proces
     out
 }
 
-pub type Ids = tde_broker::grpc::proto::identities_client::IdentitiesClient<InterceptedService<Channel, Bearer>>;
+pub type Ids =
+    tde_broker::grpc::proto::identities_client::IdentitiesClient<InterceptedService<Channel, Bearer>>;
 
 /// A principal created through the API, with a token for it.
 pub struct Who {
@@ -272,12 +273,20 @@ impl TestBroker {
     }
 
     pub fn ids_with(&self, b: Bearer) -> Ids {
-        tde_broker::grpc::proto::identities_client::IdentitiesClient::with_interceptor(self.channel.clone(), b)
+        tde_broker::grpc::proto::identities_client::IdentitiesClient::with_interceptor(
+            self.channel.clone(),
+            b,
+        )
     }
 
     /// A user principal and its token.
     pub async fn user(&self, name: &str) -> Who {
-        let r = self.ids().create_user(proto::CreateUserRequest { name: name.into() }).await.expect("user").into_inner();
+        let r = self
+            .ids()
+            .create_user(proto::CreateUserRequest { name: name.into() })
+            .await
+            .expect("user")
+            .into_inner();
         let app_id = claims(&r.token)["appid"].as_str().expect("appid").to_string();
         Who { object_id: r.principal_id, app_id, token: r.token }
     }
@@ -325,6 +334,103 @@ impl TestBroker {
             })
             .await
             .expect("role assignment")
+            .into_inner()
+    }
+}
+
+/// A broker on a manual clock in a fresh data directory whose configuration `modify` changes
+/// first (e.g. TLS on). With TLS on, `channel` speaks https to 127.0.0.1 without a client
+/// certificate, trusting the dev CA of the data directory — or, with certificate files, the
+/// configured client CA (tests sign both with one CA).
+pub async fn start_with(modify: impl FnOnce(&mut Config)) -> TestBroker {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut cfg = Config::for_data_dir(dir.path());
+    cfg.clock = ClockKind::Manual;
+    cfg.clock_start = Some(1_800_000_000);
+    modify(&mut cfg);
+    let tls = cfg.tls != tde_broker::config::TlsMode::Off;
+    let trusted = match &cfg.tls {
+        tde_broker::config::TlsMode::Files { .. } => cfg.client_ca.clone().expect("client CA to trust"),
+        _ => tde_broker::tls::DevPki::in_data_dir(dir.path()).ca_cert,
+    };
+    let app = App::open(cfg).await.expect("broker starts");
+    let token = app.admin_token().expect("admin token");
+    let auth = app.auth.clone();
+    let admin = app.admin.clone();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+    let served = tokio::spawn(async move {
+        app.serve(listener, async {
+            let _ = rx.await;
+        })
+        .await
+        .expect("serve");
+    });
+    let channel = if tls {
+        let ca = std::fs::read(&trusted).expect("CA to trust");
+        tls_channel(addr, &ca, None).await.expect("connect over TLS")
+    } else {
+        Channel::from_shared(format!("http://{addr}")).expect("uri").connect().await.expect("connect")
+    };
+    TestBroker {
+        addr,
+        token,
+        auth,
+        admin,
+        channel,
+        data_dir: dir.path().to_path_buf(),
+        _dir: Some(dir),
+        shutdown: Some(tx),
+        served: Some(served),
+    }
+}
+
+/// An https channel to `addr` trusting `ca_pem`, presenting `identity` (cert PEM, key PEM).
+pub async fn tls_channel(
+    addr: std::net::SocketAddr,
+    ca_pem: &[u8],
+    identity: Option<(&str, &str)>,
+) -> Result<Channel, tonic::transport::Error> {
+    let mut tls = tonic::transport::ClientTlsConfig::new()
+        .ca_certificate(tonic::transport::Certificate::from_pem(ca_pem));
+    if let Some((cert, key)) = identity {
+        tls = tls.identity(tonic::transport::Identity::from_pem(cert, key));
+    }
+    Channel::from_shared(format!("https://{addr}")).expect("uri").tls_config(tls)?.connect().await
+}
+
+pub type Srv = tde_broker::grpc::proto::servers_client::ServersClient<InterceptedService<Channel, Bearer>>;
+pub type Engine =
+    tde_broker::grpc::proto::tde_engine_client::TdeEngineClient<InterceptedService<Channel, Bearer>>;
+
+impl TestBroker {
+    pub fn servers(&self) -> Srv {
+        tde_broker::grpc::proto::servers_client::ServersClient::with_interceptor(
+            self.channel.clone(),
+            bearer(&self.token),
+        )
+    }
+
+    /// The engine client of a server, with a fresh host credential.
+    pub async fn engine(&self, server_id: &str) -> Engine {
+        let cred = self
+            .servers()
+            .issue_host_credential(proto::IssueHostCredentialRequest { server_id: server_id.into() })
+            .await
+            .expect("host credential")
+            .into_inner();
+        tde_broker::grpc::proto::tde_engine_client::TdeEngineClient::with_interceptor(
+            self.channel.clone(),
+            bearer(&cred.token),
+        )
+    }
+
+    pub async fn database(&self, server_id: &str, name: &str) -> proto::Database {
+        self.servers()
+            .get_database(proto::GetDatabaseRequest { server_id: server_id.into(), name: name.into() })
+            .await
+            .expect("get database")
             .into_inner()
     }
 }

@@ -1,0 +1,256 @@
+//! The `Servers` service: SQL servers, identities, TDE protectors, databases (control plane).
+
+use std::pin::Pin;
+use std::sync::Arc;
+
+use tokio_stream::Stream;
+use tonic::{Request, Response, Status};
+
+use super::convert::{database, protector, server};
+use super::proto::{self, servers_server::Servers};
+use super::{caller, to_status};
+use crate::auth::{Authenticator, MANAGEMENT_AUDIENCE, VAULT_AUDIENCE};
+use crate::broker::Broker;
+use crate::broker::servers::ServerSpec;
+use crate::model::BrokerError;
+use crate::model::server::ServerKind;
+
+/// The service implementation.
+pub struct ServersService {
+    broker: Arc<Broker>,
+    auth: Arc<Authenticator>,
+}
+
+impl ServersService {
+    /// Serves `broker`, issuing host credentials with `auth`.
+    pub fn new(broker: Arc<Broker>, auth: Arc<Authenticator>) -> Self {
+        ServersService { broker, auth }
+    }
+}
+
+type EventStream = Pin<Box<dyn Stream<Item = Result<proto::DatabaseStateEvent, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl Servers for ServersService {
+    async fn create_server(
+        &self,
+        request: Request<proto::CreateServerRequest>,
+    ) -> Result<Response<proto::Server>, Status> {
+        let caller = caller(&request)?;
+        let r = request.into_inner();
+        let kind = match proto::ServerKind::try_from(r.kind) {
+            Ok(proto::ServerKind::SqlServer) | Ok(proto::ServerKind::Unspecified) => ServerKind::SqlServer,
+            Ok(proto::ServerKind::ManagedInstance) => ServerKind::ManagedInstance,
+            Err(_) => return Err(to_status(BrokerError::bad_parameter("Unknown server kind."))),
+        };
+        let identity = r.identity.unwrap_or_default();
+        let spec = ServerSpec {
+            subscription: r.subscription_id,
+            resource_group: r.resource_group,
+            name: r.name,
+            kind,
+            system_assigned: identity.system_assigned,
+            user_assigned: identity.user_assigned_identity_ids,
+            primary: identity.primary_user_assigned_identity_id,
+            key_id: r.key_id,
+            auto_rotation: r.auto_rotation_enabled,
+            subnet_id: r.subnet_id,
+        };
+        let s = self.broker.create_server(&caller, spec).await.map_err(to_status)?;
+        Ok(Response::new(server(&s)))
+    }
+
+    async fn get_server(
+        &self,
+        request: Request<proto::GetServerRequest>,
+    ) -> Result<Response<proto::Server>, Status> {
+        let caller = caller(&request)?;
+        let s = self.broker.get_server(&caller, &request.get_ref().server_id).map_err(to_status)?;
+        Ok(Response::new(server(&s)))
+    }
+
+    async fn list_servers(
+        &self,
+        request: Request<proto::ListServersRequest>,
+    ) -> Result<Response<proto::ListServersResponse>, Status> {
+        let caller = caller(&request)?;
+        let servers = self.broker.list_servers(&caller).iter().map(server).collect();
+        Ok(Response::new(proto::ListServersResponse { servers }))
+    }
+
+    async fn delete_server(
+        &self,
+        request: Request<proto::DeleteServerRequest>,
+    ) -> Result<Response<proto::DeleteServerResponse>, Status> {
+        let caller = caller(&request)?;
+        self.broker.delete_server(&caller, &request.get_ref().server_id).await.map_err(to_status)?;
+        Ok(Response::new(proto::DeleteServerResponse {}))
+    }
+
+    async fn update_server_identity(
+        &self,
+        request: Request<proto::UpdateServerIdentityRequest>,
+    ) -> Result<Response<proto::Server>, Status> {
+        let caller = caller(&request)?;
+        let r = request.into_inner();
+        let i = r.identity.unwrap_or_default();
+        let s = self
+            .broker
+            .update_server_identity(
+                &caller,
+                &r.server_id,
+                i.system_assigned,
+                &i.user_assigned_identity_ids,
+                &i.primary_user_assigned_identity_id,
+            )
+            .await
+            .map_err(to_status)?;
+        Ok(Response::new(server(&s)))
+    }
+
+    async fn set_encryption_protector(
+        &self,
+        request: Request<proto::SetEncryptionProtectorRequest>,
+    ) -> Result<Response<proto::EncryptionProtector>, Status> {
+        let caller = caller(&request)?;
+        let r = request.get_ref();
+        let s = self
+            .broker
+            .set_encryption_protector(
+                &caller,
+                &r.server_id,
+                &r.server_key_type,
+                &r.key_id,
+                r.auto_rotation_enabled,
+            )
+            .await
+            .map_err(to_status)?;
+        Ok(Response::new(protector(&s.protector)))
+    }
+
+    async fn get_encryption_protector(
+        &self,
+        request: Request<proto::GetEncryptionProtectorRequest>,
+    ) -> Result<Response<proto::EncryptionProtector>, Status> {
+        let caller = caller(&request)?;
+        let s = self.broker.get_server(&caller, &request.get_ref().server_id).map_err(to_status)?;
+        Ok(Response::new(protector(&s.protector)))
+    }
+
+    async fn revalidate_encryption_protector(
+        &self,
+        request: Request<proto::RevalidateEncryptionProtectorRequest>,
+    ) -> Result<Response<proto::EncryptionProtector>, Status> {
+        let caller = caller(&request)?;
+        let s = self.broker.revalidate(&caller, &request.get_ref().server_id).await.map_err(to_status)?;
+        Ok(Response::new(protector(&s.protector)))
+    }
+
+    async fn create_database(
+        &self,
+        request: Request<proto::CreateDatabaseRequest>,
+    ) -> Result<Response<proto::Database>, Status> {
+        let caller = caller(&request)?;
+        let r = request.get_ref();
+        let d = self.broker.create_database(&caller, &r.server_id, &r.name).await.map_err(to_status)?;
+        Ok(Response::new(database(&d)))
+    }
+
+    async fn get_database(
+        &self,
+        request: Request<proto::GetDatabaseRequest>,
+    ) -> Result<Response<proto::Database>, Status> {
+        let caller = caller(&request)?;
+        let r = request.get_ref();
+        let d = self.broker.get_database(&caller, &r.server_id, &r.name).map_err(to_status)?;
+        Ok(Response::new(database(&d)))
+    }
+
+    async fn list_databases(
+        &self,
+        request: Request<proto::ListDatabasesRequest>,
+    ) -> Result<Response<proto::ListDatabasesResponse>, Status> {
+        let caller = caller(&request)?;
+        let dbs = self.broker.list_databases(&caller, &request.get_ref().server_id).map_err(to_status)?;
+        Ok(Response::new(proto::ListDatabasesResponse { databases: dbs.iter().map(database).collect() }))
+    }
+
+    async fn delete_database(
+        &self,
+        request: Request<proto::DeleteDatabaseRequest>,
+    ) -> Result<Response<proto::DeleteDatabaseResponse>, Status> {
+        let caller = caller(&request)?;
+        let r = request.get_ref();
+        self.broker.delete_database(&caller, &r.server_id, &r.name).await.map_err(to_status)?;
+        Ok(Response::new(proto::DeleteDatabaseResponse {}))
+    }
+
+    type WatchDatabaseStatesStream = EventStream;
+
+    async fn watch_database_states(
+        &self,
+        request: Request<proto::WatchDatabaseStatesRequest>,
+    ) -> Result<Response<Self::WatchDatabaseStatesStream>, Status> {
+        let caller = caller(&request)?;
+        // Reading the server checks the caller's right to see it.
+        let s = self.broker.get_server(&caller, &request.get_ref().server_id).map_err(to_status)?;
+        let id = s.id.to_ascii_lowercase();
+        let (tx, rx) = tokio::sync::mpsc::channel(64);
+        let mut events = self.broker.watch();
+        let shutdown = self.broker.shutdown_signal();
+        // Forwards this server's transitions until the client goes away or the broker stops.
+        tokio::spawn(async move {
+            tokio::pin!(shutdown);
+            loop {
+                let item = tokio::select! {
+                    _ = &mut shutdown => break,
+                    _ = tx.closed() => break,
+                    e = events.recv() => e,
+                };
+                let msg = match item {
+                    Ok(e) if e.database.server_id.to_ascii_lowercase() == id => {
+                        Ok(proto::DatabaseStateEvent {
+                            database: Some(database(&e.database)),
+                            event: e.event.name().to_string(),
+                            time: e.time,
+                        })
+                    }
+                    Ok(_) => continue,
+                    Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
+                        Err(Status::data_loss(format!(
+                            "the watcher fell {n} events behind; subscribe again and re-read the databases"
+                        )))
+                    }
+                    Err(tokio::sync::broadcast::error::RecvError::Closed) => break,
+                };
+                let last = msg.is_err();
+                if tx.send(msg).await.is_err() || last {
+                    break;
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx))))
+    }
+
+    async fn issue_host_credential(
+        &self,
+        request: Request<proto::IssueHostCredentialRequest>,
+    ) -> Result<Response<proto::IssueHostCredentialResponse>, Status> {
+        let caller = caller(&request)?;
+        let host = self.broker.server_host(&caller, &request.get_ref().server_id).map_err(to_status)?;
+        let (token, expires_on) = self
+            .auth
+            .issue_user_token(
+                &host,
+                &[MANAGEMENT_AUDIENCE, VAULT_AUDIENCE],
+                self.broker.settings.tde.host_token_lifetime,
+            )
+            .map_err(to_status)?;
+        Ok(Response::new(proto::IssueHostCredentialResponse {
+            token,
+            cert_pem: String::new(),
+            key_pem: String::new(),
+            expires_on,
+        }))
+    }
+}
