@@ -221,8 +221,12 @@ impl App {
             control.clone(),
         );
         let servers = InterceptedService::new(
-            ServersServer::new(ServersService::new(self.broker.clone(), self.auth.clone()))
-                .max_decoding_message_size(MAX_MESSAGE_BYTES),
+            ServersServer::new(ServersService::new(
+                self.broker.clone(),
+                self.auth.clone(),
+                (self.config.tls == crate::config::TlsMode::Auto).then(|| self.config.data_dir.clone()),
+            ))
+            .max_decoding_message_size(MAX_MESSAGE_BYTES),
             control.clone(),
         );
         let engine = InterceptedService::new(

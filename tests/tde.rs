@@ -885,3 +885,38 @@ async fn enforce_cmk_deny_refuses_servers_without_a_customer_managed_key() {
     );
     b.stop().await;
 }
+
+#[tokio::test]
+async fn transient_faults_keep_the_database_online_through_the_grace_period() {
+    let b = start().await;
+    let s = cmk_server(&b, "flaky-kv", "flaky-sql").await;
+    let outage = |on| proto::SetFaultsRequest { vault_name: "flaky-kv".into(), outage: on };
+    b.emu().set_faults(outage(true)).await.unwrap();
+    // The vault answers "5xx" to everyone, the engine included ...
+    let r = b.kv().get_key(proto::GetKeyRequest { key_id: s.key.clone() }).await;
+    assert_status(r, Code::Unavailable, "ServiceUnavailable");
+    let mut e = b.engine(&s.server.id).await;
+    let r = e.generate_database_key(proto::GenerateDatabaseKeyRequest { database: "db1".into() }).await;
+    assert_status(r, Code::Unavailable, "ServiceUnavailable");
+    // ... but the database stays ONLINE: the engine serves from its cache.
+    b.advance(23 * 3600).await;
+    assert_eq!(state(&b.database(&s.server.id, "db1").await), (ONLINE, ""));
+    b.emu().clear_faults(proto::ClearFaultsRequest { vault_name: "flaky-kv".into() }).await.unwrap();
+    assert!(
+        e.generate_database_key(proto::GenerateDatabaseKeyRequest { database: "db1".into() }).await.is_ok()
+    );
+    // An outage that outlasts the grace period costs the database.
+    b.emu().set_faults(outage(true)).await.unwrap();
+    b.advance(24 * 3600).await;
+    assert_eq!(state(&b.database(&s.server.id, "db1").await), (INACCESSIBLE, "VAULT_UNREACHABLE"));
+    b.emu().clear_faults(proto::ClearFaultsRequest::default()).await.unwrap();
+    assert_eq!(state(&b.database(&s.server.id, "db1").await), (INACCESSIBLE, "REVALIDATION_REQUIRED"));
+    b.servers()
+        .revalidate_encryption_protector(proto::RevalidateEncryptionProtectorRequest {
+            server_id: s.server.id.clone(),
+        })
+        .await
+        .unwrap();
+    assert_eq!(state(&b.database(&s.server.id, "db1").await), (ONLINE, ""));
+    b.stop().await;
+}

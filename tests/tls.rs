@@ -410,3 +410,53 @@ async fn cert_issue_writes_a_private_key_for_the_owner_only_and_the_cli_authenti
     assert!(!out.status.success());
     b.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_host_credential_carries_a_client_certificate_that_authenticates_the_engine() {
+    let b = start_with(auto).await;
+    b.vault("host-tls-kv", true).await;
+    let key = common::kid(&b.key("host-tls-kv", "tde", "RSA", 2048).await);
+    let (umi, who) = b.identity("id-rg", "host-tls-umi").await;
+    b.policy("host-tls-kv", &who.object_id, &["get", "wrapKey", "unwrapKey"]).await;
+    let server = b
+        .servers()
+        .create_server(proto::CreateServerRequest {
+            resource_group: "rg".into(),
+            name: "host-tls-sql".into(),
+            kind: proto::ServerKind::SqlServer as i32,
+            identity: Some(proto::ServerIdentity {
+                user_assigned_identity_ids: vec![umi.resource_id.clone()],
+                ..Default::default()
+            }),
+            key_id: key,
+            ..Default::default()
+        })
+        .await
+        .expect("server")
+        .into_inner();
+    b.servers()
+        .create_database(proto::CreateDatabaseRequest { server_id: server.id.clone(), name: "db1".into() })
+        .await
+        .expect("db");
+    let cred = b
+        .servers()
+        .issue_host_credential(proto::IssueHostCredentialRequest { server_id: server.id.clone() })
+        .await
+        .expect("credential")
+        .into_inner();
+    assert!(cred.cert_pem.contains("BEGIN CERTIFICATE") && cred.key_pem.contains("PRIVATE KEY"));
+    let host_oid = common::claims(&cred.token)["oid"].as_str().expect("oid").to_string();
+    assert_eq!(tls::principal_from_cert(&der_of(&cred.cert_pem)).as_deref(), Some(host_oid.as_str()));
+    let ca = std::fs::read(DevPki::in_data_dir(&b.data_dir).ca_cert).expect("ca");
+    let channel =
+        tls_channel(b.addr, &ca, Some((&cred.cert_pem, &cred.key_pem))).await.expect("mTLS connect");
+    let mut engine =
+        tde_broker::grpc::proto::tde_engine_client::TdeEngineClient::with_interceptor(channel, Bearer(None));
+    let g = engine
+        .generate_database_key(proto::GenerateDatabaseKeyRequest { database: "db1".into() })
+        .await
+        .expect("the engine authenticates by its certificate alone")
+        .into_inner();
+    assert_eq!(g.dek.len(), 32);
+    b.stop().await;
+}

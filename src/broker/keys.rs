@@ -232,6 +232,7 @@ impl Broker {
         permission: KeyPermission,
         key: Option<&str>,
     ) -> Result<(), BrokerError> {
+        self.check_faults(&ve.vault.name)?;
         let desc = caller.description();
         let resource = self.key_resource(&ve.vault.name, key);
         data::authorize(

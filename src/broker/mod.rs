@@ -3,6 +3,7 @@
 //! store; writes are serialised, committed durably, then applied (ARCHITECTURE.md invariant 5).
 
 pub mod clock;
+pub mod faults;
 pub mod identities;
 pub mod keys;
 pub mod roles;
@@ -119,6 +120,10 @@ pub struct Broker {
     pub settings: Settings,
     /// Database state transitions, for watchers.
     events: tokio::sync::broadcast::Sender<tde::DbEventRecord>,
+    /// Injected faults.
+    pub faults: faults::Faults,
+    /// Per server (lower-cased id): when the current run of transient faults began.
+    transient_since: std::sync::Mutex<std::collections::HashMap<String, i64>>,
     /// Broker-clock time of the last full TDE probe.
     last_probe: std::sync::atomic::AtomicI64,
     /// Flips to true when the server starts shutting down: long-lived streams end then, so a
@@ -152,6 +157,8 @@ impl Broker {
             events: tokio::sync::broadcast::channel(1024).0,
             last_probe: std::sync::atomic::AtomicI64::new(started),
             shutting_down: tokio::sync::watch::channel(false).0,
+            faults: faults::Faults::default(),
+            transient_since: std::sync::Mutex::new(std::collections::HashMap::new()),
         }))
     }
 

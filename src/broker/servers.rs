@@ -486,7 +486,17 @@ impl Broker {
             match self.evaluate_access(&st, &server, now) {
                 Access::Ok => {}
                 Access::Lost(reason) => return Err(self.revalidation_error(&server, reason)),
-                Access::Transient => return Err(BrokerError::StoreUnavailable),
+                Access::Transient => {
+                    let vault = match &server.protector {
+                        Protector::AzureKeyVault { kid, .. } => {
+                            KeyId::parse(kid, &self.settings.vault_dns_suffix)
+                                .map(|k| k.vault)
+                                .unwrap_or_default()
+                        }
+                        Protector::ServiceManaged => String::new(),
+                    };
+                    return Err(BrokerError::VaultUnavailable { vault });
+                }
             }
             let prefix = server.id.to_ascii_lowercase();
             let mut changes = Vec::new();

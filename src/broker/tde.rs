@@ -98,6 +98,9 @@ impl Broker {
         if st.vault(&id.vault).is_err() {
             return Access::Lost(Reason::KeyDeleted);
         }
+        if self.faults.outage(&id.vault) {
+            return Access::Transient;
+        }
         if !self.identity_holds_tde_permissions(st, principal, &id) {
             return Access::Lost(Reason::IdentityMissingPermissions);
         }
@@ -136,11 +139,20 @@ impl Broker {
                 }
                 let access = self.evaluate_access(st, server, now);
                 let prefix = server.id.to_ascii_lowercase();
+                let transient_since = {
+                    let mut map = self.transient_since.lock().unwrap_or_else(|p| p.into_inner());
+                    if access == Access::Transient {
+                        Some(*map.entry(prefix.clone()).or_insert(now))
+                    } else {
+                        map.remove(&prefix);
+                        None
+                    }
+                };
                 for ((sid, _), db) in st.databases.range((prefix.clone(), String::new())..) {
                     if *sid != prefix {
                         break;
                     }
-                    let (next, event) = db.next(access, None, now, self.settings.tde.timing);
+                    let (next, event) = db.next(access, transient_since, now, self.settings.tde.timing);
                     if next != *db {
                         if let Some(event) = event {
                             events.push(DbEventRecord { database: next.clone(), event, time: now });

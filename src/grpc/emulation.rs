@@ -7,6 +7,7 @@ use tonic::{Request, Response, Status};
 use super::proto::{self, emulation_server::Emulation};
 use super::{caller, to_status};
 use crate::broker::Broker;
+use crate::broker::faults::FaultSpec;
 
 const CLOCK_READ: &str = "Microsoft.TdeBroker/emulation/read";
 const CLOCK_WRITE: &str = "Microsoft.TdeBroker/emulation/write";
@@ -65,5 +66,38 @@ impl Emulation for EmulationService {
         self.broker.authorize_control(&caller.object_id, CLOCK_WRITE, "/").map_err(to_status)?;
         let now = self.broker.clock.set(request.get_ref().now).map_err(to_status)?;
         self.clock_moved(now).await
+    }
+
+    async fn set_faults(
+        &self,
+        request: Request<proto::SetFaultsRequest>,
+    ) -> Result<Response<proto::FaultsResponse>, Status> {
+        let caller = caller(&request)?;
+        let r = request.get_ref();
+        let list = self
+            .broker
+            .set_faults(&caller, &r.vault_name, FaultSpec { outage: r.outage })
+            .await
+            .map_err(to_status)?;
+        Ok(Response::new(faults(list)))
+    }
+
+    async fn clear_faults(
+        &self,
+        request: Request<proto::ClearFaultsRequest>,
+    ) -> Result<Response<proto::FaultsResponse>, Status> {
+        let caller = caller(&request)?;
+        let list =
+            self.broker.clear_faults(&caller, &request.get_ref().vault_name).await.map_err(to_status)?;
+        Ok(Response::new(faults(list)))
+    }
+}
+
+fn faults(list: Vec<(String, FaultSpec)>) -> proto::FaultsResponse {
+    proto::FaultsResponse {
+        faults: list
+            .into_iter()
+            .map(|(vault_name, f)| proto::VaultFaults { vault_name, outage: f.outage })
+            .collect(),
     }
 }

@@ -19,12 +19,19 @@ use crate::model::server::ServerKind;
 pub struct ServersService {
     broker: Arc<Broker>,
     auth: Arc<Authenticator>,
+    /// Data directory holding the dev CA (under `--tls auto`): host credentials then include a
+    /// client certificate naming the host principal.
+    dev_ca_dir: Option<std::path::PathBuf>,
 }
 
 impl ServersService {
     /// Serves `broker`, issuing host credentials with `auth`.
-    pub fn new(broker: Arc<Broker>, auth: Arc<Authenticator>) -> Self {
-        ServersService { broker, auth }
+    pub fn new(
+        broker: Arc<Broker>,
+        auth: Arc<Authenticator>,
+        dev_ca_dir: Option<std::path::PathBuf>,
+    ) -> Self {
+        ServersService { broker, auth, dev_ca_dir }
     }
 }
 
@@ -246,11 +253,19 @@ impl Servers for ServersService {
                 self.broker.settings.tde.host_token_lifetime,
             )
             .map_err(to_status)?;
-        Ok(Response::new(proto::IssueHostCredentialResponse {
-            token,
-            cert_pem: String::new(),
-            key_pem: String::new(),
-            expires_on,
-        }))
+        let (cert_pem, key_pem) = match self.dev_ca_dir.clone() {
+            Some(dir) => {
+                let oid = host.object_id.clone();
+                tokio::task::spawn_blocking(move || crate::tls::issue_client_cert(&dir, &oid))
+                    .await
+                    .map_err(|_| to_status(BrokerError::Internal))?
+                    .map_err(|e| {
+                        tracing::error!(error = %e, "issuing the host client certificate failed");
+                        to_status(BrokerError::Internal)
+                    })?
+            }
+            None => (String::new(), String::new()),
+        };
+        Ok(Response::new(proto::IssueHostCredentialResponse { token, cert_pem, key_pem, expires_on }))
     }
 }

@@ -419,6 +419,12 @@ pub enum BrokerError {
     /// AdvanceClock/SetClock on the system clock.
     #[error("The broker runs on the system clock; start it with --clock manual to move time.")]
     ClockNotManual,
+    /// An injected outage of a vault (Emulation.SetFaults): a transient "5xx".
+    #[error("The service is temporarily unavailable. Vault '{vault}' is in an injected outage; retry later.")]
+    VaultUnavailable {
+        /// Vault name.
+        vault: String,
+    },
     /// The store could not commit or read; the change was not made.
     #[error("The broker could not reach its store; the request was not carried out. Retry later.")]
     StoreUnavailable,
@@ -481,7 +487,7 @@ impl BrokerError {
             PurgeProtectionIrreversible => "BadRequest",
             BadParameter { .. } | DecryptionFailed => "BadParameter",
             ClockNotManual => "ClockNotManual",
-            StoreUnavailable => "ServiceUnavailable",
+            StoreUnavailable | VaultUnavailable { .. } => "ServiceUnavailable",
             Internal => "InternalError",
         }
     }
@@ -539,7 +545,7 @@ impl BrokerError {
             | BadParameter { .. }
             | DecryptionFailed
             | PrincipalNotFound { .. } => ErrorClass::InvalidArgument,
-            StoreUnavailable => ErrorClass::Unavailable,
+            StoreUnavailable | VaultUnavailable { .. } => ErrorClass::Unavailable,
             Internal => ErrorClass::Internal,
         }
     }
