@@ -105,6 +105,10 @@ pub struct FileConfig {
     pub transient_grace: Option<i64>,
     /// Lifetime of engine host credentials, seconds (default 86400).
     pub host_token_lifetime: Option<i64>,
+    /// Whether trusted services may bypass vault firewalls (default: true in AzureCloud only).
+    pub trusted_service_bypass: Option<bool>,
+    /// CIDRs of reverse proxies whose `x-forwarded-for` header names the real client.
+    pub trusted_proxies: Option<Vec<String>>,
 }
 
 /// What the command line (and its environment variables) gave.
@@ -184,6 +188,10 @@ pub struct Config {
     pub token_lifetime: i64,
     /// TDE settings.
     pub tde: crate::broker::TdeSettings,
+    /// Trusted-service firewall bypass available.
+    pub trusted_service_bypass: bool,
+    /// Trusted reverse proxies (normalised CIDRs).
+    pub trusted_proxies: Vec<String>,
 }
 
 /// Configuration problems, all reported together.
@@ -279,6 +287,15 @@ impl Config {
                 defaults.host_token_lifetime,
             ),
         };
+        let trusted_service_bypass =
+            file.trusted_service_bypass.unwrap_or(tde.cloud == crate::model::server::Cloud::AzureCloud);
+        let mut trusted_proxies = Vec::new();
+        for p in file.trusted_proxies.unwrap_or_default() {
+            match crate::model::vault::normalise_cidr(&p) {
+                Ok(c) => trusted_proxies.push(c),
+                Err(_) => errors.push(format!("trusted_proxies: '{p}' is not an address or CIDR")),
+            }
+        }
         let cfg = Config {
             listen,
             data_dir: args.data_dir.or(file.data_dir).unwrap_or_else(|| PathBuf::from(DEFAULT_DATA_DIR)),
@@ -296,6 +313,8 @@ impl Config {
             tls_names,
             token_lifetime,
             tde,
+            trusted_service_bypass,
+            trusted_proxies,
         };
         if errors.is_empty() { Ok(cfg) } else { Err(ConfigError(errors)) }
     }

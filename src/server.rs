@@ -150,6 +150,8 @@ impl App {
             subscription_id: config.subscription_id.clone(),
             resource_group: config.resource_group.clone(),
             tde: config.tde.clone(),
+            trusted_service_bypass: config.trusted_service_bypass,
+            trusted_proxies: config.trusted_proxies.clone(),
         };
         let broker = Broker::open(store.clone(), sealer.clone(), clock, settings).await?;
         let (signing_key, kid) = load_signing_key(store.as_ref(), &sealer)?;
@@ -164,6 +166,8 @@ impl App {
                 app_id: admin.app_id.clone(),
                 issuer: broker.settings.issuer(),
                 peer: None,
+                trusted_service: false,
+                source_subnet: None,
             };
             seed::apply(&broker, &caller, seed_path).await?;
         }

@@ -153,7 +153,14 @@ impl Authenticator {
         if self.broker.principal(&claims.oid).is_none() {
             return Err(BrokerError::PrincipalDeleted { object_id: claims.oid });
         }
-        Ok(Caller { object_id: claims.oid, app_id: claims.appid, issuer: claims.iss, peer: None })
+        Ok(Caller {
+            object_id: claims.oid,
+            app_id: claims.appid,
+            issuer: claims.iss,
+            peer: None,
+            trusted_service: false,
+            source_subnet: None,
+        })
     }
 
     /// The caller a verified client certificate names (mTLS): the principal must exist.
@@ -171,6 +178,8 @@ impl Authenticator {
             app_id: principal.app_id,
             issuer: self.broker.settings.issuer(),
             peer,
+            trusted_service: false,
+            source_subnet: None,
         })
     }
 }
@@ -191,6 +200,12 @@ impl AuthInterceptor {
     /// Authenticates the request's metadata; the edge turns an error into UNAUTHENTICATED.
     /// A bearer token, when present, decides; without one, the verified client certificate
     /// (`client_cert`: the leaf, DER) authenticates as the principal its SAN URI names.
+    /// CIDRs of reverse proxies whose forwarded address is believed.
+    pub fn trusted_proxies(&self) -> &[String] {
+        &self.auth.broker.settings.trusted_proxies
+    }
+
+    /// Authenticates a request (see [`AuthInterceptor`]).
     pub fn authenticate(
         &self,
         authorization: Option<&str>,

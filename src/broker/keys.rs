@@ -234,6 +234,18 @@ impl Broker {
     ) -> Result<(), BrokerError> {
         self.check_faults(&ve.vault.name)?;
         let desc = caller.description();
+        crate::policy::network::check(
+            &ve.vault,
+            &st.subnets,
+            &crate::policy::network::Origin {
+                addr: caller.peer.map(|p| p.ip()),
+                trusted_service: caller.trusted_service,
+                subnet: caller.source_subnet.clone(),
+            },
+            self.settings.trusted_service_bypass,
+            &desc,
+            &self.settings.location,
+        )?;
         let resource = self.key_resource(&ve.vault.name, key);
         data::authorize(
             &ve.vault,

@@ -38,6 +38,11 @@ pub struct Settings {
     pub resource_group: String,
     /// TDE behaviour.
     pub tde: TdeSettings,
+    /// Whether "Allow trusted Microsoft services to bypass this firewall" exists in this cloud
+    /// (the English seed: not in national clouds).
+    pub trusted_service_bypass: bool,
+    /// Peers whose `x-forwarded-for` header is believed (CIDRs); empty = no proxy is trusted.
+    pub trusted_proxies: Vec<String>,
 }
 
 /// `enforce_cmk`: the built-in policy "SQL server should use customer-managed keys".

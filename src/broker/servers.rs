@@ -171,8 +171,17 @@ impl Broker {
     }
 
     /// Whether `identity` (an effective identity) exists and holds get/wrapKey/unwrapKey on the key.
-    fn identity_can_use(&self, st: &State, identity: &EffectiveIdentity, id: &KeyId) -> bool {
-        identity_principal(st, identity).is_some_and(|p| self.identity_holds_tde_permissions(st, p, id))
+    /// ... and reaches the vault through its network rules.
+    fn identity_can_use(
+        &self,
+        st: &State,
+        server: &Server,
+        identity: &EffectiveIdentity,
+        id: &KeyId,
+    ) -> bool {
+        identity_principal(st, identity).is_some_and(|p| {
+            self.server_network_ok(st, server, p, &id.vault) && self.identity_holds_tde_permissions(st, p, id)
+        })
     }
 
     /// The full protector validation for `server` (as it would be) and `key_id`.
@@ -188,7 +197,7 @@ impl Broker {
             return Err(BrokerError::TdeNoServerIdentity { server: server.name.clone() });
         }
         let (id, kid) = self.validate_protector_key(st, server, key_id, now)?;
-        if !self.identity_can_use(st, &effective, &id) {
+        if !self.identity_can_use(st, server, &effective, &id) {
             return Err(BrokerError::TdeIdentityMissingPermissions {
                 server: server.name.clone(),
                 identity: identity_label(&effective),
@@ -392,7 +401,7 @@ impl Broker {
                 if after != before {
                     // A new SMI principal is not in the state yet: it holds nothing.
                     let can = !matches!(&after, EffectiveIdentity::SystemAssigned(p) if !st.principals.contains_key(p))
-                        && self.identity_can_use(&st, &after, &key);
+                        && self.identity_can_use(&st, &server, &after, &key);
                     if !can {
                         return Err(match after {
                             EffectiveIdentity::None => {

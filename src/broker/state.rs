@@ -88,6 +88,8 @@ pub struct State {
     pub principals: HashMap<String, Principal>,
     /// Role assignments of both planes.
     pub role_assignments: Vec<RoleAssignment>,
+    /// Subnets by lower-cased id.
+    pub subnets: BTreeMap<String, crate::model::vault::Subnet>,
     /// Servers by lower-cased ARM id.
     pub servers: BTreeMap<String, Server>,
     /// Databases by (lower-cased server id, lower-cased name).
@@ -125,6 +127,9 @@ impl State {
             st.principals.insert(p.object_id.clone(), p);
         }
         st.role_assignments = snap.role_assignments;
+        for sn in snap.subnets {
+            st.subnets.insert(sn.id.to_ascii_lowercase(), sn);
+        }
         for s in snap.servers {
             st.servers.insert(s.id.to_ascii_lowercase(), s);
         }
@@ -190,6 +195,9 @@ impl State {
             }
             Change::PutPrincipal(p) => {
                 self.principals.insert(p.object_id.clone(), p);
+            }
+            Change::PutSubnet(sn) => {
+                self.subnets.insert(sn.id.to_ascii_lowercase(), sn);
             }
             Change::PutServer(s) => {
                 self.servers.insert(s.id.to_ascii_lowercase(), s);

@@ -81,6 +81,40 @@ impl Broker {
         })
     }
 
+    /// Whether the vault's network rules let the server's identity through: a SQL logical
+    /// server as a trusted service, a managed instance from its subnet.
+    pub(crate) fn server_network_ok(
+        &self,
+        st: &State,
+        server: &Server,
+        principal: &Principal,
+        vault: &str,
+    ) -> bool {
+        let Ok(ve) = st.vault(vault) else { return false };
+        let origin = crate::policy::network::Origin {
+            addr: None,
+            trusted_service: server.kind == crate::model::server::ServerKind::SqlServer,
+            subnet: match server.kind {
+                crate::model::server::ServerKind::ManagedInstance => server.subnet_id.clone(),
+                crate::model::server::ServerKind::SqlServer => None,
+            },
+        };
+        let desc = crate::model::CallerDescription {
+            app_id: principal.app_id.clone(),
+            object_id: principal.object_id.clone(),
+            issuer: self.settings.issuer(),
+        };
+        crate::policy::network::check(
+            &ve.vault,
+            &st.subnets,
+            &origin,
+            self.settings.trusted_service_bypass,
+            &desc,
+            &self.settings.location,
+        )
+        .is_ok()
+    }
+
     /// What SQL checks on every probe and engine call: identity exists, permissions, key not
     /// deleted, enabled, inside nbf/exp (SQL checks expiry itself).
     pub fn evaluate_access(&self, st: &State, server: &Server, now: i64) -> Access {
@@ -100,6 +134,9 @@ impl Broker {
         }
         if self.faults.outage(&id.vault) {
             return Access::Transient;
+        }
+        if !self.server_network_ok(st, server, principal, &id.vault) {
+            return Access::Lost(Reason::Firewall);
         }
         if !self.identity_holds_tde_permissions(st, principal, &id) {
             return Access::Lost(Reason::IdentityMissingPermissions);
@@ -280,6 +317,12 @@ impl Broker {
             app_id: p.app_id.clone(),
             issuer: self.settings.issuer(),
             peer: None,
+            // SQL logical servers are trusted services; managed instances come from their subnet.
+            trusted_service: server.kind == crate::model::server::ServerKind::SqlServer,
+            source_subnet: match server.kind {
+                crate::model::server::ServerKind::ManagedInstance => server.subnet_id.clone(),
+                crate::model::server::ServerKind::SqlServer => None,
+            },
         })
     }
 

@@ -4,12 +4,15 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use super::Broker;
 use crate::model::ids::vault_name;
+use crate::model::vault::{Subnet, normalise_cidr, subnet_id};
 use crate::model::{BrokerError, Caller, Change, KeyPermission, NetworkAcls, Vault};
 
 const VAULT_READ: &str = "Microsoft.KeyVault/vaults/read";
 const VAULT_WRITE: &str = "Microsoft.KeyVault/vaults/write";
 const VAULT_DELETE: &str = "Microsoft.KeyVault/vaults/delete";
 const POLICY_WRITE: &str = "Microsoft.KeyVault/vaults/accessPolicies/write";
+const SUBNET_WRITE: &str = "Microsoft.Network/virtualNetworks/subnets/write";
+const SUBNET_READ: &str = "Microsoft.Network/virtualNetworks/subnets/read";
 
 /// What CreateVault asks for.
 #[derive(Clone, Debug, Default)]
@@ -58,6 +61,7 @@ impl Broker {
             network_acls: spec.network_acls.unwrap_or_default(),
             public_network_access: spec.public_network_access,
             access_policies: BTreeMap::new(),
+            private_endpoints: vec![],
             created: self.clock.now(),
         };
         let txn = self.begin().await;
@@ -175,5 +179,64 @@ impl Broker {
         let name = vault_name(vault)?;
         self.authorize_control(&caller.object_id, VAULT_READ, &self.vault_scope(&name))?;
         Ok(self.read().vault(&name)?.vault.access_policies.clone())
+    }
+
+    /// PutSubnet: creates or replaces a subnet's address ranges.
+    pub async fn put_subnet(
+        &self,
+        caller: &Caller,
+        id: &str,
+        prefixes: &[String],
+    ) -> Result<Subnet, BrokerError> {
+        let id = subnet_id(id)?;
+        self.authorize_control(&caller.object_id, SUBNET_WRITE, &id)?;
+        if prefixes.is_empty() {
+            return Err(BrokerError::bad_parameter("A subnet needs at least one address prefix."));
+        }
+        let mut cidrs = prefixes.iter().map(|p| normalise_cidr(p)).collect::<Result<Vec<_>, _>>()?;
+        cidrs.sort();
+        cidrs.dedup();
+        let subnet = Subnet { id, prefixes: cidrs };
+        let txn = self.begin().await;
+        self.commit(txn, vec![Change::PutSubnet(subnet.clone())]).await?;
+        Ok(subnet)
+    }
+
+    /// ListSubnets: those the caller may read.
+    pub fn list_subnets(&self, caller: &Caller) -> Vec<Subnet> {
+        let st = self.read();
+        st.subnets
+            .values()
+            .filter(|s| {
+                crate::policy::control::allows(&st.role_assignments, &caller.object_id, SUBNET_READ, &s.id)
+            })
+            .cloned()
+            .collect()
+    }
+
+    /// CreatePrivateEndpoint: the subnet reaches the vault privately (approved at once).
+    pub async fn create_private_endpoint(
+        &self,
+        caller: &Caller,
+        vault: &str,
+        subnet: &str,
+    ) -> Result<(), BrokerError> {
+        let name = vault_name(vault)?;
+        let subnet = subnet_id(subnet)?;
+        self.authorize_control(&caller.object_id, VAULT_WRITE, &self.vault_scope(&name))?;
+        let txn = self.begin().await;
+        let mut v = {
+            let st = self.read();
+            if !st.subnets.contains_key(&subnet.to_ascii_lowercase()) {
+                return Err(BrokerError::bad_parameter(format!(
+                    "The subnet '{subnet}' is unknown: declare its address ranges with PutSubnet first."
+                )));
+            }
+            st.vault(&name)?.vault.clone()
+        };
+        if !v.private_endpoints.iter().any(|p| p.eq_ignore_ascii_case(&subnet)) {
+            v.private_endpoints.push(subnet);
+        }
+        self.commit(txn, vec![Change::PutVault(v)]).await
     }
 }

@@ -51,6 +51,12 @@ pub enum Command {
     /// The broker's clock (manual clock only for changes).
     #[command(subcommand)]
     Clock(client::ClockCmd),
+    /// SQL servers and managed instances: identities, TDE protectors, host credentials.
+    #[command(subcommand)]
+    Server(client::ServerCmd),
+    /// Databases of a server: create, show, list, delete, and watch their states.
+    #[command(subcommand)]
+    Db(client::DbCmd),
     /// mTLS client certificates, signed by the dev CA of `serve --tls auto` (local, no broker call).
     #[command(subcommand)]
     Cert(CertCmd),

@@ -65,6 +65,7 @@ pub fn vault(v: Vault, suffix: &str) -> proto::Vault {
         enable_rbac_authorization: v.rbac,
         network_acls: Some(network_acls(&v.network_acls)),
         public_network_access: if v.public_network_access { "Enabled" } else { "Disabled" }.to_string(),
+        private_endpoint_subnet_ids: v.private_endpoints,
     }
 }
 

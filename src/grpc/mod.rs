@@ -32,7 +32,12 @@ impl Interceptor for AuthInterceptor {
         // With TLS on, the certificates the client presented (verified against the client CA).
         let certs = request.peer_certs();
         let leaf = certs.as_deref().and_then(|c| c.first()).map(|c| c.as_ref());
-        let caller = self.authenticate(header, request.remote_addr(), leaf).map_err(to_status)?;
+        // The real client address: the connection's peer, or — only when that peer is a
+        // configured trusted proxy — the address it forwards.
+        let forwarded = request.metadata().get("x-forwarded-for").and_then(|v| v.to_str().ok());
+        let peer =
+            crate::policy::network::client_address(request.remote_addr(), forwarded, self.trusted_proxies());
+        let caller = self.authenticate(header, peer, leaf).map_err(to_status)?;
         request.extensions_mut().insert(caller);
         Ok(request)
     }

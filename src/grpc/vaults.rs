@@ -168,4 +168,39 @@ impl Vaults for VaultsService {
             .collect();
         Ok(Response::new(proto::ListRoleAssignmentsResponse { assignments }))
     }
+
+    async fn put_subnet(
+        &self,
+        request: Request<proto::PutSubnetRequest>,
+    ) -> Result<Response<proto::Subnet>, Status> {
+        let caller = caller(&request)?;
+        let r = request.get_ref();
+        let s =
+            self.broker.put_subnet(&caller, &r.subnet_id, &r.address_prefixes).await.map_err(to_status)?;
+        Ok(Response::new(proto::Subnet { subnet_id: s.id, address_prefixes: s.prefixes }))
+    }
+
+    async fn list_subnets(
+        &self,
+        request: Request<proto::ListSubnetsRequest>,
+    ) -> Result<Response<proto::ListSubnetsResponse>, Status> {
+        let caller = caller(&request)?;
+        let subnets = self
+            .broker
+            .list_subnets(&caller)
+            .into_iter()
+            .map(|s| proto::Subnet { subnet_id: s.id, address_prefixes: s.prefixes })
+            .collect();
+        Ok(Response::new(proto::ListSubnetsResponse { subnets }))
+    }
+
+    async fn create_private_endpoint(
+        &self,
+        request: Request<proto::CreatePrivateEndpointRequest>,
+    ) -> Result<Response<proto::CreatePrivateEndpointResponse>, Status> {
+        let caller = caller(&request)?;
+        let r = request.get_ref();
+        self.broker.create_private_endpoint(&caller, &r.vault_name, &r.subnet_id).await.map_err(to_status)?;
+        Ok(Response::new(proto::CreatePrivateEndpointResponse {}))
+    }
 }

@@ -61,6 +61,8 @@ pub enum Change {
         /// Database name.
         name: String,
     },
+    /// Create or replace a subnet's address ranges.
+    PutSubnet(super::vault::Subnet),
     /// Remove a principal (its tokens stop working at once).
     DeletePrincipal {
         /// Object id.

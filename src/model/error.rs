@@ -144,6 +144,32 @@ pub enum BrokerError {
         /// The broker's configured location.
         location: String,
     },
+    /// The vault firewall refused the caller's address (A4), inner code `ForbiddenByFirewall`.
+    #[error(
+        "Client address is not authorized and caller is not a trusted service.\r\nClient address: {client}\r\nCaller: {caller}\r\nVault: {vault};location={location}"
+    )]
+    ForbiddenByFirewall {
+        /// The client address as seen by the broker.
+        client: String,
+        /// Who called.
+        caller: Box<CallerDescription>,
+        /// Vault name.
+        vault: String,
+        /// Location.
+        location: String,
+    },
+    /// Public network access is disabled (A4), inner code `ForbiddenByConnection`.
+    #[error(
+        "Public network access is disabled and request is not from a trusted service nor via an approved private link.\r\nCaller: {caller}\r\nVault: {vault};location={location}"
+    )]
+    ForbiddenByConnection {
+        /// Who called.
+        caller: Box<CallerDescription>,
+        /// Vault name.
+        vault: String,
+        /// Location.
+        location: String,
+    },
     /// `enabled = false` refuses every crypto operation (A2), inner code `KeyDisabled`.
     #[error("Operation {operation} is not allowed on a disabled key.")]
     KeyDisabled {
@@ -452,6 +478,8 @@ impl BrokerError {
             AuthorizationFailed { .. } => "AuthorizationFailed",
             AccessDenied { .. } => "AccessDenied",
             ForbiddenByRbac { .. } => "ForbiddenByRbac",
+            ForbiddenByFirewall { .. } => "ForbiddenByFirewall",
+            ForbiddenByConnection { .. } => "ForbiddenByConnection",
             KeyDisabled { .. } => "KeyDisabled",
             KeyOperationForbidden { .. } => "KeyOperationForbidden",
             KeyExpired { .. } => "KeyExpired",
@@ -506,6 +534,8 @@ impl BrokerError {
             AuthorizationFailed { .. }
             | AccessDenied { .. }
             | ForbiddenByRbac { .. }
+            | ForbiddenByFirewall { .. }
+            | ForbiddenByConnection { .. }
             | KeyDisabled { .. }
             | KeyOperationForbidden { .. }
             | KeyExpired { .. }

@@ -44,6 +44,10 @@ pub struct Caller {
     pub issuer: String,
     /// The connection's real peer address, when known.
     pub peer: Option<std::net::SocketAddr>,
+    /// The broker's own call for a SQL logical server: a trusted Microsoft service.
+    pub trusted_service: bool,
+    /// The broker's own call for a managed instance: it comes from this subnet.
+    pub source_subnet: Option<String>,
 }
 
 impl Caller {

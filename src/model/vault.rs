@@ -185,6 +185,38 @@ pub fn normalise_cidr(rule: &str) -> Result<String, BrokerError> {
     Ok(format!("{network}/{prefix}"))
 }
 
+/// A subnet resource id mapped to address ranges, so that VNet rules and private endpoints
+/// apply to real peer addresses.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Subnet {
+    /// `/subscriptions/…/virtualNetworks/{vnet}/subnets/{name}`.
+    pub id: String,
+    /// Normalised CIDRs.
+    pub prefixes: Vec<String>,
+}
+
+/// Validates a subnet resource id.
+pub fn subnet_id(id: &str) -> Result<String, BrokerError> {
+    let parts: Vec<&str> = id.trim().trim_end_matches('/').split('/').collect();
+    let ok = parts.len() == 11
+        && parts[0].is_empty()
+        && parts[1].eq_ignore_ascii_case("subscriptions")
+        && parts[3].eq_ignore_ascii_case("resourceGroups")
+        && parts[5].eq_ignore_ascii_case("providers")
+        && parts[6].eq_ignore_ascii_case("Microsoft.Network")
+        && parts[7].eq_ignore_ascii_case("virtualNetworks")
+        && parts[9].eq_ignore_ascii_case("subnets")
+        && [2, 4, 8, 10].iter().all(|&i| !parts[i].is_empty() && !parts[i].contains(char::is_whitespace));
+    if ok {
+        Ok(parts.join("/"))
+    } else {
+        Err(BrokerError::bad_parameter(format!(
+            "The subnet id '{}' is invalid. Expected /subscriptions/{{sub}}/resourceGroups/{{rg}}/providers/Microsoft.Network/virtualNetworks/{{vnet}}/subnets/{{name}}.",
+            printable(id)
+        )))
+    }
+}
+
 /// A key vault.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Vault {
@@ -202,6 +234,9 @@ pub struct Vault {
     pub public_network_access: bool,
     /// Access policies: object id → key permissions.
     pub access_policies: BTreeMap<String, BTreeSet<KeyPermission>>,
+    /// Subnets with a private endpoint to this vault.
+    #[serde(default)]
+    pub private_endpoints: Vec<String>,
     /// Creation time.
     pub created: i64,
 }
@@ -263,6 +298,7 @@ mod tests {
             network_acls: NetworkAcls::default(),
             public_network_access: true,
             access_policies: BTreeMap::new(),
+            private_endpoints: vec![],
             created: 0,
         }
     }

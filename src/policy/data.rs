@@ -106,6 +106,7 @@ mod tests {
             network_acls: NetworkAcls::default(),
             public_network_access: true,
             access_policies: policies,
+            private_endpoints: vec![],
             created: 0,
         }
     }

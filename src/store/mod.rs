@@ -59,6 +59,8 @@ pub struct Snapshot {
     pub principals: Vec<Principal>,
     /// Role assignments (both planes).
     pub role_assignments: Vec<RoleAssignment>,
+    /// Subnets.
+    pub subnets: Vec<crate::model::vault::Subnet>,
     /// Servers.
     pub servers: Vec<crate::model::server::Server>,
     /// Databases.

@@ -27,6 +27,7 @@ CREATE TABLE IF NOT EXISTS key_versions (
 CREATE TABLE IF NOT EXISTS principals (object_id TEXT PRIMARY KEY, doc TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS role_assignments (id TEXT PRIMARY KEY, doc TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS servers (id TEXT PRIMARY KEY, doc TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS subnets (id TEXT PRIMARY KEY, doc TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS databases (
     server_id TEXT NOT NULL, name TEXT NOT NULL, doc TEXT NOT NULL, PRIMARY KEY (server_id, name));
 ";
@@ -96,6 +97,7 @@ impl Store for SqliteStore {
         let principals = all_docs(&conn, "SELECT doc FROM principals", "principals")?;
         let role_assignments = all_docs(&conn, "SELECT doc FROM role_assignments", "role_assignments")?;
         let servers = all_docs(&conn, "SELECT doc FROM servers ORDER BY id", "servers")?;
+        let subnets = all_docs(&conn, "SELECT doc FROM subnets ORDER BY id", "subnets")?;
         let databases = all_docs(&conn, "SELECT doc FROM databases ORDER BY server_id, name", "databases")?;
 
         let mut keys = Vec::new();
@@ -122,7 +124,7 @@ impl Store for SqliteStore {
                 .collect::<Result<Vec<_>, StoreError>>()?;
             keys.push(StoredKey { vault, name, deleted, versions });
         }
-        Ok(Snapshot { vaults, keys, principals, role_assignments, servers, databases })
+        Ok(Snapshot { vaults, keys, principals, role_assignments, subnets, servers, databases })
     }
 
     fn commit(&self, changes: &[Change]) -> Result<(), StoreError> {
@@ -188,6 +190,12 @@ impl Store for SqliteStore {
                         "INSERT INTO principals (object_id, doc) VALUES (?1, ?2)
                          ON CONFLICT(object_id) DO UPDATE SET doc = excluded.doc",
                         params![p.object_id, to_doc(p, "principals")?],
+                    )?;
+                }
+                Change::PutSubnet(sn) => {
+                    tx.execute(
+                        "INSERT INTO subnets (id, doc) VALUES (?1, ?2) ON CONFLICT(id) DO UPDATE SET doc = excluded.doc",
+                        params![sn.id.to_ascii_lowercase(), to_doc(sn, "subnets")?],
                     )?;
                 }
                 Change::PutServer(srv) => {
@@ -268,6 +276,7 @@ mod tests {
             network_acls: NetworkAcls::default(),
             public_network_access: true,
             access_policies: BTreeMap::new(),
+            private_endpoints: vec![],
             created: 1,
         }
     }

@@ -434,3 +434,38 @@ impl TestBroker {
             .into_inner()
     }
 }
+
+/// A channel to the broker whose TCP connection comes from `source` (a loopback address such as
+/// 127.0.0.2): the broker sees that address as the peer.
+pub async fn channel_from(addr: std::net::SocketAddr, source: &str) -> Channel {
+    let src: std::net::IpAddr = source.parse().expect("source address");
+    tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+        .expect("uri")
+        .connect_with_connector(tower::service_fn(move |_uri: tonic::transport::Uri| async move {
+            let socket = tokio::net::TcpSocket::new_v4()?;
+            socket.bind(std::net::SocketAddr::new(src, 0))?;
+            let stream = socket.connect(addr).await?;
+            Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(stream))
+        }))
+        .await
+        .expect("connect from a loopback source address")
+}
+
+impl TestBroker {
+    /// A KeyVault client for `token` whose connection comes from `source`.
+    pub async fn kv_from(&self, source: &str, token: &str) -> Kv {
+        KeyVaultClient::with_interceptor(channel_from(self.addr, source).await, bearer(token))
+    }
+
+    pub async fn firewall(&self, vault: &str, acls: proto::NetworkAcls, public: Option<&str>) {
+        self.vaults()
+            .update_vault(proto::UpdateVaultRequest {
+                name: vault.into(),
+                network_acls: Some(acls),
+                public_network_access: public.map(String::from),
+                ..Default::default()
+            })
+            .await
+            .expect("update vault network");
+    }
+}
