@@ -295,3 +295,139 @@ async fn identity_policy_token_then_crypto_as_the_identity_and_roles() {
     let err = b.fails(&["token", "get", "--client-id", &client_id]).await;
     assert!(err.starts_with("error: NOT_FOUND"), "{err}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cmk_server_database_watch_and_revalidate() {
+    let b = start_broker().await;
+
+    // A purge-protected vault, an RSA protector key, and a UMI that holds get/wrapKey/unwrapKey.
+    b.json(&["vault", "create", "cmk-vault", "--purge-protection"]).await;
+    let key = b.json(&["key", "create", "cmk-vault", "tde"]).await;
+    let kid = str_of(&key, "kid").to_string();
+    let key_uri = kid.rsplit_once('/').expect("versioned kid").0.to_string();
+    let umi = b.json(&["identity", "create", "cmk-umi", "--resource-group", "id-rg"]).await;
+    let umi_id = str_of(&umi, "resource_id").to_string();
+    let umi_principal = str_of(&umi, "principal_id").to_string();
+    let tde_perms = ["--object-id", umi_principal.as_str(), "--permissions", "get,wrapKey,unwrapKey"];
+    b.json(&[["policy", "set", "cmk-vault"].as_slice(), &tde_perms].concat()).await;
+
+    // The server uses the key from creation; its only UMI becomes the primary.
+    let server = b
+        .json(&[
+            "server",
+            "create",
+            "cmk-sql",
+            "--resource-group",
+            "sql-rg",
+            "--umi",
+            &umi_id,
+            "--key-id",
+            &key_uri,
+        ])
+        .await;
+    let server_id = str_of(&server, "id").to_string();
+    assert!(
+        server_id.ends_with("/resourceGroups/sql-rg/providers/Microsoft.Sql/servers/cmk-sql"),
+        "{server}"
+    );
+    assert_eq!(server["kind"], "SQL_SERVER");
+    assert_eq!(server["identity"]["primary_user_assigned_identity_id"], umi_id.as_str());
+    assert_eq!(server["protector"]["server_key_type"], "AzureKeyVault");
+    assert_eq!(server["protector"]["kid"], kid.as_str());
+    assert_eq!(b.json(&["server", "show", &server_id]).await, server);
+    let protector = b.json(&["server", "protector-show", &server_id]).await;
+    assert_eq!(protector, server["protector"]);
+    let list = b.run(&["server", "list"]).await;
+    let text = String::from_utf8_lossy(&list.stdout);
+    assert!(text.starts_with("NAME"), "{text}");
+    assert!(text.lines().any(|l| l.starts_with("cmk-sql ") && l.ends_with(&server_id)), "{text}");
+
+    // A database, ONLINE, in both renderings and in the listing.
+    let db = b.json(&["db", "create", &server_id, "db1"]).await;
+    assert_eq!(str_of(&db, "state"), "ONLINE", "{db}");
+    let shown = b.json(&["db", "show", &server_id, "db1"]).await;
+    assert_eq!(str_of(&shown, "state"), "ONLINE", "{shown}");
+    assert_eq!(str_of(&shown, "reason"), "", "{shown}");
+    let table = b.run(&["db", "show", &server_id, "db1"]).await;
+    let text = String::from_utf8_lossy(&table.stdout);
+    assert!(text.lines().any(|l| l.starts_with("state") && l.ends_with("ONLINE")), "{text}");
+    let list = b.json(&["db", "list", &server_id]).await;
+    assert_eq!(list.as_array().map(Vec::len), Some(1), "{list}");
+
+    // The engine host's credential: the token alone on stdout.
+    let cred = b.run(&["server", "host-credential", &server_id]).await;
+    assert!(cred.status.success(), "{}", String::from_utf8_lossy(&cred.stderr));
+    assert_eq!(String::from_utf8_lossy(&cred.stdout).trim().split('.').count(), 3);
+
+    // A watcher sees the database go when the UMI loses its access (found by the next probe).
+    let mut watcher = std::process::Command::new(env!("CARGO_BIN_EXE_tde-broker"));
+    watcher
+        .env_remove("TDE_BROKER_TOKEN")
+        .env_remove("TDE_BROKER_SERVER")
+        .env_remove("TDE_BROKER_DATA_DIR")
+        .env("RUST_LOG", "off")
+        .args(["--server", &b.server, "--data-dir"])
+        .arg(&b.data_dir)
+        .args(["db", "watch", &server_id, "--count", "1"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
+    let mut child = watcher.spawn().expect("run tde-broker db watch");
+    let stdout = child.stdout.take().expect("piped stdout");
+    let (header_tx, header_rx) = tokio::sync::oneshot::channel();
+    let reader = tokio::task::spawn_blocking(move || {
+        use std::io::BufRead as _;
+        let mut lines = std::io::BufReader::new(stdout).lines();
+        // The header is printed once the subscription stands.
+        let _ = header_tx.send(lines.next().and_then(Result::ok));
+        lines.map_while(Result::ok).collect::<Vec<_>>()
+    });
+    let header = tokio::time::timeout(std::time::Duration::from_secs(30), header_rx)
+        .await
+        .expect("watch header within 30 s")
+        .expect("reader alive")
+        .expect("a header line");
+    assert!(header.starts_with("TIME") && header.ends_with("REASON"), "{header}");
+    b.json(&["policy", "delete", "cmk-vault", "--object-id", &umi_principal]).await;
+    b.json(&["clock", "advance", "10m"]).await;
+    let status = tokio::task::spawn_blocking(move || {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        loop {
+            if let Some(status) = child.try_wait().expect("wait") {
+                return status;
+            }
+            if std::time::Instant::now() > deadline {
+                let _ = child.kill();
+                panic!("db watch did not stop after its one event within 30 s");
+            }
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+    })
+    .await
+    .expect("join");
+    assert!(status.success(), "db watch failed: {status}");
+    let rows = reader.await.expect("join");
+    assert_eq!(rows.len(), 1, "{rows:?}");
+    let cells: Vec<&str> = rows[0].split_whitespace().collect();
+    assert_eq!(
+        cells[1..],
+        ["MakeDatabaseInaccessible", "db1", "INACCESSIBLE", "IDENTITY_MISSING_PERMISSIONS"]
+    );
+    let shown = b.json(&["db", "show", &server_id, "db1"]).await;
+    assert_eq!(str_of(&shown, "state"), "INACCESSIBLE", "{shown}");
+    assert_eq!(str_of(&shown, "reason"), "IDENTITY_MISSING_PERMISSIONS", "{shown}");
+
+    // Access back, revalidated: ONLINE again.
+    b.json(&[["policy", "set", "cmk-vault"].as_slice(), &tde_perms].concat()).await;
+    let revalidated = b.json(&["server", "revalidate", &server_id]).await;
+    assert_eq!(revalidated["server_key_type"], "AzureKeyVault");
+    assert_eq!(str_of(&b.json(&["db", "show", &server_id, "db1"]).await, "state"), "ONLINE");
+
+    // Service-managed again; then the database and the server go.
+    let protector = b.json(&["server", "protector", &server_id, "--service-managed"]).await;
+    assert_eq!(protector["server_key_type"], "ServiceManaged");
+    assert_eq!(b.json(&["db", "delete", &server_id, "db1"]).await["deleted"], "db1");
+    assert_eq!(b.json(&["db", "list", &server_id]).await, serde_json::json!([]));
+    assert_eq!(b.json(&["server", "delete", &server_id]).await["deleted"], server_id.as_str());
+    let err = b.fails(&["server", "show", &server_id]).await;
+    assert!(err.starts_with("error: NOT_FOUND"), "{err}");
+}

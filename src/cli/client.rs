@@ -1643,7 +1643,8 @@ async fn watch(s: &Session, server_id: String, count: Option<u64>, output: Outpu
     // Fixed widths: rows are printed before the next one is known.
     let row = |cells: [&str; 5]| {
         let [time, event, database, state, reason] = cells;
-        format!("{time:<20}  {event:<24}  {database:<16}  {state:<12}  {reason}").trim_end().to_string() + "\n"
+        format!("{time:<20}  {event:<24}  {database:<16}  {state:<12}  {reason}").trim_end().to_string()
+            + "\n"
     };
     // false once stdout is gone (a closed pipe ends the watch quietly).
     let print = |text: &str| {
@@ -1917,8 +1918,7 @@ fn kind_name(kind: i32) -> String {
 
 /// `ONLINE`, `INACCESSIBLE`, or the number when the broker is newer than this client.
 fn state_name(state: i32) -> String {
-    proto::DatabaseState::try_from(state)
-        .map_or_else(|_| state.to_string(), |s| s.as_str_name().to_string())
+    proto::DatabaseState::try_from(state).map_or_else(|_| state.to_string(), |s| s.as_str_name().to_string())
 }
 
 fn dash(text: &str) -> String {
