@@ -109,6 +109,16 @@ pub struct FileConfig {
     pub trusted_service_bypass: Option<bool>,
     /// CIDRs of reverse proxies whose `x-forwarded-for` header names the real client.
     pub trusted_proxies: Option<Vec<String>>,
+    /// Hot-path caches on/off (default on).
+    pub cache_enabled: Option<bool>,
+    /// Most cached authorization decisions (default 100000).
+    pub decision_cache_entries: Option<u64>,
+    /// Seconds a cached decision lives at most (default 300).
+    pub decision_cache_ttl: Option<u64>,
+    /// Most cached unwrap results (default 100000).
+    pub unwrap_cache_entries: Option<u64>,
+    /// Seconds a cached unwrap result lives at most (default 300).
+    pub unwrap_cache_ttl: Option<u64>,
 }
 
 /// What the command line (and its environment variables) gave.
@@ -192,6 +202,8 @@ pub struct Config {
     pub trusted_service_bypass: bool,
     /// Trusted reverse proxies (normalised CIDRs).
     pub trusted_proxies: Vec<String>,
+    /// Hot-path caches.
+    pub caches: crate::broker::cache::CacheSettings,
 }
 
 /// Configuration problems, all reported together.
@@ -296,6 +308,14 @@ impl Config {
                 Err(_) => errors.push(format!("trusted_proxies: '{p}' is not an address or CIDR")),
             }
         }
+        let cache_defaults = crate::broker::cache::CacheSettings::default();
+        let caches = crate::broker::cache::CacheSettings {
+            enabled: file.cache_enabled.unwrap_or(cache_defaults.enabled),
+            decision_entries: file.decision_cache_entries.unwrap_or(cache_defaults.decision_entries),
+            decision_ttl: file.decision_cache_ttl.map_or(cache_defaults.decision_ttl, std::time::Duration::from_secs),
+            unwrap_entries: file.unwrap_cache_entries.unwrap_or(cache_defaults.unwrap_entries),
+            unwrap_ttl: file.unwrap_cache_ttl.map_or(cache_defaults.unwrap_ttl, std::time::Duration::from_secs),
+        };
         let cfg = Config {
             listen,
             data_dir: args.data_dir.or(file.data_dir).unwrap_or_else(|| PathBuf::from(DEFAULT_DATA_DIR)),
@@ -315,6 +335,7 @@ impl Config {
             tde,
             trusted_service_bypass,
             trusted_proxies,
+            caches,
         };
         if errors.is_empty() { Ok(cfg) } else { Err(ConfigError(errors)) }
     }

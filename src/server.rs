@@ -152,6 +152,7 @@ impl App {
             tde: config.tde.clone(),
             trusted_service_bypass: config.trusted_service_bypass,
             trusted_proxies: config.trusted_proxies.clone(),
+            caches: config.caches.clone(),
         };
         let broker = Broker::open(store.clone(), sealer.clone(), clock, settings).await?;
         let (signing_key, kid) = load_signing_key(store.as_ref(), &sealer)?;
@@ -263,6 +264,7 @@ impl App {
                 if let Err(e) = sweeper_broker.purge_expired().await {
                     tracing::warn!(error = %e, "purging expired soft-deleted keys failed; will retry");
                 }
+                sweeper_broker.caches.run_pending_tasks();
                 if let Err(e) = sweeper_broker.probe_if_due().await {
                     tracing::warn!(error = %e, "TDE probe failed; will retry");
                 }

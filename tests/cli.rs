@@ -431,3 +431,111 @@ async fn cmk_server_database_watch_and_revalidate() {
     let err = b.fails(&["server", "show", &server_id]).await;
     assert!(err.starts_with("error: NOT_FOUND"), "{err}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn subnets_network_rules_private_endpoint_and_injected_outage() {
+    use serde_json::json;
+    let b = start_broker().await;
+    let net = "/subscriptions/00000000-0000-0000-0000-000000000001/resourceGroups/net-rg/providers/Microsoft.Network/virtualNetworks/vnet1/subnets";
+    let app_subnet = format!("{net}/app");
+    let local_subnet = format!("{net}/local");
+
+    // A subnet: a single address becomes /32; the listing has it, by name and id.
+    let put =
+        b.json(&["subnet", "put", &app_subnet, "--prefix", "10.1.0.0/24", "--prefix", "10.1.1.5"]).await;
+    assert_eq!(str_of(&put, "subnet_id"), app_subnet);
+    assert_eq!(put["address_prefixes"], json!(["10.1.0.0/24", "10.1.1.5/32"]));
+    let err = b.fails(&["subnet", "put", &app_subnet]).await;
+    assert!(err.contains("--prefix"), "{err}");
+    let list = b.json(&["subnet", "list"]).await;
+    assert!(list.as_array().is_some_and(|l| l.contains(&put)), "{list}");
+    let table = b.run(&["subnet", "list"]).await;
+    let text = String::from_utf8_lossy(&table.stdout);
+    assert!(text.starts_with("NAME"), "{text}");
+    assert!(
+        text.lines().any(|l| l.starts_with("app ")
+            && l.contains(" 10.1.0.0/24,10.1.1.5/32 ")
+            && l.ends_with(&app_subnet)),
+        "{text}"
+    );
+
+    // A vault with a key, open by default.
+    b.json(&["vault", "create", "net-vault"]).await;
+    let kid = str_of(&b.json(&["key", "create", "net-vault", "tde"]).await, "kid").to_string();
+    let open = b.json(&["vault", "network", "show", "net-vault"]).await;
+    assert_eq!(open["public_network_access"], "Enabled", "{open}");
+    assert_eq!(open["default_action"], "Allow", "{open}");
+    assert_eq!(open["ip_rules"], json!([]), "{open}");
+
+    // Deny, one IP rule and one VNet rule; the bypass stays as it was.
+    let set = b
+        .json(&[
+            "vault",
+            "network",
+            "set",
+            "net-vault",
+            "--default-action",
+            "Deny",
+            "--ip-rule",
+            "127.0.0.2",
+            "--vnet-rule",
+            &app_subnet,
+        ])
+        .await;
+    assert_eq!(set["default_action"], "Deny", "{set}");
+    assert_eq!(set["bypass"], "AzureServices", "{set}");
+    assert_eq!(set["ip_rules"], json!(["127.0.0.2/32"]), "{set}");
+    assert_eq!(set["virtual_network_rules"], json!([&app_subnet]), "{set}");
+    assert_eq!(b.json(&["vault", "network", "show", "net-vault"]).await, set);
+    let shown = b.run(&["vault", "network", "show", "net-vault"]).await;
+    let text = String::from_utf8_lossy(&shown.stdout);
+    assert!(text.lines().any(|l| l.starts_with("ip rules") && l.ends_with("127.0.0.2/32")), "{text}");
+    assert!(text.lines().any(|l| l.starts_with("default action") && l.ends_with("Deny")), "{text}");
+    assert!(text.lines().any(|l| l.starts_with("vnet rules") && l.ends_with(&app_subnet)), "{text}");
+    let err = b.fails(&["vault", "network", "set", "net-vault"]).await;
+    assert!(err.starts_with("error: nothing to change"), "{err}");
+
+    // The CLI calls from 127.0.0.1: the firewall refuses it now.
+    let err = b.fails(&["key", "show", &kid]).await;
+    assert!(err.contains(" (ForbiddenByFirewall): "), "{err}");
+
+    // --ip-rule adds to the rules; --clear-ip-rules starts over; VNet rules stay.
+    let added = b.json(&["vault", "network", "set", "net-vault", "--ip-rule", "10.9.0.0/16"]).await;
+    assert_eq!(added["ip_rules"], json!(["10.9.0.0/16", "127.0.0.2/32"]), "{added}");
+    let replaced =
+        b.json(&["vault", "network", "set", "net-vault", "--clear-ip-rules", "--ip-rule", "127.0.0.2"]).await;
+    assert_eq!(replaced["ip_rules"], json!(["127.0.0.2/32"]), "{replaced}");
+    assert_eq!(replaced["virtual_network_rules"], json!([&app_subnet]), "{replaced}");
+    assert_eq!(replaced["default_action"], "Deny", "{replaced}");
+
+    // A private endpoint from the CLI's own subnet gets it past the firewall.
+    b.json(&["subnet", "put", &local_subnet, "--prefix", "127.0.0.1"]).await;
+    let pe = b.json(&["vault", "private-endpoint", "create", "net-vault", "--subnet", &local_subnet]).await;
+    assert_eq!(pe["private_endpoint_subnet_ids"], json!([&local_subnet]), "{pe}");
+    let shown = b.run(&["vault", "network", "show", "net-vault"]).await;
+    let text = String::from_utf8_lossy(&shown.stdout);
+    assert!(
+        text.lines().any(|l| l.starts_with("private endpoint subnets") && l.ends_with(&local_subnet)),
+        "{text}"
+    );
+    assert_eq!(str_of(&b.json(&["key", "show", &kid]).await, "kid"), kid);
+
+    // An injected outage of the vault: data-plane calls are UNAVAILABLE until it is cleared.
+    let faults = b.json(&["faults", "set", "--vault", "net-vault", "--outage"]).await;
+    assert_eq!(faults, json!([{ "vault_name": "net-vault", "outage": true }]));
+    let err = b.fails(&["key", "show", &kid]).await;
+    assert!(err.starts_with("error: UNAVAILABLE (ServiceUnavailable): "), "{err}");
+    assert_eq!(b.json(&["faults", "clear", "--vault", "net-vault"]).await, json!([]));
+    assert_eq!(str_of(&b.json(&["key", "show", &kid]).await, "kid"), kid);
+
+    // Without --vault: every vault (`*` in the table); a plain clear removes it.
+    let set = b.run(&["faults", "set", "--outage"]).await;
+    assert!(set.status.success(), "{}", String::from_utf8_lossy(&set.stderr));
+    let text = String::from_utf8_lossy(&set.stdout);
+    let rows: Vec<Vec<&str>> = text.lines().map(|l| l.split_whitespace().collect()).collect();
+    assert_eq!(rows, [["VAULT", "OUTAGE"], ["*", "true"]], "{text}");
+    let err = b.fails(&["key", "show", &kid]).await;
+    assert!(err.starts_with("error: UNAVAILABLE (ServiceUnavailable): "), "{err}");
+    assert_eq!(b.json(&["faults", "clear"]).await, json!([]));
+    assert_eq!(str_of(&b.json(&["key", "show", &kid]).await, "kid"), kid);
+}

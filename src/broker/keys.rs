@@ -11,6 +11,7 @@ use serde::{Deserialize, Serialize};
 use zeroize::Zeroizing;
 
 use super::Broker;
+use super::cache::{DecisionKey, UnwrapKey};
 use super::state::{KeyEntry, Loaded, Material, State, VaultEntry, material_aad};
 use crate::crypto::{self, CryptoError, ImportedKey, Zbytes};
 use crate::model::ids::{KeyId, key_index, key_name, key_uri, vault_name};
@@ -233,30 +234,40 @@ impl Broker {
         key: Option<&str>,
     ) -> Result<(), BrokerError> {
         self.check_faults(&ve.vault.name)?;
-        let desc = caller.description();
-        crate::policy::network::check(
-            &ve.vault,
-            &st.subnets,
-            &crate::policy::network::Origin {
-                addr: caller.peer.map(|p| p.ip()),
-                trusted_service: caller.trusted_service,
-                subnet: caller.source_subnet.clone(),
-            },
-            self.settings.trusted_service_bypass,
-            &desc,
-            &self.settings.location,
-        )?;
-        let resource = self.key_resource(&ve.vault.name, key);
-        data::authorize(
-            &ve.vault,
-            &st.role_assignments,
-            &DataRequest {
-                caller: &desc,
-                permission,
-                resource: &resource,
-                location: &self.settings.location,
-            },
-        )
+        let origin = crate::policy::network::Origin {
+            addr: caller.peer.map(|p| p.ip()),
+            trusted_service: caller.trusted_service,
+            subnet: caller.source_subnet.clone(),
+        };
+        // Network and permission decisions depend only on the state (its epoch) and on who
+        // calls from where: cached under exactly that, so any change voids them at once.
+        let cache_key = DecisionKey {
+            epoch: st.epoch,
+            principal: caller.object_id.clone(),
+            vault: ve.vault.name.clone(),
+            key: key.map(key_index).unwrap_or_default(),
+            permission,
+            addr: origin.addr,
+            trusted_service: origin.trusted_service,
+            subnet: origin.subnet.clone(),
+        };
+        self.caches.decision(cache_key, || {
+            let desc = caller.description();
+            crate::policy::network::check(
+                &ve.vault,
+                &st.subnets,
+                &origin,
+                self.settings.trusted_service_bypass,
+                &desc,
+                &self.settings.location,
+            )?;
+            let resource = self.key_resource(&ve.vault.name, key);
+            data::authorize(
+                &ve.vault,
+                &st.role_assignments,
+                &DataRequest { caller: &desc, permission, resource: &resource, location: &self.settings.location },
+            )
+        })
     }
 
     fn view(&self, ve: &VaultEntry, name: &str, version: &KeyVersion) -> KeyView {
@@ -873,13 +884,23 @@ impl Broker {
             let kid = key_uri(&ve.vault.name, &self.settings.vault_dns_suffix, &k.key.name, Some(&v.version));
             (kid, v.kty, material, material_aad(&ve.vault.name, &k.key.name, &v.version))
         };
+        // Unwrap results are cached only now: after authorization and the key rules passed.
+        let cache_key = (req.op == CryptoOp::UnwrapKey)
+            .then(|| UnwrapKey { version: kid.clone(), alg, digest: crypto::sha256(&req.value) });
+        if let Some(hit) = cache_key.as_ref().and_then(|k| self.caches.unwrapped(k)) {
+            return Ok(CryptoResult { kid, value: Zeroizing::new(hit.to_vec()), iv: Vec::new(), tag: Vec::new() });
+        }
         let sealer = self.sealer().clone();
-        blocking(move || {
+        let result = blocking(move || {
             let loaded = material.load(&sealer, &aad, kty)?;
             let (value, iv, tag) = run_crypto(&loaded, req.op, alg, &req.value, &req.iv, &req.aad, &req.tag)?;
             Ok(CryptoResult { kid, value, iv, tag })
         })
-        .await
+        .await?;
+        if let Some(k) = cache_key {
+            self.caches.remember_unwrap(k, Arc::new(Zeroizing::new(result.value.to_vec())));
+        }
+        Ok(result)
     }
 }
 

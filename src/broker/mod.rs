@@ -2,6 +2,7 @@
 //! services call. Reads (and the crypto hot path) take a short read lock and never touch the
 //! store; writes are serialised, committed durably, then applied (ARCHITECTURE.md invariant 5).
 
+pub mod cache;
 pub mod clock;
 pub mod faults;
 pub mod identities;
@@ -43,6 +44,8 @@ pub struct Settings {
     pub trusted_service_bypass: bool,
     /// Peers whose `x-forwarded-for` header is believed (CIDRs); empty = no proxy is trusted.
     pub trusted_proxies: Vec<String>,
+    /// Hot-path caches.
+    pub caches: cache::CacheSettings,
 }
 
 /// `enforce_cmk`: the built-in policy "SQL server should use customer-managed keys".
@@ -127,6 +130,8 @@ pub struct Broker {
     events: tokio::sync::broadcast::Sender<tde::DbEventRecord>,
     /// Injected faults.
     pub faults: faults::Faults,
+    /// Authorization-decision and unwrap-result caches.
+    pub caches: cache::Caches,
     /// Per server (lower-cased id): when the current run of transient faults began.
     transient_since: std::sync::Mutex<std::collections::HashMap<String, i64>>,
     /// Broker-clock time of the last full TDE probe.
@@ -153,6 +158,7 @@ impl Broker {
                 BrokerError::StoreUnavailable
             })?;
         let started = clock.now();
+        let caches = cache::Caches::new(&settings.caches);
         Ok(Arc::new(Broker {
             core: Arc::new(Core { state: RwLock::new(State::from_snapshot(snap)), store }),
             writer: Arc::new(Mutex::new(())),
@@ -163,6 +169,7 @@ impl Broker {
             last_probe: std::sync::atomic::AtomicI64::new(started),
             shutting_down: tokio::sync::watch::channel(false).0,
             faults: faults::Faults::default(),
+            caches,
             transient_since: std::sync::Mutex::new(std::collections::HashMap::new()),
         }))
     }

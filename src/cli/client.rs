@@ -1,8 +1,8 @@
-//! Client subcommands: `vault …`, `key …`, `policy …`, `role …`, `identity …`, `user …`,
-//! `token …`, `clock …`, `server …` and `db …` call a running broker over gRPC as the
-//! bootstrap admin (token from `<data-dir>/admin.token`) or whoever `--token` names. Output is
-//! aligned text for people, or one JSON document per command (`--output json`) for scripts;
-//! `db watch` prints one line (one JSON object) per event as it arrives.
+//! Client subcommands: `vault …`, `subnet …`, `key …`, `policy …`, `role …`, `identity …`,
+//! `user …`, `token …`, `clock …`, `faults …`, `server …` and `db …` call a running broker over
+//! gRPC as the bootstrap admin (token from `<data-dir>/admin.token`) or whoever `--token`
+//! names. Output is aligned text for people, or one JSON document per command (`--output json`)
+//! for scripts; `db watch` prints one line (one JSON object) per event as it arrives.
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -155,6 +155,139 @@ pub enum VaultCmd {
     Delete {
         /// Vault name.
         name: String,
+    },
+    /// Network rules of a vault: public network access, firewall, private endpoints.
+    #[command(subcommand)]
+    Network(NetworkCmd),
+    /// Private endpoints of a vault.
+    #[command(subcommand)]
+    PrivateEndpoint(PrivateEndpointCmd),
+}
+
+/// `tde-broker vault network …`
+#[derive(Debug, clap::Subcommand)]
+pub enum NetworkCmd {
+    /// Show public network access, the firewall (default action, bypass, IP and VNet rules) and
+    /// the private endpoint subnets of a vault.
+    Show {
+        /// Vault name.
+        vault: String,
+    },
+    /// Change the network rules of a vault; what is not given stays as it is, and --ip-rule and
+    /// --vnet-rule add to the existing rules unless --clear-ip-rules/--clear-vnet-rules.
+    Set(NetworkSetArgs),
+}
+
+/// `vault network set`
+#[derive(Debug, clap::Args)]
+pub struct NetworkSetArgs {
+    /// Vault name.
+    pub vault: String,
+    /// What the firewall does with addresses no rule names.
+    #[arg(long, value_enum, ignore_case = true, value_name = "Allow|Deny")]
+    pub default_action: Option<DefaultActionArg>,
+    /// Whether trusted Microsoft services (e.g. SQL logical servers) get past the firewall.
+    #[arg(long, value_enum, ignore_case = true, value_name = "AzureServices|None")]
+    pub bypass: Option<BypassArg>,
+    /// An address or CIDR range to let in; repeat for more.
+    #[arg(long = "ip-rule", value_name = "CIDR")]
+    pub ip_rules: Vec<String>,
+    /// A subnet resource id to let in (see `subnet put`); repeat for more.
+    #[arg(long = "vnet-rule", value_name = "SUBNET_ID")]
+    pub vnet_rules: Vec<String>,
+    /// Drop the existing IP rules first.
+    #[arg(long)]
+    pub clear_ip_rules: bool,
+    /// Drop the existing VNet rules first.
+    #[arg(long)]
+    pub clear_vnet_rules: bool,
+    /// Public network access (Disabled: only private endpoints and the bypass get in).
+    #[arg(long, value_enum, ignore_case = true, value_name = "Enabled|Disabled")]
+    pub public_network_access: Option<PublicAccessArg>,
+}
+
+/// `--default-action` values.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum DefaultActionArg {
+    /// Every address gets in.
+    #[value(name = "Allow")]
+    Allow,
+    /// Only the IP rules, VNet rules and the bypass get in.
+    #[value(name = "Deny")]
+    Deny,
+}
+
+/// `--bypass` values.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum BypassArg {
+    /// Trusted Microsoft services get past the firewall.
+    #[value(name = "AzureServices")]
+    AzureServices,
+    /// No bypass.
+    #[value(name = "None")]
+    None,
+}
+
+/// `--public-network-access` values.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum PublicAccessArg {
+    /// Public access, subject to the firewall.
+    #[value(name = "Enabled")]
+    Enabled,
+    /// No public access.
+    #[value(name = "Disabled")]
+    Disabled,
+}
+
+/// `tde-broker vault private-endpoint …`
+#[derive(Debug, clap::Subcommand)]
+pub enum PrivateEndpointCmd {
+    /// Connect a subnet to the vault over a private endpoint (approved at once): its addresses
+    /// reach the vault whatever the firewall and public network access say.
+    Create {
+        /// Vault name.
+        vault: String,
+        /// Subnet resource id, declared first with `subnet put`.
+        #[arg(long, value_name = "SUBNET_ID")]
+        subnet: String,
+    },
+}
+
+/// `tde-broker subnet …`
+#[derive(Debug, clap::Subcommand)]
+pub enum SubnetCmd {
+    /// Create or replace a subnet's address ranges, so VNet rules and private endpoints apply to
+    /// real client addresses.
+    Put {
+        /// Subnet resource id:
+        /// /subscriptions/{sub}/resourceGroups/{rg}/providers/Microsoft.Network/virtualNetworks/{vnet}/subnets/{name}.
+        subnet_id: String,
+        /// An address range (CIDR; a single address is /32 or /128); repeat for more.
+        #[arg(long = "prefix", value_name = "CIDR", required = true)]
+        prefixes: Vec<String>,
+    },
+    /// List subnets.
+    List,
+}
+
+/// `tde-broker faults …`
+#[derive(Debug, clap::Subcommand)]
+pub enum FaultsCmd {
+    /// Inject faults into one vault (or every vault), replacing the ones set there before.
+    #[command(group(clap::ArgGroup::new("fault").required(true).multiple(true).args(["outage"])))]
+    Set {
+        /// Vault name [default: every vault].
+        #[arg(long, value_name = "NAME")]
+        vault: Option<String>,
+        /// The vault answers every data-plane call with UNAVAILABLE (ServiceUnavailable).
+        #[arg(long)]
+        outage: bool,
+    },
+    /// Remove the faults set on one vault, or (without --vault) every fault.
+    Clear {
+        /// Vault name [default: every fault, per vault and for every vault].
+        #[arg(long, value_name = "NAME")]
+        vault: Option<String>,
     },
 }
 
@@ -999,6 +1132,7 @@ pub async fn run(conn: Connection, command: Command) -> Result<(), CliError> {
     let out = match command {
         Command::Serve(_) | Command::Cert(_) => return Err(not_a_client()),
         Command::Vault(cmd) => vault(&session, cmd).await?,
+        Command::Subnet(cmd) => subnet(&session, cmd).await?,
         Command::Key(cmd) => key(&session, cmd).await?,
         Command::Policy(cmd) => policy(&session, cmd).await?,
         Command::Role(cmd) => role(&session, cmd).await?,
@@ -1006,6 +1140,7 @@ pub async fn run(conn: Connection, command: Command) -> Result<(), CliError> {
         Command::User(cmd) => user(&session, cmd).await?,
         Command::Token(cmd) => token(&session, cmd).await?,
         Command::Clock(cmd) => clock(&session, cmd).await?,
+        Command::Faults(cmd) => faults(&session, cmd).await?,
         Command::Server(cmd) => server(&session, cmd).await?,
         Command::Db(DbCmd::Watch { server_id, count }) => {
             return watch(&session, server_id, count, conn.output).await;
@@ -1093,6 +1228,120 @@ async fn vault(s: &Session, cmd: VaultCmd) -> Result<Out, CliError> {
         VaultCmd::Delete { name } => {
             s.call(s.vaults().delete_vault(proto::DeleteVaultRequest { name: name.clone() })).await?;
             Ok(Out { json: json!({ "deleted": name }), table: format!("deleted vault {name}\n") })
+        }
+        VaultCmd::Network(cmd) => network(s, cmd).await,
+        VaultCmd::PrivateEndpoint(PrivateEndpointCmd::Create { vault, subnet }) => {
+            let request =
+                proto::CreatePrivateEndpointRequest { vault_name: vault.clone(), subnet_id: subnet };
+            s.call(s.vaults().create_private_endpoint(request)).await?;
+            let v = s.call(s.vaults().get_vault(proto::GetVaultRequest { name: vault })).await?;
+            Ok(network_out(&v))
+        }
+    }
+}
+
+async fn network(s: &Session, cmd: NetworkCmd) -> Result<Out, CliError> {
+    match cmd {
+        NetworkCmd::Show { vault } => {
+            Ok(network_out(&s.call(s.vaults().get_vault(proto::GetVaultRequest { name: vault })).await?))
+        }
+        NetworkCmd::Set(a) => {
+            let unchanged = a.default_action.is_none()
+                && a.bypass.is_none()
+                && a.ip_rules.is_empty()
+                && a.vnet_rules.is_empty()
+                && !a.clear_ip_rules
+                && !a.clear_vnet_rules
+                && a.public_network_access.is_none();
+            if unchanged {
+                return Err(CliError::Invalid(
+                    "nothing to change: give --default-action, --bypass, --ip-rule, --vnet-rule, --clear-ip-rules, --clear-vnet-rules or --public-network-access"
+                        .to_string(),
+                ));
+            }
+            // Read, change, write back the whole ACL block: UpdateVault replaces it. Not atomic;
+            // a concurrent change between the two calls is overwritten.
+            let current =
+                s.call(s.vaults().get_vault(proto::GetVaultRequest { name: a.vault.clone() })).await?;
+            let mut acls = current.network_acls.unwrap_or_default();
+            if let Some(action) = a.default_action {
+                acls.default_action = match action {
+                    DefaultActionArg::Allow => "Allow",
+                    DefaultActionArg::Deny => "Deny",
+                }
+                .to_string();
+            }
+            if let Some(bypass) = a.bypass {
+                acls.bypass = match bypass {
+                    BypassArg::AzureServices => "AzureServices",
+                    BypassArg::None => "None",
+                }
+                .to_string();
+            }
+            if a.clear_ip_rules {
+                acls.ip_rules.clear();
+            }
+            add_rules(&mut acls.ip_rules, clean_list(a.ip_rules));
+            if a.clear_vnet_rules {
+                acls.virtual_network_rules.clear();
+            }
+            add_rules(&mut acls.virtual_network_rules, clean_list(a.vnet_rules));
+            let public_network_access = a.public_network_access.map(|p| {
+                match p {
+                    PublicAccessArg::Enabled => "Enabled",
+                    PublicAccessArg::Disabled => "Disabled",
+                }
+                .to_string()
+            });
+            let request = proto::UpdateVaultRequest {
+                name: a.vault,
+                enable_purge_protection: None,
+                enable_rbac_authorization: None,
+                network_acls: Some(acls),
+                public_network_access,
+            };
+            Ok(network_out(&s.call(s.vaults().update_vault(request)).await?))
+        }
+    }
+}
+
+/// Appends the rules not already there (ids compare case-insensitively; the broker normalises
+/// and de-duplicates CIDRs).
+fn add_rules(rules: &mut Vec<String>, new: Vec<String>) {
+    for rule in new {
+        if !rules.iter().any(|r| r.eq_ignore_ascii_case(&rule)) {
+            rules.push(rule);
+        }
+    }
+}
+
+async fn subnet(s: &Session, cmd: SubnetCmd) -> Result<Out, CliError> {
+    match cmd {
+        SubnetCmd::Put { subnet_id, prefixes } => {
+            let request = proto::PutSubnetRequest { subnet_id, address_prefixes: clean_list(prefixes) };
+            let n = s.call(s.vaults().put_subnet(request)).await?;
+            Ok(Out {
+                json: subnet_json(&n),
+                table: fields(&[
+                    ("subnet id", n.subnet_id.clone()),
+                    ("address prefixes", list_or_dash(&n.address_prefixes)),
+                ]),
+            })
+        }
+        SubnetCmd::List => {
+            let list = s.call(s.vaults().list_subnets(proto::ListSubnetsRequest {})).await?;
+            let rows = list
+                .subnets
+                .iter()
+                .map(|n| {
+                    let name = n.subnet_id.rsplit('/').next().unwrap_or_default().to_string();
+                    vec![name, n.address_prefixes.join(","), n.subnet_id.clone()]
+                })
+                .collect();
+            Ok(Out {
+                json: Value::Array(list.subnets.iter().map(subnet_json).collect()),
+                table: table(&["NAME", "PREFIXES", "ID"], rows),
+            })
         }
     }
 }
@@ -1494,6 +1743,34 @@ async fn clock(s: &Session, cmd: ClockCmd) -> Result<Out, CliError> {
     Ok(Out {
         json: json!({ "now": c.now, "manual": c.manual }),
         table: fields(&[("now", when(c.now)), ("manual", c.manual.to_string())]),
+    })
+}
+
+async fn faults(s: &Session, cmd: FaultsCmd) -> Result<Out, CliError> {
+    let list = match cmd {
+        FaultsCmd::Set { vault, outage } => {
+            let request = proto::SetFaultsRequest { vault_name: vault.unwrap_or_default(), outage };
+            s.call(s.emulation().set_faults(request)).await?
+        }
+        FaultsCmd::Clear { vault } => {
+            let request = proto::ClearFaultsRequest { vault_name: vault.unwrap_or_default() };
+            s.call(s.emulation().clear_faults(request)).await?
+        }
+    };
+    // An empty vault name stands for every vault: `*` in the table, "" in JSON (as on the wire).
+    let rows = list
+        .faults
+        .iter()
+        .map(|f| {
+            let vault = if f.vault_name.is_empty() { "*".to_string() } else { f.vault_name.clone() };
+            vec![vault, f.outage.to_string()]
+        })
+        .collect();
+    Ok(Out {
+        json: Value::Array(
+            list.faults.iter().map(|f| json!({ "vault_name": f.vault_name, "outage": f.outage })).collect(),
+        ),
+        table: table(&["VAULT", "OUTAGE"], rows),
     })
 }
 
@@ -1995,6 +2272,35 @@ fn vault_rows(v: &proto::Vault) -> Vec<(&'static str, String)> {
         rows.push(("vnet rules", list_or_dash(&a.virtual_network_rules)));
     }
     rows
+}
+
+/// `vault network show`: the network side of a vault.
+fn network_out(v: &proto::Vault) -> Out {
+    let a = v.network_acls.clone().unwrap_or_default();
+    Out {
+        json: json!({
+            "vault": v.name,
+            "public_network_access": v.public_network_access,
+            "default_action": a.default_action,
+            "bypass": a.bypass,
+            "ip_rules": a.ip_rules,
+            "virtual_network_rules": a.virtual_network_rules,
+            "private_endpoint_subnet_ids": v.private_endpoint_subnet_ids,
+        }),
+        table: fields(&[
+            ("vault", v.name.clone()),
+            ("public network access", dash(&v.public_network_access)),
+            ("default action", dash(&a.default_action)),
+            ("bypass", dash(&a.bypass)),
+            ("ip rules", list_or_dash(&a.ip_rules)),
+            ("vnet rules", list_or_dash(&a.virtual_network_rules)),
+            ("private endpoint subnets", list_or_dash(&v.private_endpoint_subnet_ids)),
+        ]),
+    }
+}
+
+fn subnet_json(n: &proto::Subnet) -> Value {
+    json!({ "subnet_id": n.subnet_id, "address_prefixes": n.address_prefixes })
 }
 
 fn bundle_out(b: &proto::KeyBundle) -> Out {

@@ -27,9 +27,12 @@ pub struct Cli {
 pub enum Command {
     /// Start the broker with embedded defaults (gRPC on 127.0.0.1:50051, data in ./tde-broker-data).
     Serve(ServeArgs),
-    /// Vaults: create, show, list, update, delete.
+    /// Vaults: create, show, list, update, delete, network rules and private endpoints.
     #[command(subcommand)]
     Vault(client::VaultCmd),
+    /// Subnets: the address ranges that VNet rules and private endpoints stand for.
+    #[command(subcommand)]
+    Subnet(client::SubnetCmd),
     /// Keys: lifecycle, backup/restore and crypto.
     #[command(subcommand)]
     Key(client::KeyCmd),
@@ -51,6 +54,9 @@ pub enum Command {
     /// The broker's clock (manual clock only for changes).
     #[command(subcommand)]
     Clock(client::ClockCmd),
+    /// Injected faults (vault outages); in memory only, a restart clears them.
+    #[command(subcommand)]
+    Faults(client::FaultsCmd),
     /// SQL servers and managed instances: identities, TDE protectors, host credentials.
     #[command(subcommand)]
     Server(client::ServerCmd),

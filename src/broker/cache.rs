@@ -1,0 +1,140 @@
+//! The hot path's caches (DESIGN §4): authorization decisions keyed with the state epoch, so any
+//! change voids every cached decision at once, and unwrap results keyed by (key version,
+//! algorithm, SHA-256 of the ciphertext), consulted only after authorization and the key rules
+//! passed. Both are bounded by entries and TTL and can be switched off.
+
+use std::net::IpAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use moka::sync::Cache;
+
+use crate::crypto::Zbytes;
+use crate::model::{Algorithm, BrokerError, KeyPermission};
+
+/// Cache settings (config `cache_*`).
+#[derive(Clone, Debug)]
+pub struct CacheSettings {
+    /// Master switch.
+    pub enabled: bool,
+    /// Most cached authorization decisions.
+    pub decision_entries: u64,
+    /// Longest life of a cached decision.
+    pub decision_ttl: Duration,
+    /// Most cached unwrap results.
+    pub unwrap_entries: u64,
+    /// Longest life of a cached unwrap result.
+    pub unwrap_ttl: Duration,
+}
+
+impl Default for CacheSettings {
+    fn default() -> Self {
+        CacheSettings {
+            enabled: true,
+            decision_entries: 100_000,
+            decision_ttl: Duration::from_secs(300),
+            unwrap_entries: 100_000,
+            unwrap_ttl: Duration::from_secs(300),
+        }
+    }
+}
+
+/// What an authorization decision depends on, besides the state (the epoch stands for it).
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct DecisionKey {
+    /// The state epoch the decision was made at.
+    pub epoch: u64,
+    /// Caller object id.
+    pub principal: String,
+    /// Vault name.
+    pub vault: String,
+    /// Key index (lower-cased name), or empty for vault-level permissions.
+    pub key: String,
+    /// The permission.
+    pub permission: KeyPermission,
+    /// Network context: the client address, trusted service, source subnet.
+    pub addr: Option<IpAddr>,
+    /// Trusted service call.
+    pub trusted_service: bool,
+    /// Source subnet.
+    pub subnet: Option<String>,
+}
+
+/// What identifies an unwrap result.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct UnwrapKey {
+    /// Versioned key id (vault/key/version).
+    pub version: String,
+    /// Algorithm.
+    pub alg: Algorithm,
+    /// SHA-256 of the ciphertext.
+    pub digest: [u8; 32],
+}
+
+/// The two caches.
+pub struct Caches {
+    decisions: Option<Cache<DecisionKey, Result<(), BrokerError>>>,
+    unwraps: Option<Cache<UnwrapKey, Arc<Zbytes>>>,
+}
+
+impl Caches {
+    /// Builds the caches (or none, when switched off).
+    pub fn new(s: &CacheSettings) -> Self {
+        if !s.enabled {
+            return Caches { decisions: None, unwraps: None };
+        }
+        Caches {
+            decisions: Some(Cache::builder().max_capacity(s.decision_entries).time_to_live(s.decision_ttl).build()),
+            unwraps: Some(Cache::builder().max_capacity(s.unwrap_entries).time_to_live(s.unwrap_ttl).build()),
+        }
+    }
+
+    /// A cached decision for exactly this epoch and context, or the result of `decide`.
+    pub fn decision(
+        &self,
+        key: DecisionKey,
+        decide: impl FnOnce() -> Result<(), BrokerError>,
+    ) -> Result<(), BrokerError> {
+        let Some(cache) = &self.decisions else { return decide() };
+        if let Some(hit) = cache.get(&key) {
+            crate::telemetry::cache_event("decision", true);
+            return hit;
+        }
+        crate::telemetry::cache_event("decision", false);
+        let result = decide();
+        cache.insert(key, result.clone());
+        result
+    }
+
+    /// A cached unwrap result.
+    pub fn unwrapped(&self, key: &UnwrapKey) -> Option<Arc<Zbytes>> {
+        let hit = self.unwraps.as_ref()?.get(key);
+        crate::telemetry::cache_event("unwrap", hit.is_some());
+        hit
+    }
+
+    /// Remembers an unwrap result.
+    pub fn remember_unwrap(&self, key: UnwrapKey, plaintext: Arc<Zbytes>) {
+        if let Some(c) = &self.unwraps {
+            c.insert(key, plaintext);
+        }
+    }
+
+    /// Runs the caches' pending maintenance (expiry, eviction); call on a timer.
+    pub fn run_pending_tasks(&self) {
+        if let Some(c) = &self.decisions {
+            c.run_pending_tasks();
+        }
+        if let Some(c) = &self.unwraps {
+            c.run_pending_tasks();
+        }
+    }
+
+    /// Entries currently held: (decisions, unwraps).
+    pub fn sizes(&self) -> (u64, u64) {
+        (
+            self.decisions.as_ref().map_or(0, |c| c.entry_count()),
+            self.unwraps.as_ref().map_or(0, |c| c.entry_count()),
+        )
+    }
+}
