@@ -109,6 +109,12 @@ pub struct FileConfig {
     pub trusted_service_bypass: Option<bool>,
     /// CIDRs of reverse proxies whose `x-forwarded-for` header names the real client.
     pub trusted_proxies: Option<Vec<String>>,
+    /// Admin HTTP listener (`/metrics`, `/healthz`, `/readyz`): `IP:PORT` or `off`.
+    pub http_listen: Option<String>,
+    /// Audit log: a file path, `stdout` or `off`.
+    pub audit_log: Option<String>,
+    /// Refuse requests that cannot be audited (default false).
+    pub audit_required: Option<bool>,
     /// Hot-path caches on/off (default on).
     pub cache_enabled: Option<bool>,
     /// Most cached authorization decisions (default 100000).
@@ -119,6 +125,8 @@ pub struct FileConfig {
     pub unwrap_cache_entries: Option<u64>,
     /// Seconds a cached unwrap result lives at most (default 300).
     pub unwrap_cache_ttl: Option<u64>,
+    /// Key Vault throttling of every vault: `off` (default) or `azure` (the cloud's limits).
+    pub throttling: Option<crate::broker::throttle::ThrottleProfile>,
 }
 
 /// What the command line (and its environment variables) gave.
@@ -161,6 +169,15 @@ pub struct ServeArgs {
     /// Another DNS name or IP address for the --tls auto server certificate; repeat for more.
     #[arg(long = "tls-name", env = "TDE_BROKER_TLS_NAMES", value_delimiter = ',', value_name = "NAME")]
     pub tls_names: Vec<String>,
+    /// Admin HTTP listener for /metrics, /healthz and /readyz, or `off` [default: 127.0.0.1:9090].
+    #[arg(long, env = "TDE_BROKER_HTTP_LISTEN", value_name = "ADDR|off")]
+    pub http_listen: Option<String>,
+    /// Audit log, one JSON line per operation: a file path, `stdout`, or `off` [default: off].
+    #[arg(long, env = "TDE_BROKER_AUDIT_LOG", value_name = "PATH|stdout|off")]
+    pub audit_log: Option<String>,
+    /// Refuse requests (UNAVAILABLE, `AuditUnavailable`) that cannot be written to the audit log.
+    #[arg(long, env = "TDE_BROKER_AUDIT_REQUIRED")]
+    pub audit_required: bool,
 }
 
 /// Validated configuration.
@@ -202,8 +219,21 @@ pub struct Config {
     pub trusted_service_bypass: bool,
     /// Trusted reverse proxies (normalised CIDRs).
     pub trusted_proxies: Vec<String>,
+    /// Admin HTTP listener (`None`: off).
+    pub http_listen: Option<SocketAddr>,
+    /// Whether `http_listen` was configured rather than defaulted: only the default address,
+    /// when taken (a second broker on the machine), turns the listener off with a warning.
+    pub http_listen_explicit: bool,
+    /// Where audit records go.
+    pub audit_log: AuditLog,
+    /// Refuse requests that cannot be audited.
+    pub audit_required: bool,
+    /// OpenTelemetry export over OTLP/gRPC.
+    pub otlp: OtlpExport,
     /// Hot-path caches.
     pub caches: crate::broker::cache::CacheSettings,
+    /// Key Vault throttling at start (Emulation.SetThrottling changes it at run time).
+    pub throttling: crate::broker::throttle::ThrottleProfile,
 }
 
 /// Configuration problems, all reported together.
@@ -214,8 +244,12 @@ pub struct ConfigError(pub Vec<String>);
 impl Config {
     /// Embedded defaults with a data directory: what tests start from.
     pub fn for_data_dir(data_dir: &Path) -> Self {
-        Config::resolve(ServeArgs { data_dir: Some(data_dir.to_path_buf()), ..Default::default() })
-            .unwrap_or_else(|_| unreachable!("the embedded defaults are valid"))
+        let mut cfg =
+            Config::resolve(ServeArgs { data_dir: Some(data_dir.to_path_buf()), ..Default::default() })
+                .unwrap_or_else(|_| unreachable!("the embedded defaults are valid"));
+        // Tests run many brokers at once: the admin HTTP listener is theirs to turn on.
+        cfg.http_listen = None;
+        cfg
     }
 
     /// Merges flags/env over the TOML file over the defaults, and validates.
@@ -312,10 +346,32 @@ impl Config {
         let caches = crate::broker::cache::CacheSettings {
             enabled: file.cache_enabled.unwrap_or(cache_defaults.enabled),
             decision_entries: file.decision_cache_entries.unwrap_or(cache_defaults.decision_entries),
-            decision_ttl: file.decision_cache_ttl.map_or(cache_defaults.decision_ttl, std::time::Duration::from_secs),
+            decision_ttl: file
+                .decision_cache_ttl
+                .map_or(cache_defaults.decision_ttl, std::time::Duration::from_secs),
             unwrap_entries: file.unwrap_cache_entries.unwrap_or(cache_defaults.unwrap_entries),
-            unwrap_ttl: file.unwrap_cache_ttl.map_or(cache_defaults.unwrap_ttl, std::time::Duration::from_secs),
+            unwrap_ttl: file
+                .unwrap_cache_ttl
+                .map_or(cache_defaults.unwrap_ttl, std::time::Duration::from_secs),
         };
+        let (http_listen, http_listen_explicit) = resolve_http_listen(
+            args.http_listen.or(file.http_listen),
+            insecure || tls != TlsMode::Off,
+            &mut errors,
+        );
+        let audit_log = match args.audit_log.or(file.audit_log).as_deref().map(str::trim) {
+            None | Some("off") => AuditLog::Off,
+            Some("stdout") => AuditLog::Stdout,
+            Some("") => {
+                errors.push("audit_log is empty: give a file path, `stdout` or `off`".to_string());
+                AuditLog::Off
+            }
+            Some(path) => AuditLog::File(PathBuf::from(path)),
+        };
+        let audit_required = args.audit_required || file.audit_required.unwrap_or(false);
+        if audit_required && audit_log == AuditLog::Off {
+            errors.push("audit_required needs an audit log: set --audit-log / audit_log".to_string());
+        }
         let cfg = Config {
             listen,
             data_dir: args.data_dir.or(file.data_dir).unwrap_or_else(|| PathBuf::from(DEFAULT_DATA_DIR)),
@@ -335,9 +391,88 @@ impl Config {
             tde,
             trusted_service_bypass,
             trusted_proxies,
+            http_listen,
+            http_listen_explicit,
+            audit_log,
+            audit_required,
+            otlp: OtlpExport::from_env(),
             caches,
+            throttling: file.throttling.unwrap_or_default(),
         };
         if errors.is_empty() { Ok(cfg) } else { Err(ConfigError(errors)) }
+    }
+}
+
+/// Default admin HTTP listener (`/metrics`, `/healthz`, `/readyz`).
+pub const DEFAULT_HTTP_LISTEN: &str = "127.0.0.1:9090";
+
+/// Where audit records go (`--audit-log`).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub enum AuditLog {
+    /// No audit log.
+    #[default]
+    Off,
+    /// One JSON line per record on standard output.
+    Stdout,
+    /// Appended to this file (created 0600).
+    File(PathBuf),
+}
+
+/// OpenTelemetry export (traces and metrics over OTLP/gRPC).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub enum OtlpExport {
+    /// No export.
+    #[default]
+    Off,
+    /// `OTEL_EXPORTER_OTLP_ENDPOINT` (or a signal's own `OTEL_EXPORTER_OTLP_{TRACES,METRICS}_ENDPOINT`)
+    /// is set: the exporter reads it and the other standard `OTEL_*` variables itself.
+    FromEnv,
+    /// This endpoint (e.g. `http://127.0.0.1:4317`), over the environment.
+    Endpoint(String),
+}
+
+impl OtlpExport {
+    /// On when an OTLP endpoint variable is set and `OTEL_SDK_DISABLED` is not `true`.
+    pub fn from_env() -> Self {
+        let set = |name: &str| std::env::var(name).is_ok_and(|v| !v.trim().is_empty());
+        let disabled =
+            std::env::var("OTEL_SDK_DISABLED").is_ok_and(|v| v.trim().eq_ignore_ascii_case("true"));
+        let endpoint = [
+            "OTEL_EXPORTER_OTLP_ENDPOINT",
+            "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT",
+            "OTEL_EXPORTER_OTLP_METRICS_ENDPOINT",
+        ]
+        .into_iter()
+        .any(set);
+        if endpoint && !disabled { OtlpExport::FromEnv } else { OtlpExport::Off }
+    }
+}
+
+/// The admin listener: `off`, or an address (the default when unset). Its endpoints are
+/// plaintext and unauthenticated (they expose no key material, only counts), so a non-loopback
+/// address needs `--insecure` or a TLS deployment, as plaintext gRPC does.
+fn resolve_http_listen(
+    given: Option<String>,
+    allow_public: bool,
+    errors: &mut Vec<String>,
+) -> (Option<SocketAddr>, bool) {
+    let explicit = given.is_some();
+    let text = given.unwrap_or_else(|| DEFAULT_HTTP_LISTEN.to_string());
+    if text.trim().eq_ignore_ascii_case("off") {
+        return (None, explicit);
+    }
+    match text.trim().parse::<SocketAddr>() {
+        Ok(addr) if !addr.ip().is_loopback() && !allow_public => {
+            errors.push(format!(
+                "refusing to serve the admin HTTP listener on non-loopback address {addr}: bind to 127.0.0.1, pass --insecure, or --http-listen off"
+            ));
+            (None, explicit)
+        }
+        Ok(addr) => (Some(addr), explicit),
+        Err(_) => {
+            errors.push(format!("http_listen '{text}' is not IP:PORT or `off`"));
+            (None, explicit)
+        }
     }
 }
 

@@ -11,15 +11,19 @@
 //! - [`grpc`]: tonic services and the error → status mapping; the only code that sees prost types.
 //! - [`server`]: start-up (data dir, master key, bootstrap admin, seed) and serving.
 //! - [`tls`]: TLS/mTLS: the dev CA, client certificates naming principals, rustls set-up.
+//! - [`telemetry`], [`audit`], [`http`]: metrics, per-RPC observation and OpenTelemetry; the
+//!   audit log; the admin HTTP listener (`/metrics`, `/healthz`, `/readyz`).
 //! - [`cli`]: the `tde-broker` command line.
 #![forbid(unsafe_code)]
 
+pub mod audit;
 pub mod auth;
 pub mod broker;
 pub mod cli;
 pub mod config;
 pub mod crypto;
 pub mod grpc;
+pub mod http;
 pub mod model;
 pub mod policy;
 pub mod seed;

@@ -611,7 +611,12 @@ async fn cached_unwrap_results_are_never_served_once_the_key_or_the_access_chang
     b.vault("cache-kv", false).await;
     let id = kid(&b.key("cache-kv", "k", "RSA", 2048).await);
     let user = {
-        let r = b.ids().create_user(proto::CreateUserRequest { name: "engine".into() }).await.unwrap().into_inner();
+        let r = b
+            .ids()
+            .create_user(proto::CreateUserRequest { name: "engine".into() })
+            .await
+            .unwrap()
+            .into_inner();
         (r.principal_id, r.token)
     };
     b.policy("cache-kv", &user.0, &["unwrapKey"]).await;
@@ -619,31 +624,43 @@ async fn cached_unwrap_results_are_never_served_once_the_key_or_the_access_chang
     let mut kv = b.kv_with(bearer(&user.1));
     for _ in 0..3 {
         // The first call fills the caches, the next ones hit them.
-        assert_eq!(kv.unwrap_key(unwrap_req(&id, "RSA-OAEP-256", &w.value)).await.unwrap().into_inner().value, DEK);
+        assert_eq!(
+            kv.unwrap_key(unwrap_req(&id, "RSA-OAEP-256", &w.value)).await.unwrap().into_inner().value,
+            DEK
+        );
     }
-    update(&b, proto::UpdateKeyRequest { key_id: id.clone(), enabled: Some(false), ..Default::default() }).await;
-    assert_status(kv.unwrap_key(unwrap_req(&id, "RSA-OAEP-256", &w.value)).await, Code::PermissionDenied, "KeyDisabled");
-    update(&b, proto::UpdateKeyRequest { key_id: id.clone(), enabled: Some(true), ..Default::default() }).await;
-    assert_eq!(kv.unwrap_key(unwrap_req(&id, "RSA-OAEP-256", &w.value)).await.unwrap().into_inner().value, DEK);
+    update(&b, proto::UpdateKeyRequest { key_id: id.clone(), enabled: Some(false), ..Default::default() })
+        .await;
+    assert_status(
+        kv.unwrap_key(unwrap_req(&id, "RSA-OAEP-256", &w.value)).await,
+        Code::PermissionDenied,
+        "KeyDisabled",
+    );
+    update(&b, proto::UpdateKeyRequest { key_id: id.clone(), enabled: Some(true), ..Default::default() })
+        .await;
+    assert_eq!(
+        kv.unwrap_key(unwrap_req(&id, "RSA-OAEP-256", &w.value)).await.unwrap().into_inner().value,
+        DEK
+    );
     b.policy("cache-kv", &user.0, &[]).await;
-    assert_status(kv.unwrap_key(unwrap_req(&id, "RSA-OAEP-256", &w.value)).await, Code::PermissionDenied, "AccessDenied");
+    assert_status(
+        kv.unwrap_key(unwrap_req(&id, "RSA-OAEP-256", &w.value)).await,
+        Code::PermissionDenied,
+        "AccessDenied",
+    );
     b.policy("cache-kv", &user.0, &["unwrapKey"]).await;
     b.kv().delete_key(proto::DeleteKeyRequest { key_id: b.key_uri("cache-kv", "k") }).await.unwrap();
-    assert_status(kv.unwrap_key(unwrap_req(&id, "RSA-OAEP-256", &w.value)).await, Code::NotFound, "KeyNotFound");
+    assert_status(
+        kv.unwrap_key(unwrap_req(&id, "RSA-OAEP-256", &w.value)).await,
+        Code::NotFound,
+        "KeyNotFound",
+    );
     b.stop().await;
 }
 
 #[tokio::test]
 async fn the_caches_can_be_switched_off() {
-    let dir = tempfile::tempdir().unwrap();
-    std::fs::write(dir.path().join("c.toml"), "cache_enabled = false\n").unwrap();
-    let mut cfg = tde_broker::config::Config::resolve(tde_broker::config::ServeArgs {
-        config: Some(dir.path().join("c.toml")),
-        data_dir: Some(dir.path().join("data")),
-        ..Default::default()
-    })
-    .unwrap();
-    cfg.clock = tde_broker::config::ClockKind::Manual;
+    let (cfg, _dir) = config_from_toml("cache_enabled = false\n");
     assert!(!cfg.caches.enabled);
     let b = start_cfg(cfg).await;
     b.vault("nocache-kv", false).await;

@@ -324,15 +324,7 @@ async fn a_managed_instance_is_no_trusted_service_and_is_judged_by_its_subnet() 
 
 #[tokio::test]
 async fn national_clouds_have_no_trusted_service_bypass() {
-    let dir = tempfile::tempdir().unwrap();
-    std::fs::write(dir.path().join("c.toml"), "cloud = \"AzureChinaCloud\"\n").unwrap();
-    let mut cfg = tde_broker::config::Config::resolve(tde_broker::config::ServeArgs {
-        config: Some(dir.path().join("c.toml")),
-        data_dir: Some(dir.path().join("data")),
-        ..Default::default()
-    })
-    .unwrap();
-    cfg.clock = tde_broker::config::ClockKind::Manual;
+    let (cfg, _dir) = config_from_toml("cloud = \"AzureChinaCloud\"\n");
     assert!(!cfg.trusted_service_bypass);
     let b = start_cfg(cfg).await;
     let (server, key) = tde_server(&b, "cn-kv", "cn-sql", proto::ServerKind::SqlServer, "", false).await;
@@ -353,15 +345,7 @@ async fn national_clouds_have_no_trusted_service_bypass() {
 
 #[tokio::test]
 async fn forwarded_addresses_are_believed_only_from_trusted_proxies() {
-    let dir = tempfile::tempdir().unwrap();
-    std::fs::write(dir.path().join("c.toml"), "trusted_proxies = [\"127.0.0.50\"]\n").unwrap();
-    let mut cfg = tde_broker::config::Config::resolve(tde_broker::config::ServeArgs {
-        config: Some(dir.path().join("c.toml")),
-        data_dir: Some(dir.path().join("data")),
-        ..Default::default()
-    })
-    .unwrap();
-    cfg.clock = tde_broker::config::ClockKind::Manual;
+    let (cfg, _dir) = config_from_toml("trusted_proxies = [\"127.0.0.50\"]\n");
     let b = start_cfg(cfg).await;
     let (key, user) = setup(&b, "xff-kv").await;
     b.firewall("xff-kv", deny(&["127.0.0.2"], &[], "None"), None).await;

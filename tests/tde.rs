@@ -531,15 +531,7 @@ async fn identity_without_permissions_gets_the_seeds_message_word_for_word() {
 
 #[tokio::test]
 async fn azure_china_cloud_uses_the_chinese_seeds_documentation_link() {
-    let dir = tempfile::tempdir().unwrap();
-    std::fs::write(dir.path().join("c.toml"), "cloud = \"AzureChinaCloud\"\n").unwrap();
-    let mut cfg = tde_broker::config::Config::resolve(tde_broker::config::ServeArgs {
-        config: Some(dir.path().join("c.toml")),
-        data_dir: Some(dir.path().join("data")),
-        ..Default::default()
-    })
-    .unwrap();
-    cfg.clock = tde_broker::config::ClockKind::Manual;
+    let (cfg, _dir) = config_from_toml("cloud = \"AzureChinaCloud\"\n");
     let b = start_cfg(cfg).await;
     let (msg, id, key) = seed_message(&b).await;
     let expected =
@@ -856,15 +848,7 @@ async fn engine_calls_need_a_host_credential_and_host_tokens_reach_only_their_se
 
 #[tokio::test]
 async fn enforce_cmk_deny_refuses_servers_without_a_customer_managed_key() {
-    let dir = tempfile::tempdir().unwrap();
-    std::fs::write(dir.path().join("c.toml"), "enforce_cmk = \"deny\"\n").unwrap();
-    let mut cfg = tde_broker::config::Config::resolve(tde_broker::config::ServeArgs {
-        config: Some(dir.path().join("c.toml")),
-        data_dir: Some(dir.path().join("data")),
-        ..Default::default()
-    })
-    .unwrap();
-    cfg.clock = tde_broker::config::ClockKind::Manual;
+    let (cfg, _dir) = config_from_toml("enforce_cmk = \"deny\"\n");
     let b = start_cfg(cfg).await;
     let r = create_server(&b, "plain", proto::ServerKind::SqlServer, identity_block(&[], "", true), "").await;
     let msg = assert_status(r, Code::PermissionDenied, "RequestDisallowedByPolicy");
@@ -890,7 +874,8 @@ async fn enforce_cmk_deny_refuses_servers_without_a_customer_managed_key() {
 async fn transient_faults_keep_the_database_online_through_the_grace_period() {
     let b = start().await;
     let s = cmk_server(&b, "flaky-kv", "flaky-sql").await;
-    let outage = |on| proto::SetFaultsRequest { vault_name: "flaky-kv".into(), outage: on };
+    let outage =
+        |on| proto::SetFaultsRequest { vault_name: "flaky-kv".into(), outage: on, ..Default::default() };
     b.emu().set_faults(outage(true)).await.unwrap();
     // The vault answers "5xx" to everyone, the engine included ...
     let r = b.kv().get_key(proto::GetKeyRequest { key_id: s.key.clone() }).await;

@@ -69,12 +69,20 @@ pub struct Authenticator {
     /// `kid` header of issued tokens: identifies the signing key.
     kid: String,
     broker: Arc<Broker>,
+    /// Claims of tokens whose signature already verified, by SHA-256 of the token. A token
+    /// cannot change, so its signature needs checking once; issuer, audience, lifetime (on the
+    /// broker's clock) and the principal's existence are still checked on every call.
+    verified: moka::sync::Cache<[u8; 32], Arc<Claims>>,
 }
 
 impl Authenticator {
     /// Wraps the signing key.
     pub fn new(key: TokenSigningKey, kid: String, broker: Arc<Broker>) -> Self {
-        Authenticator { key, kid, broker }
+        let verified = moka::sync::Cache::builder()
+            .max_capacity(100_000)
+            .time_to_idle(std::time::Duration::from_secs(3600))
+            .build();
+        Authenticator { key, kid, broker, verified }
     }
 
     /// Issues a token for `principal` valid for `lifetime` seconds from the broker's now.
@@ -132,7 +140,16 @@ impl Authenticator {
 
     /// Validates a bearer token for `plane` and names its caller.
     pub fn validate(&self, token: &str, plane: Plane) -> Result<Caller, BrokerError> {
-        let claims = jwt::decode(token, &self.kid, &self.key)?;
+        let digest = crate::crypto::sha256(token.as_bytes());
+        let claims = match self.verified.get(&digest) {
+            Some(c) => c,
+            None => {
+                let c = Arc::new(jwt::decode(token, &self.kid, &self.key)?);
+                self.verified.insert(digest, c.clone());
+                c
+            }
+        };
+        let claims = Claims::clone(&claims);
         let expected_iss = self.broker.settings.issuer();
         if claims.iss != expected_iss {
             return Err(BrokerError::InvalidIssuer { expected: expected_iss, found: claims.iss });

@@ -84,7 +84,9 @@ impl Caches {
             return Caches { decisions: None, unwraps: None };
         }
         Caches {
-            decisions: Some(Cache::builder().max_capacity(s.decision_entries).time_to_live(s.decision_ttl).build()),
+            decisions: Some(
+                Cache::builder().max_capacity(s.decision_entries).time_to_live(s.decision_ttl).build(),
+            ),
             unwraps: Some(Cache::builder().max_capacity(s.unwrap_entries).time_to_live(s.unwrap_ttl).build()),
         }
     }

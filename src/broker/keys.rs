@@ -234,6 +234,7 @@ impl Broker {
         key: Option<&str>,
     ) -> Result<(), BrokerError> {
         self.check_faults(&ve.vault.name)?;
+        self.admit_data(ve, permission, key)?;
         let origin = crate::policy::network::Origin {
             addr: caller.peer.map(|p| p.ip()),
             trusted_service: caller.trusted_service,
@@ -265,7 +266,12 @@ impl Broker {
             data::authorize(
                 &ve.vault,
                 &st.role_assignments,
-                &DataRequest { caller: &desc, permission, resource: &resource, location: &self.settings.location },
+                &DataRequest {
+                    caller: &desc,
+                    permission,
+                    resource: &resource,
+                    location: &self.settings.location,
+                },
             )
         })
     }
@@ -310,6 +316,7 @@ impl Broker {
     /// CreateKey and ImportKey: a new key, or a new version of an existing one.
     pub async fn add_key_version(&self, caller: &Caller, req: NewKey) -> Result<KeyView, BrokerError> {
         let vault = vault_name(&req.vault)?;
+        self.fault_delay(&vault).await;
         let name = key_name(&req.name)?.to_string();
         let permission = match req.material {
             NewMaterial::Generate { .. } => KeyPermission::Create,
@@ -319,6 +326,7 @@ impl Broker {
             let st = self.read();
             let ve = st.vault(&vault)?;
             self.authorize_data(&st, ve, caller, permission, Some(&name))?;
+            self.admit_create(&vault, req.material.key_type())?;
             if let Some(k) = ve.keys.get(&key_index(&name))
                 && k.key.deleted.is_some()
             {
@@ -499,6 +507,7 @@ impl Broker {
         update: KeyUpdate,
     ) -> Result<KeyView, BrokerError> {
         let id = self.parse_key_id(key_id)?;
+        self.fault_delay(&id.vault).await;
         let txn = self.begin().await;
         let (name, view) = {
             let st = self.read();
@@ -552,11 +561,13 @@ impl Broker {
         if id.version.is_some() {
             return Err(BrokerError::bad_parameter("RotateKey takes a key identifier without a version."));
         }
+        self.fault_delay(&id.vault).await;
         let latest = {
             let st = self.read();
             let ve = st.vault(&id.vault)?;
             self.authorize_data(&st, ve, caller, KeyPermission::Rotate, Some(&id.name))?;
             let (_, v) = Self::active_version(ve, &id)?;
+            self.admit_create(&id.vault, v.kty)?;
             v.clone()
         };
         let kty = latest.kty;
@@ -599,6 +610,7 @@ impl Broker {
                 "DeleteKey removes every version of a key: give the key identifier without a version.",
             ));
         }
+        self.fault_delay(&id.vault).await;
         let txn = self.begin().await;
         let (name, view) = {
             let st = self.read();
@@ -695,6 +707,7 @@ impl Broker {
     ) -> Result<KeyView, BrokerError> {
         let vault = vault_name(vault)?;
         let name = key_name(name)?;
+        self.fault_delay(&vault).await;
         let txn = self.begin().await;
         let (stored, view) = {
             let st = self.read();
@@ -716,6 +729,7 @@ impl Broker {
     ) -> Result<(), BrokerError> {
         let vault = vault_name(vault)?;
         let name = key_name(name)?;
+        self.fault_delay(&vault).await;
         let txn = self.begin().await;
         let stored = {
             let st = self.read();
@@ -768,6 +782,7 @@ impl Broker {
         if id.version.is_some() {
             return Err(BrokerError::bad_parameter("BackupKey takes a key identifier without a version."));
         }
+        self.fault_delay(&id.vault).await;
         let (name, versions) = {
             let st = self.read();
             let ve = st.vault(&id.vault)?;
@@ -809,6 +824,7 @@ impl Broker {
         blob: &[u8],
     ) -> Result<KeyView, BrokerError> {
         let vault = vault_name(vault)?;
+        self.fault_delay(&vault).await;
         {
             let st = self.read();
             self.authorize_data(&st, st.vault(&vault)?, caller, KeyPermission::Restore, None)?;
@@ -825,6 +841,7 @@ impl Broker {
         if payload.versions.is_empty() {
             return Err(bad_blob());
         }
+        self.admit_create(&vault, payload.versions[0].meta.kty)?;
         let txn = self.begin().await;
         let (changes, last) = {
             let st = self.read();
@@ -863,6 +880,7 @@ impl Broker {
     /// short read lock; the crypto itself after the lock is released.
     pub async fn crypto(&self, caller: &Caller, req: CryptoRequest) -> Result<CryptoResult, BrokerError> {
         let id = self.parse_key_id(&req.key_id)?;
+        self.fault_delay(&id.vault).await;
         let alg = Algorithm::parse(&req.algorithm)?;
         if req.value.is_empty() {
             return Err(BrokerError::bad_parameter("The value to process is empty."));
@@ -885,10 +903,18 @@ impl Broker {
             (kid, v.kty, material, material_aad(&ve.vault.name, &k.key.name, &v.version))
         };
         // Unwrap results are cached only now: after authorization and the key rules passed.
-        let cache_key = (req.op == CryptoOp::UnwrapKey)
-            .then(|| UnwrapKey { version: kid.clone(), alg, digest: crypto::sha256(&req.value) });
+        let cache_key = (req.op == CryptoOp::UnwrapKey).then(|| UnwrapKey {
+            version: kid.clone(),
+            alg,
+            digest: crypto::sha256(&req.value),
+        });
         if let Some(hit) = cache_key.as_ref().and_then(|k| self.caches.unwrapped(k)) {
-            return Ok(CryptoResult { kid, value: Zeroizing::new(hit.to_vec()), iv: Vec::new(), tag: Vec::new() });
+            return Ok(CryptoResult {
+                kid,
+                value: Zeroizing::new(hit.to_vec()),
+                iv: Vec::new(),
+                tag: Vec::new(),
+            });
         }
         let sealer = self.sealer().clone();
         let result = blocking(move || {
@@ -917,9 +943,11 @@ fn run_crypto(
     let plain = |v: Vec<u8>| (Zeroizing::new(v), Vec::new(), Vec::new());
     match (key, op) {
         (Loaded::Rsa(k), CryptoOp::Encrypt | CryptoOp::WrapKey) => {
+            crate::telemetry::metrics().rsa_operation("encrypt");
             Ok(plain(k.encrypt(alg, value).map_err(crypto_error)?))
         }
         (Loaded::Rsa(k), CryptoOp::Decrypt | CryptoOp::UnwrapKey) => {
+            crate::telemetry::metrics().rsa_operation("decrypt");
             Ok((k.decrypt(alg, value).map_err(crypto_error)?, Vec::new(), Vec::new()))
         }
         (Loaded::Oct(k), CryptoOp::WrapKey) => {

@@ -11,6 +11,7 @@ pub mod roles;
 pub mod servers;
 pub mod state;
 pub mod tde;
+pub mod throttle;
 pub mod vaults;
 
 use std::sync::{Arc, RwLock, RwLockReadGuard};
@@ -46,6 +47,8 @@ pub struct Settings {
     pub trusted_proxies: Vec<String>,
     /// Hot-path caches.
     pub caches: cache::CacheSettings,
+    /// Key Vault throttling of every vault at start (config `throttling`; off by default).
+    pub throttling: throttle::ThrottleProfile,
 }
 
 /// `enforce_cmk`: the built-in policy "SQL server should use customer-managed keys".
@@ -130,6 +133,8 @@ pub struct Broker {
     events: tokio::sync::broadcast::Sender<tde::DbEventRecord>,
     /// Injected faults.
     pub faults: faults::Faults,
+    /// Key Vault throttling (Emulation.SetThrottling).
+    pub throttle: throttle::Throttle,
     /// Authorization-decision and unwrap-result caches.
     pub caches: cache::Caches,
     /// Per server (lower-cased id): when the current run of transient faults began.
@@ -159,6 +164,7 @@ impl Broker {
             })?;
         let started = clock.now();
         let caches = cache::Caches::new(&settings.caches);
+        let throttle = throttle::Throttle::new(settings.throttling);
         Ok(Arc::new(Broker {
             core: Arc::new(Core { state: RwLock::new(State::from_snapshot(snap)), store }),
             writer: Arc::new(Mutex::new(())),
@@ -169,6 +175,7 @@ impl Broker {
             last_probe: std::sync::atomic::AtomicI64::new(started),
             shutting_down: tokio::sync::watch::channel(false).0,
             faults: faults::Faults::default(),
+            throttle,
             caches,
             transient_since: std::sync::Mutex::new(std::collections::HashMap::new()),
         }))

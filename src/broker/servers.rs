@@ -78,16 +78,28 @@ impl Broker {
             .ok_or_else(|| BrokerError::ServerNotFound { name: printable(id) })
     }
 
-    /// A server by id, for a caller who may read it.
-    pub fn get_server(&self, caller: &Caller, id: &str) -> Result<Server, BrokerError> {
-        let st = self.read();
-        let s = self.find_server(&st, id)?;
+    /// A server by id, once the caller is allowed `Microsoft.Sql/{servers|managedInstances}/{verb}` on it.
+    fn authorized_server<'a>(
+        &self,
+        st: &'a State,
+        caller: &Caller,
+        id: &str,
+        verb: &str,
+    ) -> Result<&'a Server, BrokerError> {
+        let s = self.find_server(st, id)?;
         crate::policy::control::authorize(
             &st.role_assignments,
             &caller.object_id,
-            &server_action(s.kind, "read"),
+            &server_action(s.kind, verb),
             &s.id,
         )?;
+        Ok(s)
+    }
+
+    /// A server by id, for a caller who may read it.
+    pub fn get_server(&self, caller: &Caller, id: &str) -> Result<Server, BrokerError> {
+        let st = self.read();
+        let s = self.authorized_server(&st, caller, id, "read")?;
         Ok(s.clone())
     }
 
@@ -334,13 +346,7 @@ impl Broker {
         let txn = self.begin().await;
         let changes = {
             let st = self.read();
-            let s = self.find_server(&st, id)?;
-            crate::policy::control::authorize(
-                &st.role_assignments,
-                &caller.object_id,
-                &server_action(s.kind, "delete"),
-                &s.id,
-            )?;
+            let s = self.authorized_server(&st, caller, id, "delete")?;
             let mut changes = vec![
                 Change::DeleteServer { id: s.id.clone() },
                 Change::DeletePrincipal { object_id: s.host_principal_id.clone() },
@@ -366,13 +372,7 @@ impl Broker {
         let txn = self.begin().await;
         let (server, changes) = {
             let st = self.read();
-            let current = self.find_server(&st, id)?.clone();
-            crate::policy::control::authorize(
-                &st.role_assignments,
-                &caller.object_id,
-                &server_action(current.kind, "write"),
-                &current.id,
-            )?;
+            let current = self.authorized_server(&st, caller, id, "write")?.clone();
             let now = self.clock.now();
             let mut changes = Vec::new();
             let smi = match (&current.identity.system_principal_id, system_assigned) {
@@ -441,13 +441,7 @@ impl Broker {
         let txn = self.begin().await;
         let server = {
             let st = self.read();
-            let current = self.find_server(&st, id)?.clone();
-            crate::policy::control::authorize(
-                &st.role_assignments,
-                &caller.object_id,
-                &server_action(current.kind, "write"),
-                &current.id,
-            )?;
+            let current = self.authorized_server(&st, caller, id, "write")?.clone();
             let mut server = current.clone();
             match server_key_type {
                 "ServiceManaged" => {
@@ -484,13 +478,7 @@ impl Broker {
         let txn = self.begin().await;
         let (server, changes, events) = {
             let st = self.read();
-            let server = self.find_server(&st, id)?.clone();
-            crate::policy::control::authorize(
-                &st.role_assignments,
-                &caller.object_id,
-                &server_action(server.kind, "write"),
-                &server.id,
-            )?;
+            let server = self.authorized_server(&st, caller, id, "write")?.clone();
             let now = self.clock.now();
             match self.evaluate_access(&st, &server, now) {
                 Access::Ok => {}
@@ -561,13 +549,7 @@ impl Broker {
         let txn = self.begin().await;
         let (server, db) = {
             let st = self.read();
-            let server = self.find_server(&st, server_id)?.clone();
-            crate::policy::control::authorize(
-                &st.role_assignments,
-                &caller.object_id,
-                &server_action(server.kind, "databases/write"),
-                &server.id,
-            )?;
+            let server = self.authorized_server(&st, caller, server_id, "databases/write")?.clone();
             if st.databases.contains_key(&db_key(&server.id, name)) {
                 return Err(BrokerError::DatabaseAlreadyExists { name: name.to_string() });
             }
@@ -586,13 +568,7 @@ impl Broker {
         name: &str,
     ) -> Result<Database, BrokerError> {
         let st = self.read();
-        let server = self.find_server(&st, server_id)?;
-        crate::policy::control::authorize(
-            &st.role_assignments,
-            &caller.object_id,
-            &server_action(server.kind, "databases/read"),
-            &server.id,
-        )?;
+        let server = self.authorized_server(&st, caller, server_id, "databases/read")?;
         st.databases
             .get(&db_key(&server.id, name))
             .cloned()
@@ -602,13 +578,7 @@ impl Broker {
     /// ListDatabases.
     pub fn list_databases(&self, caller: &Caller, server_id: &str) -> Result<Vec<Database>, BrokerError> {
         let st = self.read();
-        let server = self.find_server(&st, server_id)?;
-        crate::policy::control::authorize(
-            &st.role_assignments,
-            &caller.object_id,
-            &server_action(server.kind, "databases/read"),
-            &server.id,
-        )?;
+        let server = self.authorized_server(&st, caller, server_id, "databases/read")?;
         let prefix = server.id.to_ascii_lowercase();
         Ok(st.databases.iter().filter(|((sid, _), _)| *sid == prefix).map(|(_, d)| d.clone()).collect())
     }
@@ -623,13 +593,7 @@ impl Broker {
         let txn = self.begin().await;
         let server = {
             let st = self.read();
-            let server = self.find_server(&st, server_id)?.clone();
-            crate::policy::control::authorize(
-                &st.role_assignments,
-                &caller.object_id,
-                &server_action(server.kind, "databases/delete"),
-                &server.id,
-            )?;
+            let server = self.authorized_server(&st, caller, server_id, "databases/delete")?.clone();
             if !st.databases.contains_key(&db_key(&server.id, name)) {
                 return Err(BrokerError::DatabaseNotFound { name: printable(name) });
             }
@@ -641,13 +605,7 @@ impl Broker {
     /// The host principal of a server, for issuing its credential (needs write on the server).
     pub fn server_host(&self, caller: &Caller, server_id: &str) -> Result<Principal, BrokerError> {
         let st = self.read();
-        let server = self.find_server(&st, server_id)?;
-        crate::policy::control::authorize(
-            &st.role_assignments,
-            &caller.object_id,
-            &server_action(server.kind, "hostCredential/action"),
-            &server.id,
-        )?;
+        let server = self.authorized_server(&st, caller, server_id, "hostCredential/action")?;
         st.principals.get(&server.host_principal_id).cloned().ok_or(BrokerError::Internal)
     }
 

@@ -274,7 +274,9 @@ pub enum SubnetCmd {
 #[derive(Debug, clap::Subcommand)]
 pub enum FaultsCmd {
     /// Inject faults into one vault (or every vault), replacing the ones set there before.
-    #[command(group(clap::ArgGroup::new("fault").required(true).multiple(true).args(["outage"])))]
+    #[command(group(clap::ArgGroup::new("fault").required(true).multiple(true).args([
+        "outage", "latency_ms", "latency_p50_ms", "error_rate", "fail_next",
+    ])))]
     Set {
         /// Vault name [default: every vault].
         #[arg(long, value_name = "NAME")]
@@ -282,6 +284,24 @@ pub enum FaultsCmd {
         /// The vault answers every data-plane call with UNAVAILABLE (ServiceUnavailable).
         #[arg(long)]
         outage: bool,
+        /// Fixed delay added to every data-plane call.
+        #[arg(long, value_name = "MS")]
+        latency_ms: Option<u32>,
+        /// Median of a random (log-normal) delay added on top.
+        #[arg(long, value_name = "MS")]
+        latency_p50_ms: Option<u32>,
+        /// 99th percentile of that delay [default: the median, a fixed delay].
+        #[arg(long, value_name = "MS", requires = "latency_p50_ms")]
+        latency_p99_ms: Option<u32>,
+        /// Probability (0..1) that a data-plane call fails with --error-code.
+        #[arg(long, value_name = "P")]
+        error_rate: Option<f64>,
+        /// UNAVAILABLE, RESOURCE_EXHAUSTED, INTERNAL or PERMISSION_DENIED [default: UNAVAILABLE].
+        #[arg(long, value_name = "CODE", requires = "error_rate")]
+        error_code: Option<String>,
+        /// The next N data-plane calls fail with UNAVAILABLE.
+        #[arg(long, value_name = "N")]
+        fail_next: Option<u32>,
     },
     /// Remove the faults set on one vault, or (without --vault) every fault.
     Clear {
@@ -1125,12 +1145,12 @@ struct Out {
 pub async fn run(conn: Connection, command: Command) -> Result<(), CliError> {
     let not_a_client =
         || CliError::Invalid("`serve` and `cert` run locally; they are not client subcommands".to_string());
-    if matches!(command, Command::Serve(_) | Command::Cert(_)) {
+    if matches!(command, Command::Serve(_) | Command::Cert(_) | Command::Loadtest(_)) {
         return Err(not_a_client());
     }
     let session = Session::open(&conn).await?;
     let out = match command {
-        Command::Serve(_) | Command::Cert(_) => return Err(not_a_client()),
+        Command::Serve(_) | Command::Cert(_) | Command::Loadtest(_) => return Err(not_a_client()),
         Command::Vault(cmd) => vault(&session, cmd).await?,
         Command::Subnet(cmd) => subnet(&session, cmd).await?,
         Command::Key(cmd) => key(&session, cmd).await?,
@@ -1748,8 +1768,26 @@ async fn clock(s: &Session, cmd: ClockCmd) -> Result<Out, CliError> {
 
 async fn faults(s: &Session, cmd: FaultsCmd) -> Result<Out, CliError> {
     let list = match cmd {
-        FaultsCmd::Set { vault, outage } => {
-            let request = proto::SetFaultsRequest { vault_name: vault.unwrap_or_default(), outage };
+        FaultsCmd::Set {
+            vault,
+            outage,
+            latency_ms,
+            latency_p50_ms,
+            latency_p99_ms,
+            error_rate,
+            error_code,
+            fail_next,
+        } => {
+            let request = proto::SetFaultsRequest {
+                vault_name: vault.unwrap_or_default(),
+                outage,
+                latency_ms: latency_ms.unwrap_or_default(),
+                latency_p50_ms: latency_p50_ms.unwrap_or_default(),
+                latency_p99_ms: latency_p99_ms.unwrap_or_default(),
+                error_rate: error_rate.unwrap_or_default(),
+                error_code: error_code.unwrap_or_default(),
+                fail_next: fail_next.unwrap_or_default(),
+            };
             s.call(s.emulation().set_faults(request)).await?
         }
         FaultsCmd::Clear { vault } => {
@@ -1758,19 +1796,51 @@ async fn faults(s: &Session, cmd: FaultsCmd) -> Result<Out, CliError> {
         }
     };
     // An empty vault name stands for every vault: `*` in the table, "" in JSON (as on the wire).
+    // Faults other than an outage are shown only where set (JSON fields, a table column).
+    let others = |f: &proto::VaultFaults| {
+        let mut o = serde_json::Map::new();
+        let mut put = |k: &str, v: Value, set: bool| {
+            if set {
+                o.insert(k.to_string(), v);
+            }
+        };
+        put("latency_ms", json!(f.latency_ms), f.latency_ms > 0);
+        put("latency_p50_ms", json!(f.latency_p50_ms), f.latency_p50_ms > 0);
+        put("latency_p99_ms", json!(f.latency_p99_ms), f.latency_p99_ms > 0);
+        put("error_rate", json!(f.error_rate), f.error_rate > 0.0);
+        put("error_code", json!(f.error_code), f.error_rate > 0.0);
+        put("fail_next", json!(f.fail_next), f.fail_next > 0);
+        o
+    };
+    let any_others = list.faults.iter().any(|f| !others(f).is_empty());
     let rows = list
         .faults
         .iter()
         .map(|f| {
             let vault = if f.vault_name.is_empty() { "*".to_string() } else { f.vault_name.clone() };
-            vec![vault, f.outage.to_string()]
+            let mut row = vec![vault, f.outage.to_string()];
+            if any_others {
+                let o = others(f);
+                let text = o.iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>().join(",");
+                row.push(if text.is_empty() { "-".to_string() } else { text.replace('"', "") });
+            }
+            row
         })
         .collect();
+    let headers: &[&str] = if any_others { &["VAULT", "OUTAGE", "OTHER"] } else { &["VAULT", "OUTAGE"] };
     Ok(Out {
         json: Value::Array(
-            list.faults.iter().map(|f| json!({ "vault_name": f.vault_name, "outage": f.outage })).collect(),
+            list.faults
+                .iter()
+                .map(|f| {
+                    let mut o = others(f);
+                    o.insert("vault_name".into(), json!(f.vault_name));
+                    o.insert("outage".into(), json!(f.outage));
+                    Value::Object(o)
+                })
+                .collect(),
         ),
-        table: table(&["VAULT", "OUTAGE"], rows),
+        table: table(headers, rows),
     })
 }
 

@@ -2,6 +2,7 @@
 //! clients of a running broker.
 
 pub mod client;
+pub mod loadtest;
 
 use std::process::ExitCode;
 
@@ -66,6 +67,9 @@ pub enum Command {
     /// mTLS client certificates, signed by the dev CA of `serve --tls auto` (local, no broker call).
     #[command(subcommand)]
     Cert(CertCmd),
+    /// Drive a broker (or, with --baseline, a bare tonic service) with key operations; report
+    /// throughput, errors by gRPC code and latency percentiles.
+    Loadtest(loadtest::LoadtestArgs),
 }
 
 /// `tde-broker cert …`
@@ -98,6 +102,7 @@ pub fn main() -> ExitCode {
         match cli.command {
             Command::Serve(args) => serve(args).await,
             Command::Cert(cmd) => cert(cli.connection.data_dir.as_deref(), cmd),
+            Command::Loadtest(args) => loadtest::run(cli.connection, args).await,
             other => client::run(cli.connection, other).await.map_err(|e| e.to_string()),
         }
     });

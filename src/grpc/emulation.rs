@@ -1,4 +1,4 @@
-//! The `Emulation` service: the broker's clock (admin only).
+//! The `Emulation` service (admin only): the broker's clock, injected faults, throttling.
 
 use std::sync::Arc;
 
@@ -7,7 +7,9 @@ use tonic::{Request, Response, Status};
 use super::proto::{self, emulation_server::Emulation};
 use super::{caller, to_status};
 use crate::broker::Broker;
-use crate::broker::faults::FaultSpec;
+use crate::broker::faults::{FaultCode, FaultSpec};
+use crate::broker::throttle::ThrottleProfile;
+use crate::model::BrokerError;
 
 const CLOCK_READ: &str = "Microsoft.TdeBroker/emulation/read";
 const CLOCK_WRITE: &str = "Microsoft.TdeBroker/emulation/write";
@@ -74,11 +76,16 @@ impl Emulation for EmulationService {
     ) -> Result<Response<proto::FaultsResponse>, Status> {
         let caller = caller(&request)?;
         let r = request.get_ref();
-        let list = self
-            .broker
-            .set_faults(&caller, &r.vault_name, FaultSpec { outage: r.outage })
-            .await
-            .map_err(to_status)?;
+        let spec = FaultSpec {
+            outage: r.outage,
+            latency_ms: r.latency_ms,
+            latency_p50_ms: r.latency_p50_ms,
+            latency_p99_ms: r.latency_p99_ms,
+            error_rate: r.error_rate,
+            error_code: FaultCode::parse(&r.error_code).map_err(to_status)?,
+            fail_next: r.fail_next,
+        };
+        let list = self.broker.set_faults(&caller, &r.vault_name, spec).await.map_err(to_status)?;
         Ok(Response::new(faults(list)))
     }
 
@@ -91,13 +98,87 @@ impl Emulation for EmulationService {
             self.broker.clear_faults(&caller, &request.get_ref().vault_name).await.map_err(to_status)?;
         Ok(Response::new(faults(list)))
     }
+
+    async fn set_throttling(
+        &self,
+        request: Request<proto::SetThrottlingRequest>,
+    ) -> Result<Response<proto::ThrottlingResponse>, Status> {
+        let caller = caller(&request)?;
+        let r = request.get_ref();
+        let profile = throttle_profile(r).map_err(to_status)?;
+        let list = self.broker.set_throttling(&caller, &r.vault_name, profile).map_err(to_status)?;
+        Ok(Response::new(throttling(list)))
+    }
+
+    async fn get_throttling(
+        &self,
+        request: Request<proto::GetThrottlingRequest>,
+    ) -> Result<Response<proto::ThrottlingResponse>, Status> {
+        let caller = caller(&request)?;
+        let list = self.broker.get_throttling(&caller).map_err(to_status)?;
+        Ok(Response::new(throttling(list)))
+    }
+}
+
+/// The request's profile; `None` = "inherit".
+fn throttle_profile(r: &proto::SetThrottlingRequest) -> Result<Option<ThrottleProfile>, BrokerError> {
+    let limits_given = r.all_other_per_10s != 0 || r.create_per_10s != 0;
+    let profile = match r.profile.trim().to_ascii_lowercase().as_str() {
+        "custom" => {
+            return Ok(Some(ThrottleProfile::Custom {
+                all_other_per_10s: r.all_other_per_10s,
+                create_per_10s: r.create_per_10s,
+            }));
+        }
+        "off" => Some(ThrottleProfile::Off),
+        "azure" => Some(ThrottleProfile::Azure),
+        "inherit" => None,
+        other => {
+            return Err(BrokerError::bad_parameter(format!(
+                "The throttling profile '{}' is not supported. Supported profiles are off, azure, custom and inherit.",
+                crate::model::ids::printable(other)
+            )));
+        }
+    };
+    if limits_given {
+        return Err(BrokerError::bad_parameter(
+            "all_other_per_10s and create_per_10s are the limits of the custom profile only.",
+        ));
+    }
+    Ok(profile)
+}
+
+fn throttling(list: Vec<(String, ThrottleProfile)>) -> proto::ThrottlingResponse {
+    proto::ThrottlingResponse {
+        throttling: list
+            .into_iter()
+            .map(|(vault_name, p)| {
+                let (all_other_per_10s, create_per_10s) = p.limits().unwrap_or((0, 0));
+                proto::VaultThrottling {
+                    vault_name,
+                    profile: p.name().to_string(),
+                    all_other_per_10s,
+                    create_per_10s,
+                }
+            })
+            .collect(),
+    }
 }
 
 fn faults(list: Vec<(String, FaultSpec)>) -> proto::FaultsResponse {
     proto::FaultsResponse {
         faults: list
             .into_iter()
-            .map(|(vault_name, f)| proto::VaultFaults { vault_name, outage: f.outage })
+            .map(|(vault_name, f)| proto::VaultFaults {
+                vault_name,
+                outage: f.outage,
+                latency_ms: f.latency_ms,
+                latency_p50_ms: f.latency_p50_ms,
+                latency_p99_ms: f.latency_p99_ms,
+                error_rate: f.error_rate,
+                error_code: if f.error_rate > 0.0 { f.error_code.name().to_string() } else { String::new() },
+                fail_next: f.fail_next,
+            })
             .collect(),
     }
 }

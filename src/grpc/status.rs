@@ -21,10 +21,25 @@ pub fn to_status(e: BrokerError) -> Status {
         ErrorClass::FailedPrecondition => Code::FailedPrecondition,
         ErrorClass::InvalidArgument => Code::InvalidArgument,
         ErrorClass::Unavailable => Code::Unavailable,
+        ErrorClass::ResourceExhausted => Code::ResourceExhausted,
         ErrorClass::Internal => Code::Internal,
     };
     let details = ErrorDetails::with_error_info(e.code(), ERROR_DOMAIN, HashMap::<String, String>::new());
-    Status::with_error_details(code, e.to_string(), details)
+    let mut status = Status::with_error_details(code, e.to_string(), details);
+    // Throttling: seconds until the vault's window ends (an HTTP-style hint; the cloud's 429s
+    // carry no Retry-After).
+    if let BrokerError::Throttled { retry_after } = e {
+        status.metadata_mut().insert(RETRY_AFTER, retry_after.into());
+    }
+    status
+}
+
+/// The metadata key of a throttled request's retry hint, in whole seconds.
+pub const RETRY_AFTER: &str = "retry-after";
+
+/// The `retry-after` seconds of a status, if it carries them (used by clients and tests).
+pub fn retry_after(status: &Status) -> Option<u32> {
+    status.metadata().get(RETRY_AFTER)?.to_str().ok()?.parse().ok()
 }
 
 /// The `ErrorInfo.reason` of a status, if it carries one (used by clients and tests).

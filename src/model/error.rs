@@ -26,6 +26,8 @@ pub enum ErrorClass {
     InvalidArgument,
     /// 503: the store or the broker itself failed.
     Unavailable,
+    /// 429: the vault's throttling limits.
+    ResourceExhausted,
     /// 500: a bug; the message says nothing more.
     Internal,
 }
@@ -451,6 +453,20 @@ pub enum BrokerError {
         /// Vault name.
         vault: String,
     },
+    /// The vault's throttling limit of the current 10-second window is used up (A6's 429 body).
+    #[error(
+        "Request was not processed because too many requests were received. Reason: VaultRequestTypeLimitReached"
+    )]
+    Throttled {
+        /// Seconds until the window ends (the `retry-after` metadata; the cloud sends none).
+        retry_after: u32,
+    },
+    /// An injected PERMISSION_DENIED (Emulation.SetFaults `error_code`).
+    #[error("Access to vault '{vault}' was denied by an injected fault (Emulation.SetFaults).")]
+    InjectedForbidden {
+        /// Vault name.
+        vault: String,
+    },
     /// The store could not commit or read; the change was not made.
     #[error("The broker could not reach its store; the request was not carried out. Retry later.")]
     StoreUnavailable,
@@ -516,6 +532,8 @@ impl BrokerError {
             BadParameter { .. } | DecryptionFailed => "BadParameter",
             ClockNotManual => "ClockNotManual",
             StoreUnavailable | VaultUnavailable { .. } => "ServiceUnavailable",
+            Throttled { .. } => "Throttled",
+            InjectedForbidden { .. } => "Forbidden",
             Internal => "InternalError",
         }
     }
@@ -576,6 +594,8 @@ impl BrokerError {
             | DecryptionFailed
             | PrincipalNotFound { .. } => ErrorClass::InvalidArgument,
             StoreUnavailable | VaultUnavailable { .. } => ErrorClass::Unavailable,
+            Throttled { .. } => ErrorClass::ResourceExhausted,
+            InjectedForbidden { .. } => ErrorClass::Forbidden,
             Internal => ErrorClass::Internal,
         }
     }

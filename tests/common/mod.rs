@@ -469,3 +469,19 @@ impl TestBroker {
             .expect("update vault network");
     }
 }
+
+/// A manual-clock configuration read from `toml` (through `Config::resolve`, as `--config`
+/// would), with a fresh data directory kept alive by the returned guard.
+pub fn config_from_toml(toml: &str) -> (Config, tempfile::TempDir) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    std::fs::write(dir.path().join("config.toml"), toml).expect("write config");
+    let mut cfg = Config::resolve(tde_broker::config::ServeArgs {
+        config: Some(dir.path().join("config.toml")),
+        data_dir: Some(dir.path().join("data")),
+        ..Default::default()
+    })
+    .expect("valid configuration");
+    cfg.clock = ClockKind::Manual;
+    cfg.clock_start = Some(1_800_000_000);
+    (cfg, dir)
+}

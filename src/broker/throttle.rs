@@ -1,0 +1,358 @@
+//! Key Vault throttling (Emulation.SetThrottling, config `throttling`): the cloud's per-vault
+//! limits (reference `azure-semantics.md` A6), counted in 10-second windows of the broker's clock.
+//! Off by default; in memory only, like the injected faults.
+//!
+//! The cloud's limits per vault and 10 s:
+//!
+//! | key           | software CREATE | software other | HSM CREATE | HSM other |
+//! |---------------|-----------------|----------------|------------|-----------|
+//! | RSA 2048      | 20              | 4,000          | 10         | 2,000     |
+//! | RSA 3072      | 20              | 1,000          | 10         | 500       |
+//! | RSA 4096      | 20              | 500            | 10         | 250       |
+//!
+//! "Thresholds are weighted and summed": every request weighs its share of the vault's RSA-2048
+//! software budget (4,000 other / 20 create), and the weights of one window add up per vault and
+//! class. So a 3072 software op weighs 4 (4,000 / 1,000), a 4096 software op 8, an RSA-2048-HSM
+//! op 2, a 3072-HSM op 8, a 4096-HSM op 16; an HSM create weighs 2 (20 / 10), a software create 1.
+//! The 4,001st RSA-2048 op of a window is refused, and 3,996 RSA-2048 ops leave room for exactly
+//! one 3072 op. A request that is refused (429) does not count.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Mutex, RwLock};
+
+use super::Broker;
+use super::keys::NewMaterial;
+use super::state::VaultEntry;
+use crate::crypto::ImportedKey;
+use crate::model::ids::{key_index, vault_name};
+use crate::model::{BrokerError, Caller, KeyPermission, KeyType};
+
+const THROTTLING_READ: &str = "Microsoft.TdeBroker/emulation/read";
+const THROTTLING_WRITE: &str = "Microsoft.TdeBroker/emulation/write";
+
+/// Length of a throttling window, seconds of the broker's clock.
+pub const WINDOW_SECONDS: i64 = 10;
+/// The cloud's "all other" transactions per vault and window for RSA-2048 software keys.
+pub const AZURE_ALL_OTHER_PER_10S: u32 = 4_000;
+/// The cloud's CREATE transactions per vault and window for software keys.
+pub const AZURE_CREATE_PER_10S: u32 = 20;
+
+/// How a vault is throttled.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ThrottleProfile {
+    /// No throttling (the default).
+    #[default]
+    Off,
+    /// The cloud's limits (A6).
+    Azure,
+    /// Own limits for the RSA-2048 software baseline; other keys weigh as in the cloud.
+    #[serde(skip)]
+    Custom {
+        /// "All other" weight units per window.
+        all_other_per_10s: u32,
+        /// CREATE weight units per window.
+        create_per_10s: u32,
+    },
+}
+
+impl ThrottleProfile {
+    /// `(all other, create)` budgets per window in RSA-2048-software units, `None` when off.
+    pub fn limits(self) -> Option<(u32, u32)> {
+        match self {
+            ThrottleProfile::Off => None,
+            ThrottleProfile::Azure => Some((AZURE_ALL_OTHER_PER_10S, AZURE_CREATE_PER_10S)),
+            ThrottleProfile::Custom { all_other_per_10s, create_per_10s } => {
+                Some((all_other_per_10s, create_per_10s))
+            }
+        }
+    }
+
+    /// The wire name: `off`, `azure` or `custom`.
+    pub fn name(self) -> &'static str {
+        match self {
+            ThrottleProfile::Off => "off",
+            ThrottleProfile::Azure => "azure",
+            ThrottleProfile::Custom { .. } => "custom",
+        }
+    }
+}
+
+/// The cloud's two throttling classes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum OpClass {
+    /// CREATE (and, here, IMPORT, ROTATE and RESTORE: each makes new key material).
+    Create,
+    /// Everything else: get, list, update, delete, crypto, backup, recover, purge.
+    Other,
+}
+
+impl OpClass {
+    /// The class of the operation a data-plane permission stands for.
+    pub fn of(permission: KeyPermission) -> Self {
+        match permission {
+            KeyPermission::Create
+            | KeyPermission::Import
+            | KeyPermission::Rotate
+            | KeyPermission::Restore => OpClass::Create,
+            _ => OpClass::Other,
+        }
+    }
+}
+
+/// A request's weight in units of the vault's RSA-2048 software budget of its class.
+///
+/// `key` is the type and size of the key the request works on, `None` for vault-level requests
+/// (list) and for keys that do not exist (the request still reaches the vault): those weigh as
+/// an RSA-2048 software key.
+pub fn weight(class: OpClass, key: Option<(KeyType, u32)>) -> u32 {
+    let (kty, bits) = key.unwrap_or((KeyType::Rsa, 2048));
+    match class {
+        // CREATE does not depend on the size: 20 software, 10 HSM.
+        OpClass::Create => match kty {
+            KeyType::Rsa => 1,
+            KeyType::RsaHsm | KeyType::OctHsm => 2,
+        },
+        OpClass::Other => {
+            // 4,000 / 1,000 / 500 software per 10 s for 2048 / 3072 / 4096 bits.
+            let software = match bits {
+                0..=2048 => 1,
+                2049..=3072 => 4,
+                _ => 8,
+            };
+            match kty {
+                KeyType::Rsa => software,
+                // HSM keys get half the software budget.
+                KeyType::RsaHsm => 2 * software,
+                // The A6 table has no row for AES keys (Managed HSM has its own limits): oct-HSM
+                // ops count like RSA-2048-HSM ops, the cheapest HSM row (2,000 per 10 s).
+                KeyType::OctHsm => 2,
+            }
+        }
+    }
+}
+
+/// What the vault's current window has used.
+#[derive(Clone, Copy, Debug, Default)]
+struct Window {
+    /// `now / WINDOW_SECONDS` of the window.
+    index: i64,
+    /// Weight units used by "all other" requests.
+    other: u64,
+    /// Weight units used by create-class requests.
+    create: u64,
+}
+
+/// Throttling profiles (every vault's, and per vault) and each vault's current window.
+#[derive(Debug, Default)]
+pub struct Throttle {
+    /// `""` = every vault; a vault name = that vault's own profile.
+    profiles: RwLock<BTreeMap<String, ThrottleProfile>>,
+    /// Per vault name.
+    windows: Mutex<HashMap<String, Window>>,
+}
+
+impl Throttle {
+    /// Throttling with `profile` for every vault.
+    pub fn new(profile: ThrottleProfile) -> Self {
+        let t = Throttle::default();
+        t.profiles.write().unwrap_or_else(|p| p.into_inner()).insert(String::new(), profile);
+        t
+    }
+
+    /// The profile that applies to `vault`: its own, else every vault's.
+    pub fn profile(&self, vault: &str) -> ThrottleProfile {
+        let map = self.profiles.read().unwrap_or_else(|p| p.into_inner());
+        map.get(vault).or_else(|| map.get("")).copied().unwrap_or_default()
+    }
+
+    /// Counts a request of `weight` in `vault`'s window at `now`, or refuses it (uncounted) when
+    /// it does not fit.
+    pub fn admit(&self, vault: &str, class: OpClass, weight: u32, now: i64) -> Result<(), BrokerError> {
+        let Some((all_other, create)) = self.profile(vault).limits() else { return Ok(()) };
+        let index = now.div_euclid(WINDOW_SECONDS);
+        let mut windows = self.windows.lock().unwrap_or_else(|p| p.into_inner());
+        let w = windows.entry(vault.to_string()).or_default();
+        if w.index != index {
+            *w = Window { index, ..Window::default() };
+        }
+        let (used, limit) = match class {
+            OpClass::Other => (&mut w.other, all_other),
+            OpClass::Create => (&mut w.create, create),
+        };
+        if *used + u64::from(weight) > u64::from(limit) {
+            return Err(BrokerError::Throttled { retry_after: retry_after(now) });
+        }
+        *used += u64::from(weight);
+        Ok(())
+    }
+
+    /// Sets `vault`'s profile (`""` = every vault's; `None` = `vault` follows every vault's
+    /// again) and starts its counting afresh.
+    fn set(&self, vault: &str, profile: Option<ThrottleProfile>) {
+        {
+            let mut map = self.profiles.write().unwrap_or_else(|p| p.into_inner());
+            match profile {
+                Some(p) => {
+                    map.insert(vault.to_string(), p);
+                }
+                None => {
+                    map.remove(vault);
+                }
+            }
+        }
+        let mut windows = self.windows.lock().unwrap_or_else(|p| p.into_inner());
+        if vault.is_empty() {
+            windows.clear();
+        } else {
+            windows.remove(vault);
+        }
+    }
+
+    /// Every vault's profile (`""`, always first) and the vaults with their own.
+    pub fn list(&self) -> Vec<(String, ThrottleProfile)> {
+        let map = self.profiles.read().unwrap_or_else(|p| p.into_inner());
+        let mut out = vec![(String::new(), map.get("").copied().unwrap_or_default())];
+        out.extend(map.iter().filter(|(k, _)| !k.is_empty()).map(|(k, v)| (k.clone(), *v)));
+        out
+    }
+}
+
+/// Whole seconds until the window containing `now` ends (1..=10): the `retry-after` of a 429.
+pub fn retry_after(now: i64) -> u32 {
+    (WINDOW_SECONDS - now.rem_euclid(WINDOW_SECONDS)) as u32
+}
+
+impl NewMaterial {
+    /// The type of the key this material makes.
+    pub fn key_type(&self) -> KeyType {
+        match self {
+            NewMaterial::Generate { kty, .. } => *kty,
+            NewMaterial::Import { key: ImportedKey::Rsa(_), hsm: true } => KeyType::RsaHsm,
+            NewMaterial::Import { key: ImportedKey::Rsa(_), hsm: false } => KeyType::Rsa,
+            NewMaterial::Import { key: ImportedKey::Oct(_), .. } => KeyType::OctHsm,
+        }
+    }
+}
+
+impl Broker {
+    /// The data-plane gate's second step (from `authorize_data`, after the outage check, under
+    /// the state read lock): the injected errors (`fail_next`, `error_rate`), then throttling of
+    /// an "all other" request, weighed by the key it names (its newest version). Create-class
+    /// requests pass here: their operations check authorization again before committing, so they
+    /// are admitted once, at their start, by [`Broker::admit_create`].
+    pub fn admit_data(
+        &self,
+        ve: &VaultEntry,
+        permission: KeyPermission,
+        key: Option<&str>,
+    ) -> Result<(), BrokerError> {
+        let class = OpClass::of(permission);
+        if class == OpClass::Create {
+            return Ok(());
+        }
+        self.inject_errors(&ve.vault.name)?;
+        let kind = key
+            .and_then(|name| ve.keys.get(&key_index(name)))
+            .and_then(|k| k.key.latest())
+            .map(|v| (v.kty, v.bits));
+        self.throttle.admit(&ve.vault.name, class, weight(class, kind), self.clock.now())
+    }
+
+    /// Admits a create-class request (create, import, rotate, restore) of a `kty` key on `vault`
+    /// once, after its first authorization: the injected errors, then the CREATE budget.
+    pub fn admit_create(&self, vault: &str, kty: KeyType) -> Result<(), BrokerError> {
+        self.inject_errors(vault)?;
+        self.throttle.admit(vault, OpClass::Create, weight(OpClass::Create, Some((kty, 0))), self.clock.now())
+    }
+
+    /// SetThrottling (admin): `profile` for one vault, or (`vault` empty) for every vault.
+    /// `None` makes a vault follow every vault's profile again.
+    pub fn set_throttling(
+        &self,
+        caller: &Caller,
+        vault: &str,
+        profile: Option<ThrottleProfile>,
+    ) -> Result<Vec<(String, ThrottleProfile)>, BrokerError> {
+        self.authorize_control(&caller.object_id, THROTTLING_WRITE, "/")?;
+        let key = if vault.trim().is_empty() { String::new() } else { vault_name(vault.trim())? };
+        if key.is_empty() && profile.is_none() {
+            return Err(BrokerError::bad_parameter(
+                "The profile 'inherit' needs a vault name: it makes that vault follow the profile of every vault.",
+            ));
+        }
+        if let Some(ThrottleProfile::Custom { all_other_per_10s, create_per_10s }) = profile
+            && (all_other_per_10s == 0 || create_per_10s == 0)
+        {
+            return Err(BrokerError::bad_parameter(
+                "The custom throttling profile needs all_other_per_10s and create_per_10s greater than 0.",
+            ));
+        }
+        self.throttle.set(&key, profile);
+        tracing::warn!(
+            vault = if key.is_empty() { "*" } else { key.as_str() },
+            profile = profile.map_or("inherit", |p| p.name()),
+            limits = ?profile.and_then(|p| p.limits()),
+            "throttling changed"
+        );
+        Ok(self.throttle.list())
+    }
+
+    /// GetThrottling (admin).
+    pub fn get_throttling(&self, caller: &Caller) -> Result<Vec<(String, ThrottleProfile)>, BrokerError> {
+        self.authorize_control(&caller.object_id, THROTTLING_READ, "/")?;
+        Ok(self.throttle.list())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn weights_follow_the_clouds_table() {
+        let w = |kty, bits| weight(OpClass::Other, Some((kty, bits)));
+        assert_eq!(AZURE_ALL_OTHER_PER_10S / w(KeyType::Rsa, 2048), 4_000);
+        assert_eq!(AZURE_ALL_OTHER_PER_10S / w(KeyType::Rsa, 3072), 1_000);
+        assert_eq!(AZURE_ALL_OTHER_PER_10S / w(KeyType::Rsa, 4096), 500);
+        assert_eq!(AZURE_ALL_OTHER_PER_10S / w(KeyType::RsaHsm, 2048), 2_000);
+        assert_eq!(AZURE_ALL_OTHER_PER_10S / w(KeyType::RsaHsm, 3072), 500);
+        assert_eq!(AZURE_ALL_OTHER_PER_10S / w(KeyType::RsaHsm, 4096), 250);
+        assert_eq!(w(KeyType::OctHsm, 256), w(KeyType::RsaHsm, 2048));
+        assert_eq!(weight(OpClass::Other, None), 1);
+        let c = |kty| AZURE_CREATE_PER_10S / weight(OpClass::Create, Some((kty, 4096)));
+        assert_eq!((c(KeyType::Rsa), c(KeyType::RsaHsm), c(KeyType::OctHsm)), (20, 10, 10));
+    }
+
+    #[test]
+    fn windows_are_ten_seconds_and_refusals_do_not_count() {
+        let t = Throttle::new(ThrottleProfile::Custom { all_other_per_10s: 10, create_per_10s: 2 });
+        let now = 1_800_000_003;
+        for _ in 0..2 {
+            t.admit("v", OpClass::Other, 4, now).unwrap();
+        }
+        // 8 used: a weight of 4 no longer fits (and is not counted), 2 still does.
+        assert_eq!(t.admit("v", OpClass::Other, 4, now), Err(BrokerError::Throttled { retry_after: 7 }));
+        t.admit("v", OpClass::Other, 2, now + 6).unwrap();
+        assert!(t.admit("v", OpClass::Other, 1, now + 6).is_err());
+        // Other vaults and the create class count apart.
+        t.admit("w", OpClass::Other, 10, now).unwrap();
+        t.admit("v", OpClass::Create, 2, now).unwrap();
+        assert!(t.admit("v", OpClass::Create, 1, now).is_err());
+        // The next window starts empty.
+        t.admit("v", OpClass::Other, 10, now + 7).unwrap();
+        assert_eq!(retry_after(1_800_000_000), 10);
+        assert_eq!(retry_after(1_800_000_009), 1);
+    }
+
+    #[test]
+    fn a_vaults_own_profile_wins_and_inherit_removes_it() {
+        let t = Throttle::new(ThrottleProfile::Off);
+        t.set("v", Some(ThrottleProfile::Custom { all_other_per_10s: 1, create_per_10s: 1 }));
+        assert!(t.admit("w", OpClass::Other, 100, 0).is_ok());
+        assert!(t.admit("v", OpClass::Other, 2, 0).is_err());
+        t.set("v", None);
+        assert!(t.admit("v", OpClass::Other, 100, 0).is_ok());
+        assert_eq!(t.list(), vec![(String::new(), ThrottleProfile::Off)]);
+    }
+}

@@ -1,0 +1,100 @@
+//! `tde-broker loadtest` end to end: the real binary against its own baseline and against a
+//! broker in this process. The report's shape and correctness only — no timing thresholds.
+
+mod common;
+
+use serde_json::Value;
+use tde_broker::grpc::proto;
+
+/// Runs `tde-broker loadtest ARGS --output json`; it must succeed and print one JSON document.
+fn loadtest(args: &[&str]) -> Value {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_tde-broker"))
+        .arg("loadtest")
+        .args(args)
+        .args(["--output", "json"])
+        .output()
+        .expect("run tde-broker loadtest");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "loadtest {args:?} failed\nstdout:\n{stdout}\nstderr:\n{stderr}");
+    serde_json::from_str(&stdout).unwrap_or_else(|e| panic!("not JSON ({e}):\n{stdout}"))
+}
+
+/// Requests succeeded, none failed, and the percentiles are ordered.
+fn assert_clean_report(r: &Value) {
+    let ok = r["ok"].as_u64().expect("ok count");
+    assert!(ok > 0, "no request succeeded: {r:#}");
+    assert_eq!(r["errors"]["total"], 0, "{r:#}");
+    assert_eq!(r["errors"]["by_code"], serde_json::json!({}), "{r:#}");
+    assert_eq!(r["requests"].as_u64(), Some(ok), "{r:#}");
+    assert!(r["throughput_ok_per_s"].as_f64().expect("throughput") > 0.0, "{r:#}");
+    let l = &r["latency_us"];
+    let p = |name: &str| l[name].as_u64().unwrap_or_else(|| panic!("latency_us.{name}: {r:#}"));
+    let (p50, p90, p99, p999, max) = (p("p50"), p("p90"), p("p99"), p("p99_9"), p("max"));
+    assert!(p50 > 0, "{r:#}");
+    assert!(p50 <= p90 && p90 <= p99 && p99 <= p999 && p999 <= max, "unordered percentiles: {l:#}");
+}
+
+#[test]
+fn baseline_unwrap_reports_throughput_and_ordered_percentiles() {
+    let r = loadtest(&["--baseline", "--op", "unwrap", "--duration", "1s", "--concurrency", "4"]);
+    assert_clean_report(&r);
+    assert_eq!(r["target"], "baseline");
+    assert_eq!(r["op"], "unwrap");
+    assert_eq!(r["load"]["mode"], "closed");
+    assert_eq!(r["load"]["concurrency"], 4);
+}
+
+/// The names of the vaults and servers a load test could leave behind.
+async fn leftovers(b: &common::TestBroker) -> Vec<String> {
+    let vaults = b.vaults().list_vaults(proto::ListVaultsRequest {}).await.expect("list vaults").into_inner();
+    let servers =
+        b.servers().list_servers(proto::ListServersRequest {}).await.expect("list servers").into_inner();
+    vaults
+        .vaults
+        .into_iter()
+        .map(|v| v.name)
+        .chain(servers.servers.into_iter().map(|s| s.name))
+        .filter(|n| n.starts_with("loadtest-"))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unwrap_against_a_broker_checks_every_plaintext_and_cleans_up() {
+    let b = common::start().await;
+    let (server, token) = (format!("http://{}", b.addr), b.token.clone());
+    let r = tokio::task::spawn_blocking(move || {
+        // No warm-up: the first use of each of the 2 × 4 ciphertexts is measured.
+        let args = ["--keys", "2", "--distinct-ciphertexts", "4", "--duration", "1s", "--warmup", "0s"];
+        loadtest(&[&["--server", server.as_str(), "--token", token.as_str()][..], &args[..]].concat())
+    })
+    .await
+    .expect("loadtest thread");
+    assert_clean_report(&r);
+    assert_eq!(r["target"], "broker");
+    assert_eq!((r["keys"].as_u64(), r["distinct_ciphertexts"].as_u64()), (Some(2), Some(4)));
+    let share = r["cache_miss_share"].as_f64().expect("cache_miss_share");
+    let expected = 8.0 / r["requests"].as_f64().expect("requests");
+    assert!((share - expected).abs() < 1e-9, "cache-miss share {share}, expected {expected}");
+    assert!(leftovers(&b).await.is_empty(), "left behind: {:?}", leftovers(&b).await);
+    b.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn engine_unwrap_sets_up_a_cmk_server_and_removes_it() {
+    let b = common::start().await;
+    let (server, token) = (format!("http://{}", b.addr), b.token.clone());
+    let r = tokio::task::spawn_blocking(move || {
+        let args =
+            ["--op", "engine-unwrap", "--distinct-ciphertexts", "2", "--duration", "1s", "--warmup", "0s"];
+        loadtest(&[&["--server", server.as_str(), "--token", token.as_str()][..], &args[..]].concat())
+    })
+    .await
+    .expect("loadtest thread");
+    assert_clean_report(&r);
+    assert_eq!(r["op"], "engine-unwrap");
+    // The purge-protected vault stays (its keys cannot be purged); the server goes.
+    let left = leftovers(&b).await;
+    assert!(left.iter().all(|n| !n.contains("-sql")), "servers left behind: {left:?}");
+    b.stop().await;
+}

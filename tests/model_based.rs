@@ -1,0 +1,330 @@
+//! DESIGN §5: the reference-model property test. Random interleavings of access-policy, role,
+//! identity, key-state, permission-model and network changes with wrap/unwrap/get calls from
+//! several principals and source addresses; every answer of the running broker (over real gRPC,
+//! caches on) must equal what a small, independent model of the rules says. No stale allow.
+//!
+//! A bounded run is part of the test suite; `TDE_BROKER_PROPTEST_CASES=2000 cargo test --release
+//! --test model_based` runs a long one.
+
+mod common;
+
+use std::collections::{BTreeSet, HashMap};
+
+use common::*;
+use proptest::prelude::*;
+use tde_broker::grpc::proto;
+use tonic::Code;
+
+const VAULT: &str = "model-kv";
+const DEK: [u8; 32] = [42u8; 32];
+const SOURCES: [&str; 3] = ["127.0.0.1", "127.0.0.2", "127.0.0.3"];
+/// Principals 0..3 are users; 3 is a user-assigned identity that can be deleted.
+const PRINCIPALS: usize = 4;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+enum Perm {
+    Get,
+    Wrap,
+    Unwrap,
+}
+
+impl Perm {
+    fn name(self) -> &'static str {
+        match self {
+            Perm::Get => "get",
+            Perm::Wrap => "wrapKey",
+            Perm::Unwrap => "unwrapKey",
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+enum Role {
+    ServiceEncryptionUser,
+    CryptoUser,
+    Reader,
+}
+
+impl Role {
+    fn name(self) -> &'static str {
+        match self {
+            Role::ServiceEncryptionUser => "Key Vault Crypto Service Encryption User",
+            Role::CryptoUser => "Key Vault Crypto User",
+            Role::Reader => "Key Vault Reader",
+        }
+    }
+
+    /// What the role grants on the key, per Azure's built-in definitions.
+    fn grants(self, p: Perm) -> bool {
+        match self {
+            Role::ServiceEncryptionUser | Role::CryptoUser => true,
+            Role::Reader => p == Perm::Get,
+        }
+    }
+}
+
+#[derive(Clone, Debug)]
+enum Step {
+    SetPolicy(usize, Vec<Perm>),
+    AddRole(usize, Role, bool),
+    RemoveRoles(usize),
+    SetRbac(bool),
+    SetEnabled(bool),
+    SetExpired(bool),
+    SetFirewall(bool, Vec<usize>),
+    DeleteIdentity,
+    Call(usize, usize, Perm),
+}
+
+fn step() -> impl Strategy<Value = Step> {
+    let who = 0..PRINCIPALS;
+    let perms = proptest::sample::subsequence(vec![Perm::Get, Perm::Wrap, Perm::Unwrap], 0..=3);
+    let role = prop_oneof![Just(Role::ServiceEncryptionUser), Just(Role::CryptoUser), Just(Role::Reader)];
+    let call =
+        (0..PRINCIPALS, 0..SOURCES.len(), prop_oneof![Just(Perm::Get), Just(Perm::Wrap), Just(Perm::Unwrap)]);
+    prop_oneof![
+        2 => (who.clone(), perms).prop_map(|(w, p)| Step::SetPolicy(w, p)),
+        1 => (who.clone(), role, any::<bool>()).prop_map(|(w, r, k)| Step::AddRole(w, r, k)),
+        1 => who.prop_map(Step::RemoveRoles),
+        1 => any::<bool>().prop_map(Step::SetRbac),
+        1 => any::<bool>().prop_map(Step::SetEnabled),
+        1 => any::<bool>().prop_map(Step::SetExpired),
+        1 => (any::<bool>(), proptest::sample::subsequence(vec![1usize, 2], 0..=2)).prop_map(|(a, r)| Step::SetFirewall(a, r)),
+        1 => Just(Step::DeleteIdentity),
+        8 => call.prop_map(|(w, s, p)| Step::Call(w, s, p)),
+    ]
+}
+
+/// The reference model: the rules of DESIGN §1.1–1.3 for one key, written independently.
+#[derive(Default)]
+struct Model {
+    policies: HashMap<usize, BTreeSet<Perm>>,
+    roles: HashMap<usize, Vec<Role>>,
+    rbac: bool,
+    disabled: bool,
+    expired: bool,
+    deny_by_default: bool,
+    ip_rules: Vec<usize>,
+    identity_deleted: bool,
+}
+
+impl Model {
+    /// The expected (code, reason) of a call, `None` for success.
+    fn expect(&self, who: usize, source: usize, p: Perm) -> Option<(Code, &'static str)> {
+        if who == 3 && self.identity_deleted {
+            return Some((Code::Unauthenticated, "Unauthorized"));
+        }
+        if self.deny_by_default && !self.ip_rules.contains(&source) {
+            return Some((Code::PermissionDenied, "ForbiddenByFirewall"));
+        }
+        let allowed = if self.rbac {
+            self.roles.get(&who).is_some_and(|rs| rs.iter().any(|r| r.grants(p)))
+        } else {
+            self.policies.get(&who).is_some_and(|ps| ps.contains(&p))
+        };
+        if !allowed {
+            return Some((
+                Code::PermissionDenied,
+                if self.rbac { "ForbiddenByRbac" } else { "AccessDenied" },
+            ));
+        }
+        if p == Perm::Get {
+            return None;
+        }
+        if self.disabled {
+            return Some((Code::PermissionDenied, "KeyDisabled"));
+        }
+        if self.expired && p == Perm::Wrap {
+            return Some((Code::PermissionDenied, "KeyExpired"));
+        }
+        None
+    }
+}
+
+struct World {
+    b: TestBroker,
+    key: String,
+    wrapped: Vec<u8>,
+    principals: Vec<Who>,
+    identity_resource: String,
+    clients: HashMap<(usize, usize), Kv>,
+}
+
+async fn world() -> World {
+    let b = start().await;
+    b.vault(VAULT, false).await;
+    let key = kid(&b.key(VAULT, "k", "RSA", 2048).await);
+    let wrapped =
+        b.kv().wrap_key(crypto_req(&key, "RSA-OAEP-256", &DEK)).await.expect("wrap").into_inner().value;
+    let mut principals = Vec::new();
+    for i in 0..3 {
+        principals.push(b.user(&format!("model-user-{i}")).await);
+    }
+    let (id, who) = b.identity("model-rg", "model-umi").await;
+    principals.push(who);
+    // The admin keeps its rights under both permission models to drive the changes.
+    b.assign(&format!("https://{VAULT}.vault.azure.net"), &b.admin.object_id, "Key Vault Administrator")
+        .await;
+    World { b, key, wrapped, principals, identity_resource: id.resource_id, clients: HashMap::new() }
+}
+
+impl World {
+    async fn client(&mut self, who: usize, source: usize) -> &mut Kv {
+        if !self.clients.contains_key(&(who, source)) {
+            let kv = self.b.kv_from(SOURCES[source], &self.principals[who].token).await;
+            self.clients.insert((who, source), kv);
+        }
+        self.clients.get_mut(&(who, source)).expect("just inserted")
+    }
+
+    async fn apply(&mut self, step: &Step, m: &mut Model) -> Result<(), TestCaseError> {
+        let b = &self.b;
+        match step {
+            Step::SetPolicy(w, perms) => {
+                let names: Vec<&str> = perms.iter().map(|p| p.name()).collect();
+                if *w == 3 && m.identity_deleted {
+                    return Ok(());
+                }
+                b.policy(VAULT, &self.principals[*w].object_id, &names).await;
+                m.policies.insert(*w, perms.iter().copied().collect());
+            }
+            Step::AddRole(w, role, at_key) => {
+                if *w == 3 && m.identity_deleted || m.roles.get(w).is_some_and(|r| r.contains(role)) {
+                    return Ok(());
+                }
+                // One scope per (principal, role) keeps the model's bookkeeping simple.
+                let scope =
+                    if *at_key { b.key_uri(VAULT, "k") } else { format!("https://{VAULT}.vault.azure.net") };
+                b.assign(&scope, &self.principals[*w].object_id, role.name()).await;
+                m.roles.entry(*w).or_default().push(*role);
+            }
+            Step::RemoveRoles(w) => {
+                let list = b
+                    .vaults()
+                    .list_role_assignments(proto::ListRoleAssignmentsRequest::default())
+                    .await
+                    .expect("list")
+                    .into_inner();
+                for a in list.assignments.iter().filter(|a| a.principal_id == self.principals[*w].object_id) {
+                    b.vaults()
+                        .delete_role_assignment(proto::DeleteRoleAssignmentRequest { id: a.id.clone() })
+                        .await
+                        .expect("delete");
+                }
+                m.roles.remove(w);
+            }
+            Step::SetRbac(on) => {
+                b.vaults()
+                    .update_vault(proto::UpdateVaultRequest {
+                        name: VAULT.into(),
+                        enable_rbac_authorization: Some(*on),
+                        ..Default::default()
+                    })
+                    .await
+                    .expect("rbac");
+                m.rbac = *on;
+            }
+            Step::SetEnabled(on) => {
+                b.kv()
+                    .update_key(proto::UpdateKeyRequest {
+                        key_id: self.key.clone(),
+                        enabled: Some(*on),
+                        ..Default::default()
+                    })
+                    .await
+                    .expect("enable");
+                m.disabled = !on;
+            }
+            Step::SetExpired(expired) => {
+                let req = if *expired {
+                    proto::UpdateKeyRequest {
+                        key_id: self.key.clone(),
+                        expires: Some(b.now().await),
+                        ..Default::default()
+                    }
+                } else {
+                    proto::UpdateKeyRequest {
+                        key_id: self.key.clone(),
+                        clear_expires: true,
+                        ..Default::default()
+                    }
+                };
+                b.kv().update_key(req).await.expect("expiry");
+                m.expired = *expired;
+            }
+            Step::SetFirewall(allow, rules) => {
+                // The admin changes keys from 127.0.0.1 (source 0): that address is always in the
+                // rules, so the admin stays able to drive the key-state steps.
+                let acl = proto::NetworkAcls {
+                    default_action: if *allow { "Allow" } else { "Deny" }.into(),
+                    bypass: "None".into(),
+                    ip_rules: std::iter::once(0)
+                        .chain(rules.iter().copied())
+                        .map(|i| SOURCES[i].to_string())
+                        .collect(),
+                    virtual_network_rules: vec![],
+                };
+                b.firewall(VAULT, acl, None).await;
+                m.deny_by_default = !allow;
+                m.ip_rules = std::iter::once(0).chain(rules.iter().copied()).collect();
+            }
+            Step::DeleteIdentity => {
+                if !m.identity_deleted {
+                    b.ids()
+                        .delete_user_assigned_identity(proto::DeleteUserAssignedIdentityRequest {
+                            resource_id: self.identity_resource.clone(),
+                            force: false,
+                        })
+                        .await
+                        .expect("delete identity");
+                    m.identity_deleted = true;
+                }
+            }
+            Step::Call(w, s, p) => {
+                let expected = m.expect(*w, *s, *p);
+                let (key, wrapped) = (self.key.clone(), self.wrapped.clone());
+                let kv = self.client(*w, *s).await;
+                let got = match p {
+                    Perm::Get => kv.get_key(proto::GetKeyRequest { key_id: key }).await.map(drop),
+                    Perm::Wrap => kv.wrap_key(crypto_req(&key, "RSA-OAEP-256", &DEK)).await.map(drop),
+                    Perm::Unwrap => {
+                        kv.unwrap_key(unwrap_req(&key, "RSA-OAEP-256", &wrapped)).await.and_then(|r| {
+                            if r.get_ref().value == DEK {
+                                Ok(())
+                            } else {
+                                Err(tonic::Status::internal("wrong plaintext"))
+                            }
+                        })
+                    }
+                };
+                let got =
+                    got.err().map(|s| (s.code(), tde_broker::grpc::status::reason(&s).unwrap_or_default()));
+                let want = expected.map(|(c, r)| (c, r.to_string()));
+                prop_assert_eq!(got, want, "principal {} from {} doing {:?}", w, SOURCES[*s], p);
+            }
+        }
+        Ok(())
+    }
+}
+
+fn cases() -> u32 {
+    std::env::var("TDE_BROKER_PROPTEST_CASES").ok().and_then(|v| v.parse().ok()).unwrap_or(12)
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: cases(), max_shrink_iters: 64, ..ProptestConfig::default() })]
+
+    #[test]
+    fn broker_answers_equal_the_reference_model(steps in proptest::collection::vec(step(), 1..60)) {
+        let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("runtime");
+        rt.block_on(async {
+            let mut w = world().await;
+            let mut m = Model::default();
+            for s in &steps {
+                w.apply(s, &mut m).await?;
+            }
+            w.b.stop().await;
+            Ok::<(), TestCaseError>(())
+        })?;
+    }
+}
