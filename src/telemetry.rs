@@ -135,6 +135,57 @@ pub struct Metrics {
     audit_failures: AtomicU64,
 }
 
+/// Requests of one service, method and outcome, in a [`MetricsSnapshot`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RequestTotal {
+    /// Full service name (`tdebroker.v1.KeyVault`), or `unknown`.
+    pub service: String,
+    /// Method name, or `unknown`.
+    pub method: String,
+    /// `OK`, the `ErrorInfo` reason, or the code's name.
+    pub outcome: String,
+    /// Requests so far.
+    pub count: u64,
+}
+
+/// Timed requests of one service and method (every outcome), in a [`MetricsSnapshot`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LatencyTotal {
+    /// Full service name.
+    pub service: String,
+    /// Method name.
+    pub method: String,
+    /// Requests timed.
+    pub count: u64,
+    /// Their latencies added up.
+    pub sum: Duration,
+}
+
+/// A copy of the registry's counters ([`Metrics::snapshot`]); lists sorted by their labels.
+#[derive(Clone, Debug, Default)]
+pub struct MetricsSnapshot {
+    /// Requests by service, method and outcome.
+    pub requests: Vec<RequestTotal>,
+    /// Latency totals by service and method.
+    pub latencies: Vec<LatencyTotal>,
+    /// Cache hits by cache name.
+    pub cache_hits: Vec<(String, u64)>,
+    /// Cache misses by cache name.
+    pub cache_misses: Vec<(String, u64)>,
+    /// RSA operations by kind.
+    pub rsa_operations: Vec<(String, u64)>,
+    /// Audit records that could not be written.
+    pub audit_failures: u64,
+}
+
+impl MetricsSnapshot {
+    /// Hits and misses of cache `name` (0 for a cache never looked up).
+    pub fn cache(&self, name: &str) -> (u64, u64) {
+        let find = |list: &[(String, u64)]| list.iter().find(|(n, _)| n == name).map_or(0, |(_, v)| *v);
+        (find(&self.cache_hits), find(&self.cache_misses))
+    }
+}
+
 /// The process-wide metrics registry.
 pub fn metrics() -> &'static Metrics {
     static METRICS: OnceLock<Metrics> = OnceLock::new();
@@ -256,6 +307,48 @@ impl Metrics {
             self.audit_failures.load(Ordering::Relaxed)
         );
         out
+    }
+
+    /// A copy of every counter now (for `Emulation.GetStats`). Each counter is read atomically,
+    /// not all of them at one instant: under load, figures of one snapshot may be a few
+    /// requests apart.
+    pub fn snapshot(&self) -> MetricsSnapshot {
+        let split = |key: &str| {
+            let mut it = key.split(SEP);
+            let mut next = || it.next().unwrap_or("").to_string();
+            (next(), next(), next())
+        };
+        let requests = self
+            .requests
+            .snapshot()
+            .into_iter()
+            .map(|(key, count)| {
+                let (service, method, outcome) = split(&key);
+                RequestTotal { service, method, outcome, count }
+            })
+            .collect();
+        let latencies = self
+            .durations
+            .snapshot()
+            .into_iter()
+            .map(|(key, h)| {
+                let (service, method, _) = split(&key);
+                LatencyTotal {
+                    service,
+                    method,
+                    count: h.count.load(Ordering::Relaxed),
+                    sum: Duration::from_nanos(h.sum_nanos.load(Ordering::Relaxed)),
+                }
+            })
+            .collect();
+        MetricsSnapshot {
+            requests,
+            latencies,
+            cache_hits: self.cache_hits.snapshot(),
+            cache_misses: self.cache_misses.snapshot(),
+            rsa_operations: self.rsa_operations.snapshot(),
+            audit_failures: self.audit_failures.load(Ordering::Relaxed),
+        }
     }
 
     fn cache_snapshot(&self, hits: bool) -> Vec<(String, u64)> {
@@ -832,6 +925,48 @@ mod tests {
         );
         assert!(text.contains("tdebroker_request_duration_seconds_count{service=\"s\",method=\"m\"} 3"));
         assert!(text.contains("tdebroker_requests_total{service=\"s\",method=\"m\",outcome=\"OK\"} 3"));
+    }
+
+    #[test]
+    fn snapshots_split_labels_and_add_up_latencies() {
+        let m = Metrics::default();
+        m.record_request("s", "m", "OK", Duration::from_millis(10));
+        m.record_request("s", "m", "Throttled", Duration::from_millis(30));
+        m.record_request("s", "a", "OK", Duration::from_millis(1));
+        m.cache_hit("unwrap");
+        m.cache_hit("unwrap");
+        m.cache_miss("unwrap");
+        m.rsa_operation("decrypt");
+        m.audit_failure();
+        let snap = m.snapshot();
+        let req = |method: &str, outcome: &str, count| RequestTotal {
+            service: "s".into(),
+            method: method.into(),
+            outcome: outcome.into(),
+            count,
+        };
+        assert_eq!(snap.requests, vec![req("a", "OK", 1), req("m", "OK", 1), req("m", "Throttled", 1)]);
+        assert_eq!(
+            snap.latencies,
+            vec![
+                LatencyTotal {
+                    service: "s".into(),
+                    method: "a".into(),
+                    count: 1,
+                    sum: Duration::from_millis(1)
+                },
+                LatencyTotal {
+                    service: "s".into(),
+                    method: "m".into(),
+                    count: 2,
+                    sum: Duration::from_millis(40)
+                },
+            ]
+        );
+        assert_eq!(snap.cache("unwrap"), (2, 1));
+        assert_eq!(snap.cache("decision"), (0, 0));
+        assert_eq!(snap.rsa_operations, vec![("decrypt".to_string(), 1)]);
+        assert_eq!(snap.audit_failures, 1);
     }
 
     #[tokio::test]

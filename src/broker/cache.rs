@@ -71,6 +71,26 @@ pub struct UnwrapKey {
     pub digest: [u8; 32],
 }
 
+/// Name of the authorization-decision cache (metrics, stats).
+pub const DECISION: &str = "decision";
+/// Name of the unwrap-result cache (metrics, stats).
+pub const UNWRAP: &str = "unwrap";
+
+/// One cache's figures at a moment ([`Caches::figures`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CacheFigures {
+    /// [`DECISION`] or [`UNWRAP`].
+    pub name: &'static str,
+    /// False when the caches are switched off.
+    pub enabled: bool,
+    /// Entries held.
+    pub entries: u64,
+    /// Most entries (0 when off).
+    pub capacity: u64,
+    /// Longest life of an entry (zero when off).
+    pub ttl: Duration,
+}
+
 /// The two caches.
 pub struct Caches {
     decisions: Option<Cache<DecisionKey, Result<(), BrokerError>>>,
@@ -99,10 +119,10 @@ impl Caches {
     ) -> Result<(), BrokerError> {
         let Some(cache) = &self.decisions else { return decide() };
         if let Some(hit) = cache.get(&key) {
-            crate::telemetry::cache_event("decision", true);
+            crate::telemetry::cache_event(DECISION, true);
             return hit;
         }
-        crate::telemetry::cache_event("decision", false);
+        crate::telemetry::cache_event(DECISION, false);
         let result = decide();
         cache.insert(key, result.clone());
         result
@@ -111,7 +131,7 @@ impl Caches {
     /// A cached unwrap result.
     pub fn unwrapped(&self, key: &UnwrapKey) -> Option<Arc<Zbytes>> {
         let hit = self.unwraps.as_ref()?.get(key);
-        crate::telemetry::cache_event("unwrap", hit.is_some());
+        crate::telemetry::cache_event(UNWRAP, hit.is_some());
         hit
     }
 
@@ -138,5 +158,78 @@ impl Caches {
             self.decisions.as_ref().map_or(0, |c| c.entry_count()),
             self.unwraps.as_ref().map_or(0, |c| c.entry_count()),
         )
+    }
+
+    /// Both caches' figures, decisions first. Runs the pending maintenance first, so the entry
+    /// counts include recent inserts and exclude expired entries (moka counts lazily).
+    pub fn figures(&self) -> [CacheFigures; 2] {
+        self.run_pending_tasks();
+        fn of<K, V>(name: &'static str, cache: Option<&Cache<K, V>>) -> CacheFigures
+        where
+            K: std::hash::Hash + Eq + Send + Sync + 'static,
+            V: Clone + Send + Sync + 'static,
+        {
+            match cache {
+                None => CacheFigures { name, enabled: false, entries: 0, capacity: 0, ttl: Duration::ZERO },
+                Some(c) => {
+                    let policy = c.policy();
+                    CacheFigures {
+                        name,
+                        enabled: true,
+                        entries: c.entry_count(),
+                        capacity: policy.max_capacity().unwrap_or(0),
+                        ttl: policy.time_to_live().unwrap_or(Duration::ZERO),
+                    }
+                }
+            }
+        }
+        [of(DECISION, self.decisions.as_ref()), of(UNWRAP, self.unwraps.as_ref())]
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn figures_count_entries_at_once_and_report_settings() {
+        let settings = CacheSettings {
+            decision_entries: 10,
+            decision_ttl: Duration::from_secs(60),
+            unwrap_entries: 20,
+            unwrap_ttl: Duration::from_secs(30),
+            ..CacheSettings::default()
+        };
+        let caches = Caches::new(&settings);
+        let key = |n: u8| UnwrapKey { version: "v/k/1".into(), alg: Algorithm::RsaOaep256, digest: [n; 32] };
+        caches.remember_unwrap(key(1), Arc::new(Zbytes::new(vec![1])));
+        caches.remember_unwrap(key(2), Arc::new(Zbytes::new(vec![2])));
+        let [d, u] = caches.figures();
+        assert_eq!(
+            d,
+            CacheFigures {
+                name: DECISION,
+                enabled: true,
+                entries: 0,
+                capacity: 10,
+                ttl: Duration::from_secs(60)
+            }
+        );
+        assert_eq!(
+            u,
+            CacheFigures {
+                name: UNWRAP,
+                enabled: true,
+                entries: 2,
+                capacity: 20,
+                ttl: Duration::from_secs(30)
+            }
+        );
+
+        let off = Caches::new(&CacheSettings { enabled: false, ..settings });
+        off.remember_unwrap(key(1), Arc::new(Zbytes::new(vec![1])));
+        for f in off.figures() {
+            assert_eq!((f.enabled, f.entries, f.capacity, f.ttl), (false, 0, 0, Duration::ZERO));
+        }
     }
 }

@@ -189,6 +189,8 @@ fn standard_normal() -> f64 {
 #[derive(Debug, Default)]
 pub struct Faults {
     by_vault: RwLock<BTreeMap<String, FaultSpec>>,
+    /// Requests failed by `fail_next` or `error_rate` so far (Emulation.GetStats).
+    injected: std::sync::atomic::AtomicU64,
 }
 
 impl Faults {
@@ -209,9 +211,23 @@ impl Faults {
         Self::effective(&map, vault).map_or(Duration::ZERO, |(_, f)| f.delay())
     }
 
-    /// The injected error of one call on `vault`, if any: `fail_next` (counted down), then
-    /// `error_rate`.
+    /// The injected error of one call on `vault`, if any (counted): `fail_next` (counted
+    /// down), then `error_rate`.
     fn error(&self, vault: &str, now: i64) -> Option<BrokerError> {
+        let e = self.decide_error(vault, now);
+        if e.is_some() {
+            self.injected.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
+        e
+    }
+
+    /// Requests failed by `fail_next` or `error_rate` since the broker started (outage
+    /// refusals are not counted here).
+    pub fn injected(&self) -> u64 {
+        self.injected.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    fn decide_error(&self, vault: &str, now: i64) -> Option<BrokerError> {
         let (key, spec) = {
             let map = self.by_vault.read().unwrap_or_else(|p| p.into_inner());
             Self::effective(&map, vault)?
@@ -343,6 +359,7 @@ mod tests {
         assert!(f.error("v", 0).is_some());
         assert!(f.error("v", 0).is_none());
         assert!(f.list().is_empty());
+        assert_eq!(f.injected(), 2);
     }
 
     #[test]

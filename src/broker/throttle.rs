@@ -150,6 +150,8 @@ pub struct Throttle {
     profiles: RwLock<BTreeMap<String, ThrottleProfile>>,
     /// Per vault name.
     windows: Mutex<HashMap<String, Window>>,
+    /// Requests refused so far (Emulation.GetStats).
+    refused: std::sync::atomic::AtomicU64,
 }
 
 impl Throttle {
@@ -181,6 +183,7 @@ impl Throttle {
             OpClass::Create => (&mut w.create, create),
         };
         if *used + u64::from(weight) > u64::from(limit) {
+            self.refused.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             return Err(BrokerError::Throttled { retry_after: retry_after(now) });
         }
         *used += u64::from(weight);
@@ -207,6 +210,11 @@ impl Throttle {
         } else {
             windows.remove(vault);
         }
+    }
+
+    /// Requests refused by throttling since the broker started.
+    pub fn refused(&self) -> u64 {
+        self.refused.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Every vault's profile (`""`, always first) and the vaults with their own.

@@ -1,10 +1,10 @@
 //! Client subcommands: `vault …`, `subnet …`, `key …`, `policy …`, `role …`, `identity …`,
-//! `user …`, `token …`, `clock …`, `faults …`, `server …` and `db …` call a running broker over
+//! `user …`, `token …`, `clock …`, `faults …`, `stats`, `server …` and `db …` call a running broker over
 //! gRPC as the bootstrap admin (token from `<data-dir>/admin.token`) or whoever `--token`
 //! names. Output is aligned text for people, or one JSON document per command (`--output json`)
 //! for scripts; `db watch` prints one line (one JSON object) per event as it arrives.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::future::Future;
 use std::io::Write as _;
 use std::path::{Path, PathBuf};
@@ -1161,6 +1161,7 @@ pub async fn run(conn: Connection, command: Command) -> Result<(), CliError> {
         Command::Token(cmd) => token(&session, cmd).await?,
         Command::Clock(cmd) => clock(&session, cmd).await?,
         Command::Faults(cmd) => faults(&session, cmd).await?,
+        Command::Stats => stats(&session).await?,
         Command::Server(cmd) => server(&session, cmd).await?,
         Command::Db(DbCmd::Watch { server_id, count }) => {
             return watch(&session, server_id, count, conn.output).await;
@@ -1842,6 +1843,189 @@ async fn faults(s: &Session, cmd: FaultsCmd) -> Result<Out, CliError> {
         ),
         table: table(headers, rows),
     })
+}
+
+async fn stats(s: &Session) -> Result<Out, CliError> {
+    let r = s.call(s.emulation().get_stats(proto::GetStatsRequest {})).await?;
+    Ok(Out { json: stats_json(&r), table: stats_table(&r) })
+}
+
+/// The `stats` document: the response's fields under their wire names.
+fn stats_json(r: &proto::StatsResponse) -> Value {
+    let o = r.objects.unwrap_or_default();
+    let d = r.databases.clone().unwrap_or_default();
+    json!({
+        "version": r.version,
+        "uptime_seconds": r.uptime_seconds,
+        "now": r.now,
+        "epoch": r.epoch,
+        "objects": {
+            "vaults": o.vaults,
+            "keys": o.keys,
+            "key_versions": o.key_versions,
+            "deleted_keys": o.deleted_keys,
+            "user_assigned_identities": o.user_assigned_identities,
+            "system_assigned_identities": o.system_assigned_identities,
+            "users": o.users,
+            "engine_hosts": o.engine_hosts,
+            "servers": o.servers,
+            "databases": o.databases,
+            "role_assignments": o.role_assignments,
+            "subnets": o.subnets,
+        },
+        "databases": {
+            "online": d.online,
+            "inaccessible": d.inaccessible,
+            "inaccessible_by_reason": d.inaccessible_by_reason.iter()
+                .map(|c| json!({ "reason": c.reason, "count": c.count }))
+                .collect::<Vec<_>>(),
+        },
+        "requests": r.requests.iter()
+            .map(|c| json!({ "service": c.service, "method": c.method, "outcome": c.outcome, "count": c.count }))
+            .collect::<Vec<_>>(),
+        "latencies": r.latencies.iter()
+            .map(|l| json!({
+                "service": l.service,
+                "method": l.method,
+                "count": l.count,
+                "total_seconds": l.total_seconds,
+                "mean_ms": l.mean_ms,
+            }))
+            .collect::<Vec<_>>(),
+        "caches": r.caches.iter()
+            .map(|c| json!({
+                "name": c.name,
+                "enabled": c.enabled,
+                "hits": c.hits,
+                "misses": c.misses,
+                "entries": c.entries,
+                "capacity": c.capacity,
+                "ttl_seconds": c.ttl_seconds,
+            }))
+            .collect::<Vec<_>>(),
+        "rsa_operations": r.rsa_operations.iter()
+            .map(|c| json!({ "op": c.op, "count": c.count }))
+            .collect::<Vec<_>>(),
+        "throttled_requests": r.throttled_requests,
+        "injected_errors": r.injected_errors,
+        "audit_write_failures": r.audit_write_failures,
+    })
+}
+
+/// The `stats` text: summary fields, then tables of caches, requests by method (outcomes
+/// folded into one column) and RSA operations.
+fn stats_table(r: &proto::StatsResponse) -> String {
+    let o = r.objects.unwrap_or_default();
+    let d = r.databases.clone().unwrap_or_default();
+    let mut databases = format!("{} ({} online, {} inaccessible", o.databases, d.online, d.inaccessible);
+    if !d.inaccessible_by_reason.is_empty() {
+        let reasons: Vec<String> = d
+            .inaccessible_by_reason
+            .iter()
+            .map(|c| format!("{} {}", if c.reason.is_empty() { "-" } else { &c.reason }, c.count))
+            .collect();
+        databases.push_str(&format!(": {}", reasons.join(", ")));
+    }
+    databases.push(')');
+    let mut out = fields(&[
+        ("version", r.version.clone()),
+        ("uptime", uptime_text(r.uptime_seconds)),
+        ("now", when(r.now)),
+        ("epoch", r.epoch.to_string()),
+        ("vaults", o.vaults.to_string()),
+        ("keys", format!("{} ({} versions, {} deleted)", o.keys, o.key_versions, o.deleted_keys)),
+        (
+            "identities",
+            format!(
+                "{} user-assigned, {} system-assigned",
+                o.user_assigned_identities, o.system_assigned_identities
+            ),
+        ),
+        ("users", o.users.to_string()),
+        ("engine hosts", o.engine_hosts.to_string()),
+        ("servers", o.servers.to_string()),
+        ("databases", databases),
+        ("role assignments", o.role_assignments.to_string()),
+        ("subnets", o.subnets.to_string()),
+        ("throttled requests", r.throttled_requests.to_string()),
+        ("injected errors", r.injected_errors.to_string()),
+        ("audit write failures", r.audit_write_failures.to_string()),
+    ]);
+
+    let caches = r
+        .caches
+        .iter()
+        .map(|c| {
+            let lookups = c.hits + c.misses;
+            let rate = if lookups == 0 {
+                "-".to_string()
+            } else {
+                format!("{:.1}%", c.hits as f64 * 100.0 / lookups as f64)
+            };
+            let (capacity, ttl) = if c.enabled {
+                (c.capacity.to_string(), format!("{}s", c.ttl_seconds))
+            } else {
+                ("-".to_string(), "-".to_string())
+            };
+            vec![
+                c.name.clone(),
+                if c.enabled { "on" } else { "off" }.to_string(),
+                c.entries.to_string(),
+                capacity,
+                ttl,
+                c.hits.to_string(),
+                c.misses.to_string(),
+                rate,
+            ]
+        })
+        .collect();
+    out.push('\n');
+    out.push_str(&table(
+        &["CACHE", "STATE", "ENTRIES", "CAPACITY", "TTL", "HITS", "MISSES", "HIT RATE"],
+        caches,
+    ));
+
+    // One row per method: calls, mean latency, and the outcomes with their counts.
+    let mut outcomes: BTreeMap<(&str, &str), Vec<String>> = BTreeMap::new();
+    for c in &r.requests {
+        outcomes.entry((&c.service, &c.method)).or_default().push(format!("{}={}", c.outcome, c.count));
+    }
+    let short = |service: &str| service.strip_prefix("tdebroker.v1.").unwrap_or(service).to_string();
+    let rows: Vec<Vec<String>> = r
+        .latencies
+        .iter()
+        .map(|l| {
+            let o = outcomes
+                .get(&(l.service.as_str(), l.method.as_str()))
+                .map_or("-".to_string(), |v| v.join(","));
+            vec![short(&l.service), l.method.clone(), l.count.to_string(), format!("{:.3}", l.mean_ms), o]
+        })
+        .collect();
+    out.push('\n');
+    if rows.is_empty() {
+        out.push_str("no requests yet\n");
+    } else {
+        out.push_str(&table(&["SERVICE", "METHOD", "CALLS", "MEAN MS", "OUTCOMES"], rows));
+    }
+
+    if !r.rsa_operations.is_empty() {
+        let rows = r.rsa_operations.iter().map(|c| vec![c.op.clone(), c.count.to_string()]).collect();
+        out.push('\n');
+        out.push_str(&table(&["RSA OP", "COUNT"], rows));
+    }
+    out
+}
+
+/// `1d 2h 3m 4s`, leading zero units left out.
+fn uptime_text(seconds: i64) -> String {
+    let s = seconds.max(0);
+    let (d, h, m, s) = (s / 86_400, s / 3600 % 24, s / 60 % 60, s % 60);
+    match (d, h, m) {
+        (0, 0, 0) => format!("{s}s"),
+        (0, 0, _) => format!("{m}m {s}s"),
+        (0, _, _) => format!("{h}h {m}m {s}s"),
+        _ => format!("{d}d {h}h {m}m {s}s"),
+    }
 }
 
 async fn server(s: &Session, cmd: ServerCmd) -> Result<Out, CliError> {

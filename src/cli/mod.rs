@@ -58,6 +58,9 @@ pub enum Command {
     /// Injected faults (vault outages); in memory only, a restart clears them.
     #[command(subcommand)]
     Faults(client::FaultsCmd),
+    /// Counters and cache figures: objects, requests and latency by method, caches, RSA
+    /// operations, throttled and injected failures (request counters are the process's).
+    Stats,
     /// SQL servers and managed instances: identities, TDE protectors, host credentials.
     #[command(subcommand)]
     Server(client::ServerCmd),

@@ -1,6 +1,9 @@
-//! The `Emulation` service (admin only): the broker's clock, injected faults, throttling.
+//! The `Emulation` service (admin only): the broker's clock, injected faults, throttling,
+//! statistics.
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
+use std::time::Instant;
 
 use tonic::{Request, Response, Status};
 
@@ -8,8 +11,11 @@ use super::proto::{self, emulation_server::Emulation};
 use super::{caller, to_status};
 use crate::broker::Broker;
 use crate::broker::faults::{FaultCode, FaultSpec};
+use crate::broker::state::State;
 use crate::broker::throttle::ThrottleProfile;
 use crate::model::BrokerError;
+use crate::model::principal::PrincipalKind;
+use crate::model::server::DbState;
 
 const CLOCK_READ: &str = "Microsoft.TdeBroker/emulation/read";
 const CLOCK_WRITE: &str = "Microsoft.TdeBroker/emulation/write";
@@ -17,12 +23,14 @@ const CLOCK_WRITE: &str = "Microsoft.TdeBroker/emulation/write";
 /// The service implementation.
 pub struct EmulationService {
     broker: Arc<Broker>,
+    /// When serving began (GetStats' uptime).
+    started: Instant,
 }
 
 impl EmulationService {
     /// Serves `broker`.
     pub fn new(broker: Arc<Broker>) -> Self {
-        EmulationService { broker }
+        EmulationService { broker, started: Instant::now() }
     }
 
     fn reply(&self, now: i64) -> Response<proto::ClockResponse> {
@@ -118,6 +126,135 @@ impl Emulation for EmulationService {
         let list = self.broker.get_throttling(&caller).map_err(to_status)?;
         Ok(Response::new(throttling(list)))
     }
+
+    async fn get_stats(
+        &self,
+        request: Request<proto::GetStatsRequest>,
+    ) -> Result<Response<proto::StatsResponse>, Status> {
+        let caller = caller(&request)?;
+        self.broker.authorize_control(&caller.object_id, CLOCK_READ, "/").map_err(to_status)?;
+        Ok(Response::new(self.stats()))
+    }
+}
+
+impl EmulationService {
+    /// GetStats' answer: this broker's figures and the process's counters.
+    fn stats(&self) -> proto::StatsResponse {
+        let (epoch, objects, databases) = {
+            // Counting only, under the read lock: no I/O, no crypto.
+            let st = self.broker.read();
+            (st.epoch, object_counts(&st), database_counts(&st))
+        };
+        let m = crate::telemetry::metrics().snapshot();
+        let caches = self
+            .broker
+            .caches
+            .figures()
+            .into_iter()
+            .map(|f| {
+                let (hits, misses) = m.cache(f.name);
+                proto::CacheStats {
+                    name: f.name.to_string(),
+                    enabled: f.enabled,
+                    hits,
+                    misses,
+                    entries: f.entries,
+                    capacity: f.capacity,
+                    ttl_seconds: i64::try_from(f.ttl.as_secs()).unwrap_or(i64::MAX),
+                }
+            })
+            .collect();
+        proto::StatsResponse {
+            version: env!("CARGO_PKG_VERSION").to_string(),
+            uptime_seconds: i64::try_from(self.started.elapsed().as_secs()).unwrap_or(i64::MAX),
+            now: self.broker.clock.now(),
+            epoch,
+            objects: Some(objects),
+            databases: Some(databases),
+            requests: m
+                .requests
+                .into_iter()
+                .map(|r| proto::RequestCount {
+                    service: r.service,
+                    method: r.method,
+                    outcome: r.outcome,
+                    count: r.count,
+                })
+                .collect(),
+            latencies: m
+                .latencies
+                .into_iter()
+                .map(|l| {
+                    let total_seconds = l.sum.as_secs_f64();
+                    proto::MethodLatency {
+                        service: l.service,
+                        method: l.method,
+                        count: l.count,
+                        total_seconds,
+                        mean_ms: if l.count == 0 { 0.0 } else { total_seconds * 1000.0 / l.count as f64 },
+                    }
+                })
+                .collect(),
+            caches,
+            rsa_operations: m
+                .rsa_operations
+                .into_iter()
+                .map(|(op, count)| proto::RsaOperationCount { op, count })
+                .collect(),
+            throttled_requests: self.broker.throttle.refused(),
+            injected_errors: self.broker.faults.injected(),
+            audit_write_failures: m.audit_failures,
+        }
+    }
+}
+
+/// Objects of the state by kind.
+fn object_counts(st: &State) -> proto::ObjectCounts {
+    let mut c = proto::ObjectCounts {
+        vaults: st.vaults.len() as u64,
+        servers: st.servers.len() as u64,
+        databases: st.databases.len() as u64,
+        role_assignments: st.role_assignments.len() as u64,
+        subnets: st.subnets.len() as u64,
+        ..Default::default()
+    };
+    for k in st.vaults.values().flat_map(|ve| ve.keys.values()) {
+        if k.key.deleted.is_some() {
+            c.deleted_keys += 1;
+        } else {
+            c.keys += 1;
+            c.key_versions += k.key.versions.len() as u64;
+        }
+    }
+    for p in st.principals.values() {
+        match p.kind {
+            PrincipalKind::User => c.users += 1,
+            PrincipalKind::UserAssignedIdentity => c.user_assigned_identities += 1,
+            PrincipalKind::SystemAssignedIdentity => c.system_assigned_identities += 1,
+            PrincipalKind::ServerHost => c.engine_hosts += 1,
+        }
+    }
+    c
+}
+
+/// Databases by state, the inaccessible ones also by reason.
+fn database_counts(st: &State) -> proto::DatabaseCounts {
+    let mut c = proto::DatabaseCounts::default();
+    let mut reasons: BTreeMap<&'static str, u64> = BTreeMap::new();
+    for d in st.databases.values() {
+        match d.state {
+            DbState::Online => c.online += 1,
+            DbState::Inaccessible => {
+                c.inaccessible += 1;
+                *reasons.entry(d.reason.map_or("", |r| r.name())).or_default() += 1;
+            }
+        }
+    }
+    c.inaccessible_by_reason = reasons
+        .into_iter()
+        .map(|(reason, count)| proto::ReasonCount { reason: reason.to_string(), count })
+        .collect();
+    c
 }
 
 /// The request's profile; `None` = "inherit".
