@@ -67,6 +67,15 @@ impl Broker {
                 .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
                 .unwrap_or_else(|| panic!("no {name} in /proc/PID/status"))
         };
+        if std::env::var("FOOTPRINT_VERBOSE").is_ok() {
+            eprintln!(
+                "  RssAnon {} kB, RssFile {} kB, RssShmem {} kB, threads {}",
+                field("RssAnon:"),
+                field("RssFile:"),
+                field("RssShmem:"),
+                field("Threads:")
+            );
+        }
         (field("VmRSS:"), field("VmHWM:"))
     }
 
@@ -340,10 +349,12 @@ fn main() {
 
         let mut reads = Vec::new();
         let mut unwraps = Vec::new();
+        let mut restarted_rss = 0;
         for _ in 0..5 {
             let (b, read, unwrap) = timed_start(&data, &wrapped[0]).await;
             reads.push(read);
             unwraps.push(unwrap);
+            restarted_rss = b.memory_kib().0;
             b.stop();
         }
         reads.sort();
@@ -359,6 +370,7 @@ fn main() {
         println!("| RSS, keys stored, none unsealed | {} |", mib(after_keys));
         println!("| RSS, every key unsealed, {deks} DEKs cached | {} |", mib(rss));
         println!("| peak RSS (VmHWM) | {} |", mib(hwm));
+        println!("| RSS after a restart and one unwrap (one key unsealed) | {} |", mib(restarted_rss));
         println!(
             "| cache-hit unwrap of all {deks} DEKs ({IN_FLIGHT} in flight) | {:.0} /s |",
             deks as f64 / hits.as_secs_f64()

@@ -125,6 +125,8 @@ pub struct FileConfig {
     pub unwrap_cache_entries: Option<u64>,
     /// Seconds a cached unwrap result lives at most (default 300).
     pub unwrap_cache_ttl: Option<u64>,
+    /// Most decoded private keys kept in memory (default 1000; always on).
+    pub decoded_key_entries: Option<u64>,
     /// Key Vault throttling of every vault: `off` (default) or `azure` (the cloud's limits).
     pub throttling: Option<crate::broker::throttle::ThrottleProfile>,
 }
@@ -353,6 +355,7 @@ impl Config {
             unwrap_ttl: file
                 .unwrap_cache_ttl
                 .map_or(cache_defaults.unwrap_ttl, std::time::Duration::from_secs),
+            decoded_key_entries: file.decoded_key_entries.unwrap_or(cache_defaults.decoded_key_entries),
         };
         let (http_listen, http_listen_explicit) = resolve_http_listen(
             args.http_listen.or(file.http_listen),

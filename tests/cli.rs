@@ -539,3 +539,103 @@ async fn subnets_network_rules_private_endpoint_and_injected_outage() {
     assert_eq!(b.json(&["faults", "clear"]).await, json!([]));
     assert_eq!(str_of(&b.json(&["key", "show", &kid]).await, "kid"), kid);
 }
+
+/// `throttling show` as table rows split on whitespace, header first.
+async fn throttling_rows(b: &Broker) -> Vec<Vec<String>> {
+    let out = b.run(&["throttling", "show"]).await;
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let text = String::from_utf8_lossy(&out.stdout);
+    text.lines().map(|l| l.split_whitespace().map(str::to_string).collect()).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn throttling_azure_profile_custom_limits_and_off() {
+    use serde_json::json;
+    let b = start_broker().await;
+    b.json(&["vault", "create", "thr-vault"]).await;
+    let kid = str_of(&b.json(&["key", "create", "thr-vault", "tde"]).await, "kid").to_string();
+    let header = ["VAULT", "PROFILE", "ALL-OTHER/10S", "CREATE/10S"];
+
+    // Off by default: one row for every vault.
+    assert_eq!(throttling_rows(&b).await, [header, ["*", "off", "-", "-"]]);
+
+    // The cloud's limits on one vault; `set` answers with the whole list, as `show` does.
+    let set = b.json(&["throttling", "set", "--vault", "thr-vault", "--profile", "azure"]).await;
+    let azure = json!([
+        { "vault_name": "", "profile": "off", "all_other_per_10s": 0, "create_per_10s": 0 },
+        { "vault_name": "thr-vault", "profile": "azure", "all_other_per_10s": 4000, "create_per_10s": 20 },
+    ]);
+    assert_eq!(set, azure);
+    assert_eq!(b.json(&["throttling", "show"]).await, azure);
+    assert_eq!(
+        throttling_rows(&b).await,
+        [header, ["*", "off", "-", "-"], ["thr-vault", "azure", "4000", "20"]]
+    );
+
+    // Own limits for every vault; the vault with its own profile keeps it.
+    b.json(&["throttling", "set", "--all-other", "100", "--create", "5"]).await;
+    assert_eq!(
+        throttling_rows(&b).await,
+        [header, ["*", "custom", "100", "5"], ["thr-vault", "azure", "4000", "20"]]
+    );
+    let shown = b.json(&["throttling", "show"]).await;
+    assert_eq!(
+        shown[0],
+        json!({ "vault_name": "", "profile": "custom", "all_other_per_10s": 100, "create_per_10s": 5 })
+    );
+
+    // --create defaults to the cloud's 20; the limits bite (the manual clock stays in one window).
+    b.json(&["throttling", "set", "--vault", "thr-vault", "--all-other", "1"]).await;
+    assert_eq!(
+        throttling_rows(&b).await,
+        [header, ["*", "custom", "100", "5"], ["thr-vault", "custom", "1", "20"]]
+    );
+    assert_eq!(str_of(&b.json(&["key", "show", &kid]).await, "kid"), kid);
+    let err = b.fails(&["key", "show", &kid]).await;
+    assert!(err.starts_with("error: RESOURCE_EXHAUSTED (Throttled): "), "{err}");
+
+    // Off again: the vault off explicitly, then following every vault's profile, which is off.
+    b.json(&["throttling", "set", "--vault", "thr-vault", "--profile", "off"]).await;
+    assert_eq!(
+        throttling_rows(&b).await,
+        [header, ["*", "custom", "100", "5"], ["thr-vault", "off", "-", "-"]]
+    );
+    b.json(&["throttling", "set", "--vault", "thr-vault", "--profile", "inherit"]).await;
+    b.json(&["throttling", "set", "--profile", "off"]).await;
+    assert_eq!(throttling_rows(&b).await, [header, ["*", "off", "-", "-"]]);
+    assert_eq!(
+        b.json(&["throttling", "show"]).await,
+        json!([{ "vault_name": "", "profile": "off", "all_other_per_10s": 0, "create_per_10s": 0 }])
+    );
+    assert_eq!(str_of(&b.json(&["key", "show", &kid]).await, "kid"), kid);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn throttling_set_refuses_bad_combinations() {
+    let b = start_broker().await;
+
+    // A profile and own limits together, limits without --all-other, or nothing at all: the
+    // command line refuses them before calling.
+    let err = b.fails(&["throttling", "set", "--profile", "azure", "--all-other", "5"]).await;
+    assert!(err.contains("'--profile <PROFILE>' cannot be used with '--all-other <N>'"), "{err}");
+    let err = b.fails(&["throttling", "set", "--profile", "azure", "--create", "5"]).await;
+    assert!(err.contains("cannot be used with"), "{err}");
+    let err = b.fails(&["throttling", "set", "--create", "5"]).await;
+    assert!(err.contains("--all-other <N>"), "{err}");
+    let err = b.fails(&["throttling", "set", "--vault", "v1"]).await;
+    assert!(err.contains("required") && err.contains("--profile") && err.contains("--all-other"), "{err}");
+
+    // The broker checks the values.
+    let err = b.fails(&["throttling", "set", "--profile", "fast"]).await;
+    assert!(err.contains("The throttling profile 'fast' is not supported."), "{err}");
+    let err = b.fails(&["throttling", "set", "--profile", "inherit"]).await;
+    assert!(err.contains("needs a vault name"), "{err}");
+    let err = b.fails(&["throttling", "set", "--all-other", "0"]).await;
+    assert!(err.starts_with("error: INVALID_ARGUMENT ("), "{err}");
+
+    // Nothing changed.
+    assert_eq!(
+        b.json(&["throttling", "show"]).await,
+        serde_json::json!([{ "vault_name": "", "profile": "off", "all_other_per_10s": 0, "create_per_10s": 0 }])
+    );
+}

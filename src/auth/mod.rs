@@ -73,6 +73,8 @@ pub struct Authenticator {
     /// cannot change, so its signature needs checking once; issuer, audience, lifetime (on the
     /// broker's clock) and the principal's existence are still checked on every call.
     verified: moka::sync::Cache<[u8; 32], Arc<Claims>>,
+    /// The issuer every token must name (the tenant is fixed for the broker's life).
+    issuer: String,
 }
 
 impl Authenticator {
@@ -82,7 +84,8 @@ impl Authenticator {
             .max_capacity(100_000)
             .time_to_idle(std::time::Duration::from_secs(3600))
             .build();
-        Authenticator { key, kid, broker, verified }
+        let issuer = broker.settings.issuer();
+        Authenticator { key, kid, broker, verified, issuer }
     }
 
     /// Issues a token for `principal` valid for `lifetime` seconds from the broker's now.
@@ -149,10 +152,12 @@ impl Authenticator {
                 c
             }
         };
-        let claims = Claims::clone(&claims);
-        let expected_iss = self.broker.settings.issuer();
-        if claims.iss != expected_iss {
-            return Err(BrokerError::InvalidIssuer { expected: expected_iss, found: claims.iss });
+        let expected_iss = &self.issuer;
+        if claims.iss != *expected_iss {
+            return Err(BrokerError::InvalidIssuer {
+                expected: expected_iss.clone(),
+                found: claims.iss.clone(),
+            });
         }
         if !claims.aud.iter().any(|a| plane.accepts(a)) {
             return Err(BrokerError::InvalidAudience {
@@ -167,13 +172,13 @@ impl Authenticator {
         if now < claims.nbf.saturating_sub(CLOCK_SKEW) {
             return Err(BrokerError::TokenNotYetValid { not_before: claims.nbf, now });
         }
-        if self.broker.principal(&claims.oid).is_none() {
-            return Err(BrokerError::PrincipalDeleted { object_id: claims.oid });
+        if !self.broker.principal_exists(&claims.oid) {
+            return Err(BrokerError::PrincipalDeleted { object_id: claims.oid.clone() });
         }
         Ok(Caller {
-            object_id: claims.oid,
-            app_id: claims.appid,
-            issuer: claims.iss,
+            object_id: claims.oid.clone(),
+            app_id: claims.appid.clone(),
+            issuer: claims.iss.clone(),
             peer: None,
             trusted_service: false,
             source_subnet: None,

@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use moka::sync::Cache;
 
+use crate::broker::state::Loaded;
 use crate::crypto::Zbytes;
 use crate::model::{Algorithm, BrokerError, KeyPermission};
 
@@ -25,6 +26,9 @@ pub struct CacheSettings {
     pub unwrap_entries: u64,
     /// Longest life of a cached unwrap result.
     pub unwrap_ttl: Duration,
+    /// Most decoded private keys kept (always on, whatever `enabled` says: without it every
+    /// RSA operation would unseal and parse its key first).
+    pub decoded_key_entries: u64,
 }
 
 impl Default for CacheSettings {
@@ -35,6 +39,7 @@ impl Default for CacheSettings {
             decision_ttl: Duration::from_secs(300),
             unwrap_entries: 100_000,
             unwrap_ttl: Duration::from_secs(300),
+            decoded_key_entries: 1_000,
         }
     }
 }
@@ -60,15 +65,22 @@ pub struct DecisionKey {
     pub subnet: Option<String>,
 }
 
-/// What identifies an unwrap result.
-#[derive(Clone, Debug, PartialEq, Eq, Hash)]
-pub struct UnwrapKey {
-    /// Versioned key id (vault/key/version).
-    pub version: String,
-    /// Algorithm.
-    pub alg: Algorithm,
-    /// SHA-256 of the ciphertext.
-    pub digest: [u8; 32],
+/// What identifies an unwrap result: SHA-256 over the versioned key id, the algorithm and the
+/// ciphertext (each length-prefixed). 32 bytes inline, so a cached DEK costs no key string.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct UnwrapKey([u8; 32]);
+
+impl UnwrapKey {
+    /// The key of unwrapping `ciphertext` with `alg` under key version `kid`.
+    pub fn new(kid: &str, alg: Algorithm, ciphertext: &[u8]) -> Self {
+        let alg = alg.name().as_bytes();
+        let mut input = Vec::with_capacity(24 + kid.len() + alg.len() + ciphertext.len());
+        for part in [kid.as_bytes(), alg, ciphertext] {
+            input.extend_from_slice(&(part.len() as u64).to_be_bytes());
+            input.extend_from_slice(part);
+        }
+        UnwrapKey(crate::crypto::sha256(&input))
+    }
 }
 
 /// Name of the authorization-decision cache (metrics, stats).
@@ -91,19 +103,23 @@ pub struct CacheFigures {
     pub ttl: Duration,
 }
 
-/// The two caches.
+/// The two switchable caches, and the decoded private keys.
 pub struct Caches {
     decisions: Option<Cache<DecisionKey, Result<(), BrokerError>>>,
     unwraps: Option<Cache<UnwrapKey, Arc<Zbytes>>>,
+    /// Decoded keys by their sealing AAD (which names vault, key and version).
+    decoded: Cache<String, Arc<Loaded>>,
 }
 
 impl Caches {
     /// Builds the caches (or none, when switched off).
     pub fn new(s: &CacheSettings) -> Self {
+        let decoded = Cache::builder().max_capacity(s.decoded_key_entries).build();
         if !s.enabled {
-            return Caches { decisions: None, unwraps: None };
+            return Caches { decisions: None, unwraps: None, decoded };
         }
         Caches {
+            decoded,
             decisions: Some(
                 Cache::builder().max_capacity(s.decision_entries).time_to_live(s.decision_ttl).build(),
             ),
@@ -142,8 +158,28 @@ impl Caches {
         }
     }
 
+    /// The state moved to a new epoch: every cached decision is keyed with an older one and can
+    /// never hit again, so they are dropped now (by the next maintenance) instead of holding
+    /// memory until their TTL.
+    pub fn epoch_moved(&self) {
+        if let Some(c) = &self.decisions {
+            c.invalidate_all();
+        }
+    }
+
+    /// The decoded private key of the version sealed under `aad`, if it is held.
+    pub fn decoded_key(&self, aad: &str) -> Option<Arc<Loaded>> {
+        self.decoded.get(aad)
+    }
+
+    /// Keeps a freshly decoded key (the least used one goes when the cache is full).
+    pub fn remember_decoded_key(&self, aad: String, key: Arc<Loaded>) {
+        self.decoded.insert(aad, key);
+    }
+
     /// Runs the caches' pending maintenance (expiry, eviction); call on a timer.
     pub fn run_pending_tasks(&self) {
+        self.decoded.run_pending_tasks();
         if let Some(c) = &self.decisions {
             c.run_pending_tasks();
         }
@@ -192,6 +228,47 @@ mod tests {
     use super::*;
 
     #[test]
+    fn decoded_keys_are_bounded_and_kept_with_the_caches_off() {
+        let caches =
+            Caches::new(&CacheSettings { enabled: false, decoded_key_entries: 2, ..Default::default() });
+        for n in 0..10u8 {
+            caches.remember_decoded_key(format!("aad-{n}"), Arc::new(Loaded::Oct(Zbytes::new(vec![n; 32]))));
+        }
+        caches.run_pending_tasks();
+        assert!(caches.decoded.entry_count() <= 2, "{} decoded keys held", caches.decoded.entry_count());
+        caches.remember_decoded_key("aad-x".into(), Arc::new(Loaded::Oct(Zbytes::new(vec![7; 32]))));
+        assert!(matches!(caches.decoded_key("aad-x").as_deref(), Some(Loaded::Oct(k)) if k[0] == 7));
+    }
+
+    #[test]
+    fn a_new_epoch_drops_every_cached_decision() {
+        let caches = Caches::new(&CacheSettings::default());
+        let key = |epoch| DecisionKey {
+            epoch,
+            principal: "p".into(),
+            vault: "v".into(),
+            key: "k".into(),
+            permission: KeyPermission::UnwrapKey,
+            addr: None,
+            trusted_service: false,
+            subnet: None,
+        };
+        assert!(caches.decision(key(1), || Ok(())).is_ok());
+        let [d, _] = caches.figures();
+        assert_eq!(d.entries, 1);
+        caches.epoch_moved();
+        let [d, _] = caches.figures();
+        assert_eq!(d.entries, 0);
+        // Decided again, not served from the old entry.
+        let mut decided = false;
+        let _ = caches.decision(key(1), || {
+            decided = true;
+            Ok(())
+        });
+        assert!(decided);
+    }
+
+    #[test]
     fn figures_count_entries_at_once_and_report_settings() {
         let settings = CacheSettings {
             decision_entries: 10,
@@ -201,7 +278,7 @@ mod tests {
             ..CacheSettings::default()
         };
         let caches = Caches::new(&settings);
-        let key = |n: u8| UnwrapKey { version: "v/k/1".into(), alg: Algorithm::RsaOaep256, digest: [n; 32] };
+        let key = |n: u8| UnwrapKey::new("v/k/1", Algorithm::RsaOaep256, &[n; 32]);
         caches.remember_unwrap(key(1), Arc::new(Zbytes::new(vec![1])));
         caches.remember_unwrap(key(2), Arc::new(Zbytes::new(vec![2])));
         let [d, u] = caches.figures();

@@ -892,37 +892,44 @@ impl Broker {
             )));
         }
         let now = self.clock.now();
-        let (kid, kty, material, aad) = {
+        let (kid, kty, material, aad, cache_key) = {
             let st = self.read();
             let ve = st.vault(&id.vault)?;
             self.authorize_data(&st, ve, caller, permission_for(req.op), Some(&id.name))?;
             let (k, v) = Self::active_version(ve, &id)?;
             v.check_crypto(req.op, alg, now)?;
-            let material: Arc<Material> = k.material.get(&v.version).cloned().ok_or(BrokerError::Internal)?;
             let kid = key_uri(&ve.vault.name, &self.settings.vault_dns_suffix, &k.key.name, Some(&v.version));
-            (kid, v.kty, material, material_aad(&ve.vault.name, &k.key.name, &v.version))
+            // Unwrap results are consulted only now: after authorization and the key rules
+            // passed (a cache lookup, no store access and no crypto, under the read lock).
+            let cache_key = (req.op == CryptoOp::UnwrapKey).then(|| UnwrapKey::new(&kid, alg, &req.value));
+            if let Some(hit) = cache_key.as_ref().and_then(|k| self.caches.unwrapped(k)) {
+                return Ok(CryptoResult {
+                    kid,
+                    value: Zeroizing::new(hit.to_vec()),
+                    iv: Vec::new(),
+                    tag: Vec::new(),
+                });
+            }
+            let material: Arc<Material> = k.material.get(&v.version).cloned().ok_or(BrokerError::Internal)?;
+            (kid, v.kty, material, material_aad(&ve.vault.name, &k.key.name, &v.version), cache_key)
         };
-        // Unwrap results are cached only now: after authorization and the key rules passed.
-        let cache_key = (req.op == CryptoOp::UnwrapKey).then(|| UnwrapKey {
-            version: kid.clone(),
-            alg,
-            digest: crypto::sha256(&req.value),
-        });
-        if let Some(hit) = cache_key.as_ref().and_then(|k| self.caches.unwrapped(k)) {
-            return Ok(CryptoResult {
-                kid,
-                value: Zeroizing::new(hit.to_vec()),
-                iv: Vec::new(),
-                tag: Vec::new(),
-            });
-        }
         let sealer = self.sealer().clone();
-        let result = blocking(move || {
-            let loaded = material.load(&sealer, &aad, kty)?;
+        let decoded = self.caches.decoded_key(&aad);
+        let (result, fresh) = blocking(move || {
+            let (loaded, fresh) = match decoded {
+                Some(loaded) => (loaded, None),
+                None => {
+                    let loaded = Arc::new(material.decode(&sealer, &aad, kty)?);
+                    (loaded.clone(), Some((aad, loaded)))
+                }
+            };
             let (value, iv, tag) = run_crypto(&loaded, req.op, alg, &req.value, &req.iv, &req.aad, &req.tag)?;
-            Ok(CryptoResult { kid, value, iv, tag })
+            Ok((CryptoResult { kid, value, iv, tag }, fresh))
         })
         .await?;
+        if let Some((aad, loaded)) = fresh {
+            self.caches.remember_decoded_key(aad, loaded);
+        }
         if let Some(k) = cache_key {
             self.caches.remember_unwrap(k, Arc::new(Zeroizing::new(result.value.to_vec())));
         }

@@ -216,7 +216,9 @@ impl Broker {
             Ok(())
         })
         .await
-        .map_err(|_| BrokerError::Internal)?
+        .map_err(|_| BrokerError::Internal)??;
+        self.caches.epoch_moved();
+        Ok(())
     }
 
     /// Marks the start of shutdown: watch streams end.
@@ -235,6 +237,11 @@ impl Broker {
     /// The principal with this object id, if it still exists.
     pub fn principal(&self, object_id: &str) -> Option<Principal> {
         self.read().principals.get(object_id).cloned()
+    }
+
+    /// Whether the principal exists (the token check of every call: no copy).
+    pub fn principal_exists(&self, object_id: &str) -> bool {
+        self.read().principals.contains_key(object_id)
     }
 
     /// Control-plane check against the ARM role assignments.

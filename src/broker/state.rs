@@ -2,7 +2,7 @@
 //! [`State::apply`] with changes that are already committed.
 
 use std::collections::{BTreeMap, HashMap};
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 
 use crate::crypto::{RsaPrivateKey, Sealer, Zbytes};
 use crate::model::ids::key_index;
@@ -18,12 +18,12 @@ pub enum Loaded {
     Oct(Zbytes),
 }
 
-/// Sealed private material of one key version, unsealed and decoded on first use and kept.
+/// Sealed private material of one key version. Decoded keys live in the broker's bounded
+/// decoded-key cache (`Caches::decoded_key`), not here: 10,000 stored keys cost their sealed
+/// blobs, and only the keys in use cost a decoded private key.
 pub struct Material {
     /// AES-256-GCM blob under the master key, bound to the version's identity.
     pub sealed: Vec<u8>,
-    /// The decoded key, once a crypto operation needed it.
-    loaded: OnceLock<Arc<Loaded>>,
 }
 
 /// What binds a sealed blob to its key version: the blob cannot be moved to another row.
@@ -34,29 +34,23 @@ pub fn material_aad(vault: &str, name: &str, version: &str) -> String {
 impl Material {
     /// Wraps a sealed blob.
     pub fn new(sealed: Vec<u8>) -> Self {
-        Material { sealed, loaded: OnceLock::new() }
+        Material { sealed }
     }
 
-    /// The decoded key, unsealing it on first use. Runs RSA decoding: call off the async
-    /// executor.
-    pub fn load(&self, sealer: &Sealer, aad: &str, kty: KeyType) -> Result<Arc<Loaded>, BrokerError> {
-        if let Some(l) = self.loaded.get() {
-            return Ok(l.clone());
-        }
+    /// Unseals and decodes the key. Runs RSA decoding: call off the async executor.
+    pub fn decode(&self, sealer: &Sealer, aad: &str, kty: KeyType) -> Result<Loaded, BrokerError> {
         let plain = sealer.unseal(aad.as_bytes(), &self.sealed).map_err(|e| {
             tracing::error!(error = %e, aad, "key material does not unseal under the master key");
             BrokerError::Internal
         })?;
-        let loaded = if kty.is_rsa() {
-            Loaded::Rsa(RsaPrivateKey::from_pkcs8(&plain).map_err(|e| {
+        if kty.is_rsa() {
+            Ok(Loaded::Rsa(RsaPrivateKey::from_pkcs8(&plain).map_err(|e| {
                 tracing::error!(error = %e, aad, "stored RSA material does not decode");
                 BrokerError::Internal
-            })?)
+            })?))
         } else {
-            Loaded::Oct(plain)
-        };
-        // Two first users may race; both results are equal and one is kept.
-        Ok(self.loaded.get_or_init(|| Arc::new(loaded)).clone())
+            Ok(Loaded::Oct(plain))
+        }
     }
 }
 

@@ -1,8 +1,9 @@
 //! Client subcommands: `vault …`, `subnet …`, `key …`, `policy …`, `role …`, `identity …`,
-//! `user …`, `token …`, `clock …`, `faults …`, `stats`, `server …` and `db …` call a running broker over
-//! gRPC as the bootstrap admin (token from `<data-dir>/admin.token`) or whoever `--token`
-//! names. Output is aligned text for people, or one JSON document per command (`--output json`)
-//! for scripts; `db watch` prints one line (one JSON object) per event as it arrives.
+//! `user …`, `token …`, `clock …`, `faults …`, `throttling …`, `stats`, `server …` and `db …` call a
+//! running broker over gRPC as the bootstrap admin (token from `<data-dir>/admin.token`) or
+//! whoever `--token` names. Output is aligned text for people, or one JSON document per command
+//! (`--output json`) for scripts; `db watch` prints one line (one JSON object) per event as it
+//! arrives.
 
 use std::collections::{BTreeMap, HashMap};
 use std::future::Future;
@@ -20,6 +21,7 @@ use tonic::transport::{Channel, Endpoint};
 use tonic::{Code, Request, Status};
 
 use super::Command;
+use crate::broker::throttle::AZURE_CREATE_PER_10S;
 use crate::config::{DEFAULT_DATA_DIR, DEFAULT_LISTEN};
 use crate::grpc::proto;
 use crate::grpc::proto::emulation_client::EmulationClient;
@@ -308,6 +310,32 @@ pub enum FaultsCmd {
         /// Vault name [default: every fault, per vault and for every vault].
         #[arg(long, value_name = "NAME")]
         vault: Option<String>,
+    },
+}
+
+/// `tde-broker throttling …`
+#[derive(Debug, clap::Subcommand)]
+pub enum ThrottlingCmd {
+    /// Show the profile and budgets per 10 s of every vault (`*`) and of the vaults with their own.
+    Show,
+    /// Throttle one vault (or every vault): --profile azure (the cloud's limits) or off, or own
+    /// limits (--all-other); its 10-second windows start afresh.
+    #[command(group(clap::ArgGroup::new("throttle").required(true).args(["profile", "all_other"])))]
+    Set {
+        /// Vault name [default: every vault; vaults with their own profile keep it].
+        #[arg(long, value_name = "NAME")]
+        vault: Option<String>,
+        /// off, azure, or (with --vault) inherit: the vault follows the profile of every vault again.
+        #[arg(long, value_name = "PROFILE")]
+        profile: Option<String>,
+        /// Own limits: "all other" requests per vault and 10 s, in RSA-2048 software key operations
+        /// (bigger and HSM keys weigh more, as in the cloud).
+        #[arg(long, value_name = "N")]
+        all_other: Option<u32>,
+        /// Own limits: CREATE requests (create, import, rotate, restore) per vault and 10 s
+        /// [default: 20, the cloud's].
+        #[arg(long, value_name = "N", requires = "all_other", conflicts_with = "profile")]
+        create: Option<u32>,
     },
 }
 
@@ -1161,6 +1189,7 @@ pub async fn run(conn: Connection, command: Command) -> Result<(), CliError> {
         Command::Token(cmd) => token(&session, cmd).await?,
         Command::Clock(cmd) => clock(&session, cmd).await?,
         Command::Faults(cmd) => faults(&session, cmd).await?,
+        Command::Throttling(cmd) => throttling(&session, cmd).await?,
         Command::Stats => stats(&session).await?,
         Command::Server(cmd) => server(&session, cmd).await?,
         Command::Db(DbCmd::Watch { server_id, count }) => {
@@ -1842,6 +1871,63 @@ async fn faults(s: &Session, cmd: FaultsCmd) -> Result<Out, CliError> {
                 .collect(),
         ),
         table: table(headers, rows),
+    })
+}
+
+async fn throttling(s: &Session, cmd: ThrottlingCmd) -> Result<Out, CliError> {
+    let list = match cmd {
+        ThrottlingCmd::Show => s.call(s.emulation().get_throttling(proto::GetThrottlingRequest {})).await?,
+        ThrottlingCmd::Set { vault, profile, all_other, create } => {
+            // As the broker reads the request: limits make the custom profile; a named profile
+            // goes as given (the broker checks it and the limits).
+            let request = match all_other {
+                Some(all_other) => proto::SetThrottlingRequest {
+                    profile: "custom".to_string(),
+                    all_other_per_10s: all_other,
+                    create_per_10s: create.unwrap_or(AZURE_CREATE_PER_10S),
+                    vault_name: vault.unwrap_or_default(),
+                },
+                None => proto::SetThrottlingRequest {
+                    profile: profile.unwrap_or_default(),
+                    all_other_per_10s: 0,
+                    create_per_10s: 0,
+                    vault_name: vault.unwrap_or_default(),
+                },
+            };
+            s.call(s.emulation().set_throttling(request)).await?
+        }
+    };
+    // An empty vault name stands for every vault: `*` in the table, "" in JSON (as on the wire).
+    let limit = |t: &proto::VaultThrottling, n: u32| {
+        if t.profile == "off" { "-".to_string() } else { n.to_string() }
+    };
+    let rows = list
+        .throttling
+        .iter()
+        .map(|t| {
+            vec![
+                if t.vault_name.is_empty() { "*".to_string() } else { t.vault_name.clone() },
+                t.profile.clone(),
+                limit(t, t.all_other_per_10s),
+                limit(t, t.create_per_10s),
+            ]
+        })
+        .collect();
+    Ok(Out {
+        json: Value::Array(
+            list.throttling
+                .iter()
+                .map(|t| {
+                    json!({
+                        "vault_name": t.vault_name,
+                        "profile": t.profile,
+                        "all_other_per_10s": t.all_other_per_10s,
+                        "create_per_10s": t.create_per_10s,
+                    })
+                })
+                .collect(),
+        ),
+        table: table(&["VAULT", "PROFILE", "ALL-OTHER/10S", "CREATE/10S"], rows),
     })
 }
 

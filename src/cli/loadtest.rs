@@ -115,10 +115,14 @@ pub struct LoadtestArgs {
     /// Open loop at this total rate (requests/s); latency counts from each intended send time.
     #[arg(long, value_name = "R", value_parser = parse_rate)]
     pub rate: Option<f64>,
-    /// Drive a bare tonic KeyVault service started in this process (fixed answers, no auth, no
-    /// logic) instead of the broker.
+    /// Drive a bare tonic KeyVault service (fixed answers, no auth, no logic) that the tool
+    /// starts in a process of its own, as the broker has, instead of the broker.
     #[arg(long, conflicts_with = "compare_baseline")]
     pub baseline: bool,
+    /// Internal: serve the baseline on 127.0.0.1, print `listening ADDR`, stop when stdin ends
+    /// (what `--baseline` starts in a child process).
+    #[arg(long, hide = true, conflicts_with_all = ["baseline", "compare_baseline"])]
+    pub serve_baseline: bool,
     /// Run against the broker, then the baseline with the same load; print both and the ratios.
     #[arg(long)]
     pub compare_baseline: bool,
@@ -192,6 +196,9 @@ fn parse_rate(text: &str) -> Result<f64, String> {
 /// Runs `loadtest`; prints the report on stdout (progress on stderr). Fails when the set-up
 /// fails or when any measured request failed (after printing the report).
 pub async fn run(conn: Connection, args: LoadtestArgs) -> Result<(), String> {
+    if args.serve_baseline {
+        return serve_baseline_until_stdin_ends().await;
+    }
     if args.duration.is_zero() {
         return Err("--duration must be longer than 0".to_string());
     }
@@ -202,16 +209,19 @@ pub async fn run(conn: Connection, args: LoadtestArgs) -> Result<(), String> {
         ));
     }
     if args.baseline {
-        let report = run_baseline(&args).await?;
+        // Alone, the baseline's requests carry the caller's token when there is one (the same
+        // bytes on the wire as against the broker), else a stand-in of a broker token's length.
+        let bearer = Dial::new(&conn).ok().and_then(|d| d.bearer).or_else(stand_in_bearer);
+        let report = run_baseline(&args, bearer).await?;
         emit(conn.output, report.json(), report.table())?;
         return report.verdict();
     }
-    let broker = run_broker(&conn, &args).await?;
+    let (broker, bearer) = run_broker(&conn, &args).await?;
     if !args.compare_baseline {
         emit(conn.output, broker.json(), broker.table())?;
         return broker.verdict();
     }
-    let baseline = run_baseline(&args).await?;
+    let baseline = run_baseline(&args, bearer).await?;
     let ratios = Ratios::of(&broker, &baseline);
     let json = json!({ "broker": broker.json(), "baseline": baseline.json(), "ratio": ratios.json() });
     let table = format!("{}\n{}\n{}", broker.table(), baseline.table(), ratios.table());
@@ -255,14 +265,21 @@ impl Plan {
     }
 }
 
-async fn run_broker(conn: &Connection, args: &LoadtestArgs) -> Result<Report, String> {
+/// The report, and the `authorization` metadata the requests carried (for the baseline).
+async fn run_broker(
+    conn: &Connection,
+    args: &LoadtestArgs,
+) -> Result<(Report, Option<MetadataValue<Ascii>>), String> {
     let dial = Dial::new(conn)?;
     let channels = dial.connect(args.connections as usize).await?;
     let mut created = Created::default();
     let workload = setup(&dial, &channels[0], args, &mut created).await;
     let result = match workload {
         Ok(workload) => {
-            Ok(drive("broker", &dial.url, channels.clone(), workload, Plan::new(args, args.op)).await)
+            let bearer = workload.targets.first().and_then(|t| t.bearer.clone());
+            let report =
+                drive("broker", &dial.url, channels.clone(), workload, Plan::new(args, args.op)).await;
+            Ok((report, bearer))
         }
         Err(e) => Err(e),
     };
@@ -274,18 +291,30 @@ async fn run_broker(conn: &Connection, args: &LoadtestArgs) -> Result<Report, St
     result
 }
 
-async fn run_baseline(args: &LoadtestArgs) -> Result<Report, String> {
-    let server = BaselineServer::start()?;
+/// A stand-in `authorization` value as long as a broker-issued bearer token (948 bytes).
+fn stand_in_bearer() -> Option<MetadataValue<Ascii>> {
+    format!("Bearer {}", "x".repeat(941)).parse().ok()
+}
+
+/// Runs the bare service. Its requests carry `bearer` as the broker's did: the service ignores
+/// it, but sending (HPACK never indexes `authorization`, so every request carries it in full)
+/// and receiving it is the transport's cost, which the baseline must include to be the same
+/// load on the wire.
+async fn run_baseline(args: &LoadtestArgs, bearer: Option<MetadataValue<Ascii>>) -> Result<Report, String> {
+    let server = BaselineProcess::start().await?;
     let url = format!("http://{}", server.addr);
     let endpoint = Endpoint::from_shared(url.clone())
         .map_err(|e| format!("baseline address: {e}"))?
         .connect_timeout(CONNECT_TIMEOUT);
     let channels = connect(&endpoint, &url, args.connections as usize).await?;
-    let workload = baseline_workload(args);
+    let mut workload = baseline_workload(args);
+    for t in &mut workload.targets {
+        t.bearer = bearer.clone();
+    }
     // The baseline has no engine service; UnwrapKey has the engine call's shape.
     let op = if args.op == Op::EngineUnwrap { Op::Unwrap } else { args.op };
     let report = drive("baseline", &url, channels, workload, Plan::new(args, op)).await;
-    server.stop();
+    server.stop().await;
     Ok(report)
 }
 
@@ -1539,7 +1568,65 @@ impl KeyVault for Baseline {
     }
 }
 
-/// The baseline serving on 127.0.0.1 on a runtime of its own, as the broker has its own process.
+/// The baseline in a child process (this executable with `loadtest --serve-baseline`): a
+/// process of its own, as the broker is, so both comparisons pay the same cross-process
+/// wake-ups and neither shares an allocator or a scheduler with the load generator.
+struct BaselineProcess {
+    addr: SocketAddr,
+    child: tokio::process::Child,
+}
+
+impl BaselineProcess {
+    async fn start() -> Result<Self, String> {
+        use tokio::io::AsyncBufReadExt as _;
+        let exe = std::env::current_exe().map_err(|e| format!("baseline: this executable: {e}"))?;
+        let mut child = tokio::process::Command::new(&exe)
+            .args(["loadtest", "--serve-baseline"])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .map_err(|e| {
+                format!("baseline: cannot start {} loadtest --serve-baseline: {e}", exe.display())
+            })?;
+        let stdout = child.stdout.take().ok_or("baseline: no stdout")?;
+        let mut line = String::new();
+        let read =
+            tokio::time::timeout(CONNECT_TIMEOUT, tokio::io::BufReader::new(stdout).read_line(&mut line))
+                .await
+                .map_err(|_| "baseline: the server process did not say where it listens".to_string())?;
+        read.map_err(|e| format!("baseline: reading the server process: {e}"))?;
+        let addr = line
+            .trim()
+            .strip_prefix("listening ")
+            .and_then(|a| a.parse().ok())
+            .ok_or_else(|| format!("baseline: the server process said {line:?}"))?;
+        Ok(BaselineProcess { addr, child })
+    }
+
+    /// Closes the child's stdin (it stops serving) and waits for it.
+    async fn stop(mut self) {
+        drop(self.child.stdin.take());
+        if tokio::time::timeout(Duration::from_secs(10), self.child.wait()).await.is_err() {
+            let _ = self.child.kill().await;
+        }
+    }
+}
+
+/// `loadtest --serve-baseline`: the child side of [`BaselineProcess`].
+async fn serve_baseline_until_stdin_ends() -> Result<(), String> {
+    use tokio::io::AsyncReadExt as _;
+    let server = BaselineServer::start()?;
+    println!("listening {}", server.addr);
+    std::io::stdout().flush().map_err(|e| format!("stdout: {e}"))?;
+    let mut stdin = tokio::io::stdin();
+    let mut sink = [0u8; 64];
+    while matches!(stdin.read(&mut sink).await, Ok(n) if n > 0) {}
+    server.stop();
+    Ok(())
+}
+
+/// The baseline serving on 127.0.0.1 on a runtime of its own.
 struct BaselineServer {
     addr: SocketAddr,
     stop: tokio::sync::oneshot::Sender<()>,

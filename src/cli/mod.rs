@@ -55,9 +55,14 @@ pub enum Command {
     /// The broker's clock (manual clock only for changes).
     #[command(subcommand)]
     Clock(client::ClockCmd),
-    /// Injected faults (vault outages); in memory only, a restart clears them.
+    /// Injected faults: vault outages, latency, error rates, failing the next N calls; in memory
+    /// only, a restart clears them.
     #[command(subcommand)]
     Faults(client::FaultsCmd),
+    /// Key Vault throttling: the cloud's per-vault limits, own limits, or none; in memory only, a
+    /// restart returns to the configured profile.
+    #[command(subcommand)]
+    Throttling(client::ThrottlingCmd),
     /// Counters and cache figures: objects, requests and latency by method, caches, RSA
     /// operations, throttled and injected failures (request counters are the process's).
     Stats,
@@ -94,7 +99,15 @@ pub enum CertCmd {
 /// Parses the command line and runs it; the process exit code says how it went.
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    // The blocking pool runs RSA private-key operations and store commits. More threads than
+    // a few per core only queue RSA work in the kernel instead of in tokio, and each thread
+    // that ever ran keeps its stack and allocator caches resident: bound it.
+    let cores = std::thread::available_parallelism().map_or(2, usize::from);
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .max_blocking_threads((4 * cores).max(8))
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("error: cannot start the async runtime: {e}");
