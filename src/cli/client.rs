@@ -1065,7 +1065,7 @@ impl Session {
 }
 
 /// `--client-cert`/`--client-key` as a tonic identity, with the principal the certificate names.
-fn load_client_identity(
+pub(super) fn load_client_identity(
     conn: &Connection,
 ) -> Result<Option<(tonic::transport::Identity, Option<String>)>, CliError> {
     let (Some(cert_path), Some(key_path)) = (&conn.client_cert, &conn.client_key) else {
@@ -1081,7 +1081,7 @@ fn load_client_identity(
 }
 
 /// TLS for an https:// server: trust --ca-cert, or the dev CA of the data directory.
-fn client_tls(
+pub(super) fn client_tls(
     conn: &Connection,
     identity: Option<tonic::transport::Identity>,
 ) -> Result<tonic::transport::ClientTlsConfig, CliError> {
@@ -1111,12 +1111,12 @@ fn client_tls(
 }
 
 /// `host:port` becomes `http://host:port`; a URL stays as it is.
-fn server_url(server: &str) -> String {
+pub(super) fn server_url(server: &str) -> String {
     let server = server.trim();
     if server.contains("://") { server.to_string() } else { format!("http://{server}") }
 }
 
-fn load_token(conn: &Connection) -> Result<String, CliError> {
+pub(super) fn load_token(conn: &Connection) -> Result<String, CliError> {
     let (text, origin) = match &conn.token {
         Some(t) => (t.clone(), "--token".to_string()),
         None => {
@@ -1139,7 +1139,7 @@ fn load_token(conn: &Connection) -> Result<String, CliError> {
 
 /// The `oid` claim of a JWT: the caller's object id. The broker checks the signature; the
 /// client only reads who it is.
-fn token_object_id(token: &str) -> Result<String, CliError> {
+pub(super) fn token_object_id(token: &str) -> Result<String, CliError> {
     let bad = || {
         CliError::Invalid(
             "cannot read the caller's object id (oid claim) from the token; pass --no-default-policy and grant access with `policy set`"

@@ -27,13 +27,10 @@
 use std::collections::BTreeMap;
 use std::io::Write as _;
 use std::net::SocketAddr;
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use base64::Engine as _;
-use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use hdrhistogram::Histogram;
 use serde_json::{Value, json};
 use tokio::sync::Semaphore;
@@ -43,7 +40,7 @@ use tonic::transport::{Channel, Endpoint};
 use tonic::{Code, Request, Response, Status};
 
 use super::client::{Connection, Output};
-use crate::config::DEFAULT_DATA_DIR;
+use super::client::{load_client_identity, server_url};
 use crate::crypto::{Algorithm, random_bytes, rsa_encrypt_with_public};
 use crate::grpc::proto;
 use crate::grpc::proto::identities_client::IdentitiesClient;
@@ -52,7 +49,7 @@ use crate::grpc::proto::key_vault_server::{KeyVault, KeyVaultServer};
 use crate::grpc::proto::servers_client::ServersClient;
 use crate::grpc::proto::tde_engine_client::TdeEngineClient;
 use crate::grpc::proto::vaults_client::VaultsClient;
-use crate::server::{ADMIN_TOKEN_FILE, MAX_MESSAGE_BYTES};
+use crate::server::MAX_MESSAGE_BYTES;
 
 /// The wrap algorithm of every request (the TDE engine's, too).
 const ALGORITHM: &str = "RSA-OAEP-256";
@@ -401,85 +398,27 @@ fn with_bearer<T>(message: T, bearer: Option<&MetadataValue<Ascii>>) -> Request<
     request
 }
 
+// The client commands' own rules for reaching the broker, with their errors as text.
 fn client_identity(
     conn: &Connection,
 ) -> Result<Option<(tonic::transport::Identity, Option<String>)>, String> {
-    let (Some(cert_path), Some(key_path)) = (&conn.client_cert, &conn.client_key) else {
-        return Ok(None);
-    };
-    let read = |p: &PathBuf| std::fs::read(p).map_err(|e| format!("{}: {e}", p.display()));
-    let (cert, key) = (read(cert_path)?, read(key_path)?);
-    let leaf = crate::tls::certs_from_pem(cert_path, &cert).map_err(|e| e.to_string())?.swap_remove(0);
-    let principal = crate::tls::principal_from_cert(&leaf);
-    Ok(Some((tonic::transport::Identity::from_pem(cert, key), principal)))
+    load_client_identity(conn).map_err(|e| e.to_string())
 }
 
 fn client_tls(
     conn: &Connection,
     identity: Option<tonic::transport::Identity>,
 ) -> Result<tonic::transport::ClientTlsConfig, String> {
-    crate::tls::install_crypto_provider();
-    let ca_path = match &conn.ca_cert {
-        Some(path) => path.clone(),
-        None => {
-            let dir = conn.data_dir.clone().unwrap_or_else(|| PathBuf::from(DEFAULT_DATA_DIR));
-            let dev_ca = crate::tls::DevPki::in_data_dir(&dir).ca_cert;
-            if !dev_ca.is_file() {
-                return Err(format!(
-                    "an https:// server needs the CA that signs its certificate: pass --ca-cert (no dev CA at {})",
-                    dev_ca.display()
-                ));
-            }
-            dev_ca
-        }
-    };
-    let ca = std::fs::read(&ca_path).map_err(|e| format!("{}: {e}", ca_path.display()))?;
-    crate::tls::certs_from_pem(&ca_path, &ca).map_err(|e| e.to_string())?;
-    let mut tls =
-        tonic::transport::ClientTlsConfig::new().ca_certificate(tonic::transport::Certificate::from_pem(ca));
-    if let Some(identity) = identity {
-        tls = tls.identity(identity);
-    }
-    Ok(tls)
-}
-
-fn server_url(server: &str) -> String {
-    let server = server.trim();
-    if server.contains("://") { server.to_string() } else { format!("http://{server}") }
+    super::client::client_tls(conn, identity).map_err(|e| e.to_string())
 }
 
 fn load_token(conn: &Connection) -> Result<String, String> {
-    let (text, origin) = match &conn.token {
-        Some(t) => (t.clone(), "--token".to_string()),
-        None => {
-            let dir = conn.data_dir.clone().unwrap_or_else(|| PathBuf::from(DEFAULT_DATA_DIR));
-            let path = dir.join(ADMIN_TOKEN_FILE);
-            match std::fs::read_to_string(&path) {
-                Ok(text) => (text, path.display().to_string()),
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                    return Err(format!(
-                        "no token: {} does not exist; start the broker (tde-broker serve) or pass --token/--data-dir",
-                        path.display()
-                    ));
-                }
-                Err(e) => return Err(format!("{}: {e}", path.display())),
-            }
-        }
-    };
-    let text = text.trim();
-    let token = text.strip_prefix("Bearer ").unwrap_or(text).trim();
-    if token.is_empty() {
-        return Err(format!("no token: {origin} is empty"));
-    }
-    Ok(token.to_string())
+    super::client::load_token(conn).map_err(|e| e.to_string())
 }
 
 /// The `oid` claim (unverified: the broker checks the signature).
 fn token_object_id(token: &str) -> Option<String> {
-    let payload = token.split('.').nth(1)?;
-    let bytes = URL_SAFE_NO_PAD.decode(payload.trim_end_matches('=')).ok()?;
-    let claims: Value = serde_json::from_slice(&bytes).ok()?;
-    claims.get("oid").and_then(Value::as_str).filter(|oid| !oid.is_empty()).map(str::to_string)
+    super::client::token_object_id(token).ok()
 }
 
 fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
