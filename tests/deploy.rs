@@ -16,14 +16,15 @@
 //!
 //! PyYAML and kubernetes-validate live in a virtualenv at `target/pyenv-deploy`, created and filled
 //! from PyPI on the first run and reused after. Nothing is skipped: without `python3` and its
-//! `venv` module the tests fail and say what to install.
+//! `venv` module the tests fail and say what to install (`tests/common/python.rs`).
+
+mod common;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
-use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use base64::Engine as _;
@@ -32,7 +33,10 @@ use serde_json::Value;
 use tde_broker::cli::{Cli, Command as CliCommand};
 use tde_broker::config::{Config, ServeArgs, TlsMode};
 
-const INSTALL_PYTHON: &str = "install python3 and python3-venv (apt-get install python3 python3-venv)";
+use common::python::{python_command, text};
+
+/// The virtualenv of these tests, `target/pyenv-deploy`.
+const VENV: &str = "pyenv-deploy";
 /// The Python packages of the virtualenv; kubernetes-validate is pinned so that the Kubernetes
 /// versions below stay known to it.
 const PIP_PACKAGES: [&str; 2] = ["kubernetes-validate==1.37.0", "PyYAML>=6,<7"];
@@ -57,89 +61,14 @@ fn read(path: &Path) -> String {
     std::fs::read_to_string(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
 }
 
-/// `target/pyenv-deploy` (under `CARGO_TARGET_DIR` when that is set).
-fn venv_dir() -> PathBuf {
-    let target = std::env::var_os("CARGO_TARGET_DIR").map_or_else(|| root().join("target"), PathBuf::from);
-    let target = if target.is_absolute() { target } else { root().join(target) };
-    target.join("pyenv-deploy")
-}
-
-/// A Python interpreter unaffected by the caller's Python settings, leaving no `__pycache__`.
-fn python_command(program: impl AsRef<std::ffi::OsStr>) -> Command {
-    let mut command = Command::new(program);
-    command.env("PYTHONDONTWRITEBYTECODE", "1").env_remove("PYTHONPATH").env_remove("PYTHONHOME");
-    command
-}
-
-fn text(bytes: &[u8]) -> String {
-    String::from_utf8_lossy(bytes).trim().to_string()
-}
-
 fn output(command: &mut Command, what: &str) -> Output {
     command.output().unwrap_or_else(|e| panic!("cannot run {what}: {e}"))
 }
 
-/// The virtualenv's interpreter with PyYAML and kubernetes-validate importable, made once per
-/// test binary (the tests of this file share it).
-fn python() -> &'static Path {
-    static PYTHON: OnceLock<PathBuf> = OnceLock::new();
-    PYTHON.get_or_init(make_venv)
-}
-
-fn make_venv() -> PathBuf {
-    let venv = venv_dir();
-    let python = venv.join("bin").join("python");
-    let ready = |python: &Path| {
-        python_command(python)
-            .args(["-c", "import yaml, kubernetes_validate"])
-            .output()
-            .is_ok_and(|o| o.status.success())
-    };
-    if ready(&python) {
-        return python;
-    }
-    let version = python_command("python3")
-        .arg("--version")
-        .output()
-        .unwrap_or_else(|e| panic!("cannot run python3 for the deploy checks ({e}): {INSTALL_PYTHON}"));
-    assert!(
-        version.status.success(),
-        "python3 --version failed ({}): {INSTALL_PYTHON}",
-        text(&version.stderr)
-    );
-    // A virtualenv whose interpreter does not start (half-made, or its python3 is gone) is made
-    // again from scratch.
-    if !python_command(&python).args(["-c", "pass"]).output().is_ok_and(|o| o.status.success()) {
-        let out =
-            output(python_command("python3").args(["-m", "venv", "--clear"]).arg(&venv), "python3 -m venv");
-        assert!(
-            out.status.success(),
-            "python3 -m venv {} failed: {}\n{INSTALL_PYTHON}",
-            venv.display(),
-            text(&out.stderr)
-        );
-    }
-    let out = output(
-        python_command(&python)
-            .args(["-m", "pip", "install", "--disable-pip-version-check", "-q"])
-            .args(PIP_PACKAGES),
-        "pip",
-    );
-    assert!(
-        out.status.success(),
-        "pip install {} into {} failed (it needs PyPI): {}\n{}",
-        PIP_PACKAGES.join(" "),
-        venv.display(),
-        text(&out.stdout),
-        text(&out.stderr)
-    );
-    assert!(
-        ready(&python),
-        "{} were installed into {} but do not import",
-        PIP_PACKAGES.join(", "),
-        venv.display()
-    );
-    python
+/// The interpreter of the virtualenv `target/pyenv-deploy` with PyYAML and kubernetes-validate
+/// importable, made once per test binary (the tests of this file share it).
+fn python() -> PathBuf {
+    common::python::python_venv(VENV, &PIP_PACKAGES, "yaml, kubernetes_validate")
 }
 
 /// Every YAML document of `path`, as JSON, parsed by PyYAML (`safe_load_all`).
@@ -220,8 +149,7 @@ fn k8s_manifests() -> Vec<PathBuf> {
 
 /// Runs kubernetes-validate --strict on `files` for every version of K8S_VERSIONS.
 fn kubernetes_validate(files: &[PathBuf]) -> Output {
-    let bin = venv_dir().join("bin").join("kubernetes-validate");
-    python();
+    let bin = python().with_file_name("kubernetes-validate");
     let mut command = python_command(&bin);
     command.arg("--strict");
     for v in K8S_VERSIONS {

@@ -4,35 +4,20 @@
 //!
 //! The client lives in a virtualenv at `target/pyenv`, created and filled from PyPI (`grpcio`,
 //! `grpcio-tools`) on the first run and reused after. Nothing is skipped: without `python3` and
-//! its `venv` module the test fails and says what to install.
+//! its `venv` module the test fails and says what to install (`tests/common/python.rs`).
 
 mod common;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
+use common::python::{python_command, text};
 use serde_json::Value;
 use tde_broker::grpc::proto;
-
-const INSTALL_PYTHON: &str = "install python3 and python3-venv (apt-get install python3 python3-venv)";
 
 /// The repository root: the proto files and the script are found from here.
 fn root() -> &'static Path {
     Path::new(env!("CARGO_MANIFEST_DIR"))
-}
-
-/// `target/pyenv` (under `CARGO_TARGET_DIR` when that is set).
-fn venv_dir() -> PathBuf {
-    let target = std::env::var_os("CARGO_TARGET_DIR").map_or_else(|| root().join("target"), PathBuf::from);
-    let target = if target.is_absolute() { target } else { root().join(target) };
-    target.join("pyenv")
-}
-
-/// A Python interpreter unaffected by the caller's Python settings, leaving no `__pycache__`.
-fn python_command(program: impl AsRef<std::ffi::OsStr>) -> Command {
-    let mut command = Command::new(program);
-    command.env("PYTHONDONTWRITEBYTECODE", "1").env_remove("PYTHONPATH").env_remove("PYTHONHOME");
-    command
 }
 
 /// Runs a command to completion; `None` when it cannot be started at all.
@@ -40,62 +25,9 @@ fn run(command: &mut Command) -> Option<Output> {
     command.output().ok()
 }
 
-fn text(bytes: &[u8]) -> String {
-    String::from_utf8_lossy(bytes).trim().to_string()
-}
-
-/// The virtualenv's interpreter with `grpc` and `grpc_tools` importable, creating the virtualenv
-/// and installing them when needed. Panics with what to install when that cannot be done.
+/// The interpreter of the virtualenv `target/pyenv` with `grpc` and `grpc_tools` importable.
 fn python_with_grpc() -> PathBuf {
-    let venv = venv_dir();
-    let python = venv.join("bin").join("python");
-    let has_grpc = |python: &Path| {
-        run(python_command(python).args(["-c", "import grpc, grpc_tools"]))
-            .is_some_and(|o| o.status.success())
-    };
-    if has_grpc(&python) {
-        return python;
-    }
-
-    let version = run(python_command("python3").arg("--version"))
-        .unwrap_or_else(|| panic!("cannot run python3 for the Python interop test: {INSTALL_PYTHON}"));
-    assert!(
-        version.status.success(),
-        "python3 --version failed ({}): {INSTALL_PYTHON}",
-        text(&version.stderr)
-    );
-
-    // A virtualenv whose interpreter does not start (half-created, or its python3 is gone) is
-    // made again from scratch.
-    let usable = run(python_command(&python).args(["-c", "pass"])).is_some_and(|o| o.status.success());
-    if !usable {
-        let mut create = python_command("python3");
-        create.args(["-m", "venv", "--clear"]).arg(&venv);
-        let out = run(&mut create).unwrap_or_else(|| panic!("cannot run python3: {INSTALL_PYTHON}"));
-        assert!(
-            out.status.success(),
-            "python3 -m venv {} failed: {}\n{INSTALL_PYTHON}",
-            venv.display(),
-            text(&out.stderr)
-        );
-    }
-
-    let mut pip = python_command(&python);
-    pip.args(["-m", "pip", "install", "--disable-pip-version-check", "-q", "grpcio", "grpcio-tools"]);
-    let out = run(&mut pip).unwrap_or_else(|| panic!("cannot run {}: {INSTALL_PYTHON}", python.display()));
-    assert!(
-        out.status.success(),
-        "pip install grpcio grpcio-tools into {} failed (it needs PyPI): {}\n{}",
-        venv.display(),
-        text(&out.stdout),
-        text(&out.stderr)
-    );
-    assert!(
-        has_grpc(&python),
-        "grpcio and grpcio-tools were installed into {} but do not import",
-        venv.display()
-    );
-    python
+    common::python::python_venv("pyenv", &["grpcio", "grpcio-tools"], "grpc, grpc_tools")
 }
 
 /// Python stubs of every proto file of the contract, generated into `out`.

@@ -241,6 +241,12 @@ fn parse_sample(line: &str) -> Result<(String, Labels, f64), String> {
 /// contiguous), histogram shape (cumulative buckets ending at `+Inf` equal to `_count`), counters
 /// non-negative and no duplicate series.
 fn parse_exposition(text: &str) -> Result<Series, String> {
+    parse_families(text).map(|(series, _)| series)
+}
+
+/// [`parse_exposition`], also returning every family with its type: those with a TYPE line
+/// (with or without samples), and `untyped` for samples without one.
+fn parse_families(text: &str) -> Result<(Series, BTreeMap<String, String>), String> {
     if !text.ends_with('\n') {
         return Err("the exposition must end with a newline".into());
     }
@@ -334,7 +340,11 @@ fn parse_exposition(text: &str) -> Result<Series, String> {
             }
         }
     }
-    Ok(series)
+    let mut families = types.clone();
+    for (name, _) in series.keys() {
+        families.entry(family_of(name, &types).to_string()).or_insert_with(|| "untyped".into());
+    }
+    Ok((series, families))
 }
 
 /// The family a sample name belongs to (histogram suffixes stripped when the base is typed).
@@ -514,6 +524,215 @@ async fn metrics_count_requests_and_readiness_follows_the_lifecycle() {
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;
     }
     assert!(closed, "the admin listener outlives the app");
+}
+
+// ---------------------------------------------------------------------------------------------
+// /metrics read by the official Prometheus Python client
+// ---------------------------------------------------------------------------------------------
+
+/// Reads an exposition from stdin with `prometheus_client.parser.text_string_to_metric_families`
+/// and prints its families as JSON: name, type, samples as [name, labels, value] (a value that is
+/// not finite as a string: JSON has no infinities).
+const PROMETHEUS_CLIENT_SCRIPT: &str = "\
+import json, math, sys
+from prometheus_client.parser import text_string_to_metric_families
+families = [
+    {'name': f.name, 'type': f.type,
+     'samples': [[s.name, s.labels, s.value if math.isfinite(s.value) else repr(s.value)]
+                 for s in f.samples]}
+    for f in text_string_to_metric_families(sys.stdin.read())
+]
+json.dump(families, sys.stdout)
+";
+
+#[derive(serde::Deserialize)]
+struct PyFamily {
+    name: String,
+    #[serde(rename = "type")]
+    kind: String,
+    samples: Vec<(String, BTreeMap<String, String>, serde_json::Value)>,
+}
+
+/// The families of `body` as the Prometheus Python client reads them.
+fn prometheus_client_families(python: &std::path::Path, body: &str) -> Vec<PyFamily> {
+    use std::process::Stdio;
+    let mut child = common::python::python_command(python)
+        .args(["-c", PROMETHEUS_CLIENT_SCRIPT])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot run {} ({e})", python.display()));
+    // The body fits in the pipe; a script that dies first is reported by its stderr, below.
+    let written = child.stdin.take().expect("piped stdin").write_all(body.as_bytes());
+    let out = child.wait_with_output().expect("python ends");
+    let stdout = common::python::text(&out.stdout);
+    assert!(
+        out.status.success(),
+        "prometheus_client cannot parse the exposition: {}\n{body}",
+        common::python::text(&out.stderr)
+    );
+    written.expect("the exposition written to python");
+    serde_json::from_str(&stdout).unwrap_or_else(|e| panic!("no JSON from the script ({e}): {stdout}"))
+}
+
+/// How prometheus_client names what this file's parser calls (`family`, `sample`) of type
+/// `kind`: it takes `_total` off a counter family's name, and puts it on the samples of a counter
+/// whose name lacks it. A family without a TYPE line is `unknown` to it.
+fn prometheus_client_names(family: &str, kind: &str, sample: &str) -> (String, String, String) {
+    match kind {
+        "counter" => match family.strip_suffix("_total") {
+            Some(base) => (base.into(), kind.into(), sample.into()),
+            None => (family.into(), kind.into(), format!("{sample}_total")),
+        },
+        "untyped" => (family.into(), "unknown".into(), sample.into()),
+        _ => (family.into(), kind.into(), sample.into()),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_prometheus_python_client_reads_the_same_metrics() {
+    // Made (or found) before taking the metrics lock: the first run installs from PyPI.
+    let python = tokio::task::spawn_blocking(|| {
+        common::python::python_venv("pyenv-observability", &["prometheus-client"], "prometheus_client.parser")
+    })
+    .await
+    .expect("join");
+    let _serial = SERIAL.lock().await;
+    let b = start(|_, _| {}).await;
+    let key = b.vault_and_key("obspyclient").await;
+    let dek = tde_broker::crypto::random_bytes(32);
+    let wrapped = b
+        .kv()
+        .wrap_key(common::crypto_req(&key, "RSA-OAEP-256", &dek))
+        .await
+        .expect("wrap")
+        .into_inner()
+        .value;
+    for _ in 0..2 {
+        // The second is answered by the unwrap cache: both cache counters have a series.
+        let r = b.kv().unwrap_key(common::unwrap_req(&key, "RSA-OAEP-256", &wrapped)).await.expect("unwrap");
+        assert_eq!(r.into_inner().value, dek);
+    }
+    let (status, _, body) = get(b.http(), "/metrics");
+    assert_eq!(status, 200);
+    b.stop().await;
+    let (ours, our_families) =
+        parse_families(&body).unwrap_or_else(|e| panic!("invalid exposition: {e}\n{body}"));
+    let theirs =
+        tokio::task::spawn_blocking(move || prometheus_client_families(&python, &body)).await.expect("join");
+
+    // The same families, of the same types.
+    let expected: BTreeMap<String, String> = our_families
+        .iter()
+        .map(|(family, kind)| {
+            let (name, kind, _) = prometheus_client_names(family, kind, family);
+            (name, kind)
+        })
+        .collect();
+    let got: BTreeMap<String, String> = theirs.iter().map(|f| (f.name.clone(), f.kind.clone())).collect();
+    assert_eq!(got.len(), theirs.len(), "a family twice: {got:?}");
+    assert_eq!(got, expected, "families: prometheus_client (left) and this file's parser (right)");
+
+    // The same samples, with the same values.
+    let types: BTreeMap<String, String> =
+        our_families.iter().filter(|(_, k)| *k != "untyped").map(|(f, k)| (f.clone(), k.clone())).collect();
+    let expected: BTreeMap<(String, Labels), f64> = ours
+        .iter()
+        .map(|((name, labels), v)| {
+            let family = family_of(name, &types);
+            let kind = our_families.get(family).map_or("untyped", String::as_str);
+            let (_, _, sample) = prometheus_client_names(family, kind, name);
+            ((sample, labels.clone()), *v)
+        })
+        .collect();
+    let mut got: BTreeMap<(String, Labels), f64> = BTreeMap::new();
+    for f in &theirs {
+        for (name, labels, v) in &f.samples {
+            let v = match v {
+                serde_json::Value::Number(n) => n.as_f64().expect("a number"),
+                serde_json::Value::String(s) => match s.as_str() {
+                    "inf" => f64::INFINITY,
+                    "-inf" => f64::NEG_INFINITY,
+                    "nan" => f64::NAN,
+                    other => panic!("value {other} of {name}"),
+                },
+                other => panic!("value {other} of {name}"),
+            };
+            let labels: Labels = labels.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+            assert!(got.insert((name.clone(), labels), v).is_none(), "{name} twice");
+        }
+    }
+    assert_eq!(
+        got.keys().collect::<Vec<_>>(),
+        expected.keys().collect::<Vec<_>>(),
+        "series: prometheus_client (left) and this file's parser (right)"
+    );
+    for (series, v) in &got {
+        let e = expected[series];
+        assert!(*v == e || (v.is_nan() && e.is_nan()), "{series:?}: prometheus_client {v}, ours {e}");
+    }
+
+    // A few samples by name, as prometheus_client reports them.
+    let family = |name: &str| {
+        theirs.iter().find(|f| f.name == name).unwrap_or_else(|| {
+            panic!("no family {name} among {:?}", theirs.iter().map(|f| &f.name).collect::<Vec<_>>())
+        })
+    };
+    let sample = |family: &PyFamily, name: &str, labels: &[(&str, &str)]| -> Option<f64> {
+        family
+            .samples
+            .iter()
+            .find(|(n, l, _)| {
+                n == name
+                    && l.len() == labels.len()
+                    && labels.iter().all(|(k, v)| l.get(*k).is_some_and(|x| x == v))
+            })
+            .map(|(_, _, v)| v.as_f64().expect("a finite value"))
+    };
+    let requests = family("tdebroker_requests");
+    assert_eq!(requests.kind, "counter");
+    let wraps = sample(
+        requests,
+        "tdebroker_requests_total",
+        &[("service", KV), ("method", "WrapKey"), ("outcome", "OK")],
+    );
+    assert!(wraps.is_some_and(|n| n >= 1.0), "WrapKey OK: {wraps:?}");
+    let durations = family("tdebroker_request_duration_seconds");
+    assert_eq!(durations.kind, "histogram");
+    for method in ["WrapKey", "UnwrapKey"] {
+        // Every request of the method, whatever its outcome, is one observation of the histogram.
+        let requested: f64 = requests
+            .samples
+            .iter()
+            .filter(|(_, l, _)| {
+                l.get("service").is_some_and(|s| s == KV) && l.get("method").is_some_and(|m| m == method)
+            })
+            .map(|(_, _, v)| v.as_f64().expect("a count"))
+            .sum();
+        let count = sample(
+            durations,
+            "tdebroker_request_duration_seconds_count",
+            &[("service", KV), ("method", method)],
+        );
+        assert!(requested >= 1.0, "{method}: {requested}");
+        assert_eq!(count, Some(requested), "{method}: the histogram's _count and the requests");
+        let inf = sample(
+            durations,
+            "tdebroker_request_duration_seconds_bucket",
+            &[("service", KV), ("method", method), ("le", "+Inf")],
+        );
+        assert_eq!(inf, count, "{method}: the +Inf bucket and _count");
+    }
+    for (name, total) in [
+        ("tdebroker_cache_hits", "tdebroker_cache_hits_total"),
+        ("tdebroker_cache_misses", "tdebroker_cache_misses_total"),
+    ] {
+        let f = family(name);
+        assert_eq!(f.kind, "counter", "{name}");
+        let unwraps = sample(f, total, &[("cache", "unwrap")]);
+        assert!(unwraps.is_some_and(|n| n >= 1.0), "{total}{{cache=\"unwrap\"}}: {unwraps:?}");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -1,6 +1,8 @@
 //! Test harness: a real broker serving gRPC on an ephemeral loopback port, and authenticated
-//! clients for it.
+//! clients for it; `python`: the virtualenvs of the checks against Python tools.
 #![allow(dead_code)]
+
+pub mod python;
 
 use std::path::PathBuf;
 use std::sync::Arc;
