@@ -915,7 +915,7 @@ fn code_name(code: Code) -> &'static str {
 }
 
 /// An error and its causes on one line (tonic's transport errors hide the useful part).
-fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
+pub(super) fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
     let mut text = e.to_string();
     let mut cause = e.source();
     while let Some(c) = cause {

@@ -40,7 +40,7 @@ use tonic::transport::{Channel, Endpoint};
 use tonic::{Code, Request, Response, Status};
 
 use super::client::{Connection, Output};
-use super::client::{load_client_identity, server_url};
+use super::client::{error_chain, load_client_identity, server_url};
 use crate::crypto::{Algorithm, random_bytes, rsa_encrypt_with_public};
 use crate::grpc::proto;
 use crate::grpc::proto::identities_client::IdentitiesClient;
@@ -419,20 +419,6 @@ fn load_token(conn: &Connection) -> Result<String, String> {
 /// The `oid` claim (unverified: the broker checks the signature).
 fn token_object_id(token: &str) -> Option<String> {
     super::client::token_object_id(token).ok()
-}
-
-fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
-    let mut text = e.to_string();
-    let mut cause = e.source();
-    while let Some(c) = cause {
-        let s = c.to_string();
-        if !text.contains(&s) {
-            text.push_str(": ");
-            text.push_str(&s);
-        }
-        cause = c.source();
-    }
-    text
 }
 
 /// A failed set-up call as text: `CreateKey: PERMISSION_DENIED (ForbiddenByPolicy): …`.
