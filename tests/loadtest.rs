@@ -98,3 +98,36 @@ async fn engine_unwrap_sets_up_a_cmk_server_and_removes_it() {
     assert!(left.iter().all(|n| !n.contains("-sql")), "servers left behind: {left:?}");
     b.stop().await;
 }
+
+/// Latency injected with `Emulation.SetFaults` on every vault shows in the load test's
+/// percentiles: a fixed 40 ms plus a log-normal part (p50 10 ms, p99 60 ms) puts every request
+/// above 40 ms and spreads them out.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn injected_latency_shows_in_the_percentiles() {
+    let b = common::start().await;
+    b.emu()
+        .set_faults(proto::SetFaultsRequest {
+            vault_name: String::new(),
+            latency_ms: 40,
+            latency_p50_ms: 10,
+            latency_p99_ms: 60,
+            ..Default::default()
+        })
+        .await
+        .expect("set faults on every vault");
+    let (server, token) = (format!("http://{}", b.addr), b.token.clone());
+    let r = tokio::task::spawn_blocking(move || {
+        let args = ["--op", "unwrap", "--concurrency", "8", "--duration", "1s", "--warmup", "0s"];
+        loadtest(&[&["--server", server.as_str(), "--token", token.as_str()][..], &args[..]].concat())
+    })
+    .await
+    .expect("loadtest thread");
+    assert_clean_report(&r);
+    let l = &r["latency_us"];
+    let (min, p50, p99) = (l["min"].as_u64(), l["p50"].as_u64(), l["p99"].as_u64());
+    // Every unwrap waited the fixed 40 ms and a positive random part on top.
+    assert!(min.is_some_and(|m| m >= 40_000), "min below the injected 40 ms: {l:#}");
+    assert!(p50.is_some_and(|p| p > 40_000), "p50 shows no random part: {l:#}");
+    assert!(p99 > p50, "the injected distribution does not spread the latencies: {l:#}");
+    b.stop().await;
+}
