@@ -73,13 +73,7 @@ pub struct UnwrapKey([u8; 32]);
 impl UnwrapKey {
     /// The key of unwrapping `ciphertext` with `alg` under key version `kid`.
     pub fn new(kid: &str, alg: Algorithm, ciphertext: &[u8]) -> Self {
-        let alg = alg.name().as_bytes();
-        let mut input = Vec::with_capacity(24 + kid.len() + alg.len() + ciphertext.len());
-        for part in [kid.as_bytes(), alg, ciphertext] {
-            input.extend_from_slice(&(part.len() as u64).to_be_bytes());
-            input.extend_from_slice(part);
-        }
-        UnwrapKey(crate::crypto::sha256(&input))
+        UnwrapKey(crate::crypto::sha256_framed(&[kid.as_bytes(), alg.name().as_bytes(), ciphertext]))
     }
 }
 

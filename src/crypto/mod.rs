@@ -67,7 +67,21 @@ pub fn random_bytes(n: usize) -> Vec<u8> {
 
 /// SHA-256 of `data`.
 pub fn sha256(data: &[u8]) -> [u8; 32] {
-    let digest = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, data);
+    to_array(aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, data))
+}
+
+/// SHA-256 over `parts`, each preceded by its length (8 bytes, big-endian), so that no two
+/// different part lists hash the same input. Streams the parts: no joined copy.
+pub fn sha256_framed(parts: &[&[u8]]) -> [u8; 32] {
+    let mut ctx = aws_lc_rs::digest::Context::new(&aws_lc_rs::digest::SHA256);
+    for part in parts {
+        ctx.update(&(part.len() as u64).to_be_bytes());
+        ctx.update(part);
+    }
+    to_array(ctx.finish())
+}
+
+fn to_array(digest: aws_lc_rs::digest::Digest) -> [u8; 32] {
     let mut out = [0u8; 32];
     out.copy_from_slice(digest.as_ref()); // SHA-256 output is always 32 bytes
     out

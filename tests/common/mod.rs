@@ -70,8 +70,13 @@ pub async fn start_in(data_dir: &std::path::Path, clock: ClockKind) -> TestBroke
 
 /// A broker with this configuration (its data directory is kept by the caller).
 pub async fn start_cfg(cfg: Config) -> TestBroker {
+    serve_app(cfg, None, None).await
+}
+
+/// Opens and serves a broker on an ephemeral loopback port; connects over TLS trusting
+/// `trusted_ca` when given, else in plaintext. `dir` (the data directory) lives as long as it.
+async fn serve_app(cfg: Config, trusted_ca: Option<PathBuf>, dir: Option<tempfile::TempDir>) -> TestBroker {
     let data_dir = cfg.data_dir.clone();
-    let data_dir = data_dir.as_path();
     let app = App::open(cfg).await.expect("broker starts");
     let token = app.admin_token().expect("admin token");
     let auth = app.auth.clone();
@@ -86,16 +91,23 @@ pub async fn start_cfg(cfg: Config) -> TestBroker {
         .await
         .expect("serve");
     });
-    let channel =
-        Channel::from_shared(format!("http://{addr}")).expect("uri").connect().await.expect("connect");
+    let channel = match trusted_ca {
+        Some(ca) => {
+            let ca = std::fs::read(&ca).expect("CA to trust");
+            tls_channel(addr, &ca, None).await.expect("connect over TLS")
+        }
+        None => {
+            Channel::from_shared(format!("http://{addr}")).expect("uri").connect().await.expect("connect")
+        }
+    };
     TestBroker {
         addr,
         token,
         auth,
         admin,
         channel,
-        data_dir: data_dir.to_path_buf(),
-        _dir: None,
+        data_dir,
+        _dir: dir,
         shutdown: Some(tx),
         served: Some(served),
     }
@@ -355,37 +367,7 @@ pub async fn start_with(modify: impl FnOnce(&mut Config)) -> TestBroker {
         tde_broker::config::TlsMode::Files { .. } => cfg.client_ca.clone().expect("client CA to trust"),
         _ => tde_broker::tls::DevPki::in_data_dir(dir.path()).ca_cert,
     };
-    let app = App::open(cfg).await.expect("broker starts");
-    let token = app.admin_token().expect("admin token");
-    let auth = app.auth.clone();
-    let admin = app.admin.clone();
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
-    let addr = listener.local_addr().expect("addr");
-    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-    let served = tokio::spawn(async move {
-        app.serve(listener, async {
-            let _ = rx.await;
-        })
-        .await
-        .expect("serve");
-    });
-    let channel = if tls {
-        let ca = std::fs::read(&trusted).expect("CA to trust");
-        tls_channel(addr, &ca, None).await.expect("connect over TLS")
-    } else {
-        Channel::from_shared(format!("http://{addr}")).expect("uri").connect().await.expect("connect")
-    };
-    TestBroker {
-        addr,
-        token,
-        auth,
-        admin,
-        channel,
-        data_dir: dir.path().to_path_buf(),
-        _dir: Some(dir),
-        shutdown: Some(tx),
-        served: Some(served),
-    }
+    serve_app(cfg, tls.then_some(trusted), Some(dir)).await
 }
 
 /// An https channel to `addr` trusting `ca_pem`, presenting `identity` (cert PEM, key PEM).
