@@ -5,6 +5,7 @@
 //! restarted broker takes until it answers a key read, and until it answers an unwrap.
 //!
 //! `cargo bench --bench footprint` (release build). No thresholds: it prints figures.
+//! `FOOTPRINT_TOOL="heaptrack -o /tmp/broker"` runs the first broker under a profiler.
 //!
 //! The keys are one generated RSA-2048 private key imported under `FOOTPRINT_KEYS` names
 //! (`FOOTPRINT_CREATE=1` generates each instead, which takes minutes): every key version is
@@ -45,7 +46,22 @@ struct Broker {
 
 impl Broker {
     fn spawn(data: &Path, port: u16) -> Broker {
-        let child = Command::new(env!("CARGO_BIN_EXE_tde-broker"))
+        Broker::spawn_under(&[], data, port)
+    }
+
+    /// Starts the broker under `tool` (a command prefix, e.g. `heaptrack -o /tmp/broker`), or
+    /// directly when it is empty.
+    fn spawn_under(tool: &[String], data: &Path, port: u16) -> Broker {
+        let bin = env!("CARGO_BIN_EXE_tde-broker");
+        let mut command = match tool.split_first() {
+            Some((program, args)) => {
+                let mut c = Command::new(program);
+                c.args(args).arg(bin);
+                c
+            }
+            None => Command::new(bin),
+        };
+        let child = command
             .args(["serve", "--listen", &format!("127.0.0.1:{port}"), "--http-listen", "off", "--data-dir"])
             .arg(data)
             .env("RUST_LOG", "warn")
@@ -321,7 +337,14 @@ fn main() {
         let data = dir.path().join("data");
         eprintln!("footprint: {keys} keys, {deks} DEKs, data in {}", data.display());
 
-        let broker = Broker::spawn(&data, free_port());
+        // FOOTPRINT_TOOL: run the first broker under a profiler; its RSS figures are then the
+        // profiler's, not the broker's.
+        let tool: Vec<String> = std::env::var("FOOTPRINT_TOOL")
+            .unwrap_or_default()
+            .split_whitespace()
+            .map(String::from)
+            .collect();
+        let broker = Broker::spawn_under(&tool, &data, free_port());
         let (auth, oid) = admin(&data);
         let (base_rss, _) = {
             let t0 = Instant::now();

@@ -10,6 +10,9 @@ use std::time::Duration;
 use moka::sync::Cache;
 
 use crate::broker::state::Loaded;
+use zeroize::{Zeroize, Zeroizing};
+
+#[cfg(test)]
 use crate::crypto::Zbytes;
 use crate::model::{Algorithm, BrokerError, KeyPermission};
 
@@ -45,24 +48,57 @@ impl Default for CacheSettings {
 }
 
 /// What an authorization decision depends on, besides the state (the epoch stands for it).
-#[derive(Clone, Debug, PartialEq, Eq, Hash)]
-pub struct DecisionKey {
-    /// The state epoch the decision was made at.
+#[derive(Clone, Copy, Debug)]
+pub struct DecisionContext<'a> {
+    /// The state epoch the decision is made at.
     pub epoch: u64,
     /// Caller object id.
-    pub principal: String,
+    pub principal: &'a str,
     /// Vault name.
-    pub vault: String,
+    pub vault: &'a str,
     /// Key index (lower-cased name), or empty for vault-level permissions.
-    pub key: String,
+    pub key: &'a str,
     /// The permission.
     pub permission: KeyPermission,
-    /// Network context: the client address, trusted service, source subnet.
+    /// The client address.
     pub addr: Option<IpAddr>,
     /// Trusted service call.
     pub trusted_service: bool,
     /// Source subnet.
-    pub subnet: Option<String>,
+    pub subnet: Option<&'a str>,
+}
+
+/// A cached decision's key: SHA-256 over its whole [`DecisionContext`], each part framed with
+/// its length. 32 bytes inline: a lookup allocates nothing and an entry holds no strings.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct DecisionKey([u8; 32]);
+
+impl DecisionKey {
+    /// The key of a decision in context `c`.
+    pub fn new(c: &DecisionContext<'_>) -> Self {
+        // Absent and present-but-empty values frame differently: a presence byte precedes each.
+        let addr = match c.addr {
+            None => Vec::new(),
+            Some(IpAddr::V4(a)) => [&[4u8][..], &a.octets()].concat(),
+            Some(IpAddr::V6(a)) => [&[6u8][..], &a.octets()].concat(),
+        };
+        let (has_subnet, subnet) = match c.subnet {
+            Some(s) => (&[1u8], s.as_bytes()),
+            None => (&[0u8], &[][..]),
+        };
+        DecisionKey(crate::crypto::sha256_framed(&[
+            b"tde-broker/decision/v1",
+            &c.epoch.to_be_bytes(),
+            c.principal.as_bytes(),
+            c.vault.as_bytes(),
+            c.key.as_bytes(),
+            c.permission.name().as_bytes(),
+            &addr,
+            &[u8::from(c.trusted_service)],
+            has_subnet,
+            subnet,
+        ]))
+    }
 }
 
 /// What identifies an unwrap result: SHA-256 over the versioned key id, the algorithm and the
@@ -74,6 +110,58 @@ impl UnwrapKey {
     /// The key of unwrapping `ciphertext` with `alg` under key version `kid`.
     pub fn new(kid: &str, alg: Algorithm, ciphertext: &[u8]) -> Self {
         UnwrapKey(crate::crypto::sha256_framed(&[kid.as_bytes(), alg.name().as_bytes(), ciphertext]))
+    }
+}
+
+/// Bytes of an unwrap result held inline (an AES-256 DEK).
+const INLINE_SECRET: usize = 32;
+
+/// An unwrap result as the cache holds it: a DEK of up to 32 bytes shares one allocation with
+/// its `Arc` (64 bytes with the counts, where a `Vec` would add a second allocation of 48), longer
+/// ones are on the heap. Wiped when dropped.
+pub enum CachedSecret {
+    /// Up to [`INLINE_SECRET`] bytes.
+    Inline {
+        /// Bytes used.
+        len: u8,
+        /// The bytes, zero past `len`.
+        bytes: [u8; INLINE_SECRET],
+    },
+    /// Longer results.
+    Heap(Vec<u8>),
+}
+
+impl CachedSecret {
+    /// Copies `plain`.
+    pub fn new(plain: &[u8]) -> Zeroizing<Self> {
+        Zeroizing::new(match u8::try_from(plain.len()) {
+            Ok(len) if plain.len() <= INLINE_SECRET => {
+                let mut bytes = [0u8; INLINE_SECRET];
+                bytes[..plain.len()].copy_from_slice(plain);
+                CachedSecret::Inline { len, bytes }
+            }
+            _ => CachedSecret::Heap(plain.to_vec()),
+        })
+    }
+
+    /// The secret's bytes.
+    pub fn as_bytes(&self) -> &[u8] {
+        match self {
+            CachedSecret::Inline { len, bytes } => &bytes[..usize::from(*len)],
+            CachedSecret::Heap(v) => v,
+        }
+    }
+}
+
+impl Zeroize for CachedSecret {
+    fn zeroize(&mut self) {
+        match self {
+            CachedSecret::Inline { len, bytes } => {
+                bytes.zeroize();
+                *len = 0;
+            }
+            CachedSecret::Heap(v) => v.zeroize(),
+        }
     }
 }
 
@@ -100,7 +188,7 @@ pub struct CacheFigures {
 /// The two switchable caches, and the decoded private keys.
 pub struct Caches {
     decisions: Option<Cache<DecisionKey, Result<(), BrokerError>>>,
-    unwraps: Option<Cache<UnwrapKey, Arc<Zbytes>>>,
+    unwraps: Option<Cache<UnwrapKey, Arc<Zeroizing<CachedSecret>>>>,
     /// Decoded keys by their sealing AAD (which names vault, key and version).
     decoded: Cache<String, Arc<Loaded>>,
 }
@@ -139,16 +227,16 @@ impl Caches {
     }
 
     /// A cached unwrap result.
-    pub fn unwrapped(&self, key: &UnwrapKey) -> Option<Arc<Zbytes>> {
+    pub fn unwrapped(&self, key: &UnwrapKey) -> Option<Arc<Zeroizing<CachedSecret>>> {
         let hit = self.unwraps.as_ref()?.get(key);
         crate::telemetry::cache_event(UNWRAP, hit.is_some());
         hit
     }
 
-    /// Remembers an unwrap result.
-    pub fn remember_unwrap(&self, key: UnwrapKey, plaintext: Arc<Zbytes>) {
+    /// Remembers an unwrap result (a copy of `plaintext`).
+    pub fn remember_unwrap(&self, key: UnwrapKey, plaintext: &[u8]) {
         if let Some(c) = &self.unwraps {
-            c.insert(key, plaintext);
+            c.insert(key, Arc::new(CachedSecret::new(plaintext)));
         }
     }
 
@@ -221,6 +309,63 @@ impl Caches {
 mod tests {
     use super::*;
 
+    fn context(epoch: u64) -> DecisionContext<'static> {
+        DecisionContext {
+            epoch,
+            principal: "p",
+            vault: "v",
+            key: "k",
+            permission: KeyPermission::UnwrapKey,
+            addr: None,
+            trusted_service: false,
+            subnet: None,
+        }
+    }
+
+    #[test]
+    fn cached_secrets_give_back_exactly_what_was_stored() {
+        for len in [0usize, 1, 31, 32, 33, 64, 470] {
+            let plain: Vec<u8> = (0..len).map(|i| (i % 251) as u8 + 1).collect();
+            let mut s = CachedSecret::new(&plain);
+            assert_eq!(s.as_bytes(), &plain[..], "length {len}");
+            assert_eq!(matches!(*s, CachedSecret::Inline { .. }), len <= INLINE_SECRET, "length {len}");
+            s.zeroize();
+            match &*s {
+                CachedSecret::Inline { len, bytes } => assert!(*len == 0 && bytes.iter().all(|b| *b == 0)),
+                CachedSecret::Heap(v) => assert!(v.is_empty()),
+            }
+        }
+    }
+
+    #[test]
+    fn every_part_of_the_context_changes_the_decision_key() {
+        let base = context(1);
+        let v4: IpAddr = "10.0.0.1".parse().unwrap_or(IpAddr::from([0u8; 4]));
+        let variants = [
+            DecisionContext { epoch: 2, ..base },
+            DecisionContext { principal: "q", ..base },
+            DecisionContext { vault: "w", ..base },
+            DecisionContext { key: "", ..base },
+            DecisionContext { permission: KeyPermission::WrapKey, ..base },
+            DecisionContext { addr: Some(v4), ..base },
+            // The same four octets as IPv6 (mapped) are another address.
+            DecisionContext {
+                addr: Some(IpAddr::V6(std::net::Ipv4Addr::new(10, 0, 0, 1).to_ipv6_mapped())),
+                ..base
+            },
+            DecisionContext { trusted_service: true, ..base },
+            DecisionContext { subnet: Some(""), ..base },
+            DecisionContext { subnet: Some("s"), ..base },
+            // Moving bytes from one part to the next is another context (length framing).
+            DecisionContext { principal: "pv", vault: "", ..base },
+        ];
+        let mut keys: Vec<DecisionKey> = variants.iter().map(DecisionKey::new).collect();
+        keys.push(DecisionKey::new(&base));
+        let distinct: std::collections::HashSet<_> = keys.iter().collect();
+        assert_eq!(distinct.len(), keys.len(), "two contexts share a decision key");
+        assert_eq!(DecisionKey::new(&base), DecisionKey::new(&context(1)), "the key is deterministic");
+    }
+
     #[test]
     fn decoded_keys_are_bounded_and_kept_with_the_caches_off() {
         let caches =
@@ -237,16 +382,7 @@ mod tests {
     #[test]
     fn a_new_epoch_drops_every_cached_decision() {
         let caches = Caches::new(&CacheSettings::default());
-        let key = |epoch| DecisionKey {
-            epoch,
-            principal: "p".into(),
-            vault: "v".into(),
-            key: "k".into(),
-            permission: KeyPermission::UnwrapKey,
-            addr: None,
-            trusted_service: false,
-            subnet: None,
-        };
+        let key = |epoch| DecisionKey::new(&context(epoch));
         assert!(caches.decision(key(1), || Ok(())).is_ok());
         let [d, _] = caches.figures();
         assert_eq!(d.entries, 1);
@@ -273,8 +409,8 @@ mod tests {
         };
         let caches = Caches::new(&settings);
         let key = |n: u8| UnwrapKey::new("v/k/1", Algorithm::RsaOaep256, &[n; 32]);
-        caches.remember_unwrap(key(1), Arc::new(Zbytes::new(vec![1])));
-        caches.remember_unwrap(key(2), Arc::new(Zbytes::new(vec![2])));
+        caches.remember_unwrap(key(1), &[1]);
+        caches.remember_unwrap(key(2), &[2]);
         let [d, u] = caches.figures();
         assert_eq!(
             d,
@@ -298,7 +434,7 @@ mod tests {
         );
 
         let off = Caches::new(&CacheSettings { enabled: false, ..settings });
-        off.remember_unwrap(key(1), Arc::new(Zbytes::new(vec![1])));
+        off.remember_unwrap(key(1), &[1]);
         for f in off.figures() {
             assert_eq!((f.enabled, f.entries, f.capacity, f.ttl), (false, 0, 0, Duration::ZERO));
         }

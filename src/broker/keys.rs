@@ -11,7 +11,7 @@ use serde::{Deserialize, Serialize};
 use zeroize::Zeroizing;
 
 use super::Broker;
-use super::cache::{DecisionKey, UnwrapKey};
+use super::cache::{DecisionContext, DecisionKey, UnwrapKey};
 use super::state::{KeyEntry, Loaded, Material, State, VaultEntry, material_aad};
 use crate::crypto::{self, CryptoError, ImportedKey, Zbytes};
 use crate::model::ids::{KeyId, key_index, key_name, key_uri, vault_name};
@@ -242,16 +242,17 @@ impl Broker {
         };
         // Network and permission decisions depend only on the state (its epoch) and on who
         // calls from where: cached under exactly that, so any change voids them at once.
-        let cache_key = DecisionKey {
+        let index = key.map(key_index).unwrap_or_default();
+        let cache_key = DecisionKey::new(&DecisionContext {
             epoch: st.epoch,
-            principal: caller.object_id.clone(),
-            vault: ve.vault.name.clone(),
-            key: key.map(key_index).unwrap_or_default(),
+            principal: &caller.object_id,
+            vault: &ve.vault.name,
+            key: &index,
             permission,
             addr: origin.addr,
             trusted_service: origin.trusted_service,
-            subnet: origin.subnet.clone(),
-        };
+            subnet: origin.subnet.as_deref(),
+        });
         self.caches.decision(cache_key, || {
             let desc = caller.description();
             crate::policy::network::check(
@@ -792,7 +793,7 @@ impl Broker {
                 .key
                 .versions
                 .iter()
-                .map(|v| (v.clone(), k.material.get(&v.version).cloned()))
+                .map(|v| (v.clone(), k.material(&v.version).cloned()))
                 .collect::<Vec<_>>();
             (k.key.name.clone(), versions)
         };
@@ -905,12 +906,12 @@ impl Broker {
             if let Some(hit) = cache_key.as_ref().and_then(|k| self.caches.unwrapped(k)) {
                 return Ok(CryptoResult {
                     kid,
-                    value: Zeroizing::new(hit.to_vec()),
+                    value: Zeroizing::new(hit.as_bytes().to_vec()),
                     iv: Vec::new(),
                     tag: Vec::new(),
                 });
             }
-            let material: Arc<Material> = k.material.get(&v.version).cloned().ok_or(BrokerError::Internal)?;
+            let material: Arc<Material> = k.material(&v.version).cloned().ok_or(BrokerError::Internal)?;
             (kid, v.kty, material, material_aad(&ve.vault.name, &k.key.name, &v.version), cache_key)
         };
         let sealer = self.sealer().clone();
@@ -931,7 +932,7 @@ impl Broker {
             self.caches.remember_decoded_key(aad, loaded);
         }
         if let Some(k) = cache_key {
-            self.caches.remember_unwrap(k, Arc::new(Zeroizing::new(result.value.to_vec())));
+            self.caches.remember_unwrap(k, &result.value);
         }
         Ok(result)
     }

@@ -58,8 +58,31 @@ impl Material {
 pub struct KeyEntry {
     /// Metadata and versions.
     pub key: Key,
-    /// Material by version id.
-    pub material: HashMap<String, Arc<Material>>,
+    /// Material of each version, in the order of `key.versions` (versions are only ever added,
+    /// and a key leaves with all of them): no per-key map or copied version ids.
+    material: Vec<Arc<Material>>,
+}
+
+impl KeyEntry {
+    /// A key without versions yet.
+    fn new(key: Key) -> Self {
+        let material = Vec::with_capacity(key.versions.capacity());
+        KeyEntry { key, material }
+    }
+
+    /// Adds a version with its sealed material (exact capacities: 10,000 keys of one version each
+    /// would otherwise carry room for three more versions apiece).
+    fn push_version(&mut self, version: crate::model::KeyVersion, sealed: Vec<u8>) {
+        self.key.versions.reserve_exact(1);
+        self.material.reserve_exact(1);
+        self.key.versions.push(version);
+        self.material.push(Arc::new(Material::new(sealed)));
+    }
+
+    /// The sealed material of version `version`.
+    pub fn material(&self, version: &str) -> Option<&Arc<Material>> {
+        self.key.versions.iter().position(|v| v.version == version).and_then(|i| self.material.get(i))
+    }
 }
 
 /// A vault with its keys, indexed by lower-cased key name.
@@ -107,13 +130,13 @@ impl State {
                 tracing::warn!(vault = %k.vault, key = %k.name, "stored key belongs to no vault; ignored");
                 continue;
             };
-            let mut entry = KeyEntry {
-                key: Key { name: k.name.clone(), versions: Vec::new(), deleted: k.deleted },
-                material: HashMap::new(),
-            };
+            let mut entry = KeyEntry::new(Key {
+                name: k.name.clone(),
+                versions: Vec::with_capacity(k.versions.len()),
+                deleted: k.deleted,
+            });
             for (meta, sealed) in k.versions {
-                entry.material.insert(meta.version.clone(), Arc::new(Material::new(sealed)));
-                entry.key.versions.push(meta);
+                entry.push_version(meta, sealed);
             }
             ve.keys.insert(key_index(&k.name), entry);
         }
@@ -159,15 +182,11 @@ impl State {
             }
             Change::PutKeyVersion { vault, name, version, sealed } => {
                 let Some(ve) = self.vaults.get_mut(&vault) else { return };
-                let entry = ve.keys.entry(key_index(&name)).or_insert_with(|| KeyEntry {
-                    key: Key { name: name.clone(), versions: Vec::new(), deleted: None },
-                    material: HashMap::new(),
+                let entry = ve.keys.entry(key_index(&name)).or_insert_with(|| {
+                    KeyEntry::new(Key { name: name.clone(), versions: Vec::new(), deleted: None })
                 });
                 match sealed {
-                    Some(sealed) => {
-                        entry.material.insert(version.version.clone(), Arc::new(Material::new(sealed)));
-                        entry.key.versions.push(version);
-                    }
+                    Some(sealed) => entry.push_version(version, sealed),
                     None => {
                         if let Some(v) = entry.key.versions.iter_mut().find(|v| v.version == version.version)
                         {

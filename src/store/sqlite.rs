@@ -44,6 +44,9 @@ impl SqliteStore {
         let conn = Connection::open(path)?;
         conn.pragma_update(None, "journal_mode", "WAL")?;
         conn.pragma_update(None, "synchronous", "FULL")?;
+        // The store is read whole once at start and then only written: a 512 KiB page cache
+        // (SQLite's default is 2 MiB) is plenty for commits, and the rest stays free.
+        conn.pragma_update(None, "cache_size", -512)?;
         conn.busy_timeout(std::time::Duration::from_secs(5))?;
         conn.execute_batch(SCHEMA)?;
         let version: Option<i64> = conn
