@@ -288,7 +288,14 @@ impl App {
                 if let Err(e) = sweeper_broker.purge_expired().await {
                     tracing::warn!(error = %e, "purging expired soft-deleted keys failed; will retry");
                 }
-                sweeper_broker.caches.run_pending_tasks();
+                // Cache housekeeping (expiry, eviction, dropped decisions) can walk 100,000
+                // entries: on the blocking pool, not on an executor thread that answers calls.
+                let housekeeping = sweeper_broker.clone();
+                if let Err(e) =
+                    tokio::task::spawn_blocking(move || housekeeping.caches.run_pending_tasks()).await
+                {
+                    tracing::warn!(error = %e, "cache housekeeping failed; will retry");
+                }
                 if let Err(e) = sweeper_broker.probe_if_due().await {
                     tracing::warn!(error = %e, "TDE probe failed; will retry");
                 }

@@ -879,6 +879,10 @@ struct Shared {
 struct Tally {
     /// Latency of OK requests, µs.
     hist: Histogram<u64>,
+    /// Open loop: how late each measured request left after its intended send time, µs (the
+    /// generator's own delay, included in `hist`; large values mean the generator, not the
+    /// server, is behind).
+    lag: Histogram<u64>,
     ok: u64,
     /// Failed requests by gRPC code name (or MISMATCH).
     errors: BTreeMap<String, u64>,
@@ -894,6 +898,7 @@ impl Tally {
         Tally {
             // ok: constant bounds that hdrhistogram accepts (1 ≤ low, 2·low ≤ high, 3 digits).
             hist: Histogram::new_with_bounds(1, MAX_LATENCY_US, 3).expect("valid histogram bounds"),
+            lag: Histogram::new_with_bounds(1, MAX_LATENCY_US, 3).expect("valid histogram bounds"),
             ok: 0,
             errors: BTreeMap::new(),
             first_message: BTreeMap::new(),
@@ -925,6 +930,7 @@ impl Tally {
     fn merge(&mut self, other: Tally) {
         // ok: both histograms have the same bounds.
         let _ = self.hist.add(&other.hist);
+        let _ = self.lag.add(&other.lag);
         self.ok += other.ok;
         for (code, n) in other.errors {
             *self.errors.entry(code).or_default() += n;
@@ -963,6 +969,7 @@ async fn worker(shared: Arc<Shared>, mut clients: Vec<Clients>) -> Tally {
                 (shared.seq.fetch_add(1, Ordering::Relaxed), Instant::now())
             }
         };
+        let sent = Instant::now();
         let c = &mut clients[(seq % connections) as usize];
         let outcome =
             match tokio::time::timeout(REQUEST_TIMEOUT, call(c, &shared.workload, shared.op, seq)).await {
@@ -976,6 +983,11 @@ async fn worker(shared: Arc<Shared>, mut clients: Vec<Clients>) -> Tally {
         let counter = if outcome.is_ok() { &shared.ok } else { &shared.failed };
         counter.fetch_add(1, Ordering::Relaxed);
         if intended >= shared.measure_from {
+            if shared.rate.is_some() {
+                let lag =
+                    u64::try_from(sent.saturating_duration_since(intended).as_micros()).unwrap_or(u64::MAX);
+                tally.lag.saturating_record(lag.clamp(1, MAX_LATENCY_US));
+            }
             tally.record(outcome, done.saturating_duration_since(intended), seq < cycle, done);
         }
     }
@@ -1210,6 +1222,11 @@ impl Report {
                 "p99_9": self.p(0.999),
                 "max": self.max(),
             },
+            "send_lag_us": self.plan.rate.map(|_| {
+                let lag = &self.tally.lag;
+                let at = |q| if lag.is_empty() { 0 } else { lag.value_at_quantile(q) };
+                json!({ "p50": at(0.5), "p99": at(0.99), "max": if lag.is_empty() { 0 } else { lag.max() } })
+            }),
             "backlog": self.backlog,
             "interrupted": self.interrupted,
         })
@@ -1268,6 +1285,18 @@ impl Report {
         }
         if let Some(backlog) = self.backlog {
             rows.push(("backlog".to_string(), format!("{backlog} slots never sent (all in flight)")));
+        }
+        if self.plan.rate.is_some() && !self.tally.lag.is_empty() {
+            let lag = &self.tally.lag;
+            rows.push((
+                "send lag µs".to_string(),
+                format!(
+                    "p50 {}  p99 {}  max {} (intended send time → sent; part of the latency)",
+                    lag.value_at_quantile(0.5),
+                    lag.value_at_quantile(0.99),
+                    lag.max()
+                ),
+            ));
         }
         fields(&rows)
     }
