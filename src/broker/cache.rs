@@ -69,7 +69,7 @@ pub struct DecisionContext<'a> {
 }
 
 /// A cached decision's key: SHA-256 over its whole [`DecisionContext`], each part framed with
-/// its length. 32 bytes inline: a lookup allocates nothing and an entry holds no strings.
+/// its length. 32 bytes inline: an entry holds no strings, and hashing the context copies none.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct DecisionKey([u8; 32]);
 
@@ -77,10 +77,19 @@ impl DecisionKey {
     /// The key of a decision in context `c`.
     pub fn new(c: &DecisionContext<'_>) -> Self {
         // Absent and present-but-empty values frame differently: a presence byte precedes each.
-        let addr = match c.addr {
-            None => Vec::new(),
-            Some(IpAddr::V4(a)) => [&[4u8][..], &a.octets()].concat(),
-            Some(IpAddr::V6(a)) => [&[6u8][..], &a.octets()].concat(),
+        let mut addr = [0u8; 17];
+        let addr_len = match c.addr {
+            None => 0,
+            Some(IpAddr::V4(a)) => {
+                addr[0] = 4;
+                addr[1..5].copy_from_slice(&a.octets());
+                5
+            }
+            Some(IpAddr::V6(a)) => {
+                addr[0] = 6;
+                addr[1..].copy_from_slice(&a.octets());
+                17
+            }
         };
         let (has_subnet, subnet) = match c.subnet {
             Some(s) => (&[1u8], s.as_bytes()),
@@ -93,7 +102,7 @@ impl DecisionKey {
             c.vault.as_bytes(),
             c.key.as_bytes(),
             c.permission.name().as_bytes(),
-            &addr,
+            &addr[..addr_len],
             &[u8::from(c.trusted_service)],
             has_subnet,
             subnet,

@@ -893,12 +893,17 @@ struct Tally {
     last_done: Option<Instant>,
 }
 
+/// An empty histogram of 1 µs .. `MAX_LATENCY_US`, 3 significant digits.
+fn microseconds() -> Histogram<u64> {
+    // ok: constant bounds that hdrhistogram accepts (1 ≤ low, 2·low ≤ high, 3 digits).
+    Histogram::new_with_bounds(1, MAX_LATENCY_US, 3).expect("valid histogram bounds")
+}
+
 impl Tally {
     fn new() -> Self {
         Tally {
-            // ok: constant bounds that hdrhistogram accepts (1 ≤ low, 2·low ≤ high, 3 digits).
-            hist: Histogram::new_with_bounds(1, MAX_LATENCY_US, 3).expect("valid histogram bounds"),
-            lag: Histogram::new_with_bounds(1, MAX_LATENCY_US, 3).expect("valid histogram bounds"),
+            hist: microseconds(),
+            lag: microseconds(),
             ok: 0,
             errors: BTreeMap::new(),
             first_message: BTreeMap::new(),
