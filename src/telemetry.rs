@@ -18,6 +18,8 @@
 //! Nothing here ever sees request or response messages: no key material, values or tokens reach
 //! a metric, a span or an audit record (ARCHITECTURE.md invariant 6).
 
+use std::borrow::Cow;
+use std::cell::RefCell;
 use std::collections::HashMap;
 use std::fmt::Write as _;
 use std::future::Future;
@@ -221,8 +223,20 @@ impl Metrics {
 
     /// One RPC: counted by service, method and outcome, timed by service and method.
     pub fn record_request(&self, service: &str, method: &str, outcome: &str, elapsed: Duration) {
-        self.requests.add(&format!("{service}{SEP}{method}{SEP}{outcome}"), 1);
-        self.durations.observe(&format!("{service}{SEP}{method}"), elapsed);
+        // The series keys are built in a buffer of this thread (no allocation per request).
+        thread_local! {
+            static KEY: RefCell<String> = const { RefCell::new(String::new()) };
+        }
+        KEY.with_borrow_mut(|key| {
+            key.clear();
+            key.push_str(service);
+            key.push(SEP);
+            key.push_str(method);
+            self.durations.observe(key, elapsed);
+            key.push(SEP);
+            key.push_str(outcome);
+            self.requests.add(key, 1);
+        });
     }
 
     /// An audit record could not be written.
@@ -411,6 +425,9 @@ pub struct RequestContext(Arc<Mutex<ContextData>>);
 
 #[derive(Clone, Default, Debug)]
 struct ContextData {
+    /// Whether an audit record or a span will read the notes (else only `cache_hit` is kept:
+    /// the caller and resource strings are not copied for nobody).
+    recording: bool,
     principal: Option<String>,
     caller_address: Option<SocketAddr>,
     resource: Option<String>,
@@ -422,6 +439,16 @@ tokio::task_local! {
 }
 
 impl RequestContext {
+    /// A context whose caller and resource notes are kept only when `recording`.
+    fn new(recording: bool) -> Self {
+        RequestContext(Arc::new(Mutex::new(ContextData { recording, ..ContextData::default() })))
+    }
+
+    /// Whether the caller and resource notes are kept (an audit record or a span reads them).
+    pub fn recording(&self) -> bool {
+        self.with(|d| d.recording)
+    }
+
     fn with<R>(&self, f: impl FnOnce(&mut ContextData) -> R) -> R {
         f(&mut self.0.lock().unwrap_or_else(|p| p.into_inner()))
     }
@@ -429,6 +456,9 @@ impl RequestContext {
     /// The caller's address (after trusted proxies) and, once authenticated, its object id.
     pub fn note_caller(&self, address: Option<SocketAddr>, principal: Option<&str>) {
         self.with(|d| {
+            if !d.recording {
+                return;
+            }
             d.caller_address = address.or(d.caller_address);
             if let Some(p) = principal {
                 d.principal = Some(p.to_string());
@@ -438,7 +468,7 @@ impl RequestContext {
 
     /// The resource the request names (a key id, a vault, a server); never a value or a secret.
     pub fn note_resource(&self, resource: &str) {
-        if resource.is_empty() {
+        if resource.is_empty() || !self.recording() {
             return;
         }
         let mut end = resource.len().min(MAX_RESOURCE);
@@ -531,13 +561,13 @@ fn request_id(headers: &http::HeaderMap) -> String {
 
 /// The gRPC status code and outcome label of a response: `OK`, the `ErrorInfo` reason, or the
 /// code's name when the status carries no reason (e.g. `Unimplemented`).
-fn outcome_of(headers: &http::HeaderMap) -> (tonic::Code, String) {
+fn outcome_of(headers: &http::HeaderMap) -> (tonic::Code, Cow<'static, str>) {
     match tonic::Status::from_header_map(headers) {
-        None => (tonic::Code::Ok, "OK".to_string()),
-        Some(s) if s.code() == tonic::Code::Ok => (tonic::Code::Ok, "OK".to_string()),
+        None => (tonic::Code::Ok, Cow::Borrowed("OK")),
+        Some(s) if s.code() == tonic::Code::Ok => (tonic::Code::Ok, Cow::Borrowed("OK")),
         Some(s) => {
             let reason = crate::grpc::status::reason(&s).unwrap_or_else(|| format!("{:?}", s.code()));
-            (s.code(), reason)
+            (s.code(), Cow::Owned(reason))
         }
     }
 }
@@ -585,36 +615,41 @@ where
         // The service that was polled ready serves this call; its clone stays for the next.
         let clone = self.inner.clone();
         let mut inner = std::mem::replace(&mut self.inner, clone);
-        let Some((service, method)) = rpc_of(req.uri().path()) else {
+        if rpc_of(req.uri().path()).is_none() {
             return Box::pin(inner.call(req));
-        };
-        let (service, method) = (service.to_string(), method.to_string());
+        }
+        // The path's bytes are shared, not copied: service and method are read from it later.
+        let uri = req.uri().clone();
         let observer = self.observer.clone();
         let started = Instant::now();
         let request_id = request_id(req.headers());
-        let ctx = RequestContext::default();
+        let ctx = RequestContext::new(observer.audit.enabled() || observer.otel.is_some());
         if let Some(peer) = connection_peer(req.extensions()) {
             ctx.note_caller(Some(peer), None);
         }
         req.extensions_mut().insert(ctx.clone());
-        let span = observer.otel.as_ref().map(|o| o.start_span(req.headers(), &service, &method));
+        let span = observer.otel.as_ref().map(|o| {
+            let (service, method) = rpc_of(uri.path()).unwrap_or_default();
+            o.start_span(req.headers(), service, method)
+        });
         let refuse = observer.audit.required() && !observer.audit.available();
         Box::pin(async move {
+            let (service, method) = rpc_of(uri.path()).unwrap_or_default();
             let mut response = if refuse {
                 audit_unavailable(false).into_http::<Body>()
             } else {
                 match CURRENT.scope(ctx.clone(), inner.call(req)).await {
                     Ok(r) => r,
                     Err(e) => {
-                        let rpc = Finished { service: &service, method: &method };
+                        let rpc = Finished { service, method };
                         observer.finish(rpc, &ctx, started, tonic::Code::Internal, "Internal".into(), span);
                         return Err(e);
                     }
                 }
             };
             let (mut code, mut outcome) = outcome_of(response.headers());
-            let data = ctx.snapshot();
             if !refuse && observer.audit.enabled() {
+                let data = ctx.snapshot();
                 let unix = observer.broker.clock.now();
                 let trace_id = span.as_ref().map(|s| s.span_context().trace_id().to_string());
                 let record = AuditRecord {
@@ -625,7 +660,7 @@ where
                     caller_address: data.caller_address.map(|a| a.to_string()),
                     operation: format!("{service}/{method}").chars().take(256).collect(),
                     resource: data.resource.as_deref(),
-                    outcome: &outcome,
+                    outcome: outcome.as_ref(),
                     grpc_status: code as i32,
                     cache_hit: data.cache_hit,
                     latency_ms: started.elapsed().as_secs_f64() * 1000.0,
@@ -634,13 +669,14 @@ where
                 if observer.audit.write(&record).is_err() && observer.audit.required() {
                     // The caller does not get a result that left no audit trail.
                     response = audit_unavailable(true).into_http::<Body>();
-                    (code, outcome) = (tonic::Code::Unavailable, AUDIT_UNAVAILABLE.to_string());
+                    (code, outcome) = (tonic::Code::Unavailable, Cow::Borrowed(AUDIT_UNAVAILABLE));
                 }
             }
-            if let Ok(v) = http::HeaderValue::from_str(&request_id) {
+            // The id's bytes move into the header value (no copy).
+            if let Ok(v) = http::HeaderValue::try_from(request_id) {
                 response.headers_mut().insert(REQUEST_ID, v);
             }
-            let rpc = Finished { service: &service, method: &method };
+            let rpc = Finished { service, method };
             observer.finish(rpc, &ctx, started, code, outcome, span);
             Ok(response)
         })
@@ -668,7 +704,7 @@ impl Observer {
         ctx: &RequestContext,
         started: Instant,
         code: tonic::Code,
-        outcome: String,
+        outcome: Cow<'static, str>,
         span: Option<opentelemetry_sdk::trace::Span>,
     ) {
         let elapsed = started.elapsed();
@@ -686,7 +722,7 @@ impl Observer {
             ];
             otel.duration.record(elapsed.as_secs_f64(), &attrs);
             let mut with_outcome = attrs.to_vec();
-            with_outcome.push(KeyValue::new("outcome", outcome.clone()));
+            with_outcome.push(KeyValue::new("outcome", outcome.to_string()));
             otel.requests.add(1, &with_outcome);
         }
         if let Some(mut span) = span {
@@ -704,9 +740,9 @@ impl Observer {
                 span.set_attribute(KeyValue::new("client.address", a.ip().to_string()));
             }
             span.set_attribute(KeyValue::new("rpc.grpc.status_code", code as i64));
-            span.set_attribute(KeyValue::new("tdebroker.outcome", outcome.clone()));
+            span.set_attribute(KeyValue::new("tdebroker.outcome", outcome.to_string()));
             if code != tonic::Code::Ok {
-                span.set_status(SpanStatus::error(outcome));
+                span.set_status(SpanStatus::error(outcome.into_owned()));
             }
             span.end();
         }

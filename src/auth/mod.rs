@@ -5,7 +5,8 @@
 
 pub mod jwt;
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::{Arc, PoisonError, RwLock};
 
 use crate::broker::Broker;
 use crate::crypto::TokenSigningKey;
@@ -69,10 +70,10 @@ pub struct Authenticator {
     /// `kid` header of issued tokens: identifies the signing key.
     kid: String,
     broker: Arc<Broker>,
-    /// Claims of tokens whose signature already verified, by SHA-256 of the token. A token
-    /// cannot change, so its signature needs checking once; issuer, audience, lifetime (on the
-    /// broker's clock) and the principal's existence are still checked on every call.
-    verified: moka::sync::Cache<[u8; 32], Arc<Claims>>,
+    /// Tokens whose signature already verified. A token cannot change, so its signature needs
+    /// checking once; issuer, audience, lifetime (on the broker's clock) and the principal's
+    /// existence are still checked on every call.
+    verified: VerifiedTokens,
     /// The issuer every token must name (the tenant is fixed for the broker's life).
     issuer: String,
 }
@@ -80,10 +81,7 @@ pub struct Authenticator {
 impl Authenticator {
     /// Wraps the signing key.
     pub fn new(key: TokenSigningKey, kid: String, broker: Arc<Broker>) -> Self {
-        let verified = moka::sync::Cache::builder()
-            .max_capacity(100_000)
-            .time_to_idle(std::time::Duration::from_secs(3600))
-            .build();
+        let verified = VerifiedTokens::new(VERIFIED_TOKENS);
         let issuer = broker.settings.issuer();
         Authenticator { key, kid, broker, verified, issuer }
     }
@@ -148,7 +146,7 @@ impl Authenticator {
             Some(c) => c,
             None => {
                 let c = Arc::new(jwt::decode(token, &self.kid, &self.key)?);
-                self.verified.insert(digest, c.clone());
+                self.verified.insert(digest, c.clone(), self.broker.clock.now());
                 c
             }
         };
@@ -206,6 +204,44 @@ impl Authenticator {
     }
 }
 
+/// Most verified tokens remembered (a few hundred bytes of claims each).
+const VERIFIED_TOKENS: usize = 100_000;
+
+/// Claims of tokens whose signature verified, by SHA-256 of the token: a map under a
+/// read-write lock (every call reads it; only a token's first call writes). When full, the
+/// expired tokens are dropped, and if every token is still live, all of them (each is verified
+/// again on its next call).
+struct VerifiedTokens {
+    map: RwLock<HashMap<[u8; 32], Arc<Claims>>>,
+    capacity: usize,
+}
+
+impl VerifiedTokens {
+    fn new(capacity: usize) -> Self {
+        VerifiedTokens { map: RwLock::new(HashMap::new()), capacity }
+    }
+
+    fn get(&self, digest: &[u8; 32]) -> Option<Arc<Claims>> {
+        self.map.read().unwrap_or_else(PoisonError::into_inner).get(digest).cloned()
+    }
+
+    fn insert(&self, digest: [u8; 32], claims: Arc<Claims>, now: i64) {
+        let mut map = self.map.write().unwrap_or_else(PoisonError::into_inner);
+        if map.len() >= self.capacity && !map.contains_key(&digest) {
+            map.retain(|_, c| now < c.exp.saturating_add(CLOCK_SKEW));
+            if map.len() >= self.capacity {
+                map.clear();
+            }
+        }
+        map.insert(digest, claims);
+    }
+
+    #[cfg(test)]
+    fn len(&self) -> usize {
+        self.map.read().unwrap_or_else(PoisonError::into_inner).len()
+    }
+}
+
 /// The tonic interceptor that authenticates every request of one service (default deny).
 #[derive(Clone)]
 pub struct AuthInterceptor {
@@ -246,5 +282,51 @@ impl AuthInterceptor {
         let mut caller = self.auth.validate(token.trim(), self.plane)?;
         caller.peer = peer;
         Ok(caller)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn claims(exp: i64) -> Arc<Claims> {
+        Arc::new(Claims {
+            iss: "https://sts.windows.net/t/".to_string(),
+            aud: Audience::One(VAULT_AUDIENCE.to_string()),
+            sub: "s".to_string(),
+            oid: "s".to_string(),
+            tid: "t".to_string(),
+            appid: "a".to_string(),
+            idtyp: "app".to_string(),
+            name: None,
+            xms_mirid: None,
+            iat: 0,
+            nbf: 0,
+            exp,
+        })
+    }
+
+    #[test]
+    fn a_full_verified_token_cache_drops_expired_tokens_first_and_stays_bounded() {
+        let cache = VerifiedTokens::new(3);
+        let now = 1_000_000;
+        cache.insert([1; 32], claims(now - CLOCK_SKEW - 1), now); // expired, skew included
+        cache.insert([2; 32], claims(now + 3600), now);
+        cache.insert([3; 32], claims(now + 3600), now);
+        // Full: the expired token makes room, the live ones stay.
+        cache.insert([4; 32], claims(now + 3600), now);
+        assert!(cache.get(&[1; 32]).is_none());
+        for live in [[2; 32], [3; 32], [4; 32]] {
+            assert_eq!(cache.get(&live).map(|c| c.exp), Some(now + 3600));
+        }
+        // Full of live tokens: it starts over rather than grow.
+        cache.insert([5; 32], claims(now + 3600), now);
+        assert_eq!(cache.len(), 1);
+        assert!(cache.get(&[5; 32]).is_some());
+        // A token already present is replaced in place, without dropping the others.
+        cache.insert([6; 32], claims(now + 3600), now);
+        cache.insert([6; 32], claims(now + 7200), now);
+        assert_eq!(cache.len(), 2);
+        assert_eq!(cache.get(&[6; 32]).map(|c| c.exp), Some(now + 7200));
     }
 }

@@ -73,6 +73,20 @@ pub fn sha256(data: &[u8]) -> [u8; 32] {
 /// SHA-256 over `parts`, each preceded by its length (8 bytes, big-endian), so that no two
 /// different part lists hash the same input. Streams the parts: no joined copy.
 pub fn sha256_framed(parts: &[&[u8]]) -> [u8; 32] {
+    // Small inputs (the hot path's cache keys) are framed in a stack buffer and hashed in one
+    // call: setting up a streaming context costs as much as hashing a few hundred bytes.
+    const SMALL: usize = 512;
+    let framed_len: usize = parts.iter().map(|p| 8 + p.len()).sum();
+    if framed_len <= SMALL {
+        let mut buf = [0u8; SMALL];
+        let mut at = 0;
+        for part in parts {
+            buf[at..at + 8].copy_from_slice(&(part.len() as u64).to_be_bytes());
+            buf[at + 8..at + 8 + part.len()].copy_from_slice(part);
+            at += 8 + part.len();
+        }
+        return sha256(&buf[..at]);
+    }
     let mut ctx = aws_lc_rs::digest::Context::new(&aws_lc_rs::digest::SHA256);
     for part in parts {
         ctx.update(&(part.len() as u64).to_be_bytes());
@@ -90,6 +104,30 @@ fn to_array(digest: aws_lc_rs::digest::Digest) -> [u8; 32] {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn framed_hashes_are_the_hash_of_length_prefixed_parts_whatever_their_size() {
+        let framed = |parts: &[&[u8]]| {
+            let mut joined = Vec::new();
+            for p in parts {
+                joined.extend_from_slice(&(p.len() as u64).to_be_bytes());
+                joined.extend_from_slice(p);
+            }
+            sha256(&joined)
+        };
+        let big = vec![7u8; 600];
+        let edge = vec![9u8; 512 - 16];
+        for parts in [
+            vec![&b"kid"[..], &b"RSA-OAEP-256"[..], &[1u8; 256][..]],
+            vec![&edge[..], &b""[..]],  // exactly the stack buffer
+            vec![&edge[..], &b"x"[..]], // one byte over
+            vec![&big[..]],
+            vec![],
+        ] {
+            assert_eq!(sha256_framed(&parts), framed(&parts), "{} parts", parts.len());
+        }
+        assert_ne!(sha256_framed(&[b"ab", b"c"]), sha256_framed(&[b"a", b"bc"]));
+    }
 
     #[test]
     fn algorithm_classification_is_consistent() {

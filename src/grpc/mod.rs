@@ -51,6 +51,7 @@ impl Interceptor for AuthInterceptor {
 /// a missing caller means a wiring bug: refuse rather than run anonymously.
 pub fn caller<T: 'static>(request: &Request<T>) -> Result<Caller, Status> {
     if let Some(ctx) = request.extensions().get::<crate::telemetry::RequestContext>()
+        && ctx.recording()
         && let Some(resource) = resource_of(request.get_ref())
     {
         ctx.note_resource(&resource);
