@@ -921,6 +921,29 @@ mod tests {
     }
 
     #[test]
+    fn request_context_keeps_caller_and_resource_only_when_something_records_them() {
+        let addr: SocketAddr = "10.1.2.3:4000".parse().unwrap();
+        let quiet = RequestContext::new(false);
+        quiet.note_caller(Some(addr), Some("oid-1"));
+        quiet.note_resource("https://v.vault.azure.net/keys/k");
+        quiet.note_cache(true);
+        let d = quiet.snapshot();
+        assert_eq!((d.principal, d.caller_address, d.resource), (None, None, None));
+        assert_eq!(d.cache_hit, Some(true));
+
+        let recorded = RequestContext::new(true);
+        recorded.note_caller(Some(addr), Some("oid-1"));
+        recorded.note_resource("https://v.vault.azure.net/keys/k");
+        recorded.note_cache(true);
+        recorded.note_cache(false);
+        let d = recorded.snapshot();
+        assert_eq!(d.principal.as_deref(), Some("oid-1"));
+        assert_eq!(d.caller_address, Some(addr));
+        assert_eq!(d.resource.as_deref(), Some("https://v.vault.azure.net/keys/k"));
+        assert_eq!(d.cache_hit, Some(false));
+    }
+
+    #[test]
     fn request_ids_are_kept_only_when_sane() {
         let mut h = http::HeaderMap::new();
         h.insert(REQUEST_ID, "abc-123".parse().unwrap());
