@@ -20,6 +20,17 @@ fn loadtest(args: &[&str]) -> Value {
     serde_json::from_str(&stdout).unwrap_or_else(|e| panic!("not JSON ({e}):\n{stdout}"))
 }
 
+/// Runs `loadtest ARGS` against broker `b` with its admin token, off the test's runtime (the
+/// broker answers on it while the tool runs).
+async fn loadtest_against(b: &common::TestBroker, args: &'static [&'static str]) -> Value {
+    let (server, token) = (format!("http://{}", b.addr), b.token.clone());
+    tokio::task::spawn_blocking(move || {
+        loadtest(&[&["--server", server.as_str(), "--token", token.as_str()][..], args].concat())
+    })
+    .await
+    .expect("loadtest thread")
+}
+
 /// Requests succeeded, none failed, and the percentiles are ordered.
 fn assert_clean_report(r: &Value) {
     let ok = r["ok"].as_u64().expect("ok count");
@@ -62,14 +73,9 @@ async fn leftovers(b: &common::TestBroker) -> Vec<String> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unwrap_against_a_broker_checks_every_plaintext_and_cleans_up() {
     let b = common::start().await;
-    let (server, token) = (format!("http://{}", b.addr), b.token.clone());
-    let r = tokio::task::spawn_blocking(move || {
-        // No warm-up: the first use of each of the 2 × 4 ciphertexts is measured.
-        let args = ["--keys", "2", "--distinct-ciphertexts", "4", "--duration", "1s", "--warmup", "0s"];
-        loadtest(&[&["--server", server.as_str(), "--token", token.as_str()][..], &args[..]].concat())
-    })
-    .await
-    .expect("loadtest thread");
+    // No warm-up: the first use of each of the 2 × 4 ciphertexts is measured.
+    let args = &["--keys", "2", "--distinct-ciphertexts", "4", "--duration", "1s", "--warmup", "0s"];
+    let r = loadtest_against(&b, args).await;
     assert_clean_report(&r);
     assert_eq!(r["target"], "broker");
     assert_eq!((r["keys"].as_u64(), r["distinct_ciphertexts"].as_u64()), (Some(2), Some(4)));
@@ -83,14 +89,9 @@ async fn unwrap_against_a_broker_checks_every_plaintext_and_cleans_up() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn engine_unwrap_sets_up_a_cmk_server_and_removes_it() {
     let b = common::start().await;
-    let (server, token) = (format!("http://{}", b.addr), b.token.clone());
-    let r = tokio::task::spawn_blocking(move || {
-        let args =
-            ["--op", "engine-unwrap", "--distinct-ciphertexts", "2", "--duration", "1s", "--warmup", "0s"];
-        loadtest(&[&["--server", server.as_str(), "--token", token.as_str()][..], &args[..]].concat())
-    })
-    .await
-    .expect("loadtest thread");
+    let args =
+        &["--op", "engine-unwrap", "--distinct-ciphertexts", "2", "--duration", "1s", "--warmup", "0s"];
+    let r = loadtest_against(&b, args).await;
     assert_clean_report(&r);
     assert_eq!(r["op"], "engine-unwrap");
     // The purge-protected vault stays (its keys cannot be purged); the server goes.
@@ -115,13 +116,8 @@ async fn injected_latency_shows_in_the_percentiles() {
         })
         .await
         .expect("set faults on every vault");
-    let (server, token) = (format!("http://{}", b.addr), b.token.clone());
-    let r = tokio::task::spawn_blocking(move || {
-        let args = ["--op", "unwrap", "--concurrency", "8", "--duration", "1s", "--warmup", "0s"];
-        loadtest(&[&["--server", server.as_str(), "--token", token.as_str()][..], &args[..]].concat())
-    })
-    .await
-    .expect("loadtest thread");
+    let args = &["--op", "unwrap", "--concurrency", "8", "--duration", "1s", "--warmup", "0s"];
+    let r = loadtest_against(&b, args).await;
     assert_clean_report(&r);
     let l = &r["latency_us"];
     let (min, p50, p99) = (l["min"].as_u64(), l["p50"].as_u64(), l["p99"].as_u64());

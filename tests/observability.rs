@@ -74,6 +74,23 @@ impl Running {
     fn kv(&self) -> common::Kv {
         KeyVaultClient::with_interceptor(self.channel.clone(), common::bearer(&self.token))
     }
+    /// Wraps `dek` under `key` `wraps` times (each an RSA operation), then unwraps the last
+    /// ciphertext `unwraps` times, checking the plaintext each time.
+    async fn wrap_then_unwrap(&self, key: &str, dek: &[u8], wraps: usize, unwraps: usize) {
+        let mut wrapped = Vec::new();
+        for _ in 0..wraps {
+            let r = self.kv().wrap_key(common::crypto_req(key, "RSA-OAEP-256", dek)).await.expect("wrap");
+            wrapped = r.into_inner().value;
+        }
+        for _ in 0..unwraps {
+            let r = self
+                .kv()
+                .unwrap_key(common::unwrap_req(key, "RSA-OAEP-256", &wrapped))
+                .await
+                .expect("unwrap");
+            assert_eq!(r.into_inner().value, dek);
+        }
+    }
     fn vaults(&self) -> common::Vaults {
         VaultsClient::with_interceptor(self.channel.clone(), common::bearer(&self.token))
     }
@@ -434,20 +451,7 @@ async fn metrics_count_requests_and_readiness_follows_the_lifecycle() {
 
     let before = scrape(http);
     let dek = tde_broker::crypto::random_bytes(32);
-    let mut wrapped = Vec::new();
-    for _ in 0..3 {
-        wrapped = b
-            .kv()
-            .wrap_key(common::crypto_req(&key, "RSA-OAEP-256", &dek))
-            .await
-            .expect("wrap")
-            .into_inner()
-            .value;
-    }
-    for _ in 0..2 {
-        let r = b.kv().unwrap_key(common::unwrap_req(&key, "RSA-OAEP-256", &wrapped)).await.expect("unwrap");
-        assert_eq!(r.into_inner().value, dek);
-    }
+    b.wrap_then_unwrap(&key, &dek, 3, 2).await;
     let garbage = vec![7u8; 256];
     common::assert_status(
         b.kv().unwrap_key(common::unwrap_req(&key, "RSA-OAEP-256", &garbage)).await,
@@ -602,18 +606,8 @@ async fn the_prometheus_python_client_reads_the_same_metrics() {
     let b = start(|_, _| {}).await;
     let key = b.vault_and_key("obspyclient").await;
     let dek = tde_broker::crypto::random_bytes(32);
-    let wrapped = b
-        .kv()
-        .wrap_key(common::crypto_req(&key, "RSA-OAEP-256", &dek))
-        .await
-        .expect("wrap")
-        .into_inner()
-        .value;
-    for _ in 0..2 {
-        // The second is answered by the unwrap cache: both cache counters have a series.
-        let r = b.kv().unwrap_key(common::unwrap_req(&key, "RSA-OAEP-256", &wrapped)).await.expect("unwrap");
-        assert_eq!(r.into_inner().value, dek);
-    }
+    // The second unwrap is answered by the unwrap cache: both cache counters have a series.
+    b.wrap_then_unwrap(&key, &dek, 1, 2).await;
     let (status, _, body) = get(b.http(), "/metrics");
     assert_eq!(status, 200);
     b.stop().await;
