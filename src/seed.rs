@@ -26,7 +26,7 @@ use serde::Deserialize;
 use crate::broker::Broker;
 use crate::broker::keys::{NewAttributes, NewKey, NewMaterial};
 use crate::broker::vaults::VaultSpec;
-use crate::model::ids::{key_index, vault_name};
+use crate::model::ids::vault_name;
 use crate::model::{Caller, KeyPermission, KeyType};
 use crate::server::StartError;
 
@@ -103,7 +103,7 @@ pub async fn apply(broker: &Broker, caller: &Caller, path: &Path) -> Result<(), 
             tracing::info!(vault = %name, "seed: created vault");
         }
         for k in v.key {
-            let present = broker.read().vault(&name)?.keys.contains_key(&key_index(&k.name));
+            let present = broker.read().vault(&name)?.key(&k.name).is_some();
             if present {
                 continue;
             }

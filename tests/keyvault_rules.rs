@@ -671,3 +671,40 @@ async fn the_caches_can_be_switched_off() {
     }
     b.stop().await;
 }
+
+/// Key names are case-insensitive, as in the cloud: a key is found, wrapped with and unwrapped
+/// with under any case of its name, and answers with the name as it was created.
+#[tokio::test]
+async fn key_names_are_case_insensitive() {
+    let b = start().await;
+    b.vault("casevault", false).await;
+    let created = b.key("casevault", "MixedCase", "RSA", 2048).await;
+    let stored = kid(&created);
+    assert!(stored.contains("/keys/MixedCase/"), "{stored}");
+    for spelling in ["MixedCase", "mixedcase", "MIXEDCASE"] {
+        let got = b
+            .kv()
+            .get_key(proto::GetKeyRequest { key_id: b.key_uri("casevault", spelling) })
+            .await
+            .expect("get key")
+            .into_inner();
+        assert_eq!(kid(&got), stored, "GetKey by {spelling}");
+        let wrapped = wrap(&b, &b.key_uri("casevault", spelling), "RSA-OAEP-256", &DEK).await.expect("wrap");
+        assert_eq!(wrapped.kid, stored, "WrapKey by {spelling}");
+        // Twice: the first unwrap decrypts, the second is answered by the unwrap cache.
+        for _ in 0..2 {
+            let plain =
+                unwrap(&b, &b.key_uri("casevault", &spelling.to_lowercase()), "RSA-OAEP-256", &wrapped.value)
+                    .await
+                    .expect("unwrap");
+            assert_eq!((plain.value.as_slice(), plain.kid.as_str()), (&DEK[..], stored.as_str()));
+        }
+    }
+    // A name that differs in more than case is another key.
+    assert_status(
+        b.kv().get_key(proto::GetKeyRequest { key_id: b.key_uri("casevault", "MixedCases") }).await,
+        Code::NotFound,
+        "KeyNotFound",
+    );
+    b.stop().await;
+}

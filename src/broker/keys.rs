@@ -14,7 +14,7 @@ use super::Broker;
 use super::cache::{DecisionContext, DecisionKey, UnwrapKey};
 use super::state::{KeyEntry, Loaded, Material, State, VaultEntry, material_aad};
 use crate::crypto::{self, CryptoError, ImportedKey, Zbytes};
-use crate::model::ids::{KeyId, key_index, key_name, key_uri, vault_name};
+use crate::model::ids::{KeyId, key_index_of, key_name, key_uri, vault_name};
 use crate::model::key::{validate_tags, validate_window};
 use crate::model::{
     Algorithm, BrokerError, Caller, Change, CryptoOp, Deletion, KeyAttributes, KeyOp, KeyPermission, KeyType,
@@ -242,7 +242,7 @@ impl Broker {
         };
         // Network and permission decisions depend only on the state (its epoch) and on who
         // calls from where: cached under exactly that, so any change voids them at once.
-        let index = key.map(key_index).unwrap_or_default();
+        let index = key.map(key_index_of).unwrap_or_default();
         let cache_key = DecisionKey::new(&DecisionContext {
             epoch: st.epoch,
             principal: &caller.object_id,
@@ -288,7 +288,7 @@ impl Broker {
 
     /// An active (not deleted) key, or `KeyNotFound`.
     fn active_key<'a>(ve: &'a VaultEntry, name: &str) -> Result<&'a KeyEntry, BrokerError> {
-        match ve.keys.get(&key_index(name)) {
+        match ve.key(name) {
             Some(k) if k.key.deleted.is_none() => Ok(k),
             _ => Err(BrokerError::KeyNotFound { name_or_id: name.to_string() }),
         }
@@ -328,7 +328,7 @@ impl Broker {
             let ve = st.vault(&vault)?;
             self.authorize_data(&st, ve, caller, permission, Some(&name))?;
             self.admit_create(&vault, req.material.key_type())?;
-            if let Some(k) = ve.keys.get(&key_index(&name))
+            if let Some(k) = ve.key(&name)
                 && k.key.deleted.is_some()
             {
                 return Err(BrokerError::KeyDeletedButRecoverable { name: k.key.name.clone() });
@@ -408,7 +408,7 @@ impl Broker {
             let st = self.read();
             let ve = st.vault(vault)?;
             self.authorize_data(&st, ve, caller, permission, Some(name))?;
-            let stored_name = match ve.keys.get(&key_index(name)) {
+            let stored_name = match ve.key(name) {
                 Some(k) if k.key.deleted.is_some() => {
                     return Err(BrokerError::KeyDeletedButRecoverable { name: k.key.name.clone() });
                 }
@@ -662,7 +662,7 @@ impl Broker {
         name: &str,
     ) -> Result<(&'a VaultEntry, &'a KeyEntry), BrokerError> {
         let ve = st.vault(vault)?;
-        match ve.keys.get(&key_index(name)) {
+        match ve.key(name) {
             Some(k) if k.key.deleted.is_some() => Ok((ve, k)),
             _ => Err(BrokerError::DeletedKeyNotFound { name: name.to_string() }),
         }
@@ -848,7 +848,7 @@ impl Broker {
             let st = self.read();
             let ve = st.vault(&vault)?;
             self.authorize_data(&st, ve, caller, KeyPermission::Restore, Some(&payload.name))?;
-            match ve.keys.get(&key_index(&payload.name)) {
+            match ve.key(&payload.name) {
                 Some(k) if k.key.deleted.is_some() => {
                     return Err(BrokerError::KeyDeletedButRecoverable { name: k.key.name.clone() });
                 }

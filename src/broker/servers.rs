@@ -4,7 +4,7 @@
 use super::state::{State, db_key};
 use super::tde::{DbEventRecord, identity_label, identity_principal};
 use super::{Broker, EnforceCmk, new_guid};
-use crate::model::ids::{KeyId, key_index, key_uri, printable};
+use crate::model::ids::{KeyId, key_uri, printable};
 use crate::model::server::{
     Access, Database, EffectiveIdentity, Protector, Reason, Server, ServerIdentity, ServerKind, tde_docs_link,
 };
@@ -154,8 +154,7 @@ impl Broker {
         if !ve.vault.purge_protection {
             return Err(BrokerError::TdeVaultRecoveryLevel);
         }
-        let key =
-            ve.keys.get(&key_index(&id.name)).filter(|k| k.key.deleted.is_none()).ok_or_else(not_found)?;
+        let key = ve.key(&id.name).filter(|k| k.key.deleted.is_none()).ok_or_else(not_found)?;
         let v = key.key.version(id.version.as_deref()).ok_or_else(not_found)?;
         if !matches!(v.kty, KeyType::Rsa | KeyType::RsaHsm) || !matches!(v.bits, 2048 | 3072) {
             return Err(BrokerError::TdeKeyNotSupported);

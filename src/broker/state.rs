@@ -93,6 +93,13 @@ pub struct VaultEntry {
     pub keys: BTreeMap<String, KeyEntry>,
 }
 
+impl VaultEntry {
+    /// The key named `name` in any case, active or soft-deleted.
+    pub fn key(&self, name: &str) -> Option<&KeyEntry> {
+        self.keys.get(crate::model::ids::key_index_of(name).as_ref())
+    }
+}
+
 /// Everything the broker knows, plus the epoch that versions it.
 #[derive(Default)]
 pub struct State {

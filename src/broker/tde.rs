@@ -142,8 +142,7 @@ impl Broker {
             return Access::Lost(Reason::IdentityMissingPermissions);
         }
         let version = st.vault(&id.vault).ok().and_then(|ve| {
-            ve.keys
-                .get(&crate::model::ids::key_index(&id.name))
+            ve.key(&id.name)
                 .filter(|k| k.key.deleted.is_none())
                 .and_then(|k| k.key.version(id.version.as_deref()).cloned())
         });
@@ -232,7 +231,7 @@ impl Broker {
         };
         let id = KeyId::parse(key_id, &self.settings.vault_dns_suffix).ok()?;
         let ve = st.vault(&id.vault).ok()?;
-        let key = ve.keys.get(&crate::model::ids::key_index(&id.name)).filter(|k| k.key.deleted.is_none())?;
+        let key = ve.key(&id.name).filter(|k| k.key.deleted.is_none())?;
         let latest = key.key.latest()?;
         let latest_kid = crate::model::ids::key_uri(
             &ve.vault.name,

@@ -24,7 +24,7 @@ use super::Broker;
 use super::keys::NewMaterial;
 use super::state::VaultEntry;
 use crate::crypto::ImportedKey;
-use crate::model::ids::{key_index, vault_name};
+use crate::model::ids::vault_name;
 use crate::model::{BrokerError, Caller, KeyPermission, KeyType};
 
 const THROTTLING_READ: &str = "Microsoft.TdeBroker/emulation/read";
@@ -260,10 +260,7 @@ impl Broker {
             return Ok(());
         }
         self.inject_errors(&ve.vault.name)?;
-        let kind = key
-            .and_then(|name| ve.keys.get(&key_index(name)))
-            .and_then(|k| k.key.latest())
-            .map(|v| (v.kty, v.bits));
+        let kind = key.and_then(|name| ve.key(name)).and_then(|k| k.key.latest()).map(|v| (v.kty, v.bits));
         self.throttle.admit(&ve.vault.name, class, weight(class, kind), self.clock.now())
     }
 

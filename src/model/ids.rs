@@ -1,6 +1,8 @@
 //! Identifiers in the cloud's shapes: vault names, key names, key versions and key URIs
 //! (DESIGN §1: `https://{vault}.{suffix}/keys/{name}/{version}`).
 
+use std::borrow::Cow;
+
 use super::error::BrokerError;
 
 /// Validates a vault name: 3–24 characters, letters, digits and hyphens, starting with a letter,
@@ -37,7 +39,17 @@ pub fn key_name(name: &str) -> Result<&str, BrokerError> {
 
 /// The case-insensitive index of a key name.
 pub fn key_index(name: &str) -> String {
-    name.to_ascii_lowercase()
+    key_index_of(name).into_owned()
+}
+
+/// [`key_index`] borrowed when the name is already lower case: lookups (every wrap and unwrap
+/// does several) copy nothing for the names clients usually send.
+pub fn key_index_of(name: &str) -> Cow<'_, str> {
+    if name.bytes().any(|b| b.is_ascii_uppercase()) {
+        Cow::Owned(name.to_ascii_lowercase())
+    } else {
+        Cow::Borrowed(name)
+    }
 }
 
 /// Validates a key version: 32 lowercase hexadecimal characters (system generated).
@@ -147,6 +159,15 @@ mod tests {
     use super::*;
 
     const SUFFIX: &str = "vault.azure.net";
+
+    #[test]
+    fn key_indexes_borrow_lower_case_names_and_lower_the_others() {
+        assert!(matches!(key_index_of("my-key-01"), Cow::Borrowed("my-key-01")));
+        assert!(matches!(key_index_of("My-Key"), Cow::Owned(ref s) if s == "my-key"));
+        for name in ["my-key-01", "My-Key", "MYKEY"] {
+            assert_eq!(key_index(name), key_index_of(name));
+        }
+    }
 
     #[test]
     fn key_uris_are_built_the_cloud_way() {
