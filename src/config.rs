@@ -117,11 +117,12 @@ pub struct FileConfig {
     pub audit_required: Option<bool>,
     /// Hot-path caches on/off (default on).
     pub cache_enabled: Option<bool>,
-    /// Most cached authorization decisions (default 100000).
+    /// Most cached authorization decisions (default 100000; 0 caches none).
     pub decision_cache_entries: Option<u64>,
     /// Seconds a cached decision lives at most (default 300).
     pub decision_cache_ttl: Option<u64>,
-    /// Most cached unwrap results (default 100000).
+    /// Most cached unwrap results (default 100000; 0 keeps no plaintext DEK in memory, while
+    /// authorization decisions are still cached).
     pub unwrap_cache_entries: Option<u64>,
     /// Seconds a cached unwrap result lives at most (default 300).
     pub unwrap_cache_ttl: Option<u64>,

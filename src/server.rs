@@ -176,9 +176,9 @@ impl App {
 
         if let Some(seed_path) = &config.seed {
             let caller = Caller {
-                object_id: admin.object_id.clone(),
-                app_id: admin.app_id.clone(),
-                issuer: broker.settings.issuer(),
+                object_id: admin.object_id.as_str().into(),
+                app_id: admin.app_id.as_str().into(),
+                issuer: broker.settings.issuer().into(),
                 peer: None,
                 trusted_service: false,
                 source_subnet: None,

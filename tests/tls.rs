@@ -206,8 +206,8 @@ async fn a_certificate_without_the_principal_uri_names_nobody() {
     // The admin's certificate, through the same entry point.
     let (cert, _) = tls::issue_client_cert(&b.data_dir, &b.admin.object_id).expect("issue");
     let caller = interceptor.authenticate(None, None, Some(&der_of(&cert))).expect("admin");
-    assert_eq!(caller.object_id, b.admin.object_id);
-    assert_eq!(caller.app_id, b.admin.app_id);
+    assert_eq!(&*caller.object_id, b.admin.object_id.as_str());
+    assert_eq!(&*caller.app_id, b.admin.app_id.as_str());
     b.stop().await;
 }
 

@@ -142,14 +142,15 @@ impl Authenticator {
     /// Validates a bearer token for `plane` and names its caller.
     pub fn validate(&self, token: &str, plane: Plane) -> Result<Caller, BrokerError> {
         let digest = crate::crypto::sha256(token.as_bytes());
-        let claims = match self.verified.get(&digest) {
-            Some(c) => c,
+        let verified = match self.verified.get(&digest) {
+            Some(v) => v,
             None => {
-                let c = Arc::new(jwt::decode(token, &self.kid, &self.key)?);
-                self.verified.insert(digest, c.clone(), self.broker.clock.now());
-                c
+                let v = Arc::new(Verified::new(jwt::decode(token, &self.kid, &self.key)?));
+                self.verified.insert(digest, v.clone(), self.broker.clock.now());
+                v
             }
         };
+        let claims = &verified.claims;
         let expected_iss = &self.issuer;
         if claims.iss != *expected_iss {
             return Err(BrokerError::InvalidIssuer {
@@ -173,14 +174,7 @@ impl Authenticator {
         if !self.broker.principal_exists(&claims.oid) {
             return Err(BrokerError::PrincipalDeleted { object_id: claims.oid.clone() });
         }
-        Ok(Caller {
-            object_id: claims.oid.clone(),
-            app_id: claims.appid.clone(),
-            issuer: claims.iss.clone(),
-            peer: None,
-            trusted_service: false,
-            source_subnet: None,
-        })
+        Ok(verified.caller.clone())
     }
 
     /// The caller a verified client certificate names (mTLS): the principal must exist.
@@ -194,9 +188,9 @@ impl Authenticator {
             .principal(object_id)
             .ok_or_else(|| BrokerError::PrincipalDeleted { object_id: object_id.to_string() })?;
         Ok(Caller {
-            object_id: principal.object_id,
-            app_id: principal.app_id,
-            issuer: self.broker.settings.issuer(),
+            object_id: principal.object_id.into(),
+            app_id: principal.app_id.into(),
+            issuer: self.broker.settings.issuer().into(),
             peer,
             trusted_service: false,
             source_subnet: None,
@@ -207,12 +201,33 @@ impl Authenticator {
 /// Most verified tokens remembered (a few hundred bytes of claims each).
 const VERIFIED_TOKENS: usize = 100_000;
 
-/// Claims of tokens whose signature verified, by SHA-256 of the token: a map under a
+/// A token whose signature verified: its claims, and the caller it names (built once; each
+/// request of the token shares its names).
+struct Verified {
+    claims: Claims,
+    caller: Caller,
+}
+
+impl Verified {
+    fn new(claims: Claims) -> Self {
+        let caller = Caller {
+            object_id: claims.oid.as_str().into(),
+            app_id: claims.appid.as_str().into(),
+            issuer: claims.iss.as_str().into(),
+            peer: None,
+            trusted_service: false,
+            source_subnet: None,
+        };
+        Verified { claims, caller }
+    }
+}
+
+/// Tokens whose signature verified, by SHA-256 of the token: a map under a
 /// read-write lock (every call reads it; only a token's first call writes). When full, the
 /// expired tokens are dropped, and if every token is still live, all of them (each is verified
 /// again on its next call).
 struct VerifiedTokens {
-    map: RwLock<HashMap<[u8; 32], Arc<Claims>>>,
+    map: RwLock<HashMap<[u8; 32], Arc<Verified>>>,
     capacity: usize,
 }
 
@@ -221,19 +236,19 @@ impl VerifiedTokens {
         VerifiedTokens { map: RwLock::new(HashMap::new()), capacity }
     }
 
-    fn get(&self, digest: &[u8; 32]) -> Option<Arc<Claims>> {
+    fn get(&self, digest: &[u8; 32]) -> Option<Arc<Verified>> {
         self.map.read().unwrap_or_else(PoisonError::into_inner).get(digest).cloned()
     }
 
-    fn insert(&self, digest: [u8; 32], claims: Arc<Claims>, now: i64) {
+    fn insert(&self, digest: [u8; 32], token: Arc<Verified>, now: i64) {
         let mut map = self.map.write().unwrap_or_else(PoisonError::into_inner);
         if map.len() >= self.capacity && !map.contains_key(&digest) {
-            map.retain(|_, c| now < c.exp.saturating_add(CLOCK_SKEW));
+            map.retain(|_, v| now < v.claims.exp.saturating_add(CLOCK_SKEW));
             if map.len() >= self.capacity {
                 map.clear();
             }
         }
-        map.insert(digest, claims);
+        map.insert(digest, token);
     }
 
     #[cfg(test)]
@@ -289,8 +304,8 @@ impl AuthInterceptor {
 mod tests {
     use super::*;
 
-    fn claims(exp: i64) -> Arc<Claims> {
-        Arc::new(Claims {
+    fn claims(exp: i64) -> Arc<Verified> {
+        Arc::new(Verified::new(Claims {
             iss: "https://sts.windows.net/t/".to_string(),
             aud: Audience::One(VAULT_AUDIENCE.to_string()),
             sub: "s".to_string(),
@@ -303,7 +318,7 @@ mod tests {
             iat: 0,
             nbf: 0,
             exp,
-        })
+        }))
     }
 
     #[test]
@@ -317,7 +332,7 @@ mod tests {
         cache.insert([4; 32], claims(now + 3600), now);
         assert!(cache.get(&[1; 32]).is_none());
         for live in [[2; 32], [3; 32], [4; 32]] {
-            assert_eq!(cache.get(&live).map(|c| c.exp), Some(now + 3600));
+            assert_eq!(cache.get(&live).map(|v| v.claims.exp), Some(now + 3600));
         }
         // Full of live tokens: it starts over rather than grow.
         cache.insert([5; 32], claims(now + 3600), now);
@@ -327,6 +342,6 @@ mod tests {
         cache.insert([6; 32], claims(now + 3600), now);
         cache.insert([6; 32], claims(now + 7200), now);
         assert_eq!(cache.len(), 2);
-        assert_eq!(cache.get(&[6; 32]).map(|c| c.exp), Some(now + 7200));
+        assert_eq!(cache.get(&[6; 32]).map(|v| v.claims.exp), Some(now + 7200));
     }
 }

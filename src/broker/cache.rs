@@ -21,11 +21,12 @@ use crate::model::{Algorithm, BrokerError, KeyPermission};
 pub struct CacheSettings {
     /// Master switch.
     pub enabled: bool,
-    /// Most cached authorization decisions.
+    /// Most cached authorization decisions (0, or a zero TTL: decisions are not cached).
     pub decision_entries: u64,
     /// Longest life of a cached decision.
     pub decision_ttl: Duration,
-    /// Most cached unwrap results.
+    /// Most cached unwrap results (0, or a zero TTL: no plaintext DEK is kept in memory,
+    /// while decisions may still be cached).
     pub unwrap_entries: u64,
     /// Longest life of a cached unwrap result.
     pub unwrap_ttl: Duration,
@@ -203,18 +204,21 @@ pub struct Caches {
 }
 
 impl Caches {
-    /// Builds the caches (or none, when switched off).
+    /// Builds the caches: none when switched off, and each one only when it may hold an entry
+    /// for some time.
     pub fn new(s: &CacheSettings) -> Self {
-        let decoded = Cache::builder().max_capacity(s.decoded_key_entries).build();
-        if !s.enabled {
-            return Caches { decisions: None, unwraps: None, decoded };
+        fn bounded<K, V>(on: bool, entries: u64, ttl: Duration) -> Option<Cache<K, V>>
+        where
+            K: std::hash::Hash + Eq + Send + Sync + 'static,
+            V: Clone + Send + Sync + 'static,
+        {
+            (on && entries > 0 && !ttl.is_zero())
+                .then(|| Cache::builder().max_capacity(entries).time_to_live(ttl).build())
         }
         Caches {
-            decoded,
-            decisions: Some(
-                Cache::builder().max_capacity(s.decision_entries).time_to_live(s.decision_ttl).build(),
-            ),
-            unwraps: Some(Cache::builder().max_capacity(s.unwrap_entries).time_to_live(s.unwrap_ttl).build()),
+            decoded: Cache::builder().max_capacity(s.decoded_key_entries).build(),
+            decisions: bounded(s.enabled, s.decision_entries, s.decision_ttl),
+            unwraps: bounded(s.enabled, s.unwrap_entries, s.unwrap_ttl),
         }
     }
 
@@ -447,5 +451,33 @@ mod tests {
         for f in off.figures() {
             assert_eq!((f.enabled, f.entries, f.capacity, f.ttl), (false, 0, 0, Duration::ZERO));
         }
+    }
+
+    #[test]
+    fn a_cache_with_no_room_or_no_lifetime_is_off_and_the_other_stays_on() {
+        let key = UnwrapKey::new("v/k/1", Algorithm::RsaOaep256, &[1; 32]);
+        for settings in [
+            CacheSettings { unwrap_entries: 0, ..CacheSettings::default() },
+            CacheSettings { unwrap_ttl: Duration::ZERO, ..CacheSettings::default() },
+        ] {
+            let caches = Caches::new(&settings);
+            caches.remember_unwrap(key, &[9; 32]);
+            assert!(caches.unwrapped(&key).is_none(), "no plaintext is kept");
+            let [d, u] = caches.figures();
+            assert!(d.enabled && !u.enabled);
+            assert!(caches.decision(DecisionKey::new(&context(1)), || Ok(())).is_ok());
+            assert_eq!(caches.figures()[0].entries, 1, "decisions are still cached");
+        }
+        let caches = Caches::new(&CacheSettings { decision_entries: 0, ..CacheSettings::default() });
+        let [d, u] = caches.figures();
+        assert!(!d.enabled && u.enabled);
+        let mut decided = 0;
+        for _ in 0..2 {
+            let _ = caches.decision(DecisionKey::new(&context(1)), || {
+                decided += 1;
+                Ok(())
+            });
+        }
+        assert_eq!(decided, 2, "every call decides");
     }
 }

@@ -189,15 +189,35 @@ fn standard_normal() -> f64 {
 #[derive(Debug, Default)]
 pub struct Faults {
     by_vault: RwLock<BTreeMap<String, FaultSpec>>,
+    /// Whether `by_vault` holds anything: every data-plane request asks the faults three
+    /// times, and without any configured (the usual case) it need not take the lock.
+    any: std::sync::atomic::AtomicBool,
     /// Requests failed by `fail_next` or `error_rate` so far (Emulation.GetStats).
     injected: std::sync::atomic::AtomicU64,
 }
 
 impl Faults {
+    /// The configured faults, or `None` when there are none (no lock taken).
+    fn configured(&self) -> Option<std::sync::RwLockReadGuard<'_, BTreeMap<String, FaultSpec>>> {
+        if !self.any.load(std::sync::atomic::Ordering::Acquire) {
+            return None;
+        }
+        Some(self.by_vault.read().unwrap_or_else(|p| p.into_inner()))
+    }
+
+    /// Changes the configured faults (the only writer).
+    fn edit<R>(&self, change: impl FnOnce(&mut BTreeMap<String, FaultSpec>) -> R) -> R {
+        let mut map = self.by_vault.write().unwrap_or_else(|p| p.into_inner());
+        let out = change(&mut map);
+        self.any.store(!map.is_empty(), std::sync::atomic::Ordering::Release);
+        out
+    }
+
     /// Whether `vault` is in an outage (its own, or every vault's).
     pub fn outage(&self, vault: &str) -> bool {
-        let map = self.by_vault.read().unwrap_or_else(|p| p.into_inner());
-        map.get("").is_some_and(|f| f.outage) || map.get(vault).is_some_and(|f| f.outage)
+        self.configured().is_some_and(|map| {
+            map.get("").is_some_and(|f| f.outage) || map.get(vault).is_some_and(|f| f.outage)
+        })
     }
 
     /// The entry that applies to `vault` (its own, else every vault's) and its spec.
@@ -207,7 +227,7 @@ impl Faults {
 
     /// The delay to inject before a call on `vault`.
     pub fn delay(&self, vault: &str) -> Duration {
-        let map = self.by_vault.read().unwrap_or_else(|p| p.into_inner());
+        let Some(map) = self.configured() else { return Duration::ZERO };
         Self::effective(&map, vault).map_or(Duration::ZERO, |(_, f)| f.delay())
     }
 
@@ -228,18 +248,20 @@ impl Faults {
     }
 
     fn decide_error(&self, vault: &str, now: i64) -> Option<BrokerError> {
-        let (key, spec) = {
-            let map = self.by_vault.read().unwrap_or_else(|p| p.into_inner());
-            Self::effective(&map, vault)?
-        };
+        let (key, spec) = Self::effective(&*self.configured()?, vault)?;
         if spec.fail_next > 0 {
-            let mut map = self.by_vault.write().unwrap_or_else(|p| p.into_inner());
             // Another call may have taken the last one meanwhile.
-            if let Some(f) = map.get_mut(&key).filter(|f| f.fail_next > 0) {
-                f.fail_next -= 1;
-                if f.is_empty() {
-                    map.remove(&key);
+            let took = self.edit(|map| match map.get_mut(&key).filter(|f| f.fail_next > 0) {
+                Some(f) => {
+                    f.fail_next -= 1;
+                    if f.is_empty() {
+                        map.remove(&key);
+                    }
+                    true
                 }
+                None => false,
+            });
+            if took {
                 return Some(FaultCode::Unavailable.error(vault, now));
             }
         }
@@ -295,14 +317,13 @@ impl Broker {
         self.authorize_control(&caller.object_id, FAULTS_WRITE, "/")?;
         let key = Self::fault_key(vault)?;
         spec.validate()?;
-        {
-            let mut map = self.faults.by_vault.write().unwrap_or_else(|p| p.into_inner());
+        self.faults.edit(|map| {
             if spec.is_empty() {
                 map.remove(&key);
             } else {
                 map.insert(key.clone(), spec);
             }
-        }
+        });
         tracing::warn!(
             vault = if key.is_empty() { "*" } else { key.as_str() },
             ?spec,
@@ -320,14 +341,13 @@ impl Broker {
     ) -> Result<Vec<(String, FaultSpec)>, BrokerError> {
         self.authorize_control(&caller.object_id, FAULTS_WRITE, "/")?;
         let key = Self::fault_key(vault)?;
-        {
-            let mut map = self.faults.by_vault.write().unwrap_or_else(|p| p.into_inner());
+        self.faults.edit(|map| {
             if key.is_empty() {
                 map.clear();
             } else {
                 map.remove(&key);
             }
-        }
+        });
         self.probe(None).await?;
         Ok(self.faults.list())
     }
@@ -351,9 +371,24 @@ mod tests {
     }
 
     #[test]
+    fn faults_apply_from_the_moment_they_are_set_until_the_last_is_removed() {
+        let f = Faults::default();
+        assert!(!f.outage("v") && f.delay("v").is_zero() && f.error("v", 0).is_none());
+        f.edit(|m| m.insert("v".into(), FaultSpec { outage: true, latency_ms: 3, ..Default::default() }));
+        f.edit(|m| m.insert(String::new(), FaultSpec { latency_ms: 9, ..Default::default() }));
+        assert!(f.outage("v") && !f.outage("w"));
+        assert_eq!((f.delay("v"), f.delay("w")), (Duration::from_millis(3), Duration::from_millis(9)));
+        f.edit(|m| m.remove("v"));
+        assert!(!f.outage("v"));
+        assert_eq!(f.delay("v"), Duration::from_millis(9), "every vault's entry still applies");
+        f.edit(|m| m.clear());
+        assert!(f.delay("v").is_zero() && f.list().is_empty());
+    }
+
+    #[test]
     fn fail_next_counts_down_and_then_the_entry_is_gone() {
         let f = Faults::default();
-        f.by_vault.write().unwrap().insert("v".into(), FaultSpec { fail_next: 2, ..Default::default() });
+        f.edit(|m| m.insert("v".into(), FaultSpec { fail_next: 2, ..Default::default() }));
         assert!(matches!(f.error("v", 0), Some(BrokerError::VaultUnavailable { .. })));
         assert!(f.error("w", 0).is_none());
         assert!(f.error("v", 0).is_some());

@@ -207,7 +207,7 @@ impl Broker {
                 Ok(p)
             } else {
                 Err(BrokerError::AuthorizationFailed {
-                    object_id: caller.object_id.clone(),
+                    object_id: caller.object_id.to_string(),
                     action: IDENTITY_TOKEN.to_string(),
                     scope: p.resource_id.unwrap_or_default(),
                 })

@@ -235,13 +235,9 @@ impl Broker {
     ) -> Result<(), BrokerError> {
         self.check_faults(&ve.vault.name)?;
         self.admit_data(ve, permission, key)?;
-        let origin = crate::policy::network::Origin {
-            addr: caller.peer.map(|p| p.ip()),
-            trusted_service: caller.trusted_service,
-            subnet: caller.source_subnet.clone(),
-        };
         // Network and permission decisions depend only on the state (its epoch) and on who
         // calls from where: cached under exactly that, so any change voids them at once.
+        let addr = caller.peer.map(|p| p.ip());
         let index = key.map(key_index_of).unwrap_or_default();
         let cache_key = DecisionKey::new(&DecisionContext {
             epoch: st.epoch,
@@ -249,11 +245,16 @@ impl Broker {
             vault: &ve.vault.name,
             key: &index,
             permission,
-            addr: origin.addr,
-            trusted_service: origin.trusted_service,
-            subnet: origin.subnet.as_deref(),
+            addr,
+            trusted_service: caller.trusted_service,
+            subnet: caller.source_subnet.as_deref(),
         });
         self.caches.decision(cache_key, || {
+            let origin = crate::policy::network::Origin {
+                addr,
+                trusted_service: caller.trusted_service,
+                subnet: caller.source_subnet.clone(),
+            };
             let desc = caller.description();
             crate::policy::network::check(
                 &ve.vault,

@@ -272,11 +272,11 @@ impl Broker {
     /// The server whose engine host `caller` is.
     pub fn host_server(&self, caller: &Caller) -> Result<Server, BrokerError> {
         let st = self.read();
-        let host = st.principals.get(&caller.object_id).filter(|p| p.kind == PrincipalKind::ServerHost);
+        let host = st.principals.get(&*caller.object_id).filter(|p| p.kind == PrincipalKind::ServerHost);
         host.and_then(|h| h.resource_id.as_deref())
             .and_then(|sid| st.servers.get(&sid.to_ascii_lowercase()))
             .cloned()
-            .ok_or_else(|| BrokerError::NotAServerHost { object_id: caller.object_id.clone() })
+            .ok_or_else(|| BrokerError::NotAServerHost { object_id: caller.object_id.to_string() })
     }
 
     /// Evaluates the host's server, applies transitions, and returns the server if `database`
@@ -312,9 +312,9 @@ impl Broker {
         let st = self.read();
         let p = identity_principal(&st, &server.identity.effective()).ok_or(BrokerError::Internal)?;
         Ok(Caller {
-            object_id: p.object_id.clone(),
-            app_id: p.app_id.clone(),
-            issuer: self.settings.issuer(),
+            object_id: p.object_id.as_str().into(),
+            app_id: p.app_id.as_str().into(),
+            issuer: self.settings.issuer().into(),
             peer: None,
             // SQL logical servers are trusted services; managed instances come from their subnet.
             trusted_service: server.kind == crate::model::server::ServerKind::SqlServer,

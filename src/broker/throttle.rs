@@ -148,6 +148,9 @@ struct Window {
 pub struct Throttle {
     /// `""` = every vault; a vault name = that vault's own profile.
     profiles: RwLock<BTreeMap<String, ThrottleProfile>>,
+    /// Whether any profile sets limits: with throttling off (the default) a request need not
+    /// take the profiles' lock.
+    limited: std::sync::atomic::AtomicBool,
     /// Per vault name.
     windows: Mutex<HashMap<String, Window>>,
     /// Requests refused so far (Emulation.GetStats).
@@ -158,12 +161,24 @@ impl Throttle {
     /// Throttling with `profile` for every vault.
     pub fn new(profile: ThrottleProfile) -> Self {
         let t = Throttle::default();
-        t.profiles.write().unwrap_or_else(|p| p.into_inner()).insert(String::new(), profile);
+        t.edit_profiles(|map| map.insert(String::new(), profile));
         t
+    }
+
+    /// Changes the profiles (the only writer).
+    fn edit_profiles<R>(&self, change: impl FnOnce(&mut BTreeMap<String, ThrottleProfile>) -> R) -> R {
+        let mut map = self.profiles.write().unwrap_or_else(|p| p.into_inner());
+        let out = change(&mut map);
+        let limited = map.values().any(|p| p.limits().is_some());
+        self.limited.store(limited, std::sync::atomic::Ordering::Release);
+        out
     }
 
     /// The profile that applies to `vault`: its own, else every vault's.
     pub fn profile(&self, vault: &str) -> ThrottleProfile {
+        if !self.limited.load(std::sync::atomic::Ordering::Acquire) {
+            return ThrottleProfile::default();
+        }
         let map = self.profiles.read().unwrap_or_else(|p| p.into_inner());
         map.get(vault).or_else(|| map.get("")).copied().unwrap_or_default()
     }
@@ -174,7 +189,10 @@ impl Throttle {
         let Some((all_other, create)) = self.profile(vault).limits() else { return Ok(()) };
         let index = now.div_euclid(WINDOW_SECONDS);
         let mut windows = self.windows.lock().unwrap_or_else(|p| p.into_inner());
-        let w = windows.entry(vault.to_string()).or_default();
+        let w = match windows.get_mut(vault) {
+            Some(w) => w,
+            None => windows.entry(vault.to_string()).or_default(),
+        };
         if w.index != index {
             *w = Window { index, ..Window::default() };
         }
@@ -193,17 +211,14 @@ impl Throttle {
     /// Sets `vault`'s profile (`""` = every vault's; `None` = `vault` follows every vault's
     /// again) and starts its counting afresh.
     fn set(&self, vault: &str, profile: Option<ThrottleProfile>) {
-        {
-            let mut map = self.profiles.write().unwrap_or_else(|p| p.into_inner());
-            match profile {
-                Some(p) => {
-                    map.insert(vault.to_string(), p);
-                }
-                None => {
-                    map.remove(vault);
-                }
+        self.edit_profiles(|map| match profile {
+            Some(p) => {
+                map.insert(vault.to_string(), p);
             }
-        }
+            None => {
+                map.remove(vault);
+            }
+        });
         let mut windows = self.windows.lock().unwrap_or_else(|p| p.into_inner());
         if vault.is_empty() {
             windows.clear();
@@ -359,5 +374,10 @@ mod tests {
         t.set("v", None);
         assert!(t.admit("v", OpClass::Other, 100, 0).is_ok());
         assert_eq!(t.list(), vec![(String::new(), ThrottleProfile::Off)]);
+        // Every vault's profile, switched on and off again.
+        t.set("", Some(ThrottleProfile::Custom { all_other_per_10s: 1, create_per_10s: 1 }));
+        assert!(t.admit("w", OpClass::Other, 2, 10).is_err());
+        t.set("", Some(ThrottleProfile::Off));
+        assert!(t.admit("w", OpClass::Other, 100, 10).is_ok());
     }
 }

@@ -29,12 +29,16 @@ impl TdeEngine for EngineService {
         request: Request<proto::GenerateDatabaseKeyRequest>,
     ) -> Result<Response<proto::GenerateDatabaseKeyResponse>, Status> {
         let caller = caller(&request)?;
-        let (dek, wrapped_dek, kid) = self
+        let (mut dek, wrapped_dek, kid) = self
             .broker
             .generate_database_key(&caller, &request.get_ref().database)
             .await
             .map_err(to_status)?;
-        Ok(Response::new(proto::GenerateDatabaseKeyResponse { dek: dek.to_vec(), wrapped_dek, kid }))
+        Ok(Response::new(proto::GenerateDatabaseKeyResponse {
+            dek: std::mem::take(&mut *dek),
+            wrapped_dek,
+            kid,
+        }))
     }
 
     async fn wrap_database_key(
@@ -54,12 +58,12 @@ impl TdeEngine for EngineService {
     ) -> Result<Response<proto::UnwrapDatabaseKeyResponse>, Status> {
         let caller = caller(&request)?;
         let r = request.into_inner();
-        let dek = self
+        let mut dek = self
             .broker
             .unwrap_database_key(&caller, &r.database, &r.kid, r.wrapped_dek)
             .await
             .map_err(to_status)?;
-        Ok(Response::new(proto::UnwrapDatabaseKeyResponse { dek: dek.to_vec() }))
+        Ok(Response::new(proto::UnwrapDatabaseKeyResponse { dek: std::mem::take(&mut *dek) }))
     }
 
     async fn rewrap_database_key(

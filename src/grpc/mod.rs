@@ -40,7 +40,7 @@ impl Interceptor for AuthInterceptor {
         let caller = self.authenticate(header, peer, leaf);
         // The audit record and span of the request (telemetry::ObserveLayer) learn who called.
         if let Some(ctx) = request.extensions().get::<crate::telemetry::RequestContext>() {
-            ctx.note_caller(peer, caller.as_ref().ok().map(|c| c.object_id.as_str()));
+            ctx.note_caller(peer, caller.as_ref().ok().map(|c| &*c.object_id));
         }
         request.extensions_mut().insert(caller.map_err(to_status)?);
         Ok(request)

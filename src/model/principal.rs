@@ -1,5 +1,7 @@
 //! Principals (who calls) and control-plane role assignments (DESIGN §1.2).
 
+use std::sync::Arc;
+
 use serde::{Deserialize, Serialize};
 
 /// What kind of principal a token names.
@@ -36,12 +38,13 @@ pub struct Principal {
 /// The authenticated caller of one request, as the auth layer established it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Caller {
-    /// Object id of the principal (`oid`).
-    pub object_id: String,
+    /// Object id of the principal (`oid`). The three names are shared, not copied, between
+    /// the verified-token cache and each request of that token.
+    pub object_id: Arc<str>,
     /// Application id (`appid`).
-    pub app_id: String,
+    pub app_id: Arc<str>,
     /// Issuer of the credential.
-    pub issuer: String,
+    pub issuer: Arc<str>,
     /// The connection's real peer address, when known.
     pub peer: Option<std::net::SocketAddr>,
     /// The broker's own call for a SQL logical server: a trusted Microsoft service.
@@ -54,9 +57,9 @@ impl Caller {
     /// How the caller appears in denial texts.
     pub fn description(&self) -> super::error::CallerDescription {
         super::error::CallerDescription {
-            app_id: self.app_id.clone(),
-            object_id: self.object_id.clone(),
-            issuer: self.issuer.clone(),
+            app_id: self.app_id.to_string(),
+            object_id: self.object_id.to_string(),
+            issuer: self.issuer.to_string(),
         }
     }
 }
