@@ -175,14 +175,7 @@ impl App {
         ensure_admin_token(&auth, &admin, &admin_token_path, config.admin_token_lifetime)?;
 
         if let Some(seed_path) = &config.seed {
-            let caller = Caller {
-                object_id: admin.object_id.as_str().into(),
-                app_id: admin.app_id.as_str().into(),
-                issuer: broker.settings.issuer().into(),
-                peer: None,
-                trusted_service: false,
-                source_subnet: None,
-            };
+            let caller = Caller::new(&admin.object_id, &admin.app_id, &broker.settings.issuer());
             seed::apply(&broker, &caller, seed_path).await?;
         }
         // Keys whose retention ran out while the broker was down are purged now.

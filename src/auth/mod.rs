@@ -187,14 +187,8 @@ impl Authenticator {
             .broker
             .principal(object_id)
             .ok_or_else(|| BrokerError::PrincipalDeleted { object_id: object_id.to_string() })?;
-        Ok(Caller {
-            object_id: principal.object_id.into(),
-            app_id: principal.app_id.into(),
-            issuer: self.broker.settings.issuer().into(),
-            peer,
-            trusted_service: false,
-            source_subnet: None,
-        })
+        let issuer = self.broker.settings.issuer();
+        Ok(Caller { peer, ..Caller::new(&principal.object_id, &principal.app_id, &issuer) })
     }
 }
 
@@ -210,14 +204,7 @@ struct Verified {
 
 impl Verified {
     fn new(claims: Claims) -> Self {
-        let caller = Caller {
-            object_id: claims.oid.as_str().into(),
-            app_id: claims.appid.as_str().into(),
-            issuer: claims.iss.as_str().into(),
-            peer: None,
-            trusted_service: false,
-            source_subnet: None,
-        };
+        let caller = Caller::new(&claims.oid, &claims.appid, &claims.iss);
         Verified { claims, caller }
     }
 }

@@ -312,16 +312,13 @@ impl Broker {
         let st = self.read();
         let p = identity_principal(&st, &server.identity.effective()).ok_or(BrokerError::Internal)?;
         Ok(Caller {
-            object_id: p.object_id.as_str().into(),
-            app_id: p.app_id.as_str().into(),
-            issuer: self.settings.issuer().into(),
-            peer: None,
             // SQL logical servers are trusted services; managed instances come from their subnet.
             trusted_service: server.kind == crate::model::server::ServerKind::SqlServer,
             source_subnet: match server.kind {
                 crate::model::server::ServerKind::ManagedInstance => server.subnet_id.clone(),
                 crate::model::server::ServerKind::SqlServer => None,
             },
+            ..Caller::new(&p.object_id, &p.app_id, &self.settings.issuer())
         })
     }
 

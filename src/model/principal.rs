@@ -54,6 +54,19 @@ pub struct Caller {
 }
 
 impl Caller {
+    /// A caller authenticated by a credential `issuer` issued to principal `object_id` of
+    /// application `app_id`, from an unknown address, neither a trusted service nor a subnet.
+    pub fn new(object_id: &str, app_id: &str, issuer: &str) -> Self {
+        Caller {
+            object_id: object_id.into(),
+            app_id: app_id.into(),
+            issuer: issuer.into(),
+            peer: None,
+            trusted_service: false,
+            source_subnet: None,
+        }
+    }
+
     /// How the caller appears in denial texts.
     pub fn description(&self) -> super::error::CallerDescription {
         super::error::CallerDescription {
