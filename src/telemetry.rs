@@ -421,13 +421,16 @@ const MAX_RESOURCE: usize = 512;
 /// extensions (and in a task-local for the request's future); the auth interceptor notes the
 /// caller, the service the resource, the caches whether they hit.
 #[derive(Clone, Default, Debug)]
-pub struct RequestContext(Arc<Mutex<ContextData>>);
+pub struct RequestContext {
+    /// Whether an audit record or a span will read the notes (else only `cache_hit` is kept:
+    /// the caller and resource strings are not copied for nobody). Fixed when the request
+    /// starts, so it is read without the lock.
+    recording: bool,
+    data: Arc<Mutex<ContextData>>,
+}
 
 #[derive(Clone, Default, Debug)]
 struct ContextData {
-    /// Whether an audit record or a span will read the notes (else only `cache_hit` is kept:
-    /// the caller and resource strings are not copied for nobody).
-    recording: bool,
     principal: Option<String>,
     caller_address: Option<SocketAddr>,
     resource: Option<String>,
@@ -441,24 +444,24 @@ tokio::task_local! {
 impl RequestContext {
     /// A context whose caller and resource notes are kept only when `recording`.
     fn new(recording: bool) -> Self {
-        RequestContext(Arc::new(Mutex::new(ContextData { recording, ..ContextData::default() })))
+        RequestContext { recording, data: Arc::default() }
     }
 
     /// Whether the caller and resource notes are kept (an audit record or a span reads them).
     pub fn recording(&self) -> bool {
-        self.with(|d| d.recording)
+        self.recording
     }
 
     fn with<R>(&self, f: impl FnOnce(&mut ContextData) -> R) -> R {
-        f(&mut self.0.lock().unwrap_or_else(|p| p.into_inner()))
+        f(&mut self.data.lock().unwrap_or_else(|p| p.into_inner()))
     }
 
     /// The caller's address (after trusted proxies) and, once authenticated, its object id.
     pub fn note_caller(&self, address: Option<SocketAddr>, principal: Option<&str>) {
+        if !self.recording {
+            return;
+        }
         self.with(|d| {
-            if !d.recording {
-                return;
-            }
             d.caller_address = address.or(d.caller_address);
             if let Some(p) = principal {
                 d.principal = Some(p.to_string());
@@ -468,7 +471,7 @@ impl RequestContext {
 
     /// The resource the request names (a key id, a vault, a server); never a value or a secret.
     pub fn note_resource(&self, resource: &str) {
-        if resource.is_empty() || !self.recording() {
+        if resource.is_empty() || !self.recording {
             return;
         }
         let mut end = resource.len().min(MAX_RESOURCE);

@@ -123,9 +123,10 @@ pub fn vault_uri(vault: &str, suffix: &str) -> String {
 /// `https://{vault}.{suffix}/keys/{name}` or with `/{version}`.
 pub fn key_uri(vault: &str, suffix: &str, name: &str, version: Option<&str>) -> String {
     // Built by hand, in one allocation: every wrap and unwrap answers with this kid.
+    let parts = ["https://", vault, ".", suffix, "/keys/", name];
     let extra = version.map_or(0, |v| 1 + v.len());
-    let mut uri = String::with_capacity(15 + vault.len() + suffix.len() + name.len() + extra);
-    for part in ["https://", vault, ".", suffix, "/keys/", name] {
+    let mut uri = String::with_capacity(parts.iter().map(|p| p.len()).sum::<usize>() + extra);
+    for part in parts {
         uri.push_str(part);
     }
     if let Some(v) = version {
