@@ -25,7 +25,7 @@ use std::fmt::Write as _;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, RwLock, Weak};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
@@ -64,24 +64,44 @@ const SEP: char = '\u{1f}';
 pub const DURATION_BUCKETS: [f64; 14] =
     [0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0];
 
-/// Counters keyed by their label values (joined with [`SEP`]).
+/// Counters keyed by their label values (joined with [`SEP`]). Keys named when the registry is
+/// built are plain atomics (the hot path counts those on every call without taking the lock);
+/// others are added to a map on first use.
 #[derive(Default)]
-struct Counters(RwLock<HashMap<String, Arc<AtomicU64>>>);
+struct Counters {
+    fixed: Box<[(&'static str, AtomicU64)]>,
+    dynamic: RwLock<HashMap<String, Arc<AtomicU64>>>,
+}
 
 impl Counters {
+    /// Counters whose `keys` need no lock.
+    fn with_fixed(keys: &[&'static str]) -> Self {
+        Counters { fixed: keys.iter().map(|k| (*k, AtomicU64::new(0))).collect(), dynamic: RwLock::default() }
+    }
+
     fn add(&self, key: &str, n: u64) {
-        if let Some(c) = self.0.read().unwrap_or_else(|p| p.into_inner()).get(key) {
+        if let Some((_, c)) = self.fixed.iter().find(|(k, _)| *k == key) {
             c.fetch_add(n, Ordering::Relaxed);
             return;
         }
-        let mut map = self.0.write().unwrap_or_else(|p| p.into_inner());
+        if let Some(c) = self.dynamic.read().unwrap_or_else(|p| p.into_inner()).get(key) {
+            c.fetch_add(n, Ordering::Relaxed);
+            return;
+        }
+        let mut map = self.dynamic.write().unwrap_or_else(|p| p.into_inner());
         map.entry(key.to_string()).or_default().fetch_add(n, Ordering::Relaxed);
     }
 
-    /// `(key, value)` sorted by key.
+    /// `(key, value)` of every key counted at least once, sorted by key.
     fn snapshot(&self) -> Vec<(String, u64)> {
-        let map = self.0.read().unwrap_or_else(|p| p.into_inner());
-        let mut v: Vec<_> = map.iter().map(|(k, c)| (k.clone(), c.load(Ordering::Relaxed))).collect();
+        let map = self.dynamic.read().unwrap_or_else(|p| p.into_inner());
+        let fixed = self
+            .fixed
+            .iter()
+            .map(|(k, c)| (k.to_string(), c.load(Ordering::Relaxed)))
+            .filter(|(_, v)| *v > 0);
+        let mut v: Vec<_> =
+            map.iter().map(|(k, c)| (k.clone(), c.load(Ordering::Relaxed))).chain(fixed).collect();
         v.sort();
         v
     }
@@ -127,7 +147,6 @@ impl Histograms {
 }
 
 /// The process's metrics. Get it with [`metrics()`].
-#[derive(Default)]
 pub struct Metrics {
     requests: Counters,
     durations: Histograms,
@@ -135,6 +154,21 @@ pub struct Metrics {
     cache_misses: Counters,
     rsa_operations: Counters,
     audit_failures: AtomicU64,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        // The hot path's two caches are counted on every call.
+        let caches = [crate::broker::cache::DECISION, crate::broker::cache::UNWRAP];
+        Metrics {
+            requests: Counters::default(),
+            durations: Histograms::default(),
+            cache_hits: Counters::with_fixed(&caches),
+            cache_misses: Counters::with_fixed(&caches),
+            rsa_operations: Counters::default(),
+            audit_failures: AtomicU64::new(0),
+        }
+    }
 }
 
 /// Requests of one service, method and outcome, in a [`MetricsSnapshot`].
@@ -426,8 +460,24 @@ pub struct RequestContext {
     /// the caller and resource strings are not copied for nobody). Fixed when the request
     /// starts, so it is read without the lock.
     recording: bool,
-    data: Arc<Mutex<ContextData>>,
+    data: Arc<ContextCell>,
 }
+
+/// A request's notes: the cache outcome in an atomic (every hot-path lookup sets it), the rest
+/// under a lock (written at most once or twice per request, and only when recording).
+#[derive(Default, Debug)]
+struct ContextCell {
+    /// [`CACHE_UNKNOWN`], [`CACHE_ALL_HIT`] or [`CACHE_MISSED`].
+    cache: AtomicU8,
+    notes: Mutex<ContextData>,
+}
+
+/// No cache lookup yet.
+const CACHE_UNKNOWN: u8 = 0;
+/// Every lookup so far hit.
+const CACHE_ALL_HIT: u8 = 1;
+/// At least one lookup missed.
+const CACHE_MISSED: u8 = 2;
 
 #[derive(Clone, Default, Debug)]
 struct ContextData {
@@ -453,7 +503,7 @@ impl RequestContext {
     }
 
     fn with<R>(&self, f: impl FnOnce(&mut ContextData) -> R) -> R {
-        f(&mut self.data.lock().unwrap_or_else(|p| p.into_inner()))
+        f(&mut self.data.notes.lock().unwrap_or_else(|p| p.into_inner()))
     }
 
     /// The caller's address (after trusted proxies) and, once authenticated, its object id.
@@ -484,7 +534,17 @@ impl RequestContext {
 
     /// A cache lookup of this request: `cache_hit` is true when every lookup hit.
     pub fn note_cache(&self, hit: bool) {
-        self.with(|d| d.cache_hit = Some(d.cache_hit.unwrap_or(true) && hit));
+        if hit {
+            // A miss is never overwritten by a later hit.
+            let _ = self.data.cache.compare_exchange(
+                CACHE_UNKNOWN,
+                CACHE_ALL_HIT,
+                Ordering::Relaxed,
+                Ordering::Relaxed,
+            );
+        } else {
+            self.data.cache.store(CACHE_MISSED, Ordering::Relaxed);
+        }
     }
 
     /// The context of the RPC running on this task, if any.
@@ -497,7 +557,12 @@ impl RequestContext {
     }
 
     fn snapshot(&self) -> ContextData {
-        self.with(|d| d.clone())
+        let mut data = self.with(|d| d.clone());
+        data.cache_hit = match self.data.cache.load(Ordering::Relaxed) {
+            CACHE_UNKNOWN => None,
+            c => Some(c == CACHE_ALL_HIT),
+        };
+        data
     }
 }
 
@@ -548,6 +613,11 @@ fn rpc_of(path: &str) -> Option<(&str, &str)> {
     let (service, method) = path.strip_prefix('/')?.split_once('/')?;
     (service.starts_with("tdebroker.") && !method.is_empty() && !method.contains('/'))
         .then_some((service, method))
+}
+
+/// Service and method of an RPC path [`rpc_of`] accepted, its service ending at `service_end`.
+fn split_rpc(path: &str, service_end: usize) -> (&str, &str) {
+    (path.get(1..service_end).unwrap_or_default(), path.get(service_end + 1..).unwrap_or_default())
 }
 
 /// A caller-supplied request id when it is sane (1..=128 of `[A-Za-z0-9._:-]`), else a new GUID.
@@ -618,11 +688,14 @@ where
         // The service that was polled ready serves this call; its clone stays for the next.
         let clone = self.inner.clone();
         let mut inner = std::mem::replace(&mut self.inner, clone);
-        if rpc_of(req.uri().path()).is_none() {
+        let Some((service, _)) = rpc_of(req.uri().path()) else {
             return Box::pin(inner.call(req));
-        }
-        // The path's bytes are shared, not copied: service and method are read from it later.
+        };
+        // The path's bytes are shared, not copied: service and method are sliced from it later,
+        // where the service ends (the path was checked once, here).
+        let service_end = 1 + service.len();
         let uri = req.uri().clone();
+
         let observer = self.observer.clone();
         let started = Instant::now();
         let request_id = request_id(req.headers());
@@ -632,12 +705,12 @@ where
         }
         req.extensions_mut().insert(ctx.clone());
         let span = observer.otel.as_ref().map(|o| {
-            let (service, method) = rpc_of(uri.path()).unwrap_or_default();
+            let (service, method) = split_rpc(uri.path(), service_end);
             o.start_span(req.headers(), service, method)
         });
         let refuse = observer.audit.required() && !observer.audit.available();
         Box::pin(async move {
-            let (service, method) = rpc_of(uri.path()).unwrap_or_default();
+            let (service, method) = split_rpc(uri.path(), service_end);
             let mut response = if refuse {
                 audit_unavailable(false).into_http::<Body>()
             } else {
@@ -921,6 +994,9 @@ mod tests {
         assert_eq!(rpc_of("/grpc.health.v1.Health/Check"), None);
         assert_eq!(rpc_of("/tdebroker.v1.KeyVault/"), None);
         assert_eq!(rpc_of("/tdebroker.v1.KeyVault/a/b"), None);
+        let path = "/tdebroker.v1.TdeEngine/UnwrapDatabaseKey";
+        let (service, _) = rpc_of(path).unwrap();
+        assert_eq!(split_rpc(path, 1 + service.len()), ("tdebroker.v1.TdeEngine", "UnwrapDatabaseKey"));
     }
 
     #[test]
@@ -998,9 +1074,12 @@ mod tests {
         m.cache_hit("unwrap");
         m.cache_hit("unwrap");
         m.cache_miss("unwrap");
+        m.cache_hit("another");
         m.rsa_operation("decrypt");
         m.audit_failure();
         let snap = m.snapshot();
+        // Fixed and added counters in one sorted list; a cache never looked up is not listed.
+        assert_eq!(snap.cache_hits, vec![("another".to_string(), 1), ("unwrap".to_string(), 2)]);
         let req = |method: &str, outcome: &str, count| RequestTotal {
             service: "s".into(),
             method: method.into(),

@@ -205,6 +205,11 @@ impl Faults {
         Some(self.by_vault.read().unwrap_or_else(|p| p.into_inner()))
     }
 
+    /// Whether any fault is configured (a flag: no lock).
+    pub fn active(&self) -> bool {
+        self.any.load(std::sync::atomic::Ordering::Acquire)
+    }
+
     /// Changes the configured faults (the only writer).
     fn edit<R>(&self, change: impl FnOnce(&mut BTreeMap<String, FaultSpec>) -> R) -> R {
         let mut map = self.by_vault.write().unwrap_or_else(|p| p.into_inner());
@@ -288,6 +293,9 @@ impl Broker {
     /// The injected errors (`fail_next`, `error_rate`) of one data-plane request on `vault`:
     /// applied once per request (see `throttle::admit_data` / `admit_create`).
     pub fn inject_errors(&self, vault: &str) -> Result<(), BrokerError> {
+        if !self.faults.active() {
+            return Ok(()); // no clock read either
+        }
         match self.faults.error(vault, self.clock.now()) {
             Some(e) => Err(e),
             None => Ok(()),

@@ -14,7 +14,7 @@ use super::Broker;
 use super::cache::{DecisionContext, DecisionKey, UnwrapKey};
 use super::state::{KeyEntry, Loaded, Material, State, VaultEntry, material_aad};
 use crate::crypto::{self, CryptoError, ImportedKey, Zbytes};
-use crate::model::ids::{KeyId, key_index_of, key_name, key_uri, vault_name};
+use crate::model::ids::{KeyIdRef, key_index_of, key_name, key_uri, vault_name};
 use crate::model::key::{validate_tags, validate_window};
 use crate::model::{
     Algorithm, BrokerError, Caller, Change, CryptoOp, Deletion, KeyAttributes, KeyOp, KeyPermission, KeyType,
@@ -298,21 +298,21 @@ impl Broker {
     /// A version of an active key, or `KeyNotFound` naming `name/version`.
     fn active_version<'a>(
         ve: &'a VaultEntry,
-        id: &KeyId,
+        id: &KeyIdRef<'_>,
     ) -> Result<(&'a KeyEntry, &'a KeyVersion), BrokerError> {
         let not_found = || BrokerError::KeyNotFound {
             name_or_id: match &id.version {
                 Some(v) => format!("{}/{v}", id.name),
-                None => id.name.clone(),
+                None => id.name.to_string(),
             },
         };
-        let k = Self::active_key(ve, &id.name).map_err(|_| not_found())?;
-        let v = k.key.version(id.version.as_deref()).ok_or_else(not_found)?;
+        let k = Self::active_key(ve, id.name).map_err(|_| not_found())?;
+        let v = k.key.version(id.version).ok_or_else(not_found)?;
         Ok((k, v))
     }
 
-    fn parse_key_id(&self, key_id: &str) -> Result<KeyId, BrokerError> {
-        KeyId::parse(key_id, &self.settings.vault_dns_suffix)
+    fn parse_key_id<'a>(&self, key_id: &'a str) -> Result<KeyIdRef<'a>, BrokerError> {
+        KeyIdRef::parse(key_id, &self.settings.vault_dns_suffix)
     }
 
     /// CreateKey and ImportKey: a new key, or a new version of an existing one.
@@ -441,7 +441,7 @@ impl Broker {
         let id = self.parse_key_id(key_id)?;
         let st = self.read();
         let ve = st.vault(&id.vault)?;
-        self.authorize_data(&st, ve, caller, KeyPermission::Get, Some(&id.name))?;
+        self.authorize_data(&st, ve, caller, KeyPermission::Get, Some(id.name))?;
         let (k, v) = Self::active_version(ve, &id)?;
         Ok(self.view(ve, &k.key.name, v))
     }
@@ -485,8 +485,8 @@ impl Broker {
         let id = self.parse_key_id(key_id)?;
         let st = self.read();
         let ve = st.vault(&id.vault)?;
-        self.authorize_data(&st, ve, caller, KeyPermission::List, Some(&id.name))?;
-        let k = Self::active_key(ve, &id.name)?;
+        self.authorize_data(&st, ve, caller, KeyPermission::List, Some(id.name))?;
+        let k = Self::active_key(ve, id.name)?;
         let items = k.key.versions.iter().enumerate().map(|(i, v)| {
             (
                 format!("{i:08}"),
@@ -514,7 +514,7 @@ impl Broker {
         let (name, view) = {
             let st = self.read();
             let ve = st.vault(&id.vault)?;
-            self.authorize_data(&st, ve, caller, KeyPermission::Update, Some(&id.name))?;
+            self.authorize_data(&st, ve, caller, KeyPermission::Update, Some(id.name))?;
             let (k, v) = Self::active_version(ve, &id)?;
             let mut v = v.clone();
             if let Some(en) = update.enabled {
@@ -546,7 +546,7 @@ impl Broker {
         self.commit(
             txn,
             vec![Change::PutKeyVersion {
-                vault: id.vault,
+                vault: id.vault.into_owned(),
                 name,
                 version: view.version.clone(),
                 sealed: None,
@@ -567,7 +567,7 @@ impl Broker {
         let latest = {
             let st = self.read();
             let ve = st.vault(&id.vault)?;
-            self.authorize_data(&st, ve, caller, KeyPermission::Rotate, Some(&id.name))?;
+            self.authorize_data(&st, ve, caller, KeyPermission::Rotate, Some(id.name))?;
             let (_, v) = Self::active_version(ve, &id)?;
             self.admit_create(&id.vault, v.kty)?;
             v.clone()
@@ -601,7 +601,7 @@ impl Broker {
             n,
             e,
         };
-        self.commit_new_version(caller, &id.vault, &id.name, meta, plain, KeyPermission::Rotate).await
+        self.commit_new_version(caller, &id.vault, id.name, meta, plain, KeyPermission::Rotate).await
     }
 
     /// DeleteKey: soft-deletes every version; purged by itself after the vault's retention.
@@ -617,7 +617,7 @@ impl Broker {
         let (name, view) = {
             let st = self.read();
             let ve = st.vault(&id.vault)?;
-            self.authorize_data(&st, ve, caller, KeyPermission::Delete, Some(&id.name))?;
+            self.authorize_data(&st, ve, caller, KeyPermission::Delete, Some(id.name))?;
             let (k, v) = Self::active_version(ve, &id)?;
             let now = self.clock.now();
             let deletion = Deletion {
@@ -637,7 +637,11 @@ impl Broker {
         };
         self.commit(
             txn,
-            vec![Change::SetKeyDeletion { vault: id.vault, name, deleted: Some(view.deletion.clone()) }],
+            vec![Change::SetKeyDeletion {
+                vault: id.vault.into_owned(),
+                name,
+                deleted: Some(view.deletion.clone()),
+            }],
         )
         .await?;
         Ok(view)
@@ -788,8 +792,8 @@ impl Broker {
         let (name, versions) = {
             let st = self.read();
             let ve = st.vault(&id.vault)?;
-            self.authorize_data(&st, ve, caller, KeyPermission::Backup, Some(&id.name))?;
-            let k = Self::active_key(ve, &id.name)?;
+            self.authorize_data(&st, ve, caller, KeyPermission::Backup, Some(id.name))?;
+            let k = Self::active_key(ve, id.name)?;
             let versions = k
                 .key
                 .versions
@@ -799,7 +803,7 @@ impl Broker {
             (k.key.name.clone(), versions)
         };
         let sealer = self.sealer().clone();
-        let vault = id.vault.clone();
+        let vault = id.vault.into_owned();
         blocking(move || {
             let mut payload = BackupPayload { name: name.clone(), versions: Vec::new() };
             for (meta, material) in versions {
@@ -897,7 +901,7 @@ impl Broker {
         let (kid, kty, material, aad, cache_key) = {
             let st = self.read();
             let ve = st.vault(&id.vault)?;
-            self.authorize_data(&st, ve, caller, permission_for(req.op), Some(&id.name))?;
+            self.authorize_data(&st, ve, caller, permission_for(req.op), Some(id.name))?;
             let (k, v) = Self::active_version(ve, &id)?;
             v.check_crypto(req.op, alg, now)?;
             let kid = key_uri(&ve.vault.name, &self.settings.vault_dns_suffix, &k.key.name, Some(&v.version));

@@ -9,13 +9,18 @@ use super::error::BrokerError;
 /// ending with a letter or digit, no consecutive hyphens (the cloud's rule). Returns it lower-cased,
 /// since vault names are case-insensitive.
 pub fn vault_name(name: &str) -> Result<String, BrokerError> {
+    vault_name_of(name).map(Cow::into_owned)
+}
+
+/// [`vault_name`] borrowed when the name is already lower case (every wrap and unwrap parses one).
+pub fn vault_name_of(name: &str) -> Result<Cow<'_, str>, BrokerError> {
     let ok = (3..=24).contains(&name.len())
         && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
         && name.starts_with(|c: char| c.is_ascii_alphabetic())
         && name.ends_with(|c: char| c.is_ascii_alphanumeric())
         && !name.contains("--");
     if ok {
-        Ok(name.to_ascii_lowercase())
+        Ok(key_index_of(name))
     } else {
         Err(BrokerError::bad_parameter(format!(
             "The vault name '{}' is invalid. A vault's name must be between 3-24 alphanumeric characters. The name must begin with a letter, end with a letter or digit, and not contain consecutive hyphens.",
@@ -78,6 +83,29 @@ pub struct KeyId {
 impl KeyId {
     /// Parses a key URI whose host must be `{vault}.{suffix}` (case-insensitive).
     pub fn parse(uri: &str, suffix: &str) -> Result<Self, BrokerError> {
+        KeyIdRef::parse(uri, suffix).map(|id| KeyId {
+            vault: id.vault.into_owned(),
+            name: id.name.to_string(),
+            version: id.version.map(str::to_string),
+        })
+    }
+}
+
+/// A [`KeyId`] that borrows its parts from the URI (the vault name is copied only when it has
+/// upper-case letters): the hot path parses one per call and keeps none.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct KeyIdRef<'a> {
+    /// Vault name, lower-cased.
+    pub vault: Cow<'a, str>,
+    /// Key name as written by the caller.
+    pub name: &'a str,
+    /// Specific version, or `None` for the newest.
+    pub version: Option<&'a str>,
+}
+
+impl<'a> KeyIdRef<'a> {
+    /// Parses a key URI whose host must be `{vault}.{suffix}` (case-insensitive).
+    pub fn parse(uri: &'a str, suffix: &str) -> Result<Self, BrokerError> {
         let bad = || {
             BrokerError::bad_parameter(format!(
                 "The key identifier '{}' is invalid. Expected https://{{vault-name}}.{suffix}/keys/{{key-name}}[/{{key-version}}].",
@@ -97,21 +125,21 @@ impl KeyId {
             })
             .map(|cut| &host[..cut])
             .ok_or_else(bad)?;
-        let vault = vault_name(vault)?;
+        let vault = vault_name_of(vault)?;
         let path = path.strip_suffix('/').unwrap_or(path);
         let mut parts = path.split('/');
         if parts.next() != Some("keys") {
             return Err(bad());
         }
-        let name = key_name(parts.next().ok_or_else(bad)?)?.to_string();
+        let name = key_name(parts.next().ok_or_else(bad)?)?;
         let version = match parts.next() {
             None | Some("") => None,
-            Some(v) => Some(key_version(v)?.to_string()),
+            Some(v) => Some(key_version(v)?),
         };
         if parts.next().is_some() {
             return Err(bad());
         }
-        Ok(KeyId { vault, name, version })
+        Ok(KeyIdRef { vault, name, version })
     }
 }
 
@@ -201,6 +229,19 @@ mod tests {
             let id = KeyId::parse(uri, SUFFIX).unwrap();
             assert_eq!((id.vault.as_str(), id.name.as_str(), id.version), ("vault1", "k", None));
         }
+    }
+
+    #[test]
+    fn key_id_refs_borrow_their_parts_and_lower_the_vault_name() {
+        let uri = format!("https://Vault1.{SUFFIX}/keys/Key-A/{}", "0123456789abcdef0123456789abcdef");
+        let id = KeyIdRef::parse(&uri, SUFFIX).unwrap();
+        assert_eq!(id.vault, "vault1");
+        assert!(matches!(id.vault, Cow::Owned(_)));
+        assert_eq!((id.name, id.version), ("Key-A", Some("0123456789abcdef0123456789abcdef")));
+        let lower = format!("https://vault1.{SUFFIX}/keys/k");
+        let id = KeyIdRef::parse(&lower, SUFFIX).unwrap();
+        assert!(matches!(id.vault, Cow::Borrowed("vault1")));
+        assert_eq!(KeyId::parse(&uri, SUFFIX).unwrap().vault, "vault1");
     }
 
     #[test]
