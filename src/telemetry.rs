@@ -92,6 +92,14 @@ impl Counters {
         map.entry(key.to_string()).or_default().fetch_add(n, Ordering::Relaxed);
     }
 
+    /// The counter of `key` (an added one: fixed keys are not request series).
+    fn series(&self, key: &str) -> Arc<AtomicU64> {
+        if let Some(c) = self.dynamic.read().unwrap_or_else(|p| p.into_inner()).get(key) {
+            return c.clone();
+        }
+        self.dynamic.write().unwrap_or_else(|p| p.into_inner()).entry(key.to_string()).or_default().clone()
+    }
+
     /// `(key, value)` of every key counted at least once, sorted by key.
     fn snapshot(&self) -> Vec<(String, u64)> {
         let map = self.dynamic.read().unwrap_or_else(|p| p.into_inner());
@@ -129,13 +137,12 @@ impl Histogram {
 struct Histograms(RwLock<HashMap<String, Arc<Histogram>>>);
 
 impl Histograms {
-    fn observe(&self, key: &str, d: Duration) {
+    /// The histogram of `key`, added on first use.
+    fn series(&self, key: &str) -> Arc<Histogram> {
         if let Some(h) = self.0.read().unwrap_or_else(|p| p.into_inner()).get(key) {
-            h.observe(d);
-            return;
+            return h.clone();
         }
-        let h = self.0.write().unwrap_or_else(|p| p.into_inner()).entry(key.to_string()).or_default().clone();
-        h.observe(d);
+        self.0.write().unwrap_or_else(|p| p.into_inner()).entry(key.to_string()).or_default().clone()
     }
 
     fn snapshot(&self) -> Vec<(String, Arc<Histogram>)> {
@@ -148,6 +155,8 @@ impl Histograms {
 
 /// The process's metrics. Get it with [`metrics()`].
 pub struct Metrics {
+    /// Tells registries apart (a thread's remembered series belongs to one).
+    id: u64,
     requests: Counters,
     durations: Histograms,
     cache_hits: Counters,
@@ -160,7 +169,9 @@ impl Default for Metrics {
     fn default() -> Self {
         // The hot path's two caches are counted on every call.
         let caches = [crate::broker::cache::DECISION, crate::broker::cache::UNWRAP];
+        static NEXT_ID: AtomicU64 = AtomicU64::new(0);
         Metrics {
+            id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
             requests: Counters::default(),
             durations: Histograms::default(),
             cache_hits: Counters::with_fixed(&caches),
@@ -168,6 +179,35 @@ impl Default for Metrics {
             rsa_operations: Counters::default(),
             audit_failures: AtomicU64::new(0),
         }
+    }
+}
+
+/// The request series a thread counted last ([`Metrics::record_request`]).
+struct SeriesMemo {
+    /// [`Metrics::id`] of the registry the series belong to.
+    registry: u64,
+    /// Service, method and outcome, joined with [`SEP`].
+    key: String,
+    duration: Arc<Histogram>,
+    count: Arc<AtomicU64>,
+}
+
+impl SeriesMemo {
+    /// Whether this is the series of exactly these label values.
+    fn names(&self, labels: [&str; 3]) -> bool {
+        let mut rest = self.key.as_str();
+        for (i, label) in labels.into_iter().enumerate() {
+            let Some(r) = rest.strip_prefix(label) else { return false };
+            rest = if i < 2 {
+                match r.strip_prefix(SEP) {
+                    Some(r) => r,
+                    None => return false,
+                }
+            } else {
+                r
+            };
+        }
+        rest.is_empty()
     }
 }
 
@@ -257,19 +297,28 @@ impl Metrics {
 
     /// One RPC: counted by service, method and outcome, timed by service and method.
     pub fn record_request(&self, service: &str, method: &str, outcome: &str, elapsed: Duration) {
-        // The series keys are built in a buffer of this thread (no allocation per request).
+        // Each thread remembers the series it counted last: a run of the same RPC and outcome
+        // (the hot path's usual case) takes neither map's lock and builds no key.
         thread_local! {
-            static KEY: RefCell<String> = const { RefCell::new(String::new()) };
+            static LAST: RefCell<Option<SeriesMemo>> = const { RefCell::new(None) };
         }
-        KEY.with_borrow_mut(|key| {
-            key.clear();
-            key.push_str(service);
-            key.push(SEP);
-            key.push_str(method);
-            self.durations.observe(key, elapsed);
-            key.push(SEP);
-            key.push_str(outcome);
-            self.requests.add(key, 1);
+        LAST.with_borrow_mut(|last| {
+            let memo = match last {
+                Some(m) if m.registry == self.id && m.names([service, method, outcome]) => m,
+                _ => {
+                    let mut key = String::with_capacity(service.len() + method.len() + outcome.len() + 2);
+                    key.push_str(service);
+                    key.push(SEP);
+                    key.push_str(method);
+                    let duration = self.durations.series(&key);
+                    key.push(SEP);
+                    key.push_str(outcome);
+                    let count = self.requests.series(&key);
+                    last.insert(SeriesMemo { registry: self.id, key, duration, count })
+                }
+            };
+            memo.duration.observe(elapsed);
+            memo.count.fetch_add(1, Ordering::Relaxed);
         });
     }
 
@@ -748,8 +797,11 @@ where
                     (code, outcome) = (tonic::Code::Unavailable, Cow::Borrowed(AUDIT_UNAVAILABLE));
                 }
             }
-            // The id's bytes move into the header value (no copy).
-            if let Ok(v) = http::HeaderValue::try_from(request_id) {
+            // The id's bytes move into the header value (no copy). Every id is new, so HPACK is
+            // told never to index it: in both ends' dynamic tables it would only push out the
+            // entries that do repeat (content type, status) and cost an insertion per response.
+            if let Ok(mut v) = http::HeaderValue::try_from(request_id) {
+                v.set_sensitive(true);
                 response.headers_mut().insert(REQUEST_ID, v);
             }
             let rpc = Finished { service, method };
@@ -1108,6 +1160,32 @@ mod tests {
         assert_eq!(snap.cache("decision"), (0, 0));
         assert_eq!(snap.rsa_operations, vec![("decrypt".to_string(), 1)]);
         assert_eq!(snap.audit_failures, 1);
+    }
+
+    #[test]
+    fn repeated_requests_count_into_their_own_series_and_registry() {
+        let (a, b) = (Metrics::default(), Metrics::default());
+        let ms = Duration::from_millis(1);
+        a.record_request("s", "m", "OK", ms);
+        a.record_request("s", "m", "OK", ms);
+        b.record_request("s", "m", "OK", ms);
+        a.record_request("s", "m", "OK", ms);
+        a.record_request("s", "m", "OKAY", ms);
+        a.record_request("s", "mm", "OK", ms);
+        a.record_request("s", "m", "OK", ms);
+        let count = |m: &Metrics, method: &str, outcome: &str| {
+            m.snapshot()
+                .requests
+                .iter()
+                .find(|r| r.method == method && r.outcome == outcome)
+                .map_or(0, |r| r.count)
+        };
+        assert_eq!(count(&a, "m", "OK"), 4);
+        assert_eq!(count(&a, "m", "OKAY"), 1);
+        assert_eq!(count(&a, "mm", "OK"), 1);
+        assert_eq!(count(&b, "m", "OK"), 1);
+        let timed = a.snapshot().latencies.into_iter().find(|l| l.method == "m").map(|l| l.count);
+        assert_eq!(timed, Some(5));
     }
 
     #[tokio::test]
