@@ -84,20 +84,12 @@ impl Counters {
             c.fetch_add(n, Ordering::Relaxed);
             return;
         }
-        if let Some(c) = self.dynamic.read().unwrap_or_else(|p| p.into_inner()).get(key) {
-            c.fetch_add(n, Ordering::Relaxed);
-            return;
-        }
-        let mut map = self.dynamic.write().unwrap_or_else(|p| p.into_inner());
-        map.entry(key.to_string()).or_default().fetch_add(n, Ordering::Relaxed);
+        self.series(key).fetch_add(n, Ordering::Relaxed);
     }
 
     /// The counter of `key` (an added one: fixed keys are not request series).
     fn series(&self, key: &str) -> Arc<AtomicU64> {
-        if let Some(c) = self.dynamic.read().unwrap_or_else(|p| p.into_inner()).get(key) {
-            return c.clone();
-        }
-        self.dynamic.write().unwrap_or_else(|p| p.into_inner()).entry(key.to_string()).or_default().clone()
+        series_in(&self.dynamic, key)
     }
 
     /// `(key, value)` of every key counted at least once, sorted by key.
@@ -113,6 +105,14 @@ impl Counters {
         v.sort();
         v
     }
+}
+
+/// The series `key` of `map`, added on first use (only a series' first use takes the write lock).
+fn series_in<T: Default>(map: &RwLock<HashMap<String, Arc<T>>>, key: &str) -> Arc<T> {
+    if let Some(v) = map.read().unwrap_or_else(|p| p.into_inner()).get(key) {
+        return v.clone();
+    }
+    map.write().unwrap_or_else(|p| p.into_inner()).entry(key.to_string()).or_default().clone()
 }
 
 /// One histogram series: per-bucket counts (not cumulative; the last is `+Inf`), sum, count.
@@ -139,10 +139,7 @@ struct Histograms(RwLock<HashMap<String, Arc<Histogram>>>);
 impl Histograms {
     /// The histogram of `key`, added on first use.
     fn series(&self, key: &str) -> Arc<Histogram> {
-        if let Some(h) = self.0.read().unwrap_or_else(|p| p.into_inner()).get(key) {
-            return h.clone();
-        }
-        self.0.write().unwrap_or_else(|p| p.into_inner()).entry(key.to_string()).or_default().clone()
+        series_in(&self.0, key)
     }
 
     fn snapshot(&self) -> Vec<(String, Arc<Histogram>)> {
@@ -193,21 +190,13 @@ struct SeriesMemo {
 }
 
 impl SeriesMemo {
-    /// Whether this is the series of exactly these label values.
-    fn names(&self, labels: [&str; 3]) -> bool {
-        let mut rest = self.key.as_str();
-        for (i, label) in labels.into_iter().enumerate() {
-            let Some(r) = rest.strip_prefix(label) else { return false };
-            rest = if i < 2 {
-                match r.strip_prefix(SEP) {
-                    Some(r) => r,
-                    None => return false,
-                }
-            } else {
-                r
-            };
-        }
-        rest.is_empty()
+    /// Whether this is the series of exactly these label values (which never contain [`SEP`]).
+    fn names(&self, [service, method, outcome]: [&str; 3]) -> bool {
+        let mut parts = self.key.split(SEP);
+        parts.next() == Some(service)
+            && parts.next() == Some(method)
+            && parts.next() == Some(outcome)
+            && parts.next().is_none()
     }
 }
 

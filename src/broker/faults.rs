@@ -199,7 +199,7 @@ pub struct Faults {
 impl Faults {
     /// The configured faults, or `None` when there are none (no lock taken).
     fn configured(&self) -> Option<std::sync::RwLockReadGuard<'_, BTreeMap<String, FaultSpec>>> {
-        if !self.any.load(std::sync::atomic::Ordering::Acquire) {
+        if !self.active() {
             return None;
         }
         Some(self.by_vault.read().unwrap_or_else(|p| p.into_inner()))
