@@ -126,11 +126,12 @@ import json, sys
 print(json.dumps({r["outcome"]: r["count"] for r in json.load(sys.stdin)["requests"] if r["method"] == "UnwrapKey"}))'
 }
 
-# h2load_run OUT URL BODY [SERVER DATA]: `h2load -c4 -m32` for DURATION after a 1 s warm-up,
-# its output in OUT. With SERVER and DATA (a broker), checks the broker's counters afterwards.
+# h2load_run OUT URL BODY TOKEN [SERVER DATA]: `h2load -c4 -m32` for DURATION after a 1 s
+# warm-up, its output in OUT. The baseline gets the same bearer token as the broker (decoding
+# its 948 bytes is the transport's cost, paid by both). With SERVER and DATA (a broker), checks
+# the broker's counters afterwards.
 h2load_run() {
-  local out="$1" url="$2" body="$3" server="${4:-}" data="${5:-}" token="" before=""
-  [ -n "$data" ] && token="$(cat "$data/admin.token")"
+  local out="$1" url="$2" body="$3" token="$4" server="${5:-}" data="${6:-}" before=""
   [ -n "$server" ] && before="$(unwrap_counts "$server" "$data")"
   h2load -D "$DURATION" --warm-up-time 1 -c 4 -m 32 -H 'content-type: application/grpc' \
     -H 'te: trailers' -H "authorization: Bearer $token" -d "$body" \
@@ -164,7 +165,8 @@ h2load_target cold "$ADDR_cold" "$DATA_cold"
 for i in $(seq "$ROUNDS"); do
   openssl speed -seconds 5 -multi "$CORES" rsa2048 > "$WORK/openssl.$i.txt" 2>&1
   loadtest cold "$i" "$ADDR_cold" "$DATA_cold" --op unwrap --concurrency 64 --connections 4 --keys 4 --distinct-ciphertexts 64
-  h2load_run "$WORK/h2cold.$i.txt" "$ADDR_cold" "$WORK/cold.body" "$ADDR_cold" "$DATA_cold"
+  h2load_run "$WORK/h2cold.$i.txt" "$ADDR_cold" "$WORK/cold.body" "$(cat "$DATA_cold/admin.token")" \
+    "$ADDR_cold" "$DATA_cold"
 done
 
 echo "== cache-hit UnwrapKey with h2load -c4 -m32: the broker, then the bare baseline, per round" >&2
@@ -177,8 +179,9 @@ BASELINE="http://$(sed -n 's/^listening //p' "$WORK/baseline.addr")"
 [ "$BASELINE" != "http://" ] || { echo "the baseline did not start:" >&2; cat "$WORK/baseline.err" >&2; exit 1; }
 h2load_target hot "$ADDR_hot" "$DATA_hot"
 for i in $(seq "$ROUNDS"); do
-  h2load_run "$WORK/h2hit.$i.txt" "$ADDR_hot" "$WORK/hot.body" "$ADDR_hot" "$DATA_hot"
-  h2load_run "$WORK/h2base.$i.txt" "$BASELINE" "$WORK/hot.body"
+  h2load_run "$WORK/h2hit.$i.txt" "$ADDR_hot" "$WORK/hot.body" "$(cat "$DATA_hot/admin.token")" \
+    "$ADDR_hot" "$DATA_hot"
+  h2load_run "$WORK/h2base.$i.txt" "$BASELINE" "$WORK/hot.body" "$(cat "$DATA_hot/admin.token")"
 done
 PEAK="$(python3 - "$WORK" "$ROUNDS" <<'EOF'
 import json, statistics, sys
