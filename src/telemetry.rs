@@ -767,7 +767,7 @@ where
                 let unix = observer.broker.clock.now();
                 let trace_id = span.as_ref().map(|s| s.span_context().trace_id().to_string());
                 let record = AuditRecord {
-                    time: crate::audit::rfc3339(unix),
+                    time: crate::model::time::rfc3339(unix),
                     unix,
                     request_id: &request_id,
                     principal: data.principal.as_deref(),

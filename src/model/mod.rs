@@ -8,6 +8,7 @@ pub mod key;
 pub mod principal;
 pub mod role;
 pub mod server;
+pub mod time;
 pub mod vault;
 
 pub use change::Change;
