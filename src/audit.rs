@@ -1,5 +1,5 @@
 //! The audit log: one JSON line per RPC (data-plane operations, control-plane changes and reads),
-//! written by [`crate::telemetry::ObserveLayer`] before the response leaves the broker.
+//! written by the per-RPC observation layer (`grpc::observe`) before the response leaves the broker.
 //!
 //! A record names who (`principal`, `caller_address`), what (`operation`, `resource`), when (the
 //! broker's clock, RFC 3339 and Unix seconds), the `outcome` (`OK` or the `ErrorInfo` reason),
@@ -23,7 +23,17 @@ use std::time::{Duration, Instant};
 
 use serde::Serialize;
 
-use crate::config::AuditLog as Destination;
+/// Where audit records go (`--audit-log`).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub enum Destination {
+    /// No audit log.
+    #[default]
+    Off,
+    /// One JSON line per record on standard output.
+    Stdout,
+    /// Appended to this file (created 0600).
+    File(PathBuf),
+}
 
 /// How long a broken log is left alone before it is reopened.
 const RETRY_AFTER: Duration = Duration::from_secs(1);

@@ -7,6 +7,11 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
+/// Where audit records go (`--audit-log`); the audit log owns the type.
+pub use crate::audit::Destination as AuditLog;
+/// OpenTelemetry export; the telemetry module owns the type.
+pub use crate::telemetry::OtlpExport;
+
 /// Default gRPC address.
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:50051";
 /// Default data directory.
@@ -409,48 +414,6 @@ impl Config {
 
 /// Default admin HTTP listener (`/metrics`, `/healthz`, `/readyz`).
 pub const DEFAULT_HTTP_LISTEN: &str = "127.0.0.1:9090";
-
-/// Where audit records go (`--audit-log`).
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub enum AuditLog {
-    /// No audit log.
-    #[default]
-    Off,
-    /// One JSON line per record on standard output.
-    Stdout,
-    /// Appended to this file (created 0600).
-    File(PathBuf),
-}
-
-/// OpenTelemetry export (traces and metrics over OTLP/gRPC).
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub enum OtlpExport {
-    /// No export.
-    #[default]
-    Off,
-    /// `OTEL_EXPORTER_OTLP_ENDPOINT` (or a signal's own `OTEL_EXPORTER_OTLP_{TRACES,METRICS}_ENDPOINT`)
-    /// is set: the exporter reads it and the other standard `OTEL_*` variables itself.
-    FromEnv,
-    /// This endpoint (e.g. `http://127.0.0.1:4317`), over the environment.
-    Endpoint(String),
-}
-
-impl OtlpExport {
-    /// On when an OTLP endpoint variable is set and `OTEL_SDK_DISABLED` is not `true`.
-    pub fn from_env() -> Self {
-        let set = |name: &str| std::env::var(name).is_ok_and(|v| !v.trim().is_empty());
-        let disabled =
-            std::env::var("OTEL_SDK_DISABLED").is_ok_and(|v| v.trim().eq_ignore_ascii_case("true"));
-        let endpoint = [
-            "OTEL_EXPORTER_OTLP_ENDPOINT",
-            "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT",
-            "OTEL_EXPORTER_OTLP_METRICS_ENDPOINT",
-        ]
-        .into_iter()
-        .any(set);
-        if endpoint && !disabled { OtlpExport::FromEnv } else { OtlpExport::Off }
-    }
-}
 
 /// The admin listener: `off`, or an address (the default when unset). Its endpoints are
 /// plaintext and unauthenticated (they expose no key material, only counts), so a non-loopback

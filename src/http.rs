@@ -158,7 +158,7 @@ fn respond(req: &Request<Incoming>, state: &AdminState) -> Response<String> {
     // hyper leaves the body out of a HEAD response itself.
     match req.uri().path() {
         "/metrics" => {
-            let databases = state.broker.get().map(|b| crate::telemetry::database_counts(b));
+            let databases = state.broker.get().map(|b| b.database_counts());
             let body = crate::telemetry::metrics().render(databases.as_ref().map_or(&[][..], |d| &d[..]));
             text(StatusCode::OK, METRICS_CONTENT_TYPE, body)
         }

@@ -2,18 +2,27 @@
 //! Azure SQL's "TDE with CMK through managed identities", on one machine.
 //!
 //! # Layout
-//! - [`model`]: the pure domain — identifiers, vaults, keys, principals, changes, errors.
-//! - [`policy`]: pure authorization decisions (data plane, control plane).
+//! Leaves first; an import only ever points down this list (ARCHITECTURE.md, "Layers").
+//! - [`model`]: the pure domain — identifiers, vaults, keys, principals, roles, servers and the
+//!   TDE state machine, changes, RFC 3339 times, errors with the cloud's texts.
+//! - [`policy`]: pure decisions — data plane (access policies, RBAC), control plane (ARM
+//!   actions), network rules.
 //! - [`crypto`]: RSA/AES operations, key generation, import, sealing at rest, token signatures.
-//! - [`store`]: the durable [`store::Store`] trait and its SQLite implementation.
-//! - [`broker`]: in-memory state, the single apply path, the operations, the clock.
-//! - [`auth`]: token issuing and validation, the authenticating interceptor.
-//! - [`grpc`]: tonic services and the error → status mapping; the only code that sees prost types.
-//! - [`server`]: start-up (data dir, master key, bootstrap admin, seed) and serving.
+//! - [`store`]: the durable [`store::Store`] trait, its backends and their conformance suite.
+//! - [`telemetry`]: logging, the metrics registry, the request context, OpenTelemetry export;
+//!   imports nothing else of the crate.
+//! - [`broker`]: in-memory state, the single apply path, the data-plane gate, the caches, the
+//!   operations (keys, vaults, roles, identities, servers, TDE), faults, throttling, the clock.
+//! - [`audit`]: the audit log (one JSON line per RPC).
+//! - [`config`]: flags, environment and TOML resolved into one validated configuration.
 //! - [`tls`]: TLS/mTLS: the dev CA, client certificates naming principals, rustls set-up.
-//! - [`telemetry`], [`audit`], [`http`]: metrics, per-RPC observation and OpenTelemetry; the
-//!   audit log; the admin HTTP listener (`/metrics`, `/healthz`, `/readyz`).
-//! - [`cli`]: the `tde-broker` command line.
+//! - [`auth`]: token issuing and validation, the authenticating interceptor.
+//! - [`grpc`]: the gRPC adapter — tonic services, the error → status mapping, the per-RPC
+//!   observation layer; the only code that sees prost types.
+//! - [`http`]: the admin HTTP listener (`/metrics`, `/healthz`, `/readyz`).
+//! - [`seed`]: vaults and keys declared in a TOML file, created at start.
+//! - [`server`]: start-up (data dir, master key, store, bootstrap admin, seed) and serving.
+//! - [`cli`]: the `tde-broker` command line (`serve`, the client commands, `loadtest`).
 #![forbid(unsafe_code)]
 
 pub mod audit;

@@ -28,7 +28,31 @@ use crate::broker::keys::{NewAttributes, NewKey, NewMaterial};
 use crate::broker::vaults::VaultSpec;
 use crate::model::ids::vault_name;
 use crate::model::{Caller, KeyPermission, KeyType};
-use crate::server::StartError;
+
+/// Why the seed file could not be applied.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum SeedError {
+    /// The file could not be read.
+    #[error("{path}: {source}")]
+    Read {
+        /// The seed file.
+        path: std::path::PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The file is not a valid seed (TOML syntax, unknown fields, wrong types).
+    #[error("{path}: {source}")]
+    Parse {
+        /// The seed file.
+        path: std::path::PathBuf,
+        /// The parser's message, with the line and column.
+        source: toml::de::Error,
+    },
+    /// Creating a declared vault or key failed (the broker's own error, with the cloud's text).
+    #[error("{0}")]
+    Broker(#[from] crate::model::BrokerError),
+}
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -74,11 +98,11 @@ struct SeedKey {
 }
 
 /// Applies the seed file as `caller` (the bootstrap admin).
-pub async fn apply(broker: &Broker, caller: &Caller, path: &Path) -> Result<(), StartError> {
+pub async fn apply(broker: &Broker, caller: &Caller, path: &Path) -> Result<(), SeedError> {
     let text = std::fs::read_to_string(path)
-        .map_err(|source| StartError::Io { path: path.to_path_buf(), source })?;
+        .map_err(|source| SeedError::Read { path: path.to_path_buf(), source })?;
     let seed: SeedFile =
-        toml::from_str(&text).map_err(|e| StartError::Seed(format!("{}: {e}", path.display())))?;
+        toml::from_str(&text).map_err(|source| SeedError::Parse { path: path.to_path_buf(), source })?;
     for v in seed.vault {
         let name = vault_name(&v.name)?;
         let exists = broker.read().vaults.contains_key(&name);

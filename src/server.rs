@@ -65,22 +65,28 @@ pub enum StartError {
     },
     /// The master key is missing, malformed, or does not open this data directory.
     #[error("master key: {0}")]
-    MasterKey(String),
+    MasterKey(#[from] MasterKeyError),
     /// The store failed.
     #[error("store: {0}")]
     Store(#[from] crate::store::StoreError),
     /// A broker operation failed during bootstrap or seeding.
     #[error("{0}")]
     Broker(#[from] BrokerError),
-    /// The seed file is invalid.
+    /// The seed file could not be read or applied.
     #[error("seed: {0}")]
-    Seed(String),
+    Seed(#[from] crate::seed::SeedError),
+    /// The store names a bootstrap admin that it does not hold (the store was altered).
+    #[error("the bootstrap admin {object_id} is missing from the store")]
+    AdminMissing {
+        /// The admin's object id, as recorded in the store.
+        object_id: String,
+    },
     /// The gRPC server failed.
     #[error("gRPC server: {0}")]
     Transport(#[from] tonic::transport::Error),
     /// Reflection could not be built.
     #[error("reflection: {0}")]
-    Reflection(String),
+    Reflection(#[from] tonic_reflection::server::Error),
     /// The TLS configuration (certificates, keys, the dev CA) is unusable.
     #[error("TLS: {0}")]
     Tls(#[from] crate::tls::TlsError),
@@ -89,7 +95,42 @@ pub enum StartError {
     Http(std::io::Error),
     /// OpenTelemetry export could not be set up.
     #[error("OpenTelemetry: {0}")]
-    Telemetry(String),
+    Telemetry(#[from] crate::telemetry::OtelError),
+}
+
+/// Why the master key cannot be used. Never carries key bytes.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum MasterKeyError {
+    /// The environment variable or file does not hold base64 text.
+    #[error("{origin} is not base64")]
+    NotBase64 {
+        /// Where the key came from: the variable's name or the file's path.
+        origin: String,
+        /// The decoder's complaint.
+        #[source]
+        source: base64::DecodeError,
+    },
+    /// The key decodes to the wrong number of bytes.
+    #[error("{origin} must hold 32 bytes, found {found}")]
+    WrongLength {
+        /// Where the key came from.
+        origin: String,
+        /// How many bytes it held.
+        found: usize,
+    },
+    /// The key cannot open what the data directory sealed under its own key.
+    #[error("this master key does not open this data directory")]
+    DoesNotOpen(#[source] crate::crypto::CryptoError),
+    /// The check value opened but is not what the broker sealed.
+    #[error("the master key check value is wrong")]
+    WrongCheckValue,
+    /// Sealing under the key failed (the crypto library refused it).
+    #[error("{0}")]
+    Unusable(#[source] crate::crypto::CryptoError),
+    /// The token signing key sealed in the store cannot be opened, decoded or made.
+    #[error("token signing key: {0}")]
+    SigningKey(#[source] crate::crypto::CryptoError),
 }
 
 fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> StartError + '_ {
@@ -143,7 +184,7 @@ impl App {
         let admin_http = crate::http::Admin::start(&config).map_err(StartError::Http)?;
 
         let master = load_master_key(dir)?;
-        let sealer = Arc::new(Sealer::new(&master).map_err(|e| StartError::MasterKey(e.to_string()))?);
+        let sealer = Arc::new(Sealer::new(&master).map_err(MasterKeyError::Unusable)?);
         let db_path = dir.join(DB_FILE);
         let store = Arc::new(SqliteStore::open(&db_path)?);
         check_master_key(store.as_ref(), &sealer)?;
@@ -212,10 +253,12 @@ impl App {
             builder = builder.tls_config(tls)?;
         }
         // Per-RPC metrics, audit records and spans (OTLP export when configured).
-        let otel = crate::telemetry::Otel::start(&self.config.otlp, Arc::downgrade(&self.broker))
-            .map_err(StartError::Telemetry)?;
-        let observe =
-            crate::telemetry::ObserveLayer::new(self.broker.clone(), self.audit.clone(), otel.clone());
+        let weak = Arc::downgrade(&self.broker);
+        let databases = move || weak.upgrade().map(|b| b.database_counts().to_vec()).unwrap_or_default();
+        let otel = crate::telemetry::Otel::start(&self.config.otlp, databases)?;
+        let clock_of = self.broker.clone();
+        let now: crate::grpc::observe::Now = Arc::new(move || clock_of.clock.now());
+        let observe = crate::grpc::observe::ObserveLayer::new(now, self.audit.clone(), otel.clone());
         let data = AuthInterceptor::new(self.auth.clone(), Plane::Data);
         let control = AuthInterceptor::new(self.auth.clone(), Plane::Control);
 
@@ -229,8 +272,7 @@ impl App {
         let reflection = tonic_reflection::server::Builder::configure()
             .register_encoded_file_descriptor_set(crate::grpc::proto::FILE_DESCRIPTOR_SET)
             .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-            .build_v1()
-            .map_err(|e| StartError::Reflection(e.to_string()))?;
+            .build_v1()?;
 
         let keyvault = InterceptedService::new(
             KeyVaultServer::new(KeyVaultService::new(self.broker.clone()))
@@ -346,12 +388,13 @@ async fn set_not_serving(reporter: &tonic_health::server::HealthReporter) {
 }
 
 fn load_master_key(dir: &Path) -> Result<Zeroizing<Vec<u8>>, StartError> {
-    let decode = |text: &str, source: &str| -> Result<Zeroizing<Vec<u8>>, StartError> {
+    let decode = |text: &str, origin: &str| -> Result<Zeroizing<Vec<u8>>, StartError> {
         let key = Zeroizing::new(
-            B64.decode(text.trim()).map_err(|_| StartError::MasterKey(format!("{source} is not base64")))?,
+            B64.decode(text.trim())
+                .map_err(|source| MasterKeyError::NotBase64 { origin: origin.to_string(), source })?,
         );
         if key.len() != 32 {
-            return Err(StartError::MasterKey(format!("{source} must hold 32 bytes, found {}", key.len())));
+            Err(MasterKeyError::WrongLength { origin: origin.to_string(), found: key.len() })?;
         }
         Ok(key)
     };
@@ -376,17 +419,16 @@ fn check_master_key(store: &SqliteStore, sealer: &Sealer) -> Result<(), StartErr
     use crate::store::Store;
     match store.get_meta(META_MASTER_CHECK)? {
         Some(sealed) => {
-            let plain = sealer.unseal(META_MASTER_CHECK.as_bytes(), &sealed).map_err(|_| {
-                StartError::MasterKey("this master key does not open this data directory".to_string())
-            })?;
+            let plain =
+                sealer.unseal(META_MASTER_CHECK.as_bytes(), &sealed).map_err(MasterKeyError::DoesNotOpen)?;
             if plain.as_slice() != MASTER_CHECK_PLAINTEXT {
-                return Err(StartError::MasterKey("the master key check value is wrong".to_string()));
+                Err(MasterKeyError::WrongCheckValue)?;
             }
         }
         None => {
             let sealed = sealer
                 .seal(META_MASTER_CHECK.as_bytes(), MASTER_CHECK_PLAINTEXT)
-                .map_err(|e| StartError::MasterKey(e.to_string()))?;
+                .map_err(MasterKeyError::Unusable)?;
             store.put_meta(META_MASTER_CHECK, &sealed)?;
         }
     }
@@ -395,7 +437,7 @@ fn check_master_key(store: &SqliteStore, sealer: &Sealer) -> Result<(), StartErr
 
 fn load_signing_key(store: &SqliteStore, sealer: &Sealer) -> Result<(TokenSigningKey, String), StartError> {
     use crate::store::Store;
-    let master_err = |e: crate::crypto::CryptoError| StartError::MasterKey(format!("token signing key: {e}"));
+    let master_err = MasterKeyError::SigningKey;
     if let (Some(sealed), Some(kid)) = (store.get_meta(META_SIGNING_KEY)?, store.get_meta(META_SIGNING_KID)?)
     {
         let der = sealer.unseal(META_SIGNING_KEY.as_bytes(), &sealed).map_err(master_err)?;
@@ -414,9 +456,7 @@ async fn bootstrap_admin(broker: &Arc<Broker>) -> Result<Principal, StartError> 
     let store = broker.store().clone();
     if let Some(oid) = store.get_meta(META_ADMIN)? {
         let oid = String::from_utf8_lossy(&oid).into_owned();
-        return broker
-            .principal(&oid)
-            .ok_or_else(|| StartError::Seed(format!("the bootstrap admin {oid} is missing from the store")));
+        return broker.principal(&oid).ok_or(StartError::AdminMissing { object_id: oid });
     }
     let admin = Principal {
         object_id: new_guid(),

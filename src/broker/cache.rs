@@ -3,6 +3,7 @@
 //! algorithm, SHA-256 of the ciphertext), consulted only after authorization and the key rules
 //! passed. Both are bounded by entries and TTL and can be switched off.
 
+use crate::telemetry::{CacheCounter, metrics};
 use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -201,6 +202,10 @@ pub struct Caches {
     unwraps: Option<Cache<UnwrapKey, Arc<Zeroizing<CachedSecret>>>>,
     /// Decoded keys by their sealing AAD (which names vault, key and version).
     decoded: Cache<String, Arc<Loaded>>,
+    /// Hits and misses of the decision cache, counted without a lock or a key.
+    decision_counter: CacheCounter,
+    /// Hits and misses of the unwrap cache.
+    unwrap_counter: CacheCounter,
 }
 
 impl Caches {
@@ -219,6 +224,8 @@ impl Caches {
             decoded: Cache::builder().max_capacity(s.decoded_key_entries).build(),
             decisions: bounded(s.enabled, s.decision_entries, s.decision_ttl),
             unwraps: bounded(s.enabled, s.unwrap_entries, s.unwrap_ttl),
+            decision_counter: metrics().cache_counter(DECISION),
+            unwrap_counter: metrics().cache_counter(UNWRAP),
         }
     }
 
@@ -230,10 +237,10 @@ impl Caches {
     ) -> Result<(), BrokerError> {
         let Some(cache) = &self.decisions else { return decide() };
         if let Some(hit) = cache.get(&key) {
-            crate::telemetry::cache_event(DECISION, true);
+            self.decision_counter.record(true);
             return hit;
         }
-        crate::telemetry::cache_event(DECISION, false);
+        self.decision_counter.record(false);
         let result = decide();
         cache.insert(key, result.clone());
         result
@@ -242,7 +249,7 @@ impl Caches {
     /// A cached unwrap result.
     pub fn unwrapped(&self, key: &UnwrapKey) -> Option<Arc<Zeroizing<CachedSecret>>> {
         let hit = self.unwraps.as_ref()?.get(key);
-        crate::telemetry::cache_event(UNWRAP, hit.is_some());
+        self.unwrap_counter.record(hit.is_some());
         hit
     }
 

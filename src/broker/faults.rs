@@ -12,10 +12,10 @@
 //!   lifecycle, backup/restore and the crypto operations (the engine path included). GetKey and
 //!   the List calls are answered synchronously, without it.
 //!
-//! Errors are decided once per request in the data-plane gate (`authorize_data`): the outage
-//! first, then `fail_next` and `error_rate` (`throttle::admit_data`; create-class operations,
-//! which check authorization twice, in `throttle::admit_create`), then throttling. A request
-//! failed by a fault is not counted by throttling. TDE's prober looks at outages only: injected
+//! Errors are decided once per request in the data-plane gate (`super::gate`): the outage
+//! first, then `fail_next` and `error_rate` (create-class operations, which pass the gate twice,
+//! in `Broker::admit_create`), then throttling. A request failed by a fault is not counted by
+//! throttling. TDE's prober looks at outages only: injected
 //! errors reach the engine host's calls but never move databases.
 //!
 //! A vault's own faults take precedence over the faults set for every vault (`""`); an outage of
@@ -25,11 +25,8 @@ use std::collections::BTreeMap;
 use std::sync::RwLock;
 use std::time::Duration;
 
-use super::Broker;
-use crate::model::ids::vault_name;
-use crate::model::{BrokerError, Caller};
+use crate::model::BrokerError;
 
-const FAULTS_WRITE: &str = "Microsoft.TdeBroker/emulation/write";
 /// Largest injected delay (fixed part, p99, and any sample), milliseconds.
 pub const MAX_LATENCY_MS: u32 = 60_000;
 /// The standard normal quantile of 0.99.
@@ -211,7 +208,7 @@ impl Faults {
     }
 
     /// Changes the configured faults (the only writer).
-    fn edit<R>(&self, change: impl FnOnce(&mut BTreeMap<String, FaultSpec>) -> R) -> R {
+    pub(super) fn edit<R>(&self, change: impl FnOnce(&mut BTreeMap<String, FaultSpec>) -> R) -> R {
         let mut map = self.by_vault.write().unwrap_or_else(|p| p.into_inner());
         let out = change(&mut map);
         self.any.store(!map.is_empty(), std::sync::atomic::Ordering::Release);
@@ -273,91 +270,30 @@ impl Faults {
         (spec.error_rate > 0.0 && uniform() < spec.error_rate).then(|| spec.error_code.error(vault, now))
     }
 
-    /// Every configured fault, `""` meaning all vaults.
-    pub fn list(&self) -> Vec<(String, FaultSpec)> {
-        let map = self.by_vault.read().unwrap_or_else(|p| p.into_inner());
-        map.iter().map(|(k, v)| (k.clone(), *v)).collect()
-    }
-}
-
-impl Broker {
-    /// Refuses a data-plane call on a vault in an injected outage (the first step of the
-    /// data-plane gate; every check of a request applies it).
-    pub fn check_faults(&self, vault: &str) -> Result<(), BrokerError> {
-        if self.faults.outage(vault) {
+    /// Refuses a data-plane call on a vault in an injected outage (the gate's first step).
+    pub fn check_outage(&self, vault: &str) -> Result<(), BrokerError> {
+        if self.outage(vault) {
             return Err(BrokerError::VaultUnavailable { vault: vault.to_string() });
         }
         Ok(())
     }
 
-    /// The injected errors (`fail_next`, `error_rate`) of one data-plane request on `vault`:
-    /// applied once per request (see `throttle::admit_data` / `admit_create`).
-    pub fn inject_errors(&self, vault: &str) -> Result<(), BrokerError> {
-        if !self.faults.active() {
+    /// The injected errors (`fail_next`, `error_rate`) of one data-plane request on `vault`
+    /// (the gate's second step, once per request); `now` is read only when a fault is set.
+    pub fn inject_error(&self, vault: &str, now: impl FnOnce() -> i64) -> Result<(), BrokerError> {
+        if !self.active() {
             return Ok(()); // no clock read either
         }
-        match self.faults.error(vault, self.clock.now()) {
+        match self.error(vault, now()) {
             Some(e) => Err(e),
             None => Ok(()),
         }
     }
 
-    /// Waits the injected latency of `vault` (if any). Called at the start of the async
-    /// data-plane operations, holding no lock.
-    pub async fn fault_delay(&self, vault: &str) {
-        let delay = self.faults.delay(vault);
-        if !delay.is_zero() {
-            tokio::time::sleep(delay).await;
-        }
-    }
-
-    fn fault_key(vault: &str) -> Result<String, BrokerError> {
-        if vault.trim().is_empty() { Ok(String::new()) } else { vault_name(vault.trim()) }
-    }
-
-    /// SetFaults (admin): replaces the faults of one vault or of all.
-    pub async fn set_faults(
-        &self,
-        caller: &Caller,
-        vault: &str,
-        spec: FaultSpec,
-    ) -> Result<Vec<(String, FaultSpec)>, BrokerError> {
-        self.authorize_control(&caller.object_id, FAULTS_WRITE, "/")?;
-        let key = Self::fault_key(vault)?;
-        spec.validate()?;
-        self.faults.edit(|map| {
-            if spec.is_empty() {
-                map.remove(&key);
-            } else {
-                map.insert(key.clone(), spec);
-            }
-        });
-        tracing::warn!(
-            vault = if key.is_empty() { "*" } else { key.as_str() },
-            ?spec,
-            "injected faults changed"
-        );
-        self.probe(None).await?;
-        Ok(self.faults.list())
-    }
-
-    /// ClearFaults (admin): one vault's, or every fault.
-    pub async fn clear_faults(
-        &self,
-        caller: &Caller,
-        vault: &str,
-    ) -> Result<Vec<(String, FaultSpec)>, BrokerError> {
-        self.authorize_control(&caller.object_id, FAULTS_WRITE, "/")?;
-        let key = Self::fault_key(vault)?;
-        self.faults.edit(|map| {
-            if key.is_empty() {
-                map.clear();
-            } else {
-                map.remove(&key);
-            }
-        });
-        self.probe(None).await?;
-        Ok(self.faults.list())
+    /// Every configured fault, `""` meaning all vaults.
+    pub fn list(&self) -> Vec<(String, FaultSpec)> {
+        let map = self.by_vault.read().unwrap_or_else(|p| p.into_inner());
+        map.iter().map(|(k, v)| (k.clone(), *v)).collect()
     }
 }
 

@@ -4,7 +4,9 @@
 
 pub mod cache;
 pub mod clock;
+pub mod emulation;
 pub mod faults;
+pub mod gate;
 pub mod identities;
 pub mod keys;
 pub mod roles;
@@ -247,6 +249,15 @@ impl Broker {
     /// Control-plane check against the ARM role assignments.
     pub fn authorize_control(&self, object_id: &str, action: &str, scope: &str) -> Result<(), BrokerError> {
         control::authorize(&self.read().role_assignments, object_id, action, scope)
+    }
+
+    /// Databases by TDE state now: the `tdebroker_databases` gauge's `(state, count)` pairs.
+    pub fn database_counts(&self) -> [(&'static str, u64); 2] {
+        let st = self.read();
+        let online =
+            st.databases.values().filter(|d| d.state == crate::model::server::DbState::Online).count() as u64;
+        let total = st.databases.len() as u64;
+        [("ONLINE", online), ("INACCESSIBLE", total - online)]
     }
 
     /// The store (for bootstrap metadata).

@@ -190,9 +190,7 @@ impl Broker {
         identity: &EffectiveIdentity,
         id: &KeyId,
     ) -> bool {
-        identity_principal(st, identity).is_some_and(|p| {
-            self.server_network_ok(st, server, p, &id.vault) && self.identity_holds_tde_permissions(st, p, id)
-        })
+        identity_principal(st, identity).is_some_and(|p| self.identity_access(st, server, p, id).is_ok())
     }
 
     /// The full protector validation for `server` (as it would be) and `key_id`.

@@ -9,9 +9,10 @@ use super::keys::CryptoRequest;
 use super::state::{State, db_key};
 use crate::crypto::{self, Zbytes};
 use crate::model::ids::KeyId;
-use crate::model::server::{Access, Database, DbEvent, EffectiveIdentity, Protector, Reason, Server};
+use crate::model::server::{
+    Access, Database, DbEvent, EffectiveIdentity, Protector, Reason, Server, ServerKind,
+};
 use crate::model::{BrokerError, Caller, Change, CryptoOp, KeyPermission, Principal, PrincipalKind};
-use crate::policy::data::{self, DataRequest};
 
 /// The algorithm the engine path wraps DEKs with.
 pub const ENGINE_ALGORITHM: &str = "RSA-OAEP-256";
@@ -51,68 +52,38 @@ pub fn identity_label(id: &EffectiveIdentity) -> String {
 }
 
 impl Broker {
-    /// Whether `principal` holds get, wrapKey and unwrapKey on the key named by `kid`'s vault
-    /// and key (the vault must exist).
-    pub(crate) fn identity_holds_tde_permissions(
-        &self,
-        st: &State,
-        principal: &Principal,
-        id: &KeyId,
-    ) -> bool {
-        let Ok(ve) = st.vault(&id.vault) else { return false };
-        let desc = crate::model::CallerDescription {
-            app_id: principal.app_id.clone(),
-            object_id: principal.object_id.clone(),
-            issuer: self.settings.issuer(),
-        };
-        let resource = format!("{}/keys/{}", self.settings.vault_resource_id(&ve.vault.name), id.name);
-        [KeyPermission::Get, KeyPermission::WrapKey, KeyPermission::UnwrapKey].into_iter().all(|permission| {
-            data::authorize(
-                &ve.vault,
-                &st.role_assignments,
-                &DataRequest {
-                    caller: &desc,
-                    permission,
-                    resource: &resource,
-                    location: &self.settings.location,
-                },
-            )
-            .is_ok()
-        })
+    /// The caller the broker acts as when `principal` is `server`'s effective identity: a SQL
+    /// logical server as a trusted service, a managed instance from its subnet.
+    fn acting_as(&self, server: &Server, principal: &Principal) -> Caller {
+        Caller {
+            trusted_service: server.kind == ServerKind::SqlServer,
+            source_subnet: match server.kind {
+                ServerKind::ManagedInstance => server.subnet_id.clone(),
+                ServerKind::SqlServer => None,
+            },
+            ..Caller::new(&principal.object_id, &principal.app_id, &self.settings.issuer())
+        }
     }
 
-    /// Whether the vault's network rules let the server's identity through: a SQL logical
-    /// server as a trusted service, a managed instance from its subnet.
-    pub(crate) fn server_network_ok(
+    /// Whether `principal`, acting for `server`, gets through the data-plane gate's decisions on
+    /// the key `id`: the vault's network rules (else [`Reason::Firewall`]), then get, wrapKey and
+    /// unwrapKey (else [`Reason::IdentityMissingPermissions`]). The vault must exist (else
+    /// [`Reason::KeyDeleted`]). Uncached: the prober and protector validation ask it.
+    pub(crate) fn identity_access(
         &self,
         st: &State,
         server: &Server,
         principal: &Principal,
-        vault: &str,
-    ) -> bool {
-        let Ok(ve) = st.vault(vault) else { return false };
-        let origin = crate::policy::network::Origin {
-            addr: None,
-            trusted_service: server.kind == crate::model::server::ServerKind::SqlServer,
-            subnet: match server.kind {
-                crate::model::server::ServerKind::ManagedInstance => server.subnet_id.clone(),
-                crate::model::server::ServerKind::SqlServer => None,
-            },
-        };
-        let desc = crate::model::CallerDescription {
-            app_id: principal.app_id.clone(),
-            object_id: principal.object_id.clone(),
-            issuer: self.settings.issuer(),
-        };
-        crate::policy::network::check(
-            &ve.vault,
-            &st.subnets,
-            &origin,
-            self.settings.trusted_service_bypass,
-            &desc,
-            &self.settings.location,
-        )
-        .is_ok()
+        id: &KeyId,
+    ) -> Result<(), Reason> {
+        let ve = st.vault(&id.vault).map_err(|_| Reason::KeyDeleted)?;
+        let caller = self.acting_as(server, principal);
+        let desc = caller.description();
+        self.network_decision(st, ve, &caller, &desc).map_err(|_| Reason::Firewall)?;
+        let holds = [KeyPermission::Get, KeyPermission::WrapKey, KeyPermission::UnwrapKey]
+            .into_iter()
+            .all(|p| self.policy_decision(st, ve, &desc, p, Some(&id.name)).is_ok());
+        if holds { Ok(()) } else { Err(Reason::IdentityMissingPermissions) }
     }
 
     /// What SQL checks on every probe and engine call: identity exists, permissions, key not
@@ -135,11 +106,8 @@ impl Broker {
         if self.faults.outage(&id.vault) {
             return Access::Transient;
         }
-        if !self.server_network_ok(st, server, principal, &id.vault) {
-            return Access::Lost(Reason::Firewall);
-        }
-        if !self.identity_holds_tde_permissions(st, principal, &id) {
-            return Access::Lost(Reason::IdentityMissingPermissions);
+        if let Err(reason) = self.identity_access(st, server, principal, &id) {
+            return Access::Lost(reason);
         }
         let version = st.vault(&id.vault).ok().and_then(|ve| {
             ve.key(&id.name)
@@ -306,20 +274,11 @@ impl Broker {
         Ok(server)
     }
 
-    /// The caller the broker acts as for `server`: its effective identity, as a trusted service
-    /// for SQL logical servers.
+    /// The caller the broker acts as for `server`: its effective identity.
     fn acting_identity(&self, server: &Server) -> Result<Caller, BrokerError> {
         let st = self.read();
         let p = identity_principal(&st, &server.identity.effective()).ok_or(BrokerError::Internal)?;
-        Ok(Caller {
-            // SQL logical servers are trusted services; managed instances come from their subnet.
-            trusted_service: server.kind == crate::model::server::ServerKind::SqlServer,
-            source_subnet: match server.kind {
-                crate::model::server::ServerKind::ManagedInstance => server.subnet_id.clone(),
-                crate::model::server::ServerKind::SqlServer => None,
-            },
-            ..Caller::new(&p.object_id, &p.app_id, &self.settings.issuer())
-        })
+        Ok(self.acting_as(server, p))
     }
 
     fn current_kid(server: &Server) -> Result<String, BrokerError> {

@@ -20,15 +20,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Mutex, RwLock};
 
-use super::Broker;
-use super::keys::NewMaterial;
-use super::state::VaultEntry;
-use crate::crypto::ImportedKey;
-use crate::model::ids::vault_name;
-use crate::model::{BrokerError, Caller, KeyPermission, KeyType};
-
-const THROTTLING_READ: &str = "Microsoft.TdeBroker/emulation/read";
-const THROTTLING_WRITE: &str = "Microsoft.TdeBroker/emulation/write";
+use crate::model::{BrokerError, KeyPermission, KeyType};
 
 /// Length of a throttling window, seconds of the broker's clock.
 pub const WINDOW_SECONDS: i64 = 10;
@@ -215,7 +207,7 @@ impl Throttle {
 
     /// Sets `vault`'s profile (`""` = every vault's; `None` = `vault` follows every vault's
     /// again) and starts its counting afresh.
-    fn set(&self, vault: &str, profile: Option<ThrottleProfile>) {
+    pub(super) fn set(&self, vault: &str, profile: Option<ThrottleProfile>) {
         self.edit_profiles(|map| match profile {
             Some(p) => {
                 map.insert(vault.to_string(), p);
@@ -249,88 +241,6 @@ impl Throttle {
 /// Whole seconds until the window containing `now` ends (1..=10): the `retry-after` of a 429.
 pub fn retry_after(now: i64) -> u32 {
     (WINDOW_SECONDS - now.rem_euclid(WINDOW_SECONDS)) as u32
-}
-
-impl NewMaterial {
-    /// The type of the key this material makes.
-    pub fn key_type(&self) -> KeyType {
-        match self {
-            NewMaterial::Generate { kty, .. } => *kty,
-            NewMaterial::Import { key: ImportedKey::Rsa(_), hsm: true } => KeyType::RsaHsm,
-            NewMaterial::Import { key: ImportedKey::Rsa(_), hsm: false } => KeyType::Rsa,
-            NewMaterial::Import { key: ImportedKey::Oct(_), .. } => KeyType::OctHsm,
-        }
-    }
-}
-
-impl Broker {
-    /// The data-plane gate's second step (from `authorize_data`, after the outage check, under
-    /// the state read lock): the injected errors (`fail_next`, `error_rate`), then throttling of
-    /// an "all other" request, weighed by the key it names (its newest version). Create-class
-    /// requests pass here: their operations check authorization again before committing, so they
-    /// are admitted once, at their start, by [`Broker::admit_create`].
-    pub fn admit_data(
-        &self,
-        ve: &VaultEntry,
-        permission: KeyPermission,
-        key: Option<&str>,
-    ) -> Result<(), BrokerError> {
-        let class = OpClass::of(permission);
-        if class == OpClass::Create {
-            return Ok(());
-        }
-        self.inject_errors(&ve.vault.name)?;
-        if !self.throttle.limited() {
-            return Ok(()); // no key lookup and no clock read for an unlimited vault
-        }
-        let kind = key.and_then(|name| ve.key(name)).and_then(|k| k.key.latest()).map(|v| (v.kty, v.bits));
-        self.throttle.admit(&ve.vault.name, class, weight(class, kind), self.clock.now())
-    }
-
-    /// Admits a create-class request (create, import, rotate, restore) of a `kty` key on `vault`
-    /// once, after its first authorization: the injected errors, then the CREATE budget.
-    pub fn admit_create(&self, vault: &str, kty: KeyType) -> Result<(), BrokerError> {
-        self.inject_errors(vault)?;
-        self.throttle.admit(vault, OpClass::Create, weight(OpClass::Create, Some((kty, 0))), self.clock.now())
-    }
-
-    /// SetThrottling (admin): `profile` for one vault, or (`vault` empty) for every vault.
-    /// `None` makes a vault follow every vault's profile again.
-    pub fn set_throttling(
-        &self,
-        caller: &Caller,
-        vault: &str,
-        profile: Option<ThrottleProfile>,
-    ) -> Result<Vec<(String, ThrottleProfile)>, BrokerError> {
-        self.authorize_control(&caller.object_id, THROTTLING_WRITE, "/")?;
-        let key = if vault.trim().is_empty() { String::new() } else { vault_name(vault.trim())? };
-        if key.is_empty() && profile.is_none() {
-            return Err(BrokerError::bad_parameter(
-                "The profile 'inherit' needs a vault name: it makes that vault follow the profile of every vault.",
-            ));
-        }
-        if let Some(ThrottleProfile::Custom { all_other_per_10s, create_per_10s }) = profile
-            && (all_other_per_10s == 0 || create_per_10s == 0)
-        {
-            return Err(BrokerError::bad_parameter(
-                "The custom throttling profile needs all_other_per_10s and create_per_10s greater than 0.",
-            ));
-        }
-        self.throttle.set(&key, profile);
-        tracing::warn!(
-            vault = if key.is_empty() { "*" } else { key.as_str() },
-            profile = profile.map_or("inherit", |p| p.name()),
-            limits = ?profile.and_then(|p| p.limits()),
-            "throttling changed"
-        );
-        Ok(self.throttle.list())
-    }
-
-    /// GetThrottling (admin).
-    pub fn get_throttling(&self, caller: &Caller) -> Result<Vec<(String, ThrottleProfile)>, BrokerError> {
-        self.authorize_control(&caller.object_id, THROTTLING_READ, "/")?;
-        Ok(self.throttle.list())
-    }
 }
 
 #[cfg(test)]

@@ -24,12 +24,13 @@ impl KeyVaultService {
         KeyVaultService { broker }
     }
 
-    async fn crypto(
+    /// Any of the four crypto RPCs: the caller, then the broker's hot path.
+    async fn crypto<M: Into<CryptoRequest> + Send + 'static>(
         &self,
-        caller: crate::model::Caller,
-        req: CryptoRequest,
+        request: Request<M>,
     ) -> Result<Response<proto::KeyOperationResult>, Status> {
-        let mut r = self.broker.crypto(&caller, req).await.map_err(to_status)?;
+        let caller = caller(&request)?;
+        let mut r = self.broker.crypto(&caller, request.into_inner().into()).await.map_err(to_status)?;
         Ok(Response::new(proto::KeyOperationResult {
             kid: r.kid,
             // Moved, not copied: one plaintext copy fewer in memory (the message itself, like
@@ -65,16 +66,30 @@ fn import_material(r: &proto::ImportKeyRequest) -> Result<crypto::ImportedKey, B
     imported.map_err(|e| BrokerError::bad_parameter(format!("The key to import is invalid: {e}.")))
 }
 
-fn crypto_request(
-    op: CryptoOp,
-    key_id: String,
-    algorithm: String,
-    value: Vec<u8>,
-    iv: Vec<u8>,
-    aad: Vec<u8>,
-    tag: Vec<u8>,
-) -> CryptoRequest {
-    CryptoRequest { op, key_id, algorithm, value, iv, aad, tag }
+/// The four crypto requests (WrapKey, UnwrapKey, Encrypt, Decrypt) carry the same fields.
+macro_rules! crypto_request_from {
+    ($($message:ty => $op:expr),+ $(,)?) => {$(
+        impl From<$message> for CryptoRequest {
+            fn from(r: $message) -> Self {
+                CryptoRequest {
+                    op: $op,
+                    key_id: r.key_id,
+                    algorithm: r.algorithm,
+                    value: r.value,
+                    iv: r.iv,
+                    aad: r.aad,
+                    tag: r.tag,
+                }
+            }
+        }
+    )+};
+}
+
+crypto_request_from! {
+    proto::WrapKeyRequest => CryptoOp::WrapKey,
+    proto::UnwrapKeyRequest => CryptoOp::UnwrapKey,
+    proto::EncryptRequest => CryptoOp::Encrypt,
+    proto::DecryptRequest => CryptoOp::Decrypt,
 }
 
 #[tonic::async_trait]
@@ -274,51 +289,27 @@ impl KeyVault for KeyVaultService {
         &self,
         request: Request<proto::WrapKeyRequest>,
     ) -> Result<Response<proto::KeyOperationResult>, Status> {
-        let caller = caller(&request)?;
-        let r = request.into_inner();
-        self.crypto(
-            caller,
-            crypto_request(CryptoOp::WrapKey, r.key_id, r.algorithm, r.value, r.iv, r.aad, r.tag),
-        )
-        .await
+        self.crypto(request).await
     }
 
     async fn unwrap_key(
         &self,
         request: Request<proto::UnwrapKeyRequest>,
     ) -> Result<Response<proto::KeyOperationResult>, Status> {
-        let caller = caller(&request)?;
-        let r = request.into_inner();
-        self.crypto(
-            caller,
-            crypto_request(CryptoOp::UnwrapKey, r.key_id, r.algorithm, r.value, r.iv, r.aad, r.tag),
-        )
-        .await
+        self.crypto(request).await
     }
 
     async fn encrypt(
         &self,
         request: Request<proto::EncryptRequest>,
     ) -> Result<Response<proto::KeyOperationResult>, Status> {
-        let caller = caller(&request)?;
-        let r = request.into_inner();
-        self.crypto(
-            caller,
-            crypto_request(CryptoOp::Encrypt, r.key_id, r.algorithm, r.value, r.iv, r.aad, r.tag),
-        )
-        .await
+        self.crypto(request).await
     }
 
     async fn decrypt(
         &self,
         request: Request<proto::DecryptRequest>,
     ) -> Result<Response<proto::KeyOperationResult>, Status> {
-        let caller = caller(&request)?;
-        let r = request.into_inner();
-        self.crypto(
-            caller,
-            crypto_request(CryptoOp::Decrypt, r.key_id, r.algorithm, r.value, r.iv, r.aad, r.tag),
-        )
-        .await
+        self.crypto(request).await
     }
 }

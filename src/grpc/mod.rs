@@ -6,6 +6,7 @@ pub mod emulation;
 pub mod engine;
 pub mod identities;
 pub mod keyvault;
+pub mod observe;
 pub mod servers;
 pub mod status;
 pub mod vaults;
@@ -38,7 +39,7 @@ impl Interceptor for AuthInterceptor {
         let peer =
             crate::policy::network::client_address(request.remote_addr(), forwarded, self.trusted_proxies());
         let caller = self.authenticate(header, peer, leaf);
-        // The audit record and span of the request (telemetry::ObserveLayer) learn who called.
+        // The audit record and span of the request (observe::ObserveLayer) learn who called.
         if let Some(ctx) = request.extensions().get::<crate::telemetry::RequestContext>() {
             ctx.note_caller(peer, caller.as_ref().ok().map(|c| &*c.object_id));
         }

@@ -1,7 +1,9 @@
 //! Test harness: a real broker serving gRPC on an ephemeral loopback port, and authenticated
-//! clients for it; `python`: the virtualenvs of the checks against Python tools.
+//! clients for it; `observed`: a broker with its admin listener and a strict `/metrics` parser;
+//! `python`: the virtualenvs of the checks against Python tools.
 #![allow(dead_code)]
 
+pub mod observed;
 pub mod python;
 
 use std::path::PathBuf;

@@ -1,0 +1,296 @@
+//! Key operations of the data plane: the Key Vault key rules (lifecycle, soft delete and
+//! recovery, backup/restore, the crypto hot path), one file per concern. Every operation passes
+//! the data-plane gate first (permission before existence, as the cloud does: `super::gate`),
+//! then looks the key up, then applies the key rules.
+//!
+//! - [`lifecycle`]: create, import, get, list, list versions, update, rotate;
+//! - [`deleted`]: delete, get/list deleted, recover, purge, and the purge sweeper;
+//! - [`backup`]: backup and restore blobs sealed under the master key;
+//! - [`crypto`]: wrap, unwrap, encrypt, decrypt (the hot path).
+
+mod backup;
+mod crypto;
+mod deleted;
+mod lifecycle;
+
+use std::collections::BTreeMap;
+
+use super::Broker;
+use super::state::{KeyEntry, VaultEntry};
+use crate::crypto::{CryptoError, ImportedKey, Zbytes};
+use crate::model::ids::{KeyIdRef, key_uri};
+use crate::model::{BrokerError, CryptoOp, Deletion, KeyType, KeyVersion};
+
+/// Largest `value` a crypto request may carry.
+pub const MAX_VALUE_BYTES: usize = 64 * 1024;
+/// The cloud's default and largest list page.
+pub const MAX_PAGE: usize = 25;
+
+/// Attributes a caller may set on a new version.
+#[derive(Clone, Debug, Default)]
+pub struct NewAttributes {
+    /// `None` = true.
+    pub enabled: Option<bool>,
+    /// Activation time.
+    pub not_before: Option<i64>,
+    /// Expiry time.
+    pub expires: Option<i64>,
+}
+
+/// Where a new version's material comes from.
+pub enum NewMaterial {
+    /// Generate a key of this type and size (0 = default size).
+    Generate {
+        /// Key type.
+        kty: KeyType,
+        /// Size in bits.
+        size: i32,
+    },
+    /// Imported material.
+    Import {
+        /// The key.
+        key: ImportedKey,
+        /// RSA-HSM rather than RSA.
+        hsm: bool,
+    },
+}
+
+/// CreateKey / ImportKey.
+pub struct NewKey {
+    /// Vault name.
+    pub vault: String,
+    /// Key name.
+    pub name: String,
+    /// Material.
+    pub material: NewMaterial,
+    /// `key_ops` (empty = the type's defaults).
+    pub key_ops: Vec<String>,
+    /// Attributes.
+    pub attributes: NewAttributes,
+    /// Tags.
+    pub tags: BTreeMap<String, String>,
+}
+
+/// UpdateKey (`None`/empty = unchanged).
+#[derive(Clone, Debug, Default)]
+pub struct KeyUpdate {
+    /// Enable or disable.
+    pub enabled: Option<bool>,
+    /// New activation time.
+    pub not_before: Option<i64>,
+    /// New expiry time.
+    pub expires: Option<i64>,
+    /// Remove the activation time.
+    pub clear_not_before: bool,
+    /// Remove the expiry time.
+    pub clear_expires: bool,
+    /// Replacement key_ops.
+    pub key_ops: Vec<String>,
+    /// Replacement tags.
+    pub tags: Option<BTreeMap<String, String>>,
+}
+
+/// One key version as returned to callers (public parts only).
+#[derive(Clone, Debug)]
+pub struct KeyView {
+    /// Versioned key URI.
+    pub kid: String,
+    /// Metadata.
+    pub version: KeyVersion,
+    /// The vault's retention.
+    pub recoverable_days: i32,
+    /// The vault's recovery level.
+    pub recovery_level: &'static str,
+}
+
+/// A soft-deleted key as returned to callers.
+#[derive(Clone, Debug)]
+pub struct DeletedKeyView {
+    /// Its newest version.
+    pub key: KeyView,
+    /// `https://{vault}.{suffix}/deletedkeys/{name}`.
+    pub recovery_id: String,
+    /// Deletion record.
+    pub deletion: Deletion,
+}
+
+/// A list entry.
+#[derive(Clone, Debug)]
+pub struct KeyItemView {
+    /// Unversioned (ListKeys) or versioned (ListKeyVersions) key URI.
+    pub kid: String,
+    /// Attributes and tags of the (newest) version.
+    pub version: KeyVersion,
+    /// Retention.
+    pub recoverable_days: i32,
+    /// Recovery level.
+    pub recovery_level: &'static str,
+}
+
+/// What a crypto request carries.
+pub struct CryptoRequest {
+    /// Which operation.
+    pub op: CryptoOp,
+    /// Key URI.
+    pub key_id: String,
+    /// Algorithm name.
+    pub algorithm: String,
+    /// Plaintext or ciphertext.
+    pub value: Vec<u8>,
+    /// AES-GCM IV (encrypt: optional; decrypt: required).
+    pub iv: Vec<u8>,
+    /// AES-GCM additional data.
+    pub aad: Vec<u8>,
+    /// AES-GCM tag (decrypt).
+    pub tag: Vec<u8>,
+}
+
+/// A crypto result.
+pub struct CryptoResult {
+    /// Versioned key URI that did the work.
+    pub kid: String,
+    /// Output bytes (plaintext for decrypt/unwrap, zeroized when dropped).
+    pub value: Zbytes,
+    /// AES-GCM IV (encrypt).
+    pub iv: Vec<u8>,
+    /// AES-GCM tag (encrypt).
+    pub tag: Vec<u8>,
+}
+
+impl NewMaterial {
+    /// The type of the key this material makes.
+    pub fn key_type(&self) -> KeyType {
+        match self {
+            NewMaterial::Generate { kty, .. } => *kty,
+            NewMaterial::Import { key: ImportedKey::Rsa(_), hsm: true } => KeyType::RsaHsm,
+            NewMaterial::Import { key: ImportedKey::Rsa(_), hsm: false } => KeyType::Rsa,
+            NewMaterial::Import { key: ImportedKey::Oct(_), .. } => KeyType::OctHsm,
+        }
+    }
+}
+
+fn crypto_error(e: CryptoError) -> BrokerError {
+    match e {
+        CryptoError::DecryptionFailed => BrokerError::DecryptionFailed,
+        CryptoError::InvalidInput(m) => BrokerError::bad_parameter(m),
+        CryptoError::InvalidKeyMaterial(m) => {
+            BrokerError::bad_parameter(format!("The key material is invalid: {m}"))
+        }
+        other => {
+            tracing::error!(error = %other, "crypto failure");
+            BrokerError::Internal
+        }
+    }
+}
+
+fn new_version_id() -> String {
+    hex::encode(crate::crypto::random_bytes(16))
+}
+
+/// Runs blocking crypto on the blocking pool.
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, BrokerError> + Send + 'static,
+) -> Result<T, BrokerError> {
+    tokio::task::spawn_blocking(f).await.map_err(|_| BrokerError::Internal)?
+}
+
+impl Broker {
+    fn view(&self, ve: &VaultEntry, name: &str, version: &KeyVersion) -> KeyView {
+        KeyView {
+            kid: key_uri(&ve.vault.name, &self.settings.vault_dns_suffix, name, Some(&version.version)),
+            version: version.clone(),
+            recoverable_days: ve.vault.retention_days,
+            recovery_level: ve.vault.recovery_level(),
+        }
+    }
+
+    /// An active (not deleted) key, or `KeyNotFound`.
+    fn active_key<'a>(ve: &'a VaultEntry, name: &str) -> Result<&'a KeyEntry, BrokerError> {
+        match ve.key(name) {
+            Some(k) if k.key.deleted.is_none() => Ok(k),
+            _ => Err(BrokerError::KeyNotFound { name_or_id: name.to_string() }),
+        }
+    }
+
+    /// A version of an active key, or `KeyNotFound` naming `name/version`.
+    fn active_version<'a>(
+        ve: &'a VaultEntry,
+        id: &KeyIdRef<'_>,
+    ) -> Result<(&'a KeyEntry, &'a KeyVersion), BrokerError> {
+        let not_found = || BrokerError::KeyNotFound {
+            name_or_id: match &id.version {
+                Some(v) => format!("{}/{v}", id.name),
+                None => id.name.to_string(),
+            },
+        };
+        let k = Self::active_key(ve, id.name).map_err(|_| not_found())?;
+        let v = k.key.version(id.version).ok_or_else(not_found)?;
+        Ok((k, v))
+    }
+
+    fn parse_key_id<'a>(&self, key_id: &'a str) -> Result<KeyIdRef<'a>, BrokerError> {
+        KeyIdRef::parse(key_id, &self.settings.vault_dns_suffix)
+    }
+}
+
+/// Pages `(sort key, item)` pairs already in order: items after the token, at most `page_size`;
+/// the next token is the last returned sort key, hex-encoded.
+fn paginate<T>(
+    items: impl Iterator<Item = (String, T)>,
+    page_size: i32,
+    page_token: &str,
+) -> Result<(Vec<T>, String), BrokerError> {
+    let size = match page_size {
+        0 => MAX_PAGE,
+        n if (1..=MAX_PAGE as i32).contains(&n) => n as usize,
+        n => {
+            return Err(BrokerError::bad_parameter(format!(
+                "The page size {n} is invalid. It must be between 1 and {MAX_PAGE}."
+            )));
+        }
+    };
+    let after = if page_token.is_empty() {
+        None
+    } else {
+        Some(
+            hex::decode(page_token)
+                .ok()
+                .and_then(|b| String::from_utf8(b).ok())
+                .ok_or_else(|| BrokerError::bad_parameter("The page token is invalid."))?,
+        )
+    };
+    let mut page = Vec::new();
+    let mut last = String::new();
+    let mut more = false;
+    for (k, item) in items.filter(|(k, _)| after.as_ref().is_none_or(|a| k > a)) {
+        if page.len() == size {
+            more = true;
+            break;
+        }
+        last = k;
+        page.push(item);
+    }
+    Ok((page, if more { hex::encode(last) } else { String::new() }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pages_walk_every_item_once() {
+        let items: Vec<(String, u32)> = (0..7).map(|i| (format!("k{i}"), i)).collect();
+        let (p1, t1) = paginate(items.clone().into_iter(), 3, "").unwrap();
+        let (p2, t2) = paginate(items.clone().into_iter(), 3, &t1).unwrap();
+        let (p3, t3) = paginate(items.clone().into_iter(), 3, &t2).unwrap();
+        assert_eq!((p1, p2, p3), (vec![0, 1, 2], vec![3, 4, 5], vec![6]));
+        assert!(t3.is_empty());
+    }
+
+    #[test]
+    fn page_sizes_outside_1_to_25_are_refused() {
+        assert!(paginate(std::iter::empty::<(String, u8)>(), 26, "").is_err());
+        assert!(paginate(std::iter::empty::<(String, u8)>(), -1, "").is_err());
+        assert!(paginate(std::iter::empty::<(String, u8)>(), 1, "zz").is_err());
+    }
+}
