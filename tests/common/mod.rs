@@ -83,16 +83,7 @@ async fn serve_app(cfg: Config, trusted_ca: Option<PathBuf>, dir: Option<tempfil
     let token = app.admin_token().expect("admin token");
     let auth = app.auth.clone();
     let admin = app.admin.clone();
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
-    let addr = listener.local_addr().expect("addr");
-    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-    let served = tokio::spawn(async move {
-        app.serve(listener, async {
-            let _ = rx.await;
-        })
-        .await
-        .expect("serve");
-    });
+    let (addr, tx, served) = spawn_serving(app).await;
     let channel = match trusted_ca {
         Some(ca) => {
             let ca = std::fs::read(&ca).expect("CA to trust");
@@ -113,6 +104,23 @@ async fn serve_app(cfg: Config, trusted_ca: Option<PathBuf>, dir: Option<tempfil
         shutdown: Some(tx),
         served: Some(served),
     }
+}
+
+/// Serves `app` on an ephemeral loopback port until the returned sender fires (or is dropped).
+pub async fn spawn_serving(
+    app: App,
+) -> (std::net::SocketAddr, tokio::sync::oneshot::Sender<()>, tokio::task::JoinHandle<()>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+    let served = tokio::spawn(async move {
+        app.serve(listener, async {
+            let _ = rx.await;
+        })
+        .await
+        .expect("serve");
+    });
+    (addr, tx, served)
 }
 
 pub fn bearer(token: &str) -> Bearer {

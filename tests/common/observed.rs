@@ -43,16 +43,7 @@ pub async fn serve(app: App, dir: tempfile::TempDir) -> Running {
     let token = app.admin_token().expect("admin token");
     let admin = app.admin.object_id.clone();
     let http = app.http_addr();
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-    let served = tokio::spawn(async move {
-        app.serve(listener, async {
-            let _ = rx.await;
-        })
-        .await
-        .expect("serve");
-    });
+    let (addr, tx, served) = super::spawn_serving(app).await;
     let channel = Channel::from_shared(format!("http://{addr}")).unwrap().connect().await.unwrap();
     Running { http, token, admin, channel, stop: Some(tx), served: Some(served), _dir: dir }
 }
