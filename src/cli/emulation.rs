@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 use serde_json::{Value, json};
 
 use super::error::{ArgError, CliError};
-use super::render::{Out, fields, table, vault_or_star, when};
+use super::render::{Out, fields, json_array, json_fields, list_out, table, vault_or_star, when};
 use super::session::Session;
 use crate::broker::throttle::AZURE_CREATE_PER_10S;
 use crate::grpc::proto;
@@ -160,34 +160,22 @@ pub(super) async fn faults(s: &Session, cmd: FaultsCmd) -> Result<Out, CliError>
         o
     };
     let any_others = list.faults.iter().any(|f| !others(f).is_empty());
-    let rows = list
-        .faults
-        .iter()
-        .map(|f| {
-            let mut row = vec![vault_or_star(&f.vault_name), f.outage.to_string()];
-            if any_others {
-                let o = others(f);
-                let text = o.iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>().join(",");
-                row.push(if text.is_empty() { "-".to_string() } else { text.replace('"', "") });
-            }
-            row
-        })
-        .collect();
+    let json = |f: &proto::VaultFaults| {
+        let mut o = others(f);
+        o.insert("vault_name".into(), json!(f.vault_name));
+        o.insert("outage".into(), json!(f.outage));
+        Value::Object(o)
+    };
     let headers: &[&str] = if any_others { &["VAULT", "OUTAGE", "OTHER"] } else { &["VAULT", "OUTAGE"] };
-    Ok(Out {
-        json: Value::Array(
-            list.faults
-                .iter()
-                .map(|f| {
-                    let mut o = others(f);
-                    o.insert("vault_name".into(), json!(f.vault_name));
-                    o.insert("outage".into(), json!(f.outage));
-                    Value::Object(o)
-                })
-                .collect(),
-        ),
-        table: table(headers, rows),
-    })
+    Ok(list_out(&list.faults, json, headers, |f| {
+        let mut row = vec![vault_or_star(&f.vault_name), f.outage.to_string()];
+        if any_others {
+            let o = others(f);
+            let text = o.iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>().join(",");
+            row.push(if text.is_empty() { "-".to_string() } else { text.replace('"', "") });
+        }
+        row
+    }))
 }
 
 /// `throttling …`.
@@ -218,34 +206,16 @@ pub(super) async fn throttling(s: &Session, cmd: ThrottlingCmd) -> Result<Out, C
     let limit = |t: &proto::VaultThrottling, n: u32| {
         if t.profile == "off" { "-".to_string() } else { n.to_string() }
     };
-    let rows = list
-        .throttling
-        .iter()
-        .map(|t| {
-            vec![
-                vault_or_star(&t.vault_name),
-                t.profile.clone(),
-                limit(t, t.all_other_per_10s),
-                limit(t, t.create_per_10s),
-            ]
-        })
-        .collect();
-    Ok(Out {
-        json: Value::Array(
-            list.throttling
-                .iter()
-                .map(|t| {
-                    json!({
-                        "vault_name": t.vault_name,
-                        "profile": t.profile,
-                        "all_other_per_10s": t.all_other_per_10s,
-                        "create_per_10s": t.create_per_10s,
-                    })
-                })
-                .collect(),
-        ),
-        table: table(&["VAULT", "PROFILE", "ALL-OTHER/10S", "CREATE/10S"], rows),
-    })
+    let json =
+        |t: &proto::VaultThrottling| json_fields!(t; vault_name, profile, all_other_per_10s, create_per_10s);
+    Ok(list_out(&list.throttling, json, &["VAULT", "PROFILE", "ALL-OTHER/10S", "CREATE/10S"], |t| {
+        vec![
+            vault_or_star(&t.vault_name),
+            t.profile.clone(),
+            limit(t, t.all_other_per_10s),
+            limit(t, t.create_per_10s),
+        ]
+    }))
 }
 
 /// `stats`.
@@ -258,62 +228,21 @@ pub(super) async fn stats(s: &Session) -> Result<Out, CliError> {
 fn stats_json(r: &proto::StatsResponse) -> Value {
     let o = r.objects.unwrap_or_default();
     let d = r.databases.clone().unwrap_or_default();
-    json!({
-        "version": r.version,
-        "uptime_seconds": r.uptime_seconds,
-        "now": r.now,
-        "epoch": r.epoch,
-        "objects": {
-            "vaults": o.vaults,
-            "keys": o.keys,
-            "key_versions": o.key_versions,
-            "deleted_keys": o.deleted_keys,
-            "user_assigned_identities": o.user_assigned_identities,
-            "system_assigned_identities": o.system_assigned_identities,
-            "users": o.users,
-            "engine_hosts": o.engine_hosts,
-            "servers": o.servers,
-            "databases": o.databases,
-            "role_assignments": o.role_assignments,
-            "subnets": o.subnets,
-        },
-        "databases": {
-            "online": d.online,
-            "inaccessible": d.inaccessible,
-            "inaccessible_by_reason": d.inaccessible_by_reason.iter()
-                .map(|c| json!({ "reason": c.reason, "count": c.count }))
-                .collect::<Vec<_>>(),
-        },
-        "requests": r.requests.iter()
-            .map(|c| json!({ "service": c.service, "method": c.method, "outcome": c.outcome, "count": c.count }))
-            .collect::<Vec<_>>(),
-        "latencies": r.latencies.iter()
-            .map(|l| json!({
-                "service": l.service,
-                "method": l.method,
-                "count": l.count,
-                "total_seconds": l.total_seconds,
-                "mean_ms": l.mean_ms,
-            }))
-            .collect::<Vec<_>>(),
-        "caches": r.caches.iter()
-            .map(|c| json!({
-                "name": c.name,
-                "enabled": c.enabled,
-                "hits": c.hits,
-                "misses": c.misses,
-                "entries": c.entries,
-                "capacity": c.capacity,
-                "ttl_seconds": c.ttl_seconds,
-            }))
-            .collect::<Vec<_>>(),
-        "rsa_operations": r.rsa_operations.iter()
-            .map(|c| json!({ "op": c.op, "count": c.count }))
-            .collect::<Vec<_>>(),
-        "throttled_requests": r.throttled_requests,
-        "injected_errors": r.injected_errors,
-        "audit_write_failures": r.audit_write_failures,
-    })
+    let mut json = json_fields!(r; version, uptime_seconds, now, epoch, throttled_requests, injected_errors, audit_write_failures);
+    json["objects"] = json_fields!(o; vaults, keys, key_versions, deleted_keys, user_assigned_identities,
+        system_assigned_identities, users, engine_hosts, servers, databases, role_assignments, subnets);
+    let by_reason = json_array(&d.inaccessible_by_reason, |c| json_fields!(c; reason, count));
+    json["databases"] =
+        json!({ "online": d.online, "inaccessible": d.inaccessible, "inaccessible_by_reason": by_reason });
+    json["requests"] = json_array(&r.requests, |c| json_fields!(c; service, method, outcome, count));
+    json["latencies"] =
+        json_array(&r.latencies, |l| json_fields!(l; service, method, count, total_seconds, mean_ms));
+    json["caches"] = json_array(
+        &r.caches,
+        |c| json_fields!(c; name, enabled, hits, misses, entries, capacity, ttl_seconds),
+    );
+    json["rsa_operations"] = json_array(&r.rsa_operations, |c| json_fields!(c; op, count));
+    json
 }
 
 /// The `stats` text: summary fields, then tables of caches, requests by method (outcomes

@@ -1,10 +1,10 @@
 //! `identity …`, `user …` and `token …`: the Identities service of the broker (managed
 //! identities, user principals, access tokens), from the command line.
 
-use serde_json::{Value, json};
+use serde_json::Value;
 
 use super::error::CliError;
-use super::render::{Out, fields, leaf, table, when};
+use super::render::{Out, fields, json_fields, leaf, list_out, when};
 use super::session::Session;
 use crate::grpc::proto;
 
@@ -95,23 +95,16 @@ pub(super) async fn identity(s: &Session, cmd: IdentityCmd) -> Result<Out, CliEr
         }
         IdentityCmd::List => {
             let list = s.call(s.identities().list_identities(proto::ListIdentitiesRequest {})).await?;
-            let rows = list
-                .identities
-                .iter()
-                .map(|i| {
-                    vec![
-                        leaf(&i.resource_id),
-                        i.kind.clone(),
-                        i.principal_id.clone(),
-                        i.client_id.clone(),
-                        i.resource_id.clone(),
-                    ]
-                })
-                .collect();
-            Ok(Out {
-                json: Value::Array(list.identities.iter().map(identity_json).collect()),
-                table: table(&["NAME", "KIND", "PRINCIPAL-ID", "CLIENT-ID", "RESOURCE-ID"], rows),
-            })
+            let header = ["NAME", "KIND", "PRINCIPAL-ID", "CLIENT-ID", "RESOURCE-ID"];
+            Ok(list_out(&list.identities, identity_json, &header, |i| {
+                vec![
+                    leaf(&i.resource_id),
+                    i.kind.clone(),
+                    i.principal_id.clone(),
+                    i.client_id.clone(),
+                    i.resource_id.clone(),
+                ]
+            }))
         }
         IdentityCmd::Delete { resource_id, force } => {
             let request =
@@ -128,12 +121,7 @@ pub(super) async fn user(s: &Session, cmd: UserCmd) -> Result<Out, CliError> {
         UserCmd::Create { name } => {
             let u = s.call(s.identities().create_user(proto::CreateUserRequest { name })).await?;
             Ok(Out {
-                json: json!({
-                    "principal_id": u.principal_id,
-                    "name": u.name,
-                    "token": u.token,
-                    "expires_on": u.expires_on,
-                }),
+                json: json_fields!(u; principal_id, name, token, expires_on),
                 table: fields(&[
                     ("principal id", u.principal_id.clone()),
                     ("name", u.name.clone()),
@@ -158,7 +146,7 @@ pub(super) async fn token(s: &Session, cmd: TokenCmd) -> Result<Out, CliError> {
             let t = s.call(s.identities().get_token(request)).await?;
             // The token alone, so `--token "$(tde-broker token get …)"` works.
             let table = format!("{}\n", t.access_token);
-            Ok(Out { json: json!({ "access_token": t.access_token, "expires_on": t.expires_on }), table })
+            Ok(Out { json: json_fields!(t; access_token, expires_on), table })
         }
     }
 }
@@ -179,11 +167,5 @@ fn identity_out(i: &proto::Identity) -> Out {
 
 /// An identity under its wire field names.
 fn identity_json(i: &proto::Identity) -> Value {
-    json!({
-        "resource_id": i.resource_id,
-        "principal_id": i.principal_id,
-        "client_id": i.client_id,
-        "tenant_id": i.tenant_id,
-        "kind": i.kind,
-    })
+    json_fields!(i; resource_id, principal_id, client_id, tenant_id, kind)
 }

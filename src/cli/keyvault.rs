@@ -2,7 +2,6 @@
 //! unwrap, encrypt and decrypt), from the command line.
 
 use std::collections::HashMap;
-use std::future::Future;
 use std::path::PathBuf;
 
 use base64::Engine as _;
@@ -10,7 +9,9 @@ use base64::engine::general_purpose::{STANDARD as B64, STANDARD_NO_PAD, URL_SAFE
 use serde_json::{Map, Value, json};
 
 use super::error::{ArgError, CliError};
-use super::render::{Out, clean_list, fields, list_or_dash, rfc3339, rfc3339_opt, table, when, when_opt};
+use super::render::{
+    Out, clean_list, fields, json_fields, list_or_dash, list_out, rfc3339, rfc3339_opt, when, when_opt,
+};
 use super::session::Session;
 use crate::grpc::proto;
 
@@ -231,6 +232,22 @@ macro_rules! crypto_request {
     }};
 }
 
+/// Every key of a paged listing: `s.keys().$method` with `$request`, then again with each next
+/// page token.
+macro_rules! every_page {
+    ($s:expr, $method:ident, $request:expr) => {{
+        let mut request = $request;
+        let mut items = Vec::new();
+        loop {
+            let page = $s.call($s.keys().$method(request.clone())).await?;
+            items.extend(page.keys);
+            if !next_page(&mut request.page_token, page.next_page_token) {
+                break items;
+            }
+        }
+    }};
+}
+
 /// `key …`.
 pub(super) async fn key(s: &Session, cmd: KeyCmd) -> Result<Out, CliError> {
     match cmd {
@@ -269,26 +286,13 @@ pub(super) async fn key(s: &Session, cmd: KeyCmd) -> Result<Out, CliError> {
             Ok(bundle_out(&s.call(s.keys().get_key(proto::GetKeyRequest { key_id })).await?))
         }
         KeyCmd::List { vault } => {
-            let items = all_pages(move |page_token| {
-                let request = proto::ListKeysRequest { vault_name: vault.clone(), page_size: 0, page_token };
-                async move {
-                    let page = s.call(s.keys().list_keys(request)).await?;
-                    Ok((page.keys, page.next_page_token))
-                }
-            })
-            .await?;
+            let request = proto::ListKeysRequest { vault_name: vault, ..Default::default() };
+            let items = every_page!(s, list_keys, request);
             Ok(items_out(&items, "NAME", |kid| kid_parts(kid).0))
         }
         KeyCmd::Versions { key_id } => {
-            let items = all_pages(move |page_token| {
-                let request =
-                    proto::ListKeyVersionsRequest { key_id: key_id.clone(), page_size: 0, page_token };
-                async move {
-                    let page = s.call(s.keys().list_key_versions(request)).await?;
-                    Ok((page.keys, page.next_page_token))
-                }
-            })
-            .await?;
+            let request = proto::ListKeyVersionsRequest { key_id, ..Default::default() };
+            let items = every_page!(s, list_key_versions, request);
             Ok(items_out(&items, "VERSION", |kid| kid_parts(kid).1))
         }
         KeyCmd::Update(a) => {
@@ -318,15 +322,8 @@ pub(super) async fn key(s: &Session, cmd: KeyCmd) -> Result<Out, CliError> {
             Ok(deleted_out(&s.call(s.keys().delete_key(proto::DeleteKeyRequest { key_id })).await?))
         }
         KeyCmd::Deleted { vault } => {
-            let items = all_pages(move |page_token| {
-                let request =
-                    proto::ListDeletedKeysRequest { vault_name: vault.clone(), page_size: 0, page_token };
-                async move {
-                    let page = s.call(s.keys().list_deleted_keys(request)).await?;
-                    Ok((page.keys, page.next_page_token))
-                }
-            })
-            .await?;
+            let request = proto::ListDeletedKeysRequest { vault_name: vault, ..Default::default() };
+            let items = every_page!(s, list_deleted_keys, request);
             Ok(deleted_items_out(&items))
         }
         KeyCmd::Recover { vault, name } => {
@@ -366,24 +363,6 @@ pub(super) async fn key(s: &Session, cmd: KeyCmd) -> Result<Out, CliError> {
         }
         KeyCmd::Decrypt(a) => {
             Ok(result_out(&s.call(s.keys().decrypt(crypto_request!(DecryptRequest, a))).await?))
-        }
-    }
-}
-
-/// Every item of a paged listing: `page(token)` fetches one page as its items and the next
-/// page token.
-async fn all_pages<T, F, Fut>(mut page: F) -> Result<Vec<T>, CliError>
-where
-    F: FnMut(String) -> Fut,
-    Fut: Future<Output = Result<(Vec<T>, String), CliError>>,
-{
-    let mut items = Vec::new();
-    let mut page_token = String::new();
-    loop {
-        let (more, next) = page(page_token.clone()).await?;
-        items.extend(more);
-        if !next_page(&mut page_token, next) {
-            return Ok(items);
         }
     }
 }
@@ -524,51 +503,34 @@ fn deleted_json(d: &proto::DeletedKeyBundle) -> Value {
 
 /// `key deleted`: the soft-deleted keys of a vault.
 fn deleted_items_out(items: &[proto::DeletedKeyBundle]) -> Out {
-    let rows = items
-        .iter()
-        .map(|d| {
-            let kid = d.key.as_ref().and_then(|b| b.key.as_ref()).map(|k| k.kid.as_str()).unwrap_or("");
-            vec![
-                kid_parts(kid).0,
-                rfc3339(d.deleted_date),
-                rfc3339(d.scheduled_purge_date),
-                d.recovery_id.clone(),
-            ]
-        })
-        .collect();
-    Out {
-        json: Value::Array(items.iter().map(deleted_json).collect()),
-        table: table(&["NAME", "DELETED", "PURGE-AFTER", "RECOVERY-ID"], rows),
-    }
+    list_out(items, deleted_json, &["NAME", "DELETED", "PURGE-AFTER", "RECOVERY-ID"], |d| {
+        let kid = d.key.as_ref().and_then(|b| b.key.as_ref()).map(|k| k.kid.as_str()).unwrap_or("");
+        vec![
+            kid_parts(kid).0,
+            rfc3339(d.deleted_date),
+            rfc3339(d.scheduled_purge_date),
+            d.recovery_id.clone(),
+        ]
+    })
 }
 
 /// Key listings: the first column comes from the kid (name or version), the full kid last.
 fn items_out(items: &[proto::KeyItem], first: &str, column: impl Fn(&str) -> String) -> Out {
-    let rows = items
-        .iter()
-        .map(|item| {
-            let a = item.attributes.clone().unwrap_or_default();
-            vec![
-                column(&item.kid),
-                a.enabled.unwrap_or(true).to_string(),
-                rfc3339_opt(a.not_before),
-                rfc3339_opt(a.expires),
-                rfc3339(a.updated),
-                item.kid.clone(),
-            ]
-        })
-        .collect();
-    let json = items
-        .iter()
-        .map(|item| {
-            json!({
-                "kid": item.kid,
-                "attributes": attributes_json(item.attributes.as_ref()),
-                "tags": tags_json(&item.tags),
-            })
-        })
-        .collect();
-    Out { json: Value::Array(json), table: table(&[first, "ENABLED", "NBF", "EXP", "UPDATED", "KID"], rows) }
+    let json = |item: &proto::KeyItem| {
+        let (attributes, tags) = (attributes_json(item.attributes.as_ref()), tags_json(&item.tags));
+        json!({ "kid": item.kid, "attributes": attributes, "tags": tags })
+    };
+    list_out(items, json, &[first, "ENABLED", "NBF", "EXP", "UPDATED", "KID"], |item| {
+        let a = item.attributes.clone().unwrap_or_default();
+        vec![
+            column(&item.kid),
+            a.enabled.unwrap_or(true).to_string(),
+            rfc3339_opt(a.not_before),
+            rfc3339_opt(a.expires),
+            rfc3339(a.updated),
+            item.kid.clone(),
+        ]
+    })
 }
 
 /// The result of a crypto operation.
@@ -594,15 +556,9 @@ fn result_out(r: &proto::KeyOperationResult) -> Out {
 /// Key attributes under their wire field names (enabled unless said otherwise).
 fn attributes_json(a: Option<&proto::KeyAttributes>) -> Value {
     let a = a.cloned().unwrap_or_default();
-    json!({
-        "enabled": a.enabled.unwrap_or(true),
-        "not_before": a.not_before,
-        "expires": a.expires,
-        "created": a.created,
-        "updated": a.updated,
-        "recoverable_days": a.recoverable_days,
-        "recovery_level": a.recovery_level,
-    })
+    let mut json = json_fields!(a; not_before, expires, created, updated, recoverable_days, recovery_level);
+    json["enabled"] = json!(a.enabled.unwrap_or(true));
+    json
 }
 
 /// Tags as a JSON object.

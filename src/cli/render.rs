@@ -52,6 +52,30 @@ pub(crate) fn write_stdout(text: &str) -> Result<bool, CliError> {
     }
 }
 
+/// A listing: per item a JSON document, and a table row under `header`.
+pub(crate) fn list_out<T>(
+    items: &[T],
+    json: impl Fn(&T) -> Value,
+    header: &[&str],
+    row: impl Fn(&T) -> Vec<String>,
+) -> Out {
+    Out { json: json_array(items, json), table: table(header, items.iter().map(row).collect()) }
+}
+
+/// A JSON array of one document per item.
+pub(crate) fn json_array<T>(items: &[T], json: impl Fn(&T) -> Value) -> Value {
+    Value::Array(items.iter().map(json).collect())
+}
+
+/// A JSON object of some fields of a value under their own names: `json_fields!(v; name, uri)`
+/// is `json!({ "name": v.name, "uri": v.uri })`.
+macro_rules! json_fields {
+    ($value:expr; $($field:ident),+ $(,)?) => {
+        serde_json::json!({ $(stringify!($field): $value.$field),+ })
+    };
+}
+pub(crate) use json_fields;
+
 /// `field  value` lines with the values aligned.
 pub(crate) fn fields<K: AsRef<str>>(rows: &[(K, String)]) -> String {
     let width = rows.iter().map(|(k, _)| k.as_ref().chars().count()).max().unwrap_or(0);

@@ -8,7 +8,7 @@ use serde_json::{Value, json};
 
 use super::error::{CliError, ConnectCause};
 use super::render::{
-    Out, Output, clean_list, dash, fields, list_or_dash, rfc3339, table, when, write_stdout,
+    Out, Output, clean_list, dash, fields, json_fields, list_or_dash, list_out, rfc3339, when, write_stdout,
 };
 use super::session::{Session, token_object_id};
 use crate::grpc::proto;
@@ -194,18 +194,10 @@ pub(super) async fn server(s: &Session, cmd: ServerCmd) -> Result<Out, CliError>
         }
         ServerCmd::List => {
             let list = s.call(s.servers().list_servers(proto::ListServersRequest {})).await?;
-            let rows = list
-                .servers
-                .iter()
-                .map(|v| {
-                    let p = v.protector.clone().unwrap_or_default();
-                    vec![v.name.clone(), kind_name(v.kind), p.server_key_type, v.id.clone()]
-                })
-                .collect();
-            Ok(Out {
-                json: Value::Array(list.servers.iter().map(server_json).collect()),
-                table: table(&["NAME", "KIND", "PROTECTOR", "ID"], rows),
-            })
+            Ok(list_out(&list.servers, server_json, &["NAME", "KIND", "PROTECTOR", "ID"], |v| {
+                let p = v.protector.clone().unwrap_or_default();
+                vec![v.name.clone(), kind_name(v.kind), p.server_key_type, v.id.clone()]
+            }))
         }
         ServerCmd::Delete { server_id } => {
             let request = proto::DeleteServerRequest { server_id: server_id.clone() };
@@ -242,16 +234,11 @@ pub(super) async fn server(s: &Session, cmd: ServerCmd) -> Result<Out, CliError>
             // Under TLS the broker also signs a client certificate naming the host principal.
             if !c.cert_pem.is_empty() && !c.key_pem.is_empty() {
                 let oid = token_object_id(&c.token)?;
-                let out_dir = out_dir.unwrap_or_else(|| PathBuf::from("."));
-                let cert_path = out_dir.join(format!("{oid}.pem"));
-                let key_path = out_dir.join(format!("{oid}.key"));
-                crate::tls::write_file(&key_path, c.key_pem.as_bytes(), 0o600)?;
-                crate::tls::write_file(&cert_path, c.cert_pem.as_bytes(), 0o644)?;
+                let files = super::cert::write_pair(out_dir, &oid, &c.cert_pem, &c.key_pem)?;
                 // stdout stays the token alone; the files are noted on stderr.
-                eprintln!("certificate  {}", cert_path.display());
-                eprintln!("key          {}", key_path.display());
-                json["cert_file"] = json!(cert_path.display().to_string());
-                json["key_file"] = json!(key_path.display().to_string());
+                eprint!("{files}");
+                json["cert_file"] = json!(files.cert.display().to_string());
+                json["key_file"] = json!(files.key.display().to_string());
             }
             // The token alone, so `--token "$(tde-broker server host-credential …)"` works.
             Ok(Out { json, table: format!("{}\n", c.token) })
@@ -282,15 +269,9 @@ pub(super) async fn db(s: &Session, cmd: DbCmd) -> Result<Out, CliError> {
         }
         DbCmd::List { server_id } => {
             let list = s.call(s.servers().list_databases(proto::ListDatabasesRequest { server_id })).await?;
-            let rows = list
-                .databases
-                .iter()
-                .map(|d| vec![d.name.clone(), state_name(d.state), dash(&d.reason), rfc3339(d.state_since)])
-                .collect();
-            Ok(Out {
-                json: Value::Array(list.databases.iter().map(database_json).collect()),
-                table: table(&["NAME", "STATE", "REASON", "SINCE"], rows),
-            })
+            Ok(list_out(&list.databases, database_json, &["NAME", "STATE", "REASON", "SINCE"], |d| {
+                vec![d.name.clone(), state_name(d.state), dash(&d.reason), rfc3339(d.state_since)]
+            }))
         }
         DbCmd::Delete { server_id, name } => {
             let request = proto::DeleteDatabaseRequest { server_id: server_id.clone(), name: name.clone() };
@@ -374,19 +355,12 @@ fn server_out(v: &proto::Server) -> Out {
 /// A server under its wire field names.
 fn server_json(v: &proto::Server) -> Value {
     let i = v.identity.clone().unwrap_or_default();
-    json!({
-        "id": v.id,
-        "name": v.name,
-        "kind": kind_name(v.kind),
-        "subnet_id": v.subnet_id,
-        "identity": {
-            "system_assigned": i.system_assigned,
-            "system_principal_id": i.system_principal_id,
-            "user_assigned_identity_ids": i.user_assigned_identity_ids,
-            "primary_user_assigned_identity_id": i.primary_user_assigned_identity_id,
-        },
-        "protector": protector_json(&v.protector.clone().unwrap_or_default()),
-    })
+    let mut json = json_fields!(v; id, name, subnet_id);
+    json["kind"] = json!(kind_name(v.kind));
+    json["identity"] = json_fields!(i; system_assigned, system_principal_id, user_assigned_identity_ids,
+        primary_user_assigned_identity_id);
+    json["protector"] = protector_json(&v.protector.clone().unwrap_or_default());
+    json
 }
 
 /// `server protector|protector-show|revalidate`: the protector's fields.
@@ -396,12 +370,7 @@ fn protector_out(p: &proto::EncryptionProtector) -> Out {
 
 /// A protector under its wire field names.
 fn protector_json(p: &proto::EncryptionProtector) -> Value {
-    json!({
-        "server_key_type": p.server_key_type,
-        "key_id": p.key_id,
-        "kid": p.kid,
-        "auto_rotation_enabled": p.auto_rotation_enabled,
-    })
+    json_fields!(p; server_key_type, key_id, kid, auto_rotation_enabled)
 }
 
 /// The `field  value` rows of a protector.
@@ -430,13 +399,9 @@ fn database_out(d: &proto::Database) -> Out {
 
 /// A database under its wire field names, its state by name.
 fn database_json(d: &proto::Database) -> Value {
-    json!({
-        "server_id": d.server_id,
-        "name": d.name,
-        "state": state_name(d.state),
-        "reason": d.reason,
-        "state_since": d.state_since,
-    })
+    let mut json = json_fields!(d; server_id, name, reason, state_since);
+    json["state"] = json!(state_name(d.state));
+    json
 }
 
 /// `SQL_SERVER`, `MANAGED_INSTANCE`, or the number when the broker is newer than this client.

@@ -4,7 +4,7 @@
 use serde_json::{Value, json};
 
 use super::error::CliError;
-use super::render::{Out, clean_list, comma_list, dash, fields, leaf, list_or_dash, table};
+use super::render::{Out, clean_list, comma_list, dash, fields, json_fields, leaf, list_or_dash, list_out};
 use super::session::Session;
 use crate::grpc::proto;
 
@@ -260,27 +260,17 @@ pub(super) async fn vault(s: &Session, cmd: VaultCmd) -> Result<Out, CliError> {
         }
         VaultCmd::List => {
             let list = s.call(s.vaults().list_vaults(proto::ListVaultsRequest {})).await?;
-            let rows = list
-                .vaults
-                .iter()
-                .map(|v| {
-                    vec![
-                        v.name.clone(),
-                        v.soft_delete_retention_days.to_string(),
-                        v.enable_purge_protection.to_string(),
-                        v.enable_rbac_authorization.to_string(),
-                        v.public_network_access.clone(),
-                        v.uri.clone(),
-                    ]
-                })
-                .collect();
-            Ok(Out {
-                json: Value::Array(list.vaults.iter().map(vault_json).collect()),
-                table: table(
-                    &["NAME", "RETENTION", "PURGE-PROTECTION", "RBAC", "PUBLIC-ACCESS", "URI"],
-                    rows,
-                ),
-            })
+            let header = ["NAME", "RETENTION", "PURGE-PROTECTION", "RBAC", "PUBLIC-ACCESS", "URI"];
+            Ok(list_out(&list.vaults, vault_json, &header, |v| {
+                vec![
+                    v.name.clone(),
+                    v.soft_delete_retention_days.to_string(),
+                    v.enable_purge_protection.to_string(),
+                    v.enable_rbac_authorization.to_string(),
+                    v.public_network_access.clone(),
+                    v.uri.clone(),
+                ]
+            }))
         }
         VaultCmd::Update { name, purge_protection, rbac, public_network_access } => {
             let request = proto::UpdateVaultRequest {
@@ -397,15 +387,9 @@ pub(super) async fn subnet(s: &Session, cmd: SubnetCmd) -> Result<Out, CliError>
         }
         SubnetCmd::List => {
             let list = s.call(s.vaults().list_subnets(proto::ListSubnetsRequest {})).await?;
-            let rows = list
-                .subnets
-                .iter()
-                .map(|n| vec![leaf(&n.subnet_id), n.address_prefixes.join(","), n.subnet_id.clone()])
-                .collect();
-            Ok(Out {
-                json: Value::Array(list.subnets.iter().map(subnet_json).collect()),
-                table: table(&["NAME", "PREFIXES", "ID"], rows),
-            })
+            Ok(list_out(&list.subnets, subnet_json, &["NAME", "PREFIXES", "ID"], |n| {
+                vec![leaf(&n.subnet_id), n.address_prefixes.join(","), n.subnet_id.clone()]
+            }))
         }
     }
 }
@@ -421,17 +405,10 @@ pub(super) async fn policy(s: &Session, cmd: PolicyCmd) -> Result<Out, CliError>
             let list = s
                 .call(s.vaults().list_access_policies(proto::ListAccessPoliciesRequest { vault_name: vault }))
                 .await?;
-            let json = list
-                .policies
-                .iter()
-                .map(|p| json!({ "object_id": p.object_id, "key_permissions": p.key_permissions }))
-                .collect();
-            let rows = list
-                .policies
-                .iter()
-                .map(|p| vec![p.object_id.clone(), p.key_permissions.join(",")])
-                .collect();
-            Ok(Out { json: Value::Array(json), table: table(&["OBJECT-ID", "PERMISSIONS"], rows) })
+            let json = |p: &proto::AccessPolicy| json_fields!(p; object_id, key_permissions);
+            Ok(list_out(&list.policies, json, &["OBJECT-ID", "PERMISSIONS"], |p| {
+                vec![p.object_id.clone(), p.key_permissions.join(",")]
+            }))
         }
     }
 }
@@ -484,15 +461,9 @@ pub(super) async fn role(s: &Session, cmd: RoleCmd) -> Result<Out, CliError> {
         RoleCmd::List { scope } => {
             let request = proto::ListRoleAssignmentsRequest { scope: scope.unwrap_or_default() };
             let list = s.call(s.vaults().list_role_assignments(request)).await?;
-            let rows = list
-                .assignments
-                .iter()
-                .map(|a| vec![a.id.clone(), a.role_name.clone(), a.principal_id.clone(), a.scope.clone()])
-                .collect();
-            Ok(Out {
-                json: Value::Array(list.assignments.iter().map(role_json).collect()),
-                table: table(&["ID", "ROLE", "PRINCIPAL-ID", "SCOPE"], rows),
-            })
+            Ok(list_out(&list.assignments, role_json, &["ID", "ROLE", "PRINCIPAL-ID", "SCOPE"], |a| {
+                vec![a.id.clone(), a.role_name.clone(), a.principal_id.clone(), a.scope.clone()]
+            }))
         }
         RoleCmd::Delete { id } => {
             s.call(s.vaults().delete_role_assignment(proto::DeleteRoleAssignmentRequest { id: id.clone() }))
@@ -504,13 +475,7 @@ pub(super) async fn role(s: &Session, cmd: RoleCmd) -> Result<Out, CliError> {
 
 /// A role assignment under its wire field names.
 fn role_json(a: &proto::RoleAssignment) -> Value {
-    json!({
-        "id": a.id,
-        "scope": a.scope,
-        "principal_id": a.principal_id,
-        "role_name": a.role_name,
-        "normalized_scope": a.normalized_scope,
-    })
+    json_fields!(a; id, scope, principal_id, role_name, normalized_scope)
 }
 
 /// `vault show|update`: the vault's fields.
@@ -520,20 +485,14 @@ fn vault_out(v: &proto::Vault) -> Out {
 
 /// A vault under its wire field names.
 fn vault_json(v: &proto::Vault) -> Value {
-    json!({
-        "name": v.name,
-        "uri": v.uri,
-        "soft_delete_retention_days": v.soft_delete_retention_days,
-        "enable_purge_protection": v.enable_purge_protection,
-        "enable_rbac_authorization": v.enable_rbac_authorization,
-        "public_network_access": v.public_network_access,
-        "network_acls": v.network_acls.as_ref().map(|a| json!({
-            "default_action": a.default_action,
-            "bypass": a.bypass,
-            "ip_rules": a.ip_rules,
-            "virtual_network_rules": a.virtual_network_rules,
-        })),
-    })
+    let mut json = json_fields!(v; name, uri, soft_delete_retention_days, enable_purge_protection,
+        enable_rbac_authorization, public_network_access);
+    json["network_acls"] = json!(
+        v.network_acls
+            .as_ref()
+            .map(|a| json_fields!(a; default_action, bypass, ip_rules, virtual_network_rules))
+    );
+    json
 }
 
 /// The `field  value` rows of a vault.
@@ -582,5 +541,5 @@ fn network_out(v: &proto::Vault) -> Out {
 
 /// A subnet under its wire field names.
 fn subnet_json(n: &proto::Subnet) -> Value {
-    json!({ "subnet_id": n.subnet_id, "address_prefixes": n.address_prefixes })
+    json_fields!(n; subnet_id, address_prefixes)
 }
