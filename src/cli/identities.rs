@@ -51,6 +51,7 @@ pub enum UserCmd {
 pub enum TokenCmd {
     /// Get an access token for a managed identity (table output: the token alone).
     Get {
+        /// The identity.
         #[command(flatten)]
         identity: IdentitySelector,
         /// Audience [default: https://vault.azure.net].

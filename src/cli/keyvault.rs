@@ -128,6 +128,7 @@ pub struct CreateKeyArgs {
     /// RSA: 2048 (default), 3072, 4096; oct-HSM: 128, 192, 256 (default).
     #[arg(long, value_name = "N")]
     pub size: Option<i32>,
+    /// Attributes, operations and tags.
     #[command(flatten)]
     pub props: KeyProps,
 }
@@ -152,6 +153,7 @@ pub struct ImportKeyArgs {
     /// Mark the key RSA-HSM instead of RSA.
     #[arg(long)]
     pub hsm: bool,
+    /// Attributes, operations and tags.
     #[command(flatten)]
     pub props: KeyProps,
 }
@@ -378,9 +380,13 @@ fn next_page(current: &mut String, next: String) -> bool {
 
 /// The decoded inputs of a crypto operation.
 struct CryptoInput {
+    /// The value to wrap, unwrap, encrypt or decrypt.
     value: Vec<u8>,
+    /// AES initialization vector (empty: none).
     iv: Vec<u8>,
+    /// AES-GCM additional authenticated data (empty: none).
     aad: Vec<u8>,
+    /// AES-GCM authentication tag (empty: none).
     tag: Vec<u8>,
 }
 

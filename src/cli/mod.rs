@@ -9,6 +9,8 @@
 //! one JSON document per command (`--output json`) for scripts; `db watch` prints one line (one
 //! JSON object) per event as it arrives.
 
+#![warn(missing_docs)]
+
 pub mod cert;
 pub mod emulation;
 pub mod error;

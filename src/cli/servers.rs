@@ -36,6 +36,7 @@ pub enum ServerCmd {
     Identity {
         /// ARM resource id of the server.
         server_id: String,
+        /// The new identity block.
         #[command(flatten)]
         identity: ServerIdentityArgs,
     },
@@ -76,6 +77,7 @@ pub struct CreateServerArgs {
     /// A SQL logical server or a managed instance.
     #[arg(long, value_enum, default_value_t = ServerKindArg::Sql)]
     pub kind: ServerKindArg,
+    /// The server's identities.
     #[command(flatten)]
     pub identity: ServerIdentityArgs,
     /// Vault key URI of the TDE protector, with or without version [default: service-managed].

@@ -144,6 +144,7 @@ pub(crate) type Authed = InterceptedService<Channel, Bearer>;
 
 /// Where the broker is and who we are, ready to open connections.
 pub(crate) struct Dial {
+    /// The broker's address with the connect timeout (and TLS).
     endpoint: Endpoint,
     /// The URL dialled, for messages.
     pub(crate) url: String,

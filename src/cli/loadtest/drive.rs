@@ -51,7 +51,7 @@ impl From<Status> for Failure {
 }
 
 /// A mismatch saying `what` unless `ok`.
-fn expect(ok: bool, what: impl FnOnce() -> String) -> Result<(), Failure> {
+fn ensure(ok: bool, what: impl FnOnce() -> String) -> Result<(), Failure> {
     if ok { Ok(()) } else { Err(Failure::Mismatch(what())) }
 }
 
@@ -67,8 +67,8 @@ async fn call(c: &mut Clients, w: &Workload, op: Op, seq: u64) -> Result<(), Fai
                 ..Default::default()
             };
             let r = c.kv.unwrap_key(t.request(request)).await?.into_inner();
-            expect(r.value == t.dek(i), || format!("UnwrapKey with {} returned another plaintext", t.kid))?;
-            expect(r.kid == t.kid, || format!("UnwrapKey with {} answered kid {}", t.kid, r.kid))
+            ensure(r.value == t.dek(i), || format!("UnwrapKey with {} returned another plaintext", t.kid))?;
+            ensure(r.kid == t.kid, || format!("UnwrapKey with {} answered kid {}", t.kid, r.kid))
         }
         Op::Wrap => {
             let request = proto::WrapKeyRequest {
@@ -78,17 +78,17 @@ async fn call(c: &mut Clients, w: &Workload, op: Op, seq: u64) -> Result<(), Fai
                 ..Default::default()
             };
             let r = c.kv.wrap_key(t.request(request)).await?.into_inner();
-            expect(r.value.len() == WRAPPED_BYTES, || {
+            ensure(r.value.len() == WRAPPED_BYTES, || {
                 format!("WrapKey with {} returned {} bytes, not {WRAPPED_BYTES}", t.kid, r.value.len())
             })?;
-            expect(r.kid == t.kid, || format!("WrapKey with {} answered kid {}", t.kid, r.kid))
+            ensure(r.kid == t.kid, || format!("WrapKey with {} answered kid {}", t.kid, r.kid))
         }
         Op::Get => {
             let r =
                 c.kv.get_key(t.request(proto::GetKeyRequest { key_id: t.kid.clone() })).await?.into_inner();
             let key = r.key.unwrap_or_default();
-            expect(key.kid == t.kid, || format!("GetKey of {} answered kid {}", t.kid, key.kid))?;
-            expect(!key.n.is_empty(), || format!("GetKey of {} answered no modulus", t.kid))
+            ensure(key.kid == t.kid, || format!("GetKey of {} answered kid {}", t.kid, key.kid))?;
+            ensure(!key.n.is_empty(), || format!("GetKey of {} answered no modulus", t.kid))
         }
         Op::EngineUnwrap => {
             let request = proto::UnwrapDatabaseKeyRequest {
@@ -97,18 +97,22 @@ async fn call(c: &mut Clients, w: &Workload, op: Op, seq: u64) -> Result<(), Fai
                 wrapped_dek: t.wrapped(i).to_vec(),
             };
             let r = c.engine.unwrap_database_key(t.request(request)).await?.into_inner();
-            expect(r.dek == t.dek(i), || format!("UnwrapDatabaseKey with {} returned another DEK", t.kid))
+            ensure(r.dek == t.dek(i), || format!("UnwrapDatabaseKey with {} returned another DEK", t.kid))
         }
     }
 }
 
 /// State the workers, the pacer and the progress line share.
 struct Shared {
+    /// What the requests cycle over.
     workload: Workload,
+    /// What each request does.
     op: Op,
+    /// When the run (its warm-up) started.
     start: Instant,
     /// Requests whose (intended) send time is earlier are warm-up.
     measure_from: Instant,
+    /// Open loop: requests per second.
     rate: Option<f64>,
     /// Open loop: send slots the pacer released (closed when the run ends).
     slots: Semaphore,
@@ -120,6 +124,7 @@ struct Shared {
     stop: AtomicBool,
     /// Completed requests, warm-up included, for the progress line.
     ok: AtomicU64,
+    /// Failed requests, warm-up included, for the progress line.
     failed: AtomicU64,
 }
 
@@ -145,8 +150,8 @@ pub(super) struct Tally {
 
 /// An empty histogram of 1 µs .. `MAX_LATENCY_US`, 3 significant digits.
 fn microseconds() -> Histogram<u64> {
-    // ok: constant bounds that hdrhistogram accepts (1 ≤ low, 2·low ≤ high, 3 digits).
-    Histogram::new_with_bounds(1, MAX_LATENCY_US, 3).expect("valid histogram bounds")
+    // 1 ≤ low, 2·low ≤ high and 3 significant digits: bounds hdrhistogram accepts.
+    Histogram::new_with_bounds(1, MAX_LATENCY_US, 3).expect("histogram bounds") // ok: constant, valid bounds
 }
 
 impl Tally {

@@ -114,6 +114,7 @@ pub enum Op {
 }
 
 impl Op {
+    /// The `--op` value.
     fn name(self) -> &'static str {
         match self {
             Op::Unwrap => "unwrap",
@@ -268,11 +269,17 @@ pub async fn run(conn: Connection, args: LoadtestArgs) -> Result<(), LoadtestErr
 /// The load every run of one invocation gets.
 #[derive(Clone, Debug)]
 struct Plan {
+    /// What each request does.
     op: Op,
+    /// Requests in flight at most.
     concurrency: usize,
+    /// HTTP/2 connections.
     connections: usize,
+    /// How long to measure.
     duration: Duration,
+    /// How long to run before measuring.
     warmup: Duration,
+    /// Open loop: requests per second.
     rate: Option<f64>,
 }
 
@@ -295,7 +302,7 @@ async fn run_broker(conn: &Connection, args: &LoadtestArgs) -> Result<(Report, B
     let dial = Dial::new(conn)?;
     let channels = dial.connect_many(args.connections as usize).await?;
     let url = dial.url.clone();
-    // Set-up and clean-up go over the first connection.
+    // Set-up and clean-up go over the first connection (clap keeps --connections ≥ 1).
     let session = Session::over(dial, channels[0].clone());
     let mut created = Created::default();
     let workload = workload::setup(&session, args, &mut created).await;
