@@ -24,7 +24,7 @@ pub enum CliError {
     },
     /// The token cannot be sent as an HTTP header value.
     #[error("the token holds characters that cannot go into a header")]
-    TokenNotAHeader,
+    TokenNotAHeader(#[source] tonic::metadata::errors::InvalidMetadataValue),
     /// The token carries no readable `oid` claim, so the caller's object id is unknown.
     #[error(
         "cannot read the caller's object id (oid claim) from the token; pass --no-default-policy and grant access with `policy set`"

@@ -10,6 +10,7 @@ use std::time::Duration;
 use base64::Engine as _;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use serde_json::Value;
+use tonic::metadata::errors::InvalidMetadataValue;
 use tonic::metadata::{Ascii, MetadataValue};
 use tonic::service::Interceptor;
 use tonic::service::interceptor::InterceptedService;
@@ -108,8 +109,8 @@ pub(crate) struct Bearer(Option<MetadataValue<Ascii>>);
 
 impl Bearer {
     /// The header for `token`.
-    pub(crate) fn of_token(token: &str) -> Option<Bearer> {
-        format!("Bearer {token}").parse::<MetadataValue<Ascii>>().ok().map(|v| Bearer(Some(v)))
+    pub(crate) fn of_token(token: &str) -> Result<Bearer, InvalidMetadataValue> {
+        Ok(Bearer(Some(format!("Bearer {token}").parse::<MetadataValue<Ascii>>()?)))
     }
 
     /// Whether requests carry a header at all.
@@ -168,7 +169,7 @@ impl Dial {
             _ => Some(load_token(conn)?),
         };
         let bearer = match &token {
-            Some(token) => Bearer::of_token(token).ok_or(CliError::TokenNotAHeader)?,
+            Some(token) => Bearer::of_token(token).map_err(CliError::TokenNotAHeader)?,
             None => Bearer(None),
         };
         let url = server_url(&conn.server);

@@ -193,7 +193,7 @@ pub enum LoadtestError {
     NoKeyInAnswer,
     /// The engine host's credential cannot be sent as an HTTP header value.
     #[error("the host credential cannot go into a header")]
-    CredentialNotAHeader,
+    CredentialNotAHeader(#[source] tonic::metadata::errors::InvalidMetadataValue),
     /// Encrypting a DEK with a key's public half failed.
     #[error("wrapping a DEK locally: {0}")]
     Wrap(#[source] crate::crypto::CryptoError),

@@ -304,7 +304,7 @@ async fn engine_servers(
         let credential =
             s.servers().issue_host_credential(request).await.map_err(setup_failed("IssueHostCredential"))?;
         let bearer =
-            Bearer::of_token(&credential.into_inner().token).ok_or(LoadtestError::CredentialNotAHeader)?;
+            Bearer::of_token(&credential.into_inner().token).map_err(LoadtestError::CredentialNotAHeader)?;
         let kid = server.protector.map(|p| p.kid).filter(|k| !k.is_empty()).unwrap_or(key.kid.clone());
         targets.push((kid, bearer));
     }
