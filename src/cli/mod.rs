@@ -28,7 +28,7 @@ use clap::{Parser, Subcommand};
 
 use crate::config::{Config, ServeArgs};
 use crate::server::App;
-use cert::CertCmd;
+pub use cert::CertCmd;
 use emulation::{ClockCmd, FaultsCmd, ThrottlingCmd};
 use error::CliError;
 use identities::{IdentityCmd, TokenCmd, UserCmd};
