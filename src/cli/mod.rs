@@ -1,8 +1,26 @@
-//! The `tde-broker` command line: `serve` runs the broker; the other subcommands are gRPC
-//! clients of a running broker.
+//! The `tde-broker` command line: `serve` runs the broker; `cert` issues client certificates
+//! locally; `loadtest` drives a broker; the other subcommands are gRPC clients of a running
+//! broker, one file per service as in `src/grpc` (`keyvault`, `vaults`, `identities`,
+//! `servers`, `emulation`), sharing `session` (reaching the broker), `render` (what they print)
+//! and `error` (how they fail).
+//!
+//! Client subcommands call the broker as the bootstrap admin (token from
+//! `<data-dir>/admin.token`) or whoever `--token` names. Output is aligned text for people, or
+//! one JSON document per command (`--output json`) for scripts; `db watch` prints one line (one
+//! JSON object) per event as it arrives.
 
-pub mod client;
+#![warn(missing_docs)]
+
+pub mod cert;
+pub mod emulation;
+pub mod error;
+pub mod identities;
+pub mod keyvault;
 pub mod loadtest;
+pub mod render;
+pub mod servers;
+pub mod session;
+pub mod vaults;
 
 use std::process::ExitCode;
 
@@ -10,6 +28,14 @@ use clap::{Parser, Subcommand};
 
 use crate::config::{Config, ServeArgs};
 use crate::server::App;
+pub use cert::CertCmd;
+use emulation::{ClockCmd, FaultsCmd, ThrottlingCmd};
+use error::CliError;
+use identities::{IdentityCmd, TokenCmd, UserCmd};
+use keyvault::KeyCmd;
+use servers::{DbCmd, ServerCmd};
+use session::{Connection, Session};
+use vaults::{PolicyCmd, RoleCmd, SubnetCmd, VaultCmd};
 
 /// tde-broker: a local Azure Key Vault + SQL TDE (customer-managed keys) over gRPC.
 #[derive(Debug, Parser)]
@@ -17,7 +43,7 @@ use crate::server::App;
 pub struct Cli {
     /// Where and how client subcommands reach the broker.
     #[command(flatten)]
-    pub connection: client::Connection,
+    pub connection: Connection,
     /// What to do.
     #[command(subcommand)]
     pub command: Command,
@@ -30,70 +56,54 @@ pub enum Command {
     Serve(ServeArgs),
     /// Vaults: create, show, list, update, delete, network rules and private endpoints.
     #[command(subcommand)]
-    Vault(client::VaultCmd),
+    Vault(VaultCmd),
     /// Subnets: the address ranges that VNet rules and private endpoints stand for.
     #[command(subcommand)]
-    Subnet(client::SubnetCmd),
+    Subnet(SubnetCmd),
     /// Keys: lifecycle, backup/restore and crypto.
     #[command(subcommand)]
-    Key(client::KeyCmd),
+    Key(KeyCmd),
     /// Access policies of a vault: who may do which key operations.
     #[command(subcommand)]
-    Policy(client::PolicyCmd),
+    Policy(PolicyCmd),
     /// Role assignments (RBAC) for the control plane and RBAC vaults.
     #[command(subcommand)]
-    Role(client::RoleCmd),
+    Role(RoleCmd),
     /// User-assigned managed identities.
     #[command(subcommand)]
-    Identity(client::IdentityCmd),
+    Identity(IdentityCmd),
     /// User principals.
     #[command(subcommand)]
-    User(client::UserCmd),
+    User(UserCmd),
     /// Access tokens of managed identities.
     #[command(subcommand)]
-    Token(client::TokenCmd),
+    Token(TokenCmd),
     /// The broker's clock (manual clock only for changes).
     #[command(subcommand)]
-    Clock(client::ClockCmd),
+    Clock(ClockCmd),
     /// Injected faults: vault outages, latency, error rates, failing the next N calls; in memory
     /// only, a restart clears them.
     #[command(subcommand)]
-    Faults(client::FaultsCmd),
+    Faults(FaultsCmd),
     /// Key Vault throttling: the cloud's per-vault limits, own limits, or none; in memory only, a
     /// restart returns to the configured profile.
     #[command(subcommand)]
-    Throttling(client::ThrottlingCmd),
+    Throttling(ThrottlingCmd),
     /// Counters and cache figures: objects, requests and latency by method, caches, RSA
     /// operations, throttled and injected failures (request counters are the process's).
     Stats,
     /// SQL servers and managed instances: identities, TDE protectors, host credentials.
     #[command(subcommand)]
-    Server(client::ServerCmd),
+    Server(ServerCmd),
     /// Databases of a server: create, show, list, delete, and watch their states.
     #[command(subcommand)]
-    Db(client::DbCmd),
+    Db(DbCmd),
     /// mTLS client certificates, signed by the dev CA of `serve --tls auto` (local, no broker call).
     #[command(subcommand)]
     Cert(CertCmd),
     /// Drive a broker (or, with --baseline, a bare tonic service) with key operations; report
     /// throughput, errors by gRPC code and latency percentiles.
     Loadtest(loadtest::LoadtestArgs),
-}
-
-/// `tde-broker cert …`
-#[derive(Debug, Subcommand)]
-pub enum CertCmd {
-    /// Issue a client certificate that authenticates as a principal (SAN URI
-    /// spiffe://tdebroker/principal/<GUID>), signed by the dev CA in <data-dir>/tls; writes
-    /// <GUID>.pem and <GUID>.key (0600).
-    Issue {
-        /// Object id (GUID) of the principal the certificate authenticates as.
-        #[arg(long, value_name = "GUID")]
-        principal: String,
-        /// Where to write the certificate and key [default: the current directory].
-        #[arg(long, value_name = "DIR")]
-        out_dir: Option<std::path::PathBuf>,
-    },
 }
 
 /// Parses the command line and runs it; the process exit code says how it went.
@@ -114,50 +124,67 @@ pub fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let result = runtime.block_on(async move {
+    let result: Result<(), Box<dyn std::error::Error>> = runtime.block_on(async move {
         match cli.command {
-            Command::Serve(args) => serve(args).await,
-            Command::Cert(cmd) => cert(cli.connection.data_dir.as_deref(), cmd),
-            Command::Loadtest(args) => loadtest::run(cli.connection, args).await,
-            other => client::run(cli.connection, other).await.map_err(|e| e.to_string()),
+            Command::Serve(args) => Ok(serve(args).await?),
+            Command::Cert(cmd) => Ok(cert::run(cli.connection.data_dir.as_deref(), cmd)?),
+            Command::Loadtest(args) => Ok(loadtest::run(cli.connection, args).await?),
+            other => Ok(run_client(&cli.connection, other).await?),
         }
     });
     match result {
         Ok(()) => ExitCode::SUCCESS,
-        Err(message) => {
-            eprintln!("error: {message}");
+        Err(e) => {
+            eprintln!("error: {e}");
             ExitCode::FAILURE
         }
     }
 }
 
-async fn serve(args: ServeArgs) -> Result<(), String> {
-    let config = Config::resolve(args).map_err(|e| e.to_string())?;
-    let listen = config.listen;
-    let app = App::open(config).await.map_err(|e| e.to_string())?;
+/// `serve`: runs the broker until SIGINT or SIGTERM.
+async fn serve(args: ServeArgs) -> Result<(), CliError> {
+    let config = Config::resolve(args)?;
+    let addr = config.listen;
+    let app = App::open(config).await?;
     let listener =
-        tokio::net::TcpListener::bind(listen).await.map_err(|e| format!("cannot listen on {listen}: {e}"))?;
-    app.serve(listener, shutdown_signal()).await.map_err(|e| e.to_string())
+        tokio::net::TcpListener::bind(addr).await.map_err(|source| CliError::Listen { addr, source })?;
+    Ok(app.serve(listener, shutdown_signal()).await?)
 }
 
-/// `cert …`: runs beside the broker on its data directory (it reads the dev CA's files).
-fn cert(data_dir: Option<&std::path::Path>, cmd: CertCmd) -> Result<(), String> {
-    match cmd {
-        CertCmd::Issue { principal, out_dir } => {
-            let data_dir = data_dir.unwrap_or(std::path::Path::new(crate::config::DEFAULT_DATA_DIR));
-            let (cert, key) =
-                crate::tls::issue_client_cert(data_dir, &principal).map_err(|e| e.to_string())?;
-            let out_dir = out_dir.unwrap_or_else(|| std::path::PathBuf::from("."));
-            // The file names carry the id as the certificate does (lowercase, hyphenated).
-            let oid = uuid::Uuid::parse_str(principal.trim()).map_err(|e| e.to_string())?.to_string();
-            let cert_path = out_dir.join(format!("{oid}.pem"));
-            let key_path = out_dir.join(format!("{oid}.key"));
-            crate::tls::write_file(&key_path, key.as_bytes(), 0o600).map_err(|e| e.to_string())?;
-            crate::tls::write_file(&cert_path, cert.as_bytes(), 0o644).map_err(|e| e.to_string())?;
-            println!("certificate  {}", cert_path.display());
-            println!("key          {}", key_path.display());
-            Ok(())
+/// Runs one client subcommand against the broker and prints its result.
+async fn run_client(conn: &Connection, command: Command) -> Result<(), CliError> {
+    if matches!(command, Command::Serve(_) | Command::Cert(_) | Command::Loadtest(_)) {
+        return Err(CliError::NotAClient);
+    }
+    let s = &Session::open(conn).await?;
+    let out = match command {
+        Command::Serve(_) | Command::Cert(_) | Command::Loadtest(_) => return Err(CliError::NotAClient),
+        Command::Vault(cmd) => vaults::vault(s, cmd).await?,
+        Command::Subnet(cmd) => vaults::subnet(s, cmd).await?,
+        Command::Key(cmd) => keyvault::key(s, cmd).await?,
+        Command::Policy(cmd) => vaults::policy(s, cmd).await?,
+        Command::Role(cmd) => vaults::role(s, cmd).await?,
+        Command::Identity(cmd) => identities::identity(s, cmd).await?,
+        Command::User(cmd) => identities::user(s, cmd).await?,
+        Command::Token(cmd) => identities::token(s, cmd).await?,
+        Command::Clock(cmd) => emulation::clock(s, cmd).await?,
+        Command::Faults(cmd) => emulation::faults(s, cmd).await?,
+        Command::Throttling(cmd) => emulation::throttling(s, cmd).await?,
+        Command::Stats => emulation::stats(s).await?,
+        Command::Server(cmd) => servers::server(s, cmd).await?,
+        Command::Db(DbCmd::Watch { server_id, count }) => {
+            return servers::watch(s, server_id, count, conn.output).await;
         }
+        Command::Db(cmd) => servers::db(s, cmd).await?,
+    };
+    out.print(conn.output)
+}
+
+/// Completes on Ctrl-C; never when SIGINT cannot be watched (its default action then ends the
+/// process instead).
+pub(crate) async fn interrupted() {
+    if tokio::signal::ctrl_c().await.is_err() {
+        std::future::pending::<()>().await;
     }
 }
 

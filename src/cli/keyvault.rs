@@ -1,0 +1,590 @@
+//! `key …`: the KeyVault service of the broker (key lifecycle, backup and restore, wrap,
+//! unwrap, encrypt and decrypt), from the command line.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+
+use base64::Engine as _;
+use base64::engine::general_purpose::{STANDARD as B64, STANDARD_NO_PAD, URL_SAFE, URL_SAFE_NO_PAD};
+use serde_json::{Map, Value, json};
+
+use super::error::{ArgError, CliError};
+use super::render::{
+    Out, clean_list, fields, json_fields, list_or_dash, list_out, rfc3339, rfc3339_opt, when, when_opt,
+};
+use super::session::Session;
+use crate::grpc::proto;
+
+/// `tde-broker key …`
+#[derive(Debug, clap::Subcommand)]
+pub enum KeyCmd {
+    /// Create a key, or a new version of an existing key.
+    Create(CreateKeyArgs),
+    /// Import private key material as a key or a new version.
+    Import(ImportKeyArgs),
+    /// Show a key (the newest version unless KEY_ID names one).
+    Show {
+        /// Key URI: https://{vault}.{suffix}/keys/{name}[/{version}].
+        key_id: String,
+    },
+    /// List the keys of a vault.
+    List {
+        /// Vault name.
+        vault: String,
+    },
+    /// List every version of a key.
+    Versions {
+        /// Key URI (unversioned).
+        key_id: String,
+    },
+    /// Change attributes, operations or tags of a key version; never its material.
+    Update(UpdateKeyArgs),
+    /// Create a new version with the same type and size.
+    Rotate {
+        /// Key URI.
+        key_id: String,
+    },
+    /// Soft-delete every version of a key.
+    Delete {
+        /// Key URI.
+        key_id: String,
+    },
+    /// List the soft-deleted keys of a vault.
+    Deleted {
+        /// Vault name.
+        vault: String,
+    },
+    /// Recover a soft-deleted key.
+    Recover {
+        /// Vault name.
+        vault: String,
+        /// Key name.
+        name: String,
+    },
+    /// Purge a soft-deleted key for good.
+    Purge {
+        /// Vault name.
+        vault: String,
+        /// Key name.
+        name: String,
+    },
+    /// Write an encrypted backup blob of every version of a key to a file.
+    Backup {
+        /// Key URI.
+        key_id: String,
+        /// Where to write the blob (raw bytes).
+        #[arg(long, value_name = "PATH")]
+        file: PathBuf,
+    },
+    /// Restore a key from a backup blob.
+    Restore {
+        /// Vault name.
+        vault: String,
+        /// The blob written by `key backup`.
+        #[arg(long, value_name = "PATH")]
+        file: PathBuf,
+    },
+    /// Wrap a key (e.g. a DEK) with this key.
+    Wrap(CryptoArgs),
+    /// Unwrap a wrapped key.
+    Unwrap(CryptoArgs),
+    /// Encrypt a value.
+    Encrypt(CryptoArgs),
+    /// Decrypt a value.
+    Decrypt(CryptoArgs),
+}
+
+/// Attributes, operations and tags given when a key is created or imported.
+#[derive(Debug, clap::Args)]
+pub struct KeyProps {
+    /// Permitted operations, comma-separated (encrypt, decrypt, wrapKey, unwrapKey, …)
+    /// [default: every one the key type supports].
+    #[arg(long, value_delimiter = ',', value_name = "OPS")]
+    pub ops: Vec<String>,
+    /// Not valid before this Unix time.
+    #[arg(long, value_name = "UNIX", allow_negative_numbers = true)]
+    pub nbf: Option<i64>,
+    /// Expires at this Unix time.
+    #[arg(long, value_name = "UNIX", allow_negative_numbers = true)]
+    pub exp: Option<i64>,
+    /// Create the key disabled.
+    #[arg(long)]
+    pub disabled: bool,
+    /// A tag; repeat for more.
+    #[arg(long = "tag", value_name = "K=V", value_parser = parse_tag)]
+    pub tags: Vec<(String, String)>,
+}
+
+/// `key create`
+#[derive(Debug, clap::Args)]
+pub struct CreateKeyArgs {
+    /// Vault name.
+    pub vault: String,
+    /// Key name.
+    pub name: String,
+    /// Key type: RSA, RSA-HSM or oct-HSM.
+    #[arg(long, default_value = "RSA")]
+    pub kty: String,
+    /// RSA: 2048 (default), 3072, 4096; oct-HSM: 128, 192, 256 (default).
+    #[arg(long, value_name = "N")]
+    pub size: Option<i32>,
+    /// Attributes, operations and tags.
+    #[command(flatten)]
+    pub props: KeyProps,
+}
+
+/// `key import`
+#[derive(Debug, clap::Args)]
+#[command(group(clap::ArgGroup::new("source").required(true).args(["pem_file", "der_file", "jwk_file"])))]
+pub struct ImportKeyArgs {
+    /// Vault name.
+    pub vault: String,
+    /// Key name.
+    pub name: String,
+    /// PEM private key ("PRIVATE KEY" or "RSA PRIVATE KEY").
+    #[arg(long, value_name = "PATH")]
+    pub pem_file: Option<PathBuf>,
+    /// PKCS#8 DER private key.
+    #[arg(long, value_name = "PATH")]
+    pub der_file: Option<PathBuf>,
+    /// Private JSON Web Key (RSA or oct).
+    #[arg(long, value_name = "PATH")]
+    pub jwk_file: Option<PathBuf>,
+    /// Mark the key RSA-HSM instead of RSA.
+    #[arg(long)]
+    pub hsm: bool,
+    /// Attributes, operations and tags.
+    #[command(flatten)]
+    pub props: KeyProps,
+}
+
+/// `key update`
+#[derive(Debug, clap::Args)]
+pub struct UpdateKeyArgs {
+    /// Key URI (unversioned = the newest version).
+    pub key_id: String,
+    /// Enable the key version.
+    #[arg(long, conflicts_with = "disable")]
+    pub enable: bool,
+    /// Disable the key version.
+    #[arg(long)]
+    pub disable: bool,
+    /// Not valid before this Unix time.
+    #[arg(long, value_name = "UNIX", allow_negative_numbers = true, conflicts_with = "clear_nbf")]
+    pub nbf: Option<i64>,
+    /// Expires at this Unix time.
+    #[arg(long, value_name = "UNIX", allow_negative_numbers = true, conflicts_with = "clear_exp")]
+    pub exp: Option<i64>,
+    /// Remove the activation time.
+    #[arg(long)]
+    pub clear_nbf: bool,
+    /// Remove the expiry time.
+    #[arg(long)]
+    pub clear_exp: bool,
+    /// Replace the permitted operations (comma-separated).
+    #[arg(long, value_delimiter = ',', value_name = "OPS")]
+    pub ops: Vec<String>,
+    /// Replace the tags; repeat for more.
+    #[arg(long = "tag", value_name = "K=V", value_parser = parse_tag)]
+    pub tags: Vec<(String, String)>,
+}
+
+/// `key wrap|unwrap|encrypt|decrypt`
+#[derive(Debug, clap::Args)]
+#[command(group(clap::ArgGroup::new("value_source").required(true).args(["value_b64", "value_hex", "input"])))]
+pub struct CryptoArgs {
+    /// Key URI (unversioned = the newest version).
+    pub key_id: String,
+    /// Algorithm: RSA-OAEP, RSA-OAEP-256, RSA1_5, A256KW, A256GCM, A256CBCPAD, …
+    #[arg(long, value_name = "ALG")]
+    pub alg: String,
+    /// The input value, base64.
+    #[arg(long, value_name = "B64")]
+    pub value_b64: Option<String>,
+    /// The input value, hex.
+    #[arg(long, value_name = "HEX")]
+    pub value_hex: Option<String>,
+    /// Read the input value (raw bytes) from a file.
+    #[arg(long = "in", value_name = "PATH")]
+    pub input: Option<PathBuf>,
+    /// Initialization vector, base64 (AES).
+    #[arg(long, value_name = "B64")]
+    pub iv_b64: Option<String>,
+    /// Additional authenticated data, base64 (AES-GCM).
+    #[arg(long, value_name = "B64")]
+    pub aad_b64: Option<String>,
+    /// Authentication tag, base64 (AES-GCM decrypt).
+    #[arg(long, value_name = "B64")]
+    pub tag_b64: Option<String>,
+}
+
+/// Builds the request of a crypto operation (`proto::$request`) from its arguments.
+macro_rules! crypto_request {
+    ($request:ident, $args:expr) => {{
+        let a: CryptoArgs = $args;
+        let i = CryptoInput::read(&a)?;
+        proto::$request {
+            key_id: a.key_id,
+            algorithm: a.alg,
+            value: i.value,
+            iv: i.iv,
+            aad: i.aad,
+            tag: i.tag,
+        }
+    }};
+}
+
+/// Every key of a paged listing: `s.keys().$method` with `$request`, then again with each next
+/// page token.
+macro_rules! every_page {
+    ($s:expr, $method:ident, $request:expr) => {{
+        let mut request = $request;
+        let mut items = Vec::new();
+        loop {
+            let page = $s.call($s.keys().$method(request.clone())).await?;
+            items.extend(page.keys);
+            if !next_page(&mut request.page_token, page.next_page_token) {
+                break items;
+            }
+        }
+    }};
+}
+
+/// `key …`.
+pub(super) async fn key(s: &Session, cmd: KeyCmd) -> Result<Out, CliError> {
+    match cmd {
+        KeyCmd::Create(a) => {
+            let request = proto::CreateKeyRequest {
+                vault_name: a.vault,
+                name: a.name,
+                kty: a.kty,
+                key_size: a.size.unwrap_or(0),
+                key_ops: clean_list(a.props.ops),
+                attributes: Some(new_attributes(a.props.disabled, a.props.nbf, a.props.exp)),
+                tags: a.props.tags.into_iter().collect(),
+            };
+            Ok(bundle_out(&s.call(s.keys().create_key(request)).await?))
+        }
+        KeyCmd::Import(a) => {
+            let mut request = proto::ImportKeyRequest {
+                vault_name: a.vault,
+                name: a.name,
+                hsm: a.hsm,
+                key_ops: clean_list(a.props.ops),
+                attributes: Some(new_attributes(a.props.disabled, a.props.nbf, a.props.exp)),
+                tags: a.props.tags.into_iter().collect(),
+                ..Default::default()
+            };
+            if let Some(path) = &a.pem_file {
+                request.pem = std::fs::read_to_string(path).map_err(CliError::io(path))?;
+            } else if let Some(path) = &a.der_file {
+                request.pkcs8_der = std::fs::read(path).map_err(CliError::io(path))?;
+            } else if let Some(path) = &a.jwk_file {
+                request.jwk_json = std::fs::read_to_string(path).map_err(CliError::io(path))?;
+            }
+            Ok(bundle_out(&s.call(s.keys().import_key(request)).await?))
+        }
+        KeyCmd::Show { key_id } => {
+            Ok(bundle_out(&s.call(s.keys().get_key(proto::GetKeyRequest { key_id })).await?))
+        }
+        KeyCmd::List { vault } => {
+            let request = proto::ListKeysRequest { vault_name: vault, ..Default::default() };
+            let items = every_page!(s, list_keys, request);
+            Ok(items_out(&items, "NAME", |kid| kid_parts(kid).0))
+        }
+        KeyCmd::Versions { key_id } => {
+            let request = proto::ListKeyVersionsRequest { key_id, ..Default::default() };
+            let items = every_page!(s, list_key_versions, request);
+            Ok(items_out(&items, "VERSION", |kid| kid_parts(kid).1))
+        }
+        KeyCmd::Update(a) => {
+            let enabled = if a.enable {
+                Some(true)
+            } else if a.disable {
+                Some(false)
+            } else {
+                None
+            };
+            let request = proto::UpdateKeyRequest {
+                key_id: a.key_id,
+                enabled,
+                not_before: a.nbf,
+                expires: a.exp,
+                key_ops: clean_list(a.ops),
+                tags: a.tags.into_iter().collect(),
+                clear_not_before: a.clear_nbf,
+                clear_expires: a.clear_exp,
+            };
+            Ok(bundle_out(&s.call(s.keys().update_key(request)).await?))
+        }
+        KeyCmd::Rotate { key_id } => {
+            Ok(bundle_out(&s.call(s.keys().rotate_key(proto::RotateKeyRequest { key_id })).await?))
+        }
+        KeyCmd::Delete { key_id } => {
+            Ok(deleted_out(&s.call(s.keys().delete_key(proto::DeleteKeyRequest { key_id })).await?))
+        }
+        KeyCmd::Deleted { vault } => {
+            let request = proto::ListDeletedKeysRequest { vault_name: vault, ..Default::default() };
+            let items = every_page!(s, list_deleted_keys, request);
+            Ok(deleted_items_out(&items))
+        }
+        KeyCmd::Recover { vault, name } => {
+            let request = proto::RecoverDeletedKeyRequest { vault_name: vault, name };
+            Ok(bundle_out(&s.call(s.keys().recover_deleted_key(request)).await?))
+        }
+        KeyCmd::Purge { vault, name } => {
+            let request = proto::PurgeDeletedKeyRequest { vault_name: vault.clone(), name: name.clone() };
+            s.call(s.keys().purge_deleted_key(request)).await?;
+            Ok(Out {
+                json: json!({ "vault": vault, "purged": name }),
+                table: format!("purged key {name} from {vault}\n"),
+            })
+        }
+        KeyCmd::Backup { key_id, file } => {
+            let backup = s.call(s.keys().backup_key(proto::BackupKeyRequest { key_id })).await?;
+            std::fs::write(&file, &backup.blob).map_err(CliError::io(&file))?;
+            let path = file.display().to_string();
+            Ok(Out {
+                json: json!({ "file": path, "bytes": backup.blob.len() }),
+                table: format!("wrote {} bytes to {path}\n", backup.blob.len()),
+            })
+        }
+        KeyCmd::Restore { vault, file } => {
+            let blob = std::fs::read(&file).map_err(CliError::io(&file))?;
+            let request = proto::RestoreKeyRequest { vault_name: vault, blob };
+            Ok(bundle_out(&s.call(s.keys().restore_key(request)).await?))
+        }
+        KeyCmd::Wrap(a) => {
+            Ok(result_out(&s.call(s.keys().wrap_key(crypto_request!(WrapKeyRequest, a))).await?))
+        }
+        KeyCmd::Unwrap(a) => {
+            Ok(result_out(&s.call(s.keys().unwrap_key(crypto_request!(UnwrapKeyRequest, a))).await?))
+        }
+        KeyCmd::Encrypt(a) => {
+            Ok(result_out(&s.call(s.keys().encrypt(crypto_request!(EncryptRequest, a))).await?))
+        }
+        KeyCmd::Decrypt(a) => {
+            Ok(result_out(&s.call(s.keys().decrypt(crypto_request!(DecryptRequest, a))).await?))
+        }
+    }
+}
+
+/// Advances a page token; false when the listing is complete (or the broker repeats itself).
+fn next_page(current: &mut String, next: String) -> bool {
+    if next.is_empty() || next == *current {
+        return false;
+    }
+    *current = next;
+    true
+}
+
+/// The decoded inputs of a crypto operation.
+struct CryptoInput {
+    /// The value to wrap, unwrap, encrypt or decrypt.
+    value: Vec<u8>,
+    /// AES initialization vector (empty: none).
+    iv: Vec<u8>,
+    /// AES-GCM additional authenticated data (empty: none).
+    aad: Vec<u8>,
+    /// AES-GCM authentication tag (empty: none).
+    tag: Vec<u8>,
+}
+
+impl CryptoInput {
+    /// Decodes the value (base64, hex or a file) and the optional AES inputs.
+    fn read(a: &CryptoArgs) -> Result<Self, CliError> {
+        let value = if let Some(b64) = &a.value_b64 {
+            decode_b64("--value-b64", b64)?
+        } else if let Some(text) = &a.value_hex {
+            let text: String = text.chars().filter(|c| !c.is_whitespace() && *c != ':').collect();
+            let text = text.strip_prefix("0x").unwrap_or(&text);
+            hex::decode(text).map_err(CliError::NotHex)?
+        } else if let Some(path) = &a.input {
+            std::fs::read(path).map_err(CliError::io(path))?
+        } else {
+            return Err(CliError::NoValue);
+        };
+        let optional = |flag: &'static str, v: &Option<String>| {
+            v.as_deref().map_or(Ok(Vec::new()), |t| decode_b64(flag, t))
+        };
+        Ok(CryptoInput {
+            value,
+            iv: optional("--iv-b64", &a.iv_b64)?,
+            aad: optional("--aad-b64", &a.aad_b64)?,
+            tag: optional("--tag-b64", &a.tag_b64)?,
+        })
+    }
+}
+
+/// Standard base64, forgiving about padding and the URL-safe alphabet.
+fn decode_b64(flag: &'static str, text: &str) -> Result<Vec<u8>, CliError> {
+    let text = text.trim();
+    B64.decode(text).or_else(|source| {
+        [&STANDARD_NO_PAD, &URL_SAFE, &URL_SAFE_NO_PAD]
+            .iter()
+            .find_map(|engine| engine.decode(text).ok())
+            .ok_or(CliError::NotBase64 { flag, source })
+    })
+}
+
+/// The attributes a new key starts with.
+fn new_attributes(disabled: bool, nbf: Option<i64>, exp: Option<i64>) -> proto::KeyAttributes {
+    proto::KeyAttributes {
+        enabled: disabled.then_some(false),
+        not_before: nbf,
+        expires: exp,
+        ..Default::default()
+    }
+}
+
+/// `KEY=VALUE` (the key trimmed and not empty; the value as given).
+fn parse_tag(text: &str) -> Result<(String, String), ArgError> {
+    match text.split_once('=') {
+        Some((k, v)) if !k.trim().is_empty() => Ok((k.trim().to_string(), v.to_string())),
+        _ => Err(ArgError::Tag(text.to_string())),
+    }
+}
+
+/// A key version's fields.
+fn bundle_out(b: &proto::KeyBundle) -> Out {
+    Out { json: bundle_json(b), table: fields(&bundle_rows(b)) }
+}
+
+/// A key version under its wire field names; bytes as standard base64.
+fn bundle_json(b: &proto::KeyBundle) -> Value {
+    let key = b.key.clone().unwrap_or_default();
+    json!({
+        "kid": key.kid,
+        "kty": key.kty,
+        "key_ops": key.key_ops,
+        "n": B64.encode(&key.n),
+        "e": B64.encode(&key.e),
+        "attributes": attributes_json(b.attributes.as_ref()),
+        "tags": tags_json(&b.tags),
+    })
+}
+
+/// The `field  value` rows of a key version.
+fn bundle_rows(b: &proto::KeyBundle) -> Vec<(&'static str, String)> {
+    let key = b.key.clone().unwrap_or_default();
+    let a = b.attributes.clone().unwrap_or_default();
+    let mut rows = vec![
+        ("kid", key.kid),
+        ("kty", key.kty),
+        ("key ops", list_or_dash(&key.key_ops)),
+        ("enabled", a.enabled.unwrap_or(true).to_string()),
+        ("not before", when_opt(a.not_before)),
+        ("expires", when_opt(a.expires)),
+        ("created", when(a.created)),
+        ("updated", when(a.updated)),
+        ("recoverable days", a.recoverable_days.to_string()),
+        ("recovery level", a.recovery_level),
+        ("tags", tags_text(&b.tags)),
+    ];
+    if !key.n.is_empty() {
+        let leading_zeros = key.n.iter().take_while(|b| **b == 0).count();
+        rows.push(("modulus", format!("{} bits", (key.n.len() - leading_zeros) * 8)));
+        rows.push(("exponent", B64.encode(&key.e)));
+    }
+    rows
+}
+
+/// `key delete`: the deleted key and when it goes for good.
+fn deleted_out(d: &proto::DeletedKeyBundle) -> Out {
+    let mut rows = d.key.as_ref().map(bundle_rows).unwrap_or_default();
+    rows.push(("recovery id", d.recovery_id.clone()));
+    rows.push(("deleted", when(d.deleted_date)));
+    rows.push(("scheduled purge", when(d.scheduled_purge_date)));
+    Out { json: deleted_json(d), table: fields(&rows) }
+}
+
+/// A deleted key under its wire field names.
+fn deleted_json(d: &proto::DeletedKeyBundle) -> Value {
+    let mut json = d.key.as_ref().map(bundle_json).unwrap_or_else(|| Value::Object(Map::new()));
+    json["recovery_id"] = json!(d.recovery_id);
+    json["deleted_date"] = json!(d.deleted_date);
+    json["scheduled_purge_date"] = json!(d.scheduled_purge_date);
+    json
+}
+
+/// `key deleted`: the soft-deleted keys of a vault.
+fn deleted_items_out(items: &[proto::DeletedKeyBundle]) -> Out {
+    list_out(items, deleted_json, &["NAME", "DELETED", "PURGE-AFTER", "RECOVERY-ID"], |d| {
+        let kid = d.key.as_ref().and_then(|b| b.key.as_ref()).map(|k| k.kid.as_str()).unwrap_or("");
+        vec![
+            kid_parts(kid).0,
+            rfc3339(d.deleted_date),
+            rfc3339(d.scheduled_purge_date),
+            d.recovery_id.clone(),
+        ]
+    })
+}
+
+/// Key listings: the first column comes from the kid (name or version), the full kid last.
+fn items_out(items: &[proto::KeyItem], first: &str, column: impl Fn(&str) -> String) -> Out {
+    let json = |item: &proto::KeyItem| {
+        let (attributes, tags) = (attributes_json(item.attributes.as_ref()), tags_json(&item.tags));
+        json!({ "kid": item.kid, "attributes": attributes, "tags": tags })
+    };
+    list_out(items, json, &[first, "ENABLED", "NBF", "EXP", "UPDATED", "KID"], |item| {
+        let a = item.attributes.clone().unwrap_or_default();
+        vec![
+            column(&item.kid),
+            a.enabled.unwrap_or(true).to_string(),
+            rfc3339_opt(a.not_before),
+            rfc3339_opt(a.expires),
+            rfc3339(a.updated),
+            item.kid.clone(),
+        ]
+    })
+}
+
+/// The result of a crypto operation.
+fn result_out(r: &proto::KeyOperationResult) -> Out {
+    let mut rows = vec![("kid", r.kid.clone()), ("value", B64.encode(&r.value))];
+    if !r.iv.is_empty() {
+        rows.push(("iv", B64.encode(&r.iv)));
+    }
+    if !r.tag.is_empty() {
+        rows.push(("tag", B64.encode(&r.tag)));
+    }
+    Out {
+        json: json!({
+            "kid": r.kid,
+            "value": B64.encode(&r.value),
+            "iv": B64.encode(&r.iv),
+            "tag": B64.encode(&r.tag),
+        }),
+        table: fields(&rows),
+    }
+}
+
+/// Key attributes under their wire field names (enabled unless said otherwise).
+fn attributes_json(a: Option<&proto::KeyAttributes>) -> Value {
+    let a = a.cloned().unwrap_or_default();
+    let mut json = json_fields!(a; not_before, expires, created, updated, recoverable_days, recovery_level);
+    json["enabled"] = json!(a.enabled.unwrap_or(true));
+    json
+}
+
+/// Tags as a JSON object.
+fn tags_json(tags: &HashMap<String, String>) -> Value {
+    Value::Object(tags.iter().map(|(k, v)| (k.clone(), Value::String(v.clone()))).collect())
+}
+
+/// Tags as sorted `k=v` pairs, or `-`.
+fn tags_text(tags: &HashMap<String, String>) -> String {
+    let mut pairs: Vec<String> = tags.iter().map(|(k, v)| format!("{k}={v}")).collect();
+    pairs.sort();
+    list_or_dash(&pairs)
+}
+
+/// `(name, version)` of a key URI `https://{vault}.{suffix}/keys/{name}[/{version}]`; the whole
+/// text as the name when it is not one.
+fn kid_parts(kid: &str) -> (String, String) {
+    let rest = kid.find("/keys/").map(|i| &kid[i + "/keys/".len()..]).unwrap_or(kid);
+    let mut parts = rest.splitn(2, '/');
+    let name = parts.next().unwrap_or_default().to_string();
+    let version = parts.next().unwrap_or_default().trim_end_matches('/').to_string();
+    (name, version)
+}

@@ -1,0 +1,376 @@
+//! `tde-broker loadtest`: drives the key-operation hot path of a running broker — or, with
+//! `--baseline`, a bare tonic `KeyVault` service with the same message shapes that answers fixed
+//! results — and reports throughput, errors by gRPC code and latency percentiles (HdrHistogram,
+//! microsecond resolution). `--compare-baseline` runs both with the same load and prints the
+//! ratios.
+//!
+//! Load: closed loop by default (`--concurrency` workers, one request in flight each). With
+//! `--rate R`, open loop: a pacer thread releases one send slot every 1/R s, at most
+//! `--concurrency` requests are in flight, and each latency is measured from the request's
+//! *intended* send time, so time spent waiting for a free slot counts (coordinated omission is
+//! accounted for); slots released but never used are reported as the backlog. Requests whose
+//! (intended) send time falls in the warm-up are not recorded.
+//!
+//! Workload: a fresh vault `loadtest-…` with `--keys` RSA-2048 keys, the caller holding every
+//! key permission; `--distinct-ciphertexts` DEKs per key are wrapped locally with each key's
+//! public key (RSA-OAEP-256, as a client of the cloud does) and the requests cycle over them:
+//! request `s` uses key `s % keys` and DEK `(s / keys) % distinct`, so the first
+//! `keys × distinct` requests are the first use of their ciphertext (the cache-miss share
+//! reported). For `engine-unwrap`, a user-assigned identity holding get/wrapKey/unwrapKey, one
+//! CMK SQL server per key with a database `db1`, and each server's host credential.
+//!
+//! Every response is checked: an unwrapped DEK must equal the one that was wrapped and a kid
+//! must name the key version asked for; a mismatch is an error (`MISMATCH`). Afterwards the
+//! tool deletes what it created (keys purged, vault deleted) unless `--keep`; a purge-protected
+//! vault (engine-unwrap) stays, as its keys cannot be purged.
+
+mod baseline;
+mod drive;
+mod report;
+mod workload;
+
+use std::time::Duration;
+
+use serde_json::json;
+
+use super::error::{ArgError, CliError, status_text};
+use super::render::Out;
+use super::session::{Bearer, Connection, Dial, Session};
+pub use baseline::BaselineError;
+use baseline::BaselineProcess;
+use report::{Ratios, Report};
+use workload::Created;
+
+/// The wrap algorithm of every request (the TDE engine's, too).
+const ALGORITHM: &str = "RSA-OAEP-256";
+/// A DEK: AES-256.
+const DEK_BYTES: usize = 32;
+/// The ciphertext of an RSA-2048 wrap, and the modulus length.
+const WRAPPED_BYTES: usize = 256;
+/// Keys × distinct ciphertexts held in memory (about 290 bytes each).
+const MAX_PREWRAPPED: u64 = 2_000_000;
+/// The kid every baseline answer names (as long as a broker's).
+const BASELINE_KID: &str =
+    "https://loadtest-baseline.vault.azure.net/keys/k0/0123456789abcdef0123456789abcdef";
+/// The DEK every baseline UnwrapKey answers.
+const BASELINE_DEK: [u8; DEK_BYTES] = [0x5a; DEK_BYTES];
+
+/// `tde-broker loadtest`
+#[derive(Debug, Clone, clap::Args)]
+pub struct LoadtestArgs {
+    /// The operation to drive: KeyVault UnwrapKey, WrapKey or GetKey, or TdeEngine
+    /// UnwrapDatabaseKey (the baseline answers engine-unwrap with its UnwrapKey).
+    #[arg(long, value_enum, default_value_t = Op::Unwrap)]
+    pub op: Op,
+    /// Requests in flight at once.
+    #[arg(long, value_name = "N", default_value_t = 16, value_parser = clap::value_parser!(u32).range(1..=100_000))]
+    pub concurrency: u32,
+    /// Separate HTTP/2 connections; requests are spread over them round-robin.
+    #[arg(long, value_name = "N", default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=1_000))]
+    pub connections: u32,
+    /// How long to measure, after the warm-up: 10s, 500ms, 2m, or seconds.
+    #[arg(long, value_name = "TIME", default_value = "10s", value_parser = parse_time)]
+    pub duration: Duration,
+    /// How long to run before measuring.
+    #[arg(long, value_name = "TIME", default_value = "1s", value_parser = parse_time)]
+    pub warmup: Duration,
+    /// RSA-2048 keys to create in a fresh `loadtest-…` vault; requests cycle over them.
+    #[arg(long, value_name = "N", default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=10_000))]
+    pub keys: u32,
+    /// DEKs wrapped per key before the run; requests cycle over them, so the first use of each
+    /// ciphertext misses an unwrap cache (the share is reported).
+    #[arg(long, value_name = "N", default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=2_000_000))]
+    pub distinct_ciphertexts: u32,
+    /// Open loop at this total rate (requests/s); latency counts from each intended send time.
+    #[arg(long, value_name = "R", value_parser = parse_rate)]
+    pub rate: Option<f64>,
+    /// Drive a bare tonic KeyVault service (fixed answers, no auth, no logic) that the tool
+    /// starts in a process of its own, as the broker has, instead of the broker.
+    #[arg(long, conflicts_with = "compare_baseline")]
+    pub baseline: bool,
+    /// Internal: serve the baseline on 127.0.0.1, print `listening ADDR`, stop when stdin ends
+    /// (what `--baseline` starts in a child process).
+    #[arg(long, hide = true, conflicts_with_all = ["baseline", "compare_baseline"])]
+    pub serve_baseline: bool,
+    /// Run against the broker, then the baseline with the same load; print both and the ratios.
+    #[arg(long)]
+    pub compare_baseline: bool,
+    /// Leave the vault, keys, servers and identity the run created.
+    #[arg(long)]
+    pub keep: bool,
+}
+
+/// What each request does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Op {
+    /// KeyVault.UnwrapKey of a pre-wrapped DEK.
+    Unwrap,
+    /// KeyVault.WrapKey of a DEK.
+    Wrap,
+    /// TdeEngine.UnwrapDatabaseKey of a pre-wrapped DEK, as an engine host.
+    EngineUnwrap,
+    /// KeyVault.GetKey of the key version.
+    Get,
+}
+
+impl Op {
+    /// The `--op` value.
+    fn name(self) -> &'static str {
+        match self {
+            Op::Unwrap => "unwrap",
+            Op::Wrap => "wrap",
+            Op::EngineUnwrap => "engine-unwrap",
+            Op::Get => "get",
+        }
+    }
+
+    /// Whether the op unwraps a pre-wrapped ciphertext (so an unwrap cache matters).
+    fn unwraps(self) -> bool {
+        matches!(self, Op::Unwrap | Op::EngineUnwrap)
+    }
+}
+
+/// `10s`, `500ms`, `2m`, `1h`, `250us`, or a number of seconds.
+fn parse_time(text: &str) -> Result<Duration, ArgError> {
+    let bad = || ArgError::Time(text.to_string());
+    let t = text.trim();
+    let split = t.find(|c: char| c.is_ascii_alphabetic()).unwrap_or(t.len());
+    let (number, unit) = t.split_at(split);
+    let n: f64 = number.trim().parse().map_err(|_| bad())?;
+    let scale = match unit.to_ascii_lowercase().as_str() {
+        "" | "s" => 1.0,
+        "ms" => 1e-3,
+        "us" | "µs" => 1e-6,
+        "m" => 60.0,
+        "h" => 3_600.0,
+        _ => return Err(bad()),
+    };
+    let secs = n * scale;
+    if !secs.is_finite() || !(0.0..=31_536_000.0).contains(&secs) {
+        return Err(bad());
+    }
+    Ok(Duration::from_secs_f64(secs))
+}
+
+/// A positive rate of requests per second, at most ten million.
+fn parse_rate(text: &str) -> Result<f64, ArgError> {
+    match text.trim().parse::<f64>() {
+        Ok(r) if r.is_finite() && r > 0.0 && r <= 10_000_000.0 => Ok(r),
+        _ => Err(ArgError::Rate(text.to_string())),
+    }
+}
+
+/// Why a load test failed; `Display` is what the user reads after "error: ".
+#[derive(Debug, thiserror::Error)]
+pub enum LoadtestError {
+    /// Reaching the broker, or printing the report, failed as it fails for the client commands.
+    #[error(transparent)]
+    Cli(#[from] CliError),
+    /// `--duration 0`.
+    #[error("--duration must be longer than 0")]
+    ZeroDuration,
+    /// `--keys × --distinct-ciphertexts` is more than the tool holds in memory.
+    #[error(
+        "--keys × --distinct-ciphertexts is {0}; at most {MAX_PREWRAPPED} ciphertexts are held in memory"
+    )]
+    TooManyCiphertexts(u64),
+    /// Neither the token nor the client certificate names the caller.
+    #[error(
+        "cannot tell the caller's object id (no oid in the token, no principal in the client certificate)"
+    )]
+    NoCallerId(#[source] CliError),
+    /// A set-up call failed: `CreateKey: PERMISSION_DENIED (ForbiddenByPolicy): …`.
+    #[error("{call}: {}", status_text(.status))]
+    Setup {
+        /// The RPC, e.g. `CreateKey`.
+        call: &'static str,
+        /// What the broker answered.
+        #[source]
+        status: Box<tonic::Status>,
+    },
+    /// CreateKey answered without the key.
+    #[error("CreateKey answered no key")]
+    NoKeyInAnswer,
+    /// The engine host's credential cannot be sent as an HTTP header value.
+    #[error("the host credential cannot go into a header")]
+    CredentialNotAHeader(#[source] tonic::metadata::errors::InvalidMetadataValue),
+    /// Encrypting a DEK with a key's public half failed.
+    #[error("wrapping a DEK locally: {0}")]
+    Wrap(#[source] crate::crypto::CryptoError),
+    /// A key's public half wrapped a DEK to an unexpected length.
+    #[error("a wrapped DEK is {0} bytes, not {WRAPPED_BYTES}")]
+    WrappedSize(usize),
+    /// A set-up task panicked or was cancelled.
+    #[error("{task} task: {source}")]
+    Task {
+        /// `key creation` or `wrapping`.
+        task: &'static str,
+        /// What tokio said.
+        source: tokio::task::JoinError,
+    },
+    /// The baseline's address is not a URL tonic can dial.
+    #[error("baseline address: {0}")]
+    BaselineAddress(#[source] tonic::transport::Error),
+    /// The baseline service could not be started.
+    #[error("baseline: {0}")]
+    Baseline(#[from] BaselineError),
+    /// Measured requests failed (the report was printed).
+    #[error("{label}: {failed} of {requests} measured requests failed")]
+    Failed {
+        /// `broker` or `baseline`.
+        label: &'static str,
+        /// Failed requests.
+        failed: u64,
+        /// Measured requests.
+        requests: u64,
+    },
+}
+
+/// A closure for `map_err` that names the set-up call a status answered.
+fn setup_failed(call: &'static str) -> impl FnOnce(tonic::Status) -> LoadtestError {
+    move |status| LoadtestError::Setup { call, status: Box::new(status) }
+}
+
+/// Runs `loadtest`; prints the report on stdout (progress on stderr). Fails when the set-up
+/// fails or when any measured request failed (after printing the report).
+pub async fn run(conn: Connection, args: LoadtestArgs) -> Result<(), LoadtestError> {
+    if args.serve_baseline {
+        return baseline::serve_until_stdin_ends().await;
+    }
+    if args.duration.is_zero() {
+        return Err(LoadtestError::ZeroDuration);
+    }
+    let cycle = u64::from(args.keys) * u64::from(args.distinct_ciphertexts);
+    if cycle > MAX_PREWRAPPED {
+        return Err(LoadtestError::TooManyCiphertexts(cycle));
+    }
+    if args.baseline {
+        // Alone, the baseline's requests carry the caller's token when there is one (the same
+        // bytes on the wire as against the broker), else a stand-in of a broker token's length.
+        let bearer =
+            Dial::new(&conn).ok().map(|d| d.bearer).filter(Bearer::is_some).unwrap_or_else(stand_in_bearer);
+        let report = run_baseline(&args, bearer).await?;
+        Out { json: report.json(), table: report.table() }.print(conn.output)?;
+        return report.verdict();
+    }
+    let (broker, bearer) = run_broker(&conn, &args).await?;
+    if !args.compare_baseline {
+        Out { json: broker.json(), table: broker.table() }.print(conn.output)?;
+        return broker.verdict();
+    }
+    let baseline = run_baseline(&args, bearer).await?;
+    let ratios = Ratios::of(&broker, &baseline);
+    let json = json!({ "broker": broker.json(), "baseline": baseline.json(), "ratio": ratios.json() });
+    let table = format!("{}\n{}\n{}", broker.table(), baseline.table(), ratios.table());
+    Out { json, table }.print(conn.output)?;
+    broker.verdict().and(baseline.verdict())
+}
+
+/// The load every run of one invocation gets.
+#[derive(Clone, Debug)]
+struct Plan {
+    /// What each request does.
+    op: Op,
+    /// Requests in flight at most.
+    concurrency: usize,
+    /// HTTP/2 connections.
+    connections: usize,
+    /// How long to measure.
+    duration: Duration,
+    /// How long to run before measuring.
+    warmup: Duration,
+    /// Open loop: requests per second.
+    rate: Option<f64>,
+}
+
+impl Plan {
+    /// The load `args` asks for, of `op`.
+    fn new(args: &LoadtestArgs, op: Op) -> Self {
+        Plan {
+            op,
+            concurrency: args.concurrency as usize,
+            connections: args.connections as usize,
+            duration: args.duration,
+            warmup: args.warmup,
+            rate: args.rate,
+        }
+    }
+}
+
+/// The report, and the `authorization` metadata the requests carried (for the baseline).
+async fn run_broker(conn: &Connection, args: &LoadtestArgs) -> Result<(Report, Bearer), LoadtestError> {
+    let dial = Dial::new(conn)?;
+    let channels = dial.connect_many(args.connections as usize).await?;
+    let url = dial.url.clone();
+    // Set-up and clean-up go over the first connection (clap keeps --connections ≥ 1).
+    let session = Session::over(dial, channels[0].clone());
+    let mut created = Created::default();
+    let workload = workload::setup(&session, args, &mut created).await;
+    let result = match workload {
+        Ok(workload) => {
+            let bearer = workload.targets.first().map(|t| t.bearer.clone()).unwrap_or_default();
+            let report = drive::drive("broker", &url, channels, workload, Plan::new(args, args.op)).await;
+            Ok((report, bearer))
+        }
+        Err(e) => Err(e),
+    };
+    if args.keep {
+        created.describe_kept();
+    } else {
+        created.remove(&session).await;
+    }
+    result
+}
+
+/// A stand-in `authorization` value as long as a broker-issued bearer token (948 bytes).
+fn stand_in_bearer() -> Bearer {
+    Bearer::of_token(&"x".repeat(941)).unwrap_or_default()
+}
+
+/// Runs the bare service. Its requests carry `bearer` as the broker's did: the service ignores
+/// it, but sending (HPACK never indexes `authorization`, so every request carries it in full)
+/// and receiving it is the transport's cost, which the baseline must include to be the same
+/// load on the wire.
+async fn run_baseline(args: &LoadtestArgs, bearer: Bearer) -> Result<Report, LoadtestError> {
+    let server = BaselineProcess::start().await?;
+    let dial = Dial::anonymous(format!("http://{}", server.addr)).map_err(LoadtestError::BaselineAddress)?;
+    let channels = dial.connect_many(args.connections as usize).await?;
+    let mut workload = workload::baseline(args);
+    for t in &mut workload.targets {
+        t.bearer = bearer.clone();
+    }
+    // The baseline has no engine service; UnwrapKey has the engine call's shape.
+    let op = if args.op == Op::EngineUnwrap { Op::Unwrap } else { args.op };
+    let report = drive::drive("baseline", &dial.url, channels, workload, Plan::new(args, op)).await;
+    server.stop().await;
+    Ok(report)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn times_take_units_and_plain_seconds() {
+        assert_eq!(parse_time("10s"), Ok(Duration::from_secs(10)));
+        assert_eq!(parse_time("500ms"), Ok(Duration::from_millis(500)));
+        assert_eq!(parse_time("2m"), Ok(Duration::from_secs(120)));
+        assert_eq!(parse_time("1.5"), Ok(Duration::from_millis(1500)));
+        assert_eq!(parse_time("0s"), Ok(Duration::ZERO));
+        for bad in ["", "-1s", "10x", "s", "1e400"] {
+            assert!(parse_time(bad).is_err(), "{bad}");
+        }
+        assert!(parse_rate("0").is_err() && parse_rate("-5").is_err() && parse_rate("NaN").is_err());
+        assert_eq!(parse_rate("2500"), Ok(2500.0));
+    }
+
+    #[test]
+    fn errors_read_as_the_user_knows_them() {
+        assert_eq!(LoadtestError::ZeroDuration.to_string(), "--duration must be longer than 0");
+        let status = tonic::Status::permission_denied("no");
+        assert_eq!(setup_failed("CreateKey")(status).to_string(), "CreateKey: PERMISSION_DENIED: no");
+        let failed = LoadtestError::Failed { label: "broker", failed: 2, requests: 9 };
+        assert_eq!(failed.to_string(), "broker: 2 of 9 measured requests failed");
+        assert_eq!(LoadtestError::from(BaselineError::NoStdout).to_string(), "baseline: no stdout");
+    }
+}
