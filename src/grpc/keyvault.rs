@@ -24,6 +24,16 @@ impl KeyVaultService {
         KeyVaultService { broker }
     }
 
+    /// CreateKey or ImportKey: a new key, or a new version of an existing one.
+    async fn add_key_version(
+        &self,
+        caller: &crate::model::Caller,
+        key: NewKey,
+    ) -> Result<Response<proto::KeyBundle>, Status> {
+        let v = self.broker.add_key_version(caller, key).await.map_err(to_status)?;
+        Ok(Response::new(bundle(v)))
+    }
+
     /// Any of the four crypto RPCs: the caller, then the broker's hot path.
     async fn crypto<M: Into<CryptoRequest> + Send + 'static>(
         &self,
@@ -66,6 +76,20 @@ fn import_material(r: &proto::ImportKeyRequest) -> Result<crypto::ImportedKey, B
     imported.map_err(|e| BrokerError::bad_parameter(format!("The key to import is invalid: {e}.")))
 }
 
+/// CreateKey and ImportKey requests carry the same fields beside their material.
+macro_rules! new_key {
+    ($r:ident, $material:expr) => {
+        NewKey {
+            vault: $r.vault_name,
+            name: $r.name,
+            material: $material,
+            key_ops: $r.key_ops,
+            attributes: new_attributes($r.attributes),
+            tags: tags($r.tags),
+        }
+    };
+}
+
 /// The four crypto requests (WrapKey, UnwrapKey, Encrypt, Decrypt) carry the same fields.
 macro_rules! crypto_request_from {
     ($($message:ty => $op:expr),+ $(,)?) => {$(
@@ -101,22 +125,7 @@ impl KeyVault for KeyVaultService {
         let caller = caller(&request)?;
         let r = request.into_inner();
         let kty = KeyType::parse(&r.kty).map_err(to_status)?;
-        let v = self
-            .broker
-            .add_key_version(
-                &caller,
-                NewKey {
-                    vault: r.vault_name,
-                    name: r.name,
-                    material: NewMaterial::Generate { kty, size: r.key_size },
-                    key_ops: r.key_ops,
-                    attributes: new_attributes(r.attributes),
-                    tags: tags(r.tags),
-                },
-            )
-            .await
-            .map_err(to_status)?;
-        Ok(Response::new(bundle(v)))
+        self.add_key_version(&caller, new_key!(r, NewMaterial::Generate { kty, size: r.key_size })).await
     }
 
     async fn import_key(
@@ -126,22 +135,7 @@ impl KeyVault for KeyVaultService {
         let caller = caller(&request)?;
         let r = request.into_inner();
         let key = import_material(&r).map_err(to_status)?;
-        let v = self
-            .broker
-            .add_key_version(
-                &caller,
-                NewKey {
-                    vault: r.vault_name,
-                    name: r.name,
-                    material: NewMaterial::Import { key, hsm: r.hsm },
-                    key_ops: r.key_ops,
-                    attributes: new_attributes(r.attributes),
-                    tags: tags(r.tags),
-                },
-            )
-            .await
-            .map_err(to_status)?;
-        Ok(Response::new(bundle(v)))
+        self.add_key_version(&caller, new_key!(r, NewMaterial::Import { key, hsm: r.hsm })).await
     }
 
     async fn get_key(
