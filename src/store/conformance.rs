@@ -45,6 +45,25 @@ pub(crate) trait Backend: Sized {
 /// Generates one `#[test]` per suite test for the [`Backend`] type given: all the tests that need
 /// one store, and with `durable` also the ones that reopen the storage.
 macro_rules! store_conformance_tests {
+    (@with_store $backend:ty: $($test:ident),+ $(,)?) => {
+        $(
+            #[test]
+            fn $test() -> Result<(), $crate::store::StoreError> {
+                let backend = <$backend as $crate::store::conformance::Backend>::create()?;
+                let store = $crate::store::conformance::Backend::open(&backend)?;
+                $crate::store::conformance::$test(store.as_ref())
+            }
+        )+
+    };
+    (@with_backend $backend:ty: $($test:ident),+ $(,)?) => {
+        $(
+            #[test]
+            fn $test() -> Result<(), $crate::store::StoreError> {
+                let backend = <$backend as $crate::store::conformance::Backend>::create()?;
+                $crate::store::conformance::$test(&backend)
+            }
+        )+
+    };
     ($backend:ty) => {
         $crate::store::conformance::store_conformance_tests!(@with_store $backend:
             an_empty_store_loads_an_empty_snapshot,
@@ -95,25 +114,6 @@ macro_rules! store_conformance_tests {
             meta_survives_reopening,
             a_refused_commit_leaves_nothing_after_reopening,
         );
-    };
-    (@with_store $backend:ty: $($test:ident),+ $(,)?) => {
-        $(
-            #[test]
-            fn $test() -> Result<(), $crate::store::StoreError> {
-                let backend = <$backend as $crate::store::conformance::Backend>::create()?;
-                let store = $crate::store::conformance::Backend::open(&backend)?;
-                $crate::store::conformance::$test(store.as_ref())
-            }
-        )+
-    };
-    (@with_backend $backend:ty: $($test:ident),+ $(,)?) => {
-        $(
-            #[test]
-            fn $test() -> Result<(), $crate::store::StoreError> {
-                let backend = <$backend as $crate::store::conformance::Backend>::create()?;
-                $crate::store::conformance::$test(&backend)
-            }
-        )+
     };
 }
 pub(crate) use store_conformance_tests;

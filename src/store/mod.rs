@@ -30,10 +30,10 @@ pub enum StoreError {
         source: serde_json::Error,
     },
     /// Opening the data directory failed.
-    #[error("cannot open store at {path}: {source}")]
+    #[error("cannot open store at {}: {source}", path.display())]
     Io {
         /// The file.
-        path: String,
+        path: std::path::PathBuf,
         /// Why.
         source: std::io::Error,
     },

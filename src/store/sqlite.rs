@@ -287,10 +287,8 @@ mod tests {
 
     impl Backend for SqliteFile {
         fn create() -> Result<Self, StoreError> {
-            let dir = tempfile::tempdir().map_err(|source| StoreError::Io {
-                path: std::env::temp_dir().display().to_string(),
-                source,
-            })?;
+            let dir = tempfile::tempdir()
+                .map_err(|source| StoreError::Io { path: std::env::temp_dir(), source })?;
             Ok(SqliteFile { dir })
         }
 
