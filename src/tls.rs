@@ -75,11 +75,49 @@ pub enum TlsError {
     #[error("no development CA at {0}: start the broker once with `--tls auto` and this data directory")]
     NoDevCa(PathBuf),
     /// A name or principal id cannot go into a certificate.
-    #[error("{0}")]
-    BadName(String),
+    #[error(transparent)]
+    BadName(#[from] NameError),
     /// Generating or signing a certificate failed.
     #[error("certificate generation: {0}")]
     Generate(#[from] rcgen::Error),
+}
+
+/// Why a name or principal id cannot go into a certificate; the library's refusal is the source.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum NameError {
+    /// A principal given for a client certificate that is not a GUID.
+    #[error("principal '{object_id}' is not an object id (GUID)")]
+    NotAnObjectId {
+        /// The principal as given.
+        object_id: String,
+        /// The GUID parser's refusal.
+        source: uuid::Error,
+    },
+    /// A principal URI that cannot be a SAN URI (IA5 text).
+    #[error("'{uri}' is not ASCII")]
+    UriNotAscii {
+        /// The URI.
+        uri: String,
+        /// rcgen's refusal.
+        source: rcgen::Error,
+    },
+    /// A `--tls-name` that is neither an IP address nor a DNS name.
+    #[error("TLS name '{name}' is not a DNS name or IP address")]
+    NotDnsNameOrIp {
+        /// The name as given.
+        name: String,
+        /// The DNS-name parser's refusal.
+        source: rustls::pki_types::InvalidDnsNameError,
+    },
+    /// A DNS name that cannot be a SAN DNS name (IA5 text).
+    #[error("TLS name '{name}' is not ASCII")]
+    NameNotAscii {
+        /// The name as given.
+        name: String,
+        /// rcgen's refusal.
+        source: rcgen::Error,
+    },
 }
 
 fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> TlsError + '_ {
@@ -200,7 +238,7 @@ pub fn ensure_dev_pki(data_dir: &Path, names: &[String]) -> Result<DevPki, TlsEr
 /// Returns the certificate and its private key, both PEM.
 pub fn issue_client_cert(data_dir: &Path, object_id: &str) -> Result<(String, String), TlsError> {
     let oid = uuid::Uuid::parse_str(object_id.trim())
-        .map_err(|_| TlsError::BadName(format!("principal '{object_id}' is not an object id (GUID)")))?
+        .map_err(|source| NameError::NotAnObjectId { object_id: object_id.to_string(), source })?
         .to_string();
     let pki = DevPki::in_data_dir(data_dir);
     if !pki.ca_cert.exists() || !pki.ca_key.exists() {
@@ -210,7 +248,7 @@ pub fn issue_client_cert(data_dir: &Path, object_id: &str) -> Result<(String, St
     let uri = format!("{PRINCIPAL_URI_PREFIX}{oid}");
     let mut params = leaf_params();
     params.subject_alt_names.push(SanType::URI(
-        uri.clone().try_into().map_err(|_| TlsError::BadName(format!("'{uri}' is not ASCII")))?,
+        uri.clone().try_into().map_err(|source| NameError::UriNotAscii { uri: uri.clone(), source })?,
     ));
     params.distinguished_name.push(DnType::CommonName, oid.as_str());
     params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
@@ -339,13 +377,13 @@ fn san_for_name(name: &str) -> Result<SanType, TlsError> {
     if let Ok(ip) = name.parse::<IpAddr>() {
         return Ok(SanType::IpAddress(ip));
     }
-    if ServerName::try_from(name).is_err() {
-        return Err(TlsError::BadName(format!("TLS name '{name}' is not a DNS name or IP address")));
+    if let Err(source) = ServerName::try_from(name) {
+        return Err(NameError::NotDnsNameOrIp { name: name.to_string(), source }.into());
     }
     Ok(SanType::DnsName(
         name.to_ascii_lowercase()
             .try_into()
-            .map_err(|_| TlsError::BadName(format!("TLS name '{name}' is not ASCII")))?,
+            .map_err(|source| NameError::NameNotAscii { name: name.to_string(), source })?,
     ))
 }
 
@@ -401,4 +439,44 @@ pub fn write_file(path: &Path, contents: &[u8], mode: u32) -> Result<(), TlsErro
     f.sync_all().map_err(io_err(&tmp))?;
     std::fs::rename(&tmp, path).map_err(io_err(path))?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::error::Error as _;
+
+    use super::*;
+
+    #[test]
+    fn a_principal_that_is_not_a_guid_is_refused_with_the_parser_error_as_cause() {
+        let dir = tempfile::tempdir().expect("temporary directory");
+        let err = issue_client_cert(dir.path(), "admin/../x").expect_err("not a GUID");
+        assert_eq!(err.to_string(), "principal 'admin/../x' is not an object id (GUID)");
+        assert!(
+            matches!(&err, TlsError::BadName(NameError::NotAnObjectId { object_id, .. }) if object_id == "admin/../x")
+        );
+        assert!(err.source().is_some(), "{err:?}");
+    }
+
+    #[test]
+    fn a_tls_name_that_is_no_dns_name_or_ip_is_refused_with_the_parser_error_as_cause() {
+        let err = san_for_name("not a name!").expect_err("not a name");
+        assert_eq!(err.to_string(), "TLS name 'not a name!' is not a DNS name or IP address");
+        assert!(
+            matches!(&err, TlsError::BadName(NameError::NotDnsNameOrIp { name, .. }) if name == "not a name!")
+        );
+        let cause = rustls::pki_types::InvalidDnsNameError.to_string();
+        assert_eq!(err.source().map(ToString::to_string), Some(cause));
+    }
+
+    #[test]
+    fn ip_addresses_and_dns_names_become_their_kind_of_san() {
+        assert!(
+            matches!(san_for_name("::1"), Ok(SanType::IpAddress(ip)) if ip == IpAddr::from([0u16, 0, 0, 0, 0, 0, 0, 1]))
+        );
+        match san_for_name("Db.Example.internal") {
+            Ok(SanType::DnsName(dns)) => assert_eq!(dns.as_str(), "db.example.internal"),
+            other => panic!("expected a DNS name, got {other:?}"),
+        }
+    }
 }

@@ -3,7 +3,7 @@
 //! aws-lc-rs provides AES-128/256 key wrap and AES-128/192/256-GCM; AES-192 key wrap comes
 //! from the `aes-kw` crate because aws-lc-rs has no 192-bit key-wrap cipher.
 
-use super::{CryptoError, Zbytes, fill_random};
+use super::{CryptoError, InputError, KeyMaterialError, LibraryError, Zbytes, caused_by, fill_random};
 use aws_lc_rs::aead::{AES_128_GCM, AES_192_GCM, AES_256_GCM, Aad, LessSafeKey, Nonce, UnboundKey};
 use aws_lc_rs::key_wrap::{AES_128, AES_256, AesKek, KeyWrap};
 use zeroize::Zeroizing;
@@ -15,16 +15,21 @@ pub const GCM_TAG_LEN: usize = 16;
 /// RFC 3394 integrity-check block length in bytes.
 const KW_OVERHEAD: usize = 8;
 
-fn bad_aes_key() -> CryptoError {
-    CryptoError::InvalidKeyMaterial("AES key must be 16, 24 or 32 bytes".into())
+/// A key of `len` bytes that is not an AES key; `source`: the library's refusal of it.
+fn bad_aes_key(len: usize, source: Option<LibraryError>) -> CryptoError {
+    KeyMaterialError::AesKeyLength { len, source }.into()
+}
+
+/// A library's refusal of `key` as an AES key.
+fn aes_key_refused<E: Into<LibraryError>>(key: &[u8]) -> impl FnOnce(E) -> CryptoError + use<E> {
+    let len = key.len();
+    move |e| bad_aes_key(len, Some(e.into()))
 }
 
 /// Generates a random AES key of 128, 192 or 256 bits.
 pub fn generate_oct(bits: usize) -> Result<Zbytes, CryptoError> {
     if !matches!(bits, 128 | 192 | 256) {
-        return Err(CryptoError::InvalidInput(format!(
-            "unsupported AES key size {bits}; supported sizes are 128, 192 and 256"
-        )));
+        return Err(InputError::AesKeySize { bits }.into());
     }
     let mut key = Zeroizing::new(vec![0u8; bits / 8]);
     fill_random(&mut key)?;
@@ -35,24 +40,20 @@ pub fn generate_oct(bits: usize) -> Result<Zbytes, CryptoError> {
 /// The input must be at least 16 bytes and a multiple of 8, else `InvalidInput`.
 pub fn aes_kw_wrap(key: &[u8], plaintext: &[u8]) -> Result<Vec<u8>, CryptoError> {
     if plaintext.len() < 16 || !plaintext.len().is_multiple_of(8) {
-        return Err(CryptoError::InvalidInput(format!(
-            "AES key wrap input must be at least 16 bytes and a multiple of 8 (got {} bytes)",
-            plaintext.len()
-        )));
+        return Err(InputError::KeyWrapInputLength { len: plaintext.len() }.into());
     }
-    let failed = || CryptoError::InvalidInput("AES key wrap failed".into());
     let mut out = vec![0u8; plaintext.len() + KW_OVERHEAD];
     match key.len() {
         16 | 32 => {
             let cipher = if key.len() == 16 { &AES_128 } else { &AES_256 };
-            let kek = AesKek::new(cipher, key).map_err(|_| bad_aes_key())?;
-            kek.wrap(plaintext, &mut out).map_err(|_| failed())?;
+            let kek = AesKek::new(cipher, key).map_err(aes_key_refused(key))?;
+            kek.wrap(plaintext, &mut out).map_err(caused_by(InputError::KeyWrapFailed))?;
         }
         24 => {
-            let kek = aes_kw::KekAes192::try_from(key).map_err(|_| bad_aes_key())?;
-            kek.wrap(plaintext, &mut out).map_err(|_| failed())?;
+            let kek = aes_kw::KekAes192::try_from(key).map_err(aes_key_refused(key))?;
+            kek.wrap(plaintext, &mut out).map_err(caused_by(InputError::KeyWrapFailed))?;
         }
-        _ => return Err(bad_aes_key()),
+        _ => return Err(bad_aes_key(key.len(), None)),
     }
     Ok(out)
 }
@@ -61,18 +62,18 @@ pub fn aes_kw_wrap(key: &[u8], plaintext: &[u8]) -> Result<Vec<u8>, CryptoError>
 /// failure (length, integrity check) gives `DecryptionFailed`.
 pub fn aes_kw_unwrap(key: &[u8], wrapped: &[u8]) -> Result<Zbytes, CryptoError> {
     if !matches!(key.len(), 16 | 24 | 32) {
-        return Err(bad_aes_key());
+        return Err(bad_aes_key(key.len(), None));
     }
     if wrapped.len() < 16 + KW_OVERHEAD || !wrapped.len().is_multiple_of(8) {
         return Err(CryptoError::DecryptionFailed);
     }
     let mut out = Zeroizing::new(vec![0u8; wrapped.len() - KW_OVERHEAD]);
     if key.len() == 24 {
-        let kek = aes_kw::KekAes192::try_from(key).map_err(|_| bad_aes_key())?;
+        let kek = aes_kw::KekAes192::try_from(key).map_err(aes_key_refused(key))?;
         kek.unwrap(wrapped, &mut out).map_err(|_| CryptoError::DecryptionFailed)?;
     } else {
         let cipher = if key.len() == 16 { &AES_128 } else { &AES_256 };
-        let kek = AesKek::new(cipher, key).map_err(|_| bad_aes_key())?;
+        let kek = AesKek::new(cipher, key).map_err(aes_key_refused(key))?;
         kek.unwrap(wrapped, &mut out).map_err(|_| CryptoError::DecryptionFailed)?;
     }
     Ok(out)
@@ -94,16 +95,14 @@ fn gcm_key(key: &[u8]) -> Result<LessSafeKey, CryptoError> {
         16 => &AES_128_GCM,
         24 => &AES_192_GCM,
         32 => &AES_256_GCM,
-        _ => return Err(bad_aes_key()),
+        _ => return Err(bad_aes_key(key.len(), None)),
     };
-    let key = UnboundKey::new(alg, key).map_err(|_| bad_aes_key())?;
+    let key = UnboundKey::new(alg, key).map_err(aes_key_refused(key))?;
     Ok(LessSafeKey::new(key))
 }
 
 fn gcm_nonce(iv: &[u8]) -> Result<Nonce, CryptoError> {
-    Nonce::try_assume_unique_for_key(iv).map_err(|_| {
-        CryptoError::InvalidInput(format!("AES-GCM IV must be {GCM_IV_LEN} bytes (got {})", iv.len()))
-    })
+    Nonce::try_assume_unique_for_key(iv).map_err(|_| InputError::GcmIvLength { len: iv.len() }.into())
 }
 
 /// AES-GCM encryption (key of 16/24/32 bytes). `iv: None` draws a random 12-byte IV; a
@@ -127,7 +126,7 @@ pub fn aes_gcm_encrypt(
     let mut buf = Zeroizing::new(plaintext.to_vec());
     let tag = key
         .seal_in_place_separate_tag(nonce, Aad::from(aad), &mut buf)
-        .map_err(|_| CryptoError::InvalidInput("AES-GCM encryption failed".into()))?;
+        .map_err(caused_by(InputError::GcmEncryptFailed))?;
     Ok(GcmOutput { iv, ciphertext: std::mem::take(&mut *buf), tag: tag.as_ref().to_vec() })
 }
 

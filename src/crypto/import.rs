@@ -1,7 +1,7 @@
 //! Importing customer key material: PKCS#8 DER, PEM (PKCS#8 / PKCS#1) and private JWKs.
 
 use super::rsa_ops::RsaPrivateKey;
-use super::{CryptoError, Zbytes};
+use super::{CryptoError, KeyMaterialError as Invalid, Zbytes, caused_by};
 use aws_lc_rs::encoding::AsDer;
 use aws_lc_rs::rsa::PrivateDecryptingKey;
 use base64::Engine as _;
@@ -29,17 +29,12 @@ impl std::fmt::Debug for ImportedKey {
     }
 }
 
-fn invalid(msg: impl Into<String>) -> CryptoError {
-    CryptoError::InvalidKeyMaterial(msg.into())
-}
-
 /// Validates a PKCS#8 DER RSA private key (2048/3072/4096 bits) and returns it re-encoded
 /// as canonical PKCS#8 v1 DER.
 pub fn import_pkcs8_der(der: &[u8]) -> Result<ImportedKey, CryptoError> {
-    let key =
-        PrivateDecryptingKey::from_pkcs8(der).map_err(|_| invalid("not a valid PKCS#8 RSA private key"))?;
+    let key = PrivateDecryptingKey::from_pkcs8(der).map_err(caused_by(Invalid::NotPkcs8Rsa))?;
     RsaPrivateKey::from_key(key.clone())?; // size and usability checks
-    let canonical = key.as_der().map_err(|_| invalid("cannot re-encode RSA key"))?;
+    let canonical = key.as_der().map_err(caused_by(Invalid::Reencode))?;
     Ok(ImportedKey::Rsa(Zeroizing::new(canonical.as_ref().to_vec())))
 }
 
@@ -49,38 +44,31 @@ pub fn import_pkcs8_der(der: &[u8]) -> Result<ImportedKey, CryptoError> {
 pub fn import_pem(pem: &str) -> Result<ImportedKey, CryptoError> {
     const BEGIN: &str = "-----BEGIN ";
     const DASHES: &str = "-----";
-    let start = pem.find(BEGIN).ok_or_else(|| invalid("no PEM block found"))?;
+    let start = pem.find(BEGIN).ok_or(Invalid::NoPemBlock)?;
     let rest = &pem[start + BEGIN.len()..];
-    let label_end = rest.find(DASHES).ok_or_else(|| invalid("malformed PEM header"))?;
+    let label_end = rest.find(DASHES).ok_or(Invalid::MalformedPemHeader)?;
     let label = &rest[..label_end];
     let body_and_tail = &rest[label_end + DASHES.len()..];
     let end_marker = format!("-----END {label}-----");
-    let body_end = body_and_tail
-        .find(&end_marker)
-        .ok_or_else(|| invalid("PEM END line missing or does not match BEGIN"))?;
+    let body_end = body_and_tail.find(&end_marker).ok_or(Invalid::PemEndMismatch)?;
     let body = &body_and_tail[..body_end];
 
     match label {
         "PRIVATE KEY" | "RSA PRIVATE KEY" => {}
-        "ENCRYPTED PRIVATE KEY" => {
-            return Err(invalid("encrypted PEM is not supported; decrypt the key before importing"));
-        }
-        _ => {
-            return Err(invalid("unsupported PEM type; expected PRIVATE KEY or RSA PRIVATE KEY"));
-        }
+        "ENCRYPTED PRIVATE KEY" => return Err(Invalid::EncryptedPem.into()),
+        _ => return Err(Invalid::UnsupportedPemType.into()),
     }
     if body.contains("Proc-Type:") || body.contains("DEK-Info:") {
-        return Err(invalid("encrypted PEM is not supported; decrypt the key before importing"));
+        return Err(Invalid::EncryptedPem.into());
     }
     let b64: Zeroizing<String> = Zeroizing::new(body.chars().filter(|c| !c.is_ascii_whitespace()).collect());
-    let der =
-        Zeroizing::new(STANDARD.decode(b64.as_bytes()).map_err(|_| invalid("PEM body is not valid base64"))?);
+    // The decoder's error quotes a symbol of the body: it is dropped, not kept as a cause.
+    let der = Zeroizing::new(STANDARD.decode(b64.as_bytes()).map_err(|_| Invalid::PemBase64)?);
     if label == "PRIVATE KEY" {
         return import_pkcs8_der(&der);
     }
-    let key =
-        rsa::PrivateKey::from_pkcs1_der(&der).map_err(|_| invalid("not a valid PKCS#1 RSA private key"))?;
-    let pkcs8 = key.to_pkcs8_der().map_err(|_| invalid("cannot convert PKCS#1 key to PKCS#8"))?;
+    let key = rsa::PrivateKey::from_pkcs1_der(&der).map_err(caused_by(Invalid::NotPkcs1Rsa))?;
+    let pkcs8 = key.to_pkcs8_der().map_err(caused_by(Invalid::Pkcs1ToPkcs8))?;
     import_pkcs8_der(pkcs8.as_bytes())
 }
 
@@ -99,13 +87,14 @@ struct Jwk {
     k: Option<String>,
 }
 
-/// Decodes a base64url JWK member (padding tolerated). Never echoes the value.
-fn b64url(field: &'static str, value: Option<&String>) -> Result<Zbytes, CryptoError> {
-    let value = value.ok_or_else(|| invalid(format!("JWK member \"{field}\" is missing")))?;
+/// Decodes a base64url JWK member (padding tolerated). Never echoes the value: the decoder's
+/// error, which quotes a symbol of it, is dropped.
+fn b64url(member: &'static str, value: Option<&String>) -> Result<Zbytes, CryptoError> {
+    let value = value.ok_or(Invalid::JwkMemberMissing { member })?;
     URL_SAFE_NO_PAD
         .decode(value.trim_end_matches('='))
         .map(Zeroizing::new)
-        .map_err(|_| invalid(format!("JWK member \"{field}\" is not valid base64url")))
+        .map_err(|_| Invalid::JwkMemberNotBase64url { member }.into())
 }
 
 fn strip_zeros(bytes: &[u8]) -> &[u8] {
@@ -114,25 +103,25 @@ fn strip_zeros(bytes: &[u8]) -> &[u8] {
 }
 
 /// Big integer of at most `bits` precision from big-endian bytes.
-fn uint(field: &'static str, bytes: &[u8], bits: u32) -> Result<BoxedUint, CryptoError> {
+fn uint(member: &'static str, bytes: &[u8], bits: u32) -> Result<BoxedUint, CryptoError> {
     BoxedUint::from_be_slice(strip_zeros(bytes), bits)
-        .map_err(|_| invalid(format!("JWK member \"{field}\" is too large")))
+        .map_err(|e| Invalid::JwkMemberTooLarge { member, source: rsa::Error::from(e).into() }.into())
 }
 
 /// Checks an optional CRT member (dp, dq, qi) against the value derived from the key.
 fn check_crt(
-    field: &'static str,
+    member: &'static str,
     given: Option<&String>,
     derived: Option<&BoxedUint>,
 ) -> Result<(), CryptoError> {
     if given.is_none() {
         return Ok(());
     }
-    let given = b64url(field, given)?;
-    let derived = derived.ok_or_else(|| invalid("cannot derive CRT parameters"))?;
+    let given = b64url(member, given)?;
+    let derived = derived.ok_or(Invalid::CrtUnavailable)?;
     let derived = Zeroizing::new(derived.to_be_bytes());
     if strip_zeros(&given) != strip_zeros(&derived) {
-        return Err(invalid(format!("JWK member \"{field}\" is inconsistent with the key")));
+        return Err(Invalid::JwkMemberInconsistent { member }.into());
     }
     Ok(())
 }
@@ -146,10 +135,10 @@ fn import_rsa_jwk(jwk: &Jwk) -> Result<ImportedKey, CryptoError> {
     let (n, e) = (strip_zeros(&n), strip_zeros(&e));
     // Bound sizes before any big-number work; the exact size is checked on the PKCS#8 below.
     if !(256..=512).contains(&n.len()) {
-        return Err(invalid("RSA modulus must be 2048, 3072 or 4096 bits"));
+        return Err(Invalid::JwkModulusSize.into());
     }
     if !(1..=8).contains(&e.len()) {
-        return Err(invalid("RSA public exponent is out of range"));
+        return Err(Invalid::JwkExponentRange.into());
     }
     let bits = (n.len() * 8) as u32; // ok: n.len() <= 512 was checked above
     let e_bits = (e.len() * 8) as u32; // ok: e.len() <= 8 was checked above
@@ -160,12 +149,12 @@ fn import_rsa_jwk(jwk: &Jwk) -> Result<ImportedKey, CryptoError> {
         uint("d", &d, bits)?,
         vec![uint("p", &p, bits)?, uint("q", &q, bits)?],
     )
-    .map_err(|_| invalid("RSA JWK components are inconsistent"))?;
+    .map_err(caused_by(Invalid::JwkInconsistent))?;
     check_crt("dp", jwk.dp.as_ref(), key.dp())?;
     check_crt("dq", jwk.dq.as_ref(), key.dq())?;
     let qi = key.crt_coefficient().map(Zeroizing::new);
     check_crt("qi", jwk.qi.as_ref(), qi.as_deref())?;
-    let der = key.to_pkcs8_der().map_err(|_| invalid("cannot encode RSA key as PKCS#8"))?;
+    let der = key.to_pkcs8_der().map_err(caused_by(Invalid::Pkcs8Encode))?;
     import_pkcs8_der(der.as_bytes())
 }
 
@@ -174,28 +163,28 @@ fn import_rsa_jwk(jwk: &Jwk) -> Result<ImportedKey, CryptoError> {
 /// `{"kty":"oct"|"oct-HSM","k"}` gives the raw 16/24/32-byte key. Anything else is
 /// `InvalidKeyMaterial`; messages never echo member values.
 pub fn import_jwk(json: &str) -> Result<ImportedKey, CryptoError> {
-    let jwk: Jwk = serde_json::from_str(json).map_err(|e| {
-        invalid(format!("JWK is not a valid JSON object (line {}, column {})", e.line(), e.column()))
-    })?;
+    // The JSON error can quote a member's value: only where it stopped is kept.
+    let jwk: Jwk =
+        serde_json::from_str(json).map_err(|e| Invalid::JwkJson { line: e.line(), column: e.column() })?;
     match jwk.kty.as_deref() {
         Some("RSA" | "RSA-HSM") => import_rsa_jwk(&jwk),
         Some("oct" | "oct-HSM") => {
             let k = b64url("k", jwk.k.as_ref())?;
             if !matches!(k.len(), 16 | 24 | 32) {
-                return Err(invalid("oct key must be 16, 24 or 32 bytes"));
+                return Err(Invalid::OctKeyLength { len: k.len() }.into());
             }
             Ok(ImportedKey::Oct(k))
         }
-        Some("EC" | "EC-HSM") => Err(invalid("EC keys are not supported")),
-        Some(_) => Err(invalid("unsupported JWK kty; expected RSA, RSA-HSM, oct or oct-HSM")),
-        None => Err(invalid("JWK member \"kty\" is missing")),
+        Some("EC" | "EC-HSM") => Err(Invalid::EcUnsupported.into()),
+        Some(_) => Err(Invalid::UnsupportedKty.into()),
+        None => Err(Invalid::JwkMemberMissing { member: "kty" }.into()),
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::super::rsa_ops::tests::shared_pkcs8;
-    use super::super::{Algorithm, rsa_encrypt_with_public};
+    use super::super::{Algorithm, LibraryError, rsa_encrypt_with_public};
     use super::*;
     use rsa::pkcs1::EncodeRsaPrivateKey;
     use rsa::pkcs8::DecodePrivateKey;
@@ -250,6 +239,31 @@ mod tests {
         assert!(matches!(import_pkcs8_der(b"not der"), Err(CryptoError::InvalidKeyMaterial(_))));
     }
 
+    /// The message of `e` and of every error behind it, as a log line walking the chain shows.
+    fn chain_text(e: &CryptoError) -> String {
+        let mut text = e.to_string();
+        let mut cause = std::error::Error::source(e);
+        while let Some(c) = cause {
+            text = format!("{text}: {c}");
+            cause = c.source();
+        }
+        text
+    }
+
+    #[test]
+    fn refusals_keep_the_library_error_as_their_cause() {
+        let e = import_pkcs8_der(b"not der").unwrap_err();
+        assert!(matches!(
+            e,
+            CryptoError::InvalidKeyMaterial(Invalid::NotPkcs8Rsa(LibraryError::KeyRejected(_)))
+        ));
+        assert!(std::error::Error::source(&e).is_some(), "{e:?}");
+        let pem = pem("RSA PRIVATE KEY", b"not a key", "\n");
+        let e = import_pem(&pem).unwrap_err();
+        assert!(matches!(e, CryptoError::InvalidKeyMaterial(Invalid::NotPkcs1Rsa(LibraryError::Pkcs1(_)))));
+        assert!(chain_text(&e).starts_with("invalid key material: not a valid PKCS#1 RSA private key: "));
+    }
+
     #[test]
     fn pem_pkcs1_and_pkcs8_import_produce_the_same_key() {
         let pkcs1 = rsa::PrivateKey::from_pkcs8_der(shared_pkcs8()).unwrap().to_pkcs1_der().unwrap();
@@ -273,7 +287,10 @@ mod tests {
                       DEK-Info: AES-128-CBC,00\n\nAAAA\n-----END RSA PRIVATE KEY-----\n";
         for input in [&encrypted[..], legacy] {
             match import_pem(input) {
-                Err(CryptoError::InvalidKeyMaterial(m)) => assert!(m.contains("encrypted")),
+                Err(CryptoError::InvalidKeyMaterial(m)) => {
+                    assert!(matches!(m, Invalid::EncryptedPem));
+                    assert!(m.to_string().contains("encrypted"));
+                }
                 other => panic!("expected rejection, got {other:?}"),
             }
         }
@@ -331,7 +348,9 @@ mod tests {
         cases.push(missing_q);
         for case in cases {
             match import_jwk(&case.to_string()) {
-                Err(CryptoError::InvalidKeyMaterial(m)) => assert!(!m.contains(&d_value[..16])),
+                Err(e @ CryptoError::InvalidKeyMaterial(_)) => {
+                    assert!(!chain_text(&e).contains(&d_value[..16]))
+                }
                 other => panic!("expected InvalidKeyMaterial, got {other:?}"),
             }
         }
@@ -365,8 +384,9 @@ mod tests {
             r#"{"kty":"oct","k":12345678901234567890}"#,
         ] {
             match import_jwk(json) {
-                Err(CryptoError::InvalidKeyMaterial(m)) => {
-                    assert!(!m.contains("12345678901234567890"), "{m}")
+                Err(e @ CryptoError::InvalidKeyMaterial(_)) => {
+                    let text = chain_text(&e);
+                    assert!(!text.contains("12345678901234567890"), "{text}")
                 }
                 other => panic!("{json}: expected InvalidKeyMaterial, got {other:?}"),
             }

@@ -1,6 +1,6 @@
 //! RS256 (RSASSA-PKCS1-v1_5 with SHA-256) signatures for the broker's JWTs.
 
-use super::{CryptoError, Zbytes};
+use super::{CryptoError, KeyMaterialError, Zbytes, caused_by};
 use aws_lc_rs::encoding::AsDer;
 use aws_lc_rs::rand::SystemRandom;
 use aws_lc_rs::rsa::KeySize;
@@ -36,21 +36,18 @@ impl TokenSigningKey {
 
     /// Loads a signing key from PKCS#8 DER (RSA, 2048 to 4096 bits).
     pub fn from_pkcs8(der: &[u8]) -> Result<Self, CryptoError> {
-        let key_pair = RsaKeyPair::from_pkcs8(der)
-            .map_err(|_| CryptoError::InvalidKeyMaterial("not a valid PKCS#8 RSA private key".into()))?;
+        let key_pair = RsaKeyPair::from_pkcs8(der).map_err(caused_by(KeyMaterialError::NotPkcs8Rsa))?;
         Self::from_key_pair(key_pair)
     }
 
     fn from_key_pair(key_pair: RsaKeyPair) -> Result<Self, CryptoError> {
         let bits = key_pair.public_modulus_len() * 8;
         if !(2048..=4096).contains(&bits) {
-            return Err(CryptoError::InvalidKeyMaterial(format!(
-                "token signing key must be 2048 to 4096 bits (got {bits})"
-            )));
+            return Err(KeyMaterialError::SigningKeySize { bits }.into());
         }
         let public_der = key_pair.public_key().as_ref().to_vec();
         let public = ParsedPublicKey::new(&RSA_PKCS1_2048_8192_SHA256, &public_der)
-            .map_err(|_| CryptoError::InvalidKeyMaterial("unusable RSA public key".into()))?;
+            .map_err(caused_by(KeyMaterialError::UnusableRsaPublicKey))?;
         Ok(Self { key_pair, public, public_der })
     }
 

@@ -3,45 +3,25 @@
 //! This module is the only place that touches `aws-lc-rs`, `rsa`, `aes-kw` and `aes`.
 //! Secret material travels as [`Zbytes`] (zeroized on drop); errors never carry secret
 //! bytes, and every decryption failure collapses into [`CryptoError::DecryptionFailed`].
+//! Other refusals carry typed detail ([`KeyMaterialError`], [`InputError`]) with the library's
+//! error, when there is one, as their source.
 
 pub mod aes_ops;
+mod error;
 pub mod import;
 pub mod jwt_sig;
 pub mod rsa_ops;
 pub mod seal;
 
 pub use aes_ops::{GcmOutput, aes_gcm_decrypt, aes_gcm_encrypt, aes_kw_unwrap, aes_kw_wrap, generate_oct};
+use error::caused_by;
+pub use error::{CryptoError, InputError, KeyMaterialError, LibraryError};
 pub use import::{ImportedKey, import_jwk, import_pem, import_pkcs8_der};
 pub use jwt_sig::TokenSigningKey;
 pub use rsa_ops::{RsaPrivateKey, generate_rsa_pkcs8, rsa_encrypt_with_public};
 pub use seal::Sealer;
 
 use aws_lc_rs::rand::{SecureRandom, SystemRandom};
-
-/// Errors of the crypto layer. Messages never contain key material or plaintext.
-#[derive(Debug, thiserror::Error)]
-#[non_exhaustive]
-pub enum CryptoError {
-    /// Any failure to decrypt/unwrap an RSA or AES ciphertext. One variant, no detail,
-    /// so callers cannot build a padding oracle out of it.
-    #[error("decryption failed")]
-    DecryptionFailed,
-    /// Key material that cannot be used (wrong type, size, encoding or inconsistent).
-    #[error("invalid key material: {0}")]
-    InvalidKeyMaterial(String),
-    /// A caller-supplied parameter is unacceptable (lengths, algorithm, ...).
-    #[error("invalid input: {0}")]
-    InvalidInput(String),
-    /// A sealed blob could not be opened (wrong master key, wrong AAD, tampering, bad format).
-    #[error("unsealing failed")]
-    UnsealFailed,
-    /// The underlying library failed to generate a key or random bytes.
-    #[error("key generation failed")]
-    KeyGeneration,
-    /// A signature did not verify (or could not be produced).
-    #[error("signature invalid")]
-    BadSignature,
-}
 
 /// Owned secret bytes, zeroized when dropped.
 pub type Zbytes = zeroize::Zeroizing<Vec<u8>>;

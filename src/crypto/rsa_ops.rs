@@ -1,6 +1,6 @@
 //! RSA key generation, encryption and decryption (RSA-OAEP, RSA-OAEP-256, RSA1_5) on aws-lc-rs.
 
-use super::{Algorithm, CryptoError, Zbytes};
+use super::{Algorithm, CryptoError, InputError, KeyMaterialError, Zbytes, caused_by};
 use aws_lc_rs::encoding::AsDer;
 use aws_lc_rs::rsa::{
     KeySize, OAEP_SHA1_MGF1SHA1, OAEP_SHA256_MGF1SHA256, OaepPrivateDecryptingKey, OaepPublicEncryptingKey,
@@ -23,14 +23,12 @@ fn key_size(bits: usize) -> Result<KeySize, CryptoError> {
         2048 => Ok(KeySize::Rsa2048),
         3072 => Ok(KeySize::Rsa3072),
         4096 => Ok(KeySize::Rsa4096),
-        _ => Err(CryptoError::InvalidInput(format!(
-            "unsupported RSA key size {bits}; supported sizes are 2048, 3072 and 4096"
-        ))),
+        _ => Err(InputError::RsaKeySize { bits }.into()),
     }
 }
 
 fn non_rsa(alg: Algorithm) -> CryptoError {
-    CryptoError::InvalidInput(format!("{alg} is not an RSA encryption algorithm"))
+    InputError::NotRsa(alg).into()
 }
 
 fn strip_leading_zeros(bytes: &[u8]) -> &[u8] {
@@ -56,20 +54,19 @@ struct RsaPublic {
 
 impl RsaPublic {
     fn new(key: PublicEncryptingKey) -> Result<Self, CryptoError> {
-        let bad = || CryptoError::InvalidKeyMaterial("unusable RSA public key".into());
         let bits = key.key_size_bits();
         if !SUPPORTED_RSA_BITS.contains(&bits) {
-            return Err(CryptoError::InvalidKeyMaterial(format!(
-                "unsupported RSA key size {bits}; supported sizes are 2048, 3072 and 4096"
-            )));
+            return Err(KeyMaterialError::RsaKeySize { bits }.into());
         }
-        let spki = key.as_der().map_err(|_| bad())?;
-        let parsed = RsaSubjectPublicKey::from_der(spki.as_ref()).map_err(|_| bad())?;
+        let bad = caused_by(KeyMaterialError::UnusableRsaPublicKey);
+        let spki = key.as_der().map_err(&bad)?;
+        let parsed = RsaSubjectPublicKey::from_der(spki.as_ref())
+            .map_err(caused_by(KeyMaterialError::UnusableRsaPublicKey))?;
         let n = parsed.modulus().big_endian_without_leading_zero().to_vec();
         let e = parsed.exponent().big_endian_without_leading_zero().to_vec();
         Ok(Self {
-            oaep: OaepPublicEncryptingKey::new(key.clone()).map_err(|_| bad())?,
-            pkcs1: Pkcs1PublicEncryptingKey::new(key).map_err(|_| bad())?,
+            oaep: OaepPublicEncryptingKey::new(key.clone()).map_err(&bad)?,
+            pkcs1: Pkcs1PublicEncryptingKey::new(key).map_err(&bad)?,
             n,
             e,
             bits,
@@ -89,11 +86,9 @@ impl RsaPublic {
     fn encrypt(&self, alg: Algorithm, plaintext: &[u8]) -> Result<Vec<u8>, CryptoError> {
         let max = self.max_plaintext_len(alg)?;
         if plaintext.len() > max {
-            return Err(CryptoError::InvalidInput(format!(
-                "plaintext is {} bytes; {alg} with a {}-bit key accepts at most {max} bytes",
-                plaintext.len(),
-                self.bits
-            )));
+            return Err(
+                InputError::PlaintextTooLong { len: plaintext.len(), alg, bits: self.bits, max }.into()
+            );
         }
         let mut out = vec![0u8; self.oaep.ciphertext_size()];
         let written = match alg {
@@ -101,7 +96,7 @@ impl RsaPublic {
             Algorithm::RsaOaep256 => self.oaep.encrypt(&OAEP_SHA256_MGF1SHA256, plaintext, &mut out, None),
             _ => self.pkcs1.encrypt(plaintext, &mut out),
         }
-        .map_err(|_| CryptoError::InvalidInput(format!("{alg} encryption failed")))?
+        .map_err(|e| InputError::RsaEncryptFailed { alg, source: e.into() })?
         .len();
         out.truncate(written);
         Ok(out)
@@ -126,18 +121,17 @@ impl RsaPrivateKey {
     /// Decodes an unencrypted PKCS#8 DER RSA private key. Non-RSA keys, malformed or
     /// inconsistent keys and sizes other than 2048/3072/4096 give `InvalidKeyMaterial`.
     pub fn from_pkcs8(der: &[u8]) -> Result<Self, CryptoError> {
-        let key = PrivateDecryptingKey::from_pkcs8(der)
-            .map_err(|_| CryptoError::InvalidKeyMaterial("not a valid PKCS#8 RSA private key".into()))?;
+        let key = PrivateDecryptingKey::from_pkcs8(der).map_err(caused_by(KeyMaterialError::NotPkcs8Rsa))?;
         Self::from_key(key)
     }
 
     /// Wraps an already-parsed aws-lc key, enforcing the supported sizes.
     pub(crate) fn from_key(key: PrivateDecryptingKey) -> Result<Self, CryptoError> {
         let public = RsaPublic::new(key.public_key())?;
-        let bad = || CryptoError::InvalidKeyMaterial("unusable RSA private key".into());
+        let bad = caused_by(KeyMaterialError::UnusableRsaPrivateKey);
         Ok(Self {
-            oaep: OaepPrivateDecryptingKey::new(key.clone()).map_err(|_| bad())?,
-            pkcs1: Pkcs1PrivateDecryptingKey::new(key).map_err(|_| bad())?,
+            oaep: OaepPrivateDecryptingKey::new(key.clone()).map_err(&bad)?,
+            pkcs1: Pkcs1PrivateDecryptingKey::new(key).map_err(&bad)?,
             public,
         })
     }
@@ -198,9 +192,8 @@ pub fn rsa_encrypt_with_public(
         return Err(non_rsa(alg));
     }
     let components = PublicKeyComponents { n: strip_leading_zeros(n), e: strip_leading_zeros(e) };
-    let key: PublicEncryptingKey = components
-        .try_into()
-        .map_err(|_| CryptoError::InvalidKeyMaterial("invalid RSA public key (n, e)".into()))?;
+    let key: PublicEncryptingKey =
+        components.try_into().map_err(caused_by(KeyMaterialError::RsaPublicComponents))?;
     RsaPublic::new(key)?.encrypt(alg, plaintext)
 }
 
@@ -330,7 +323,10 @@ pub(crate) mod tests {
             let ct = key.encrypt(alg, &vec![7u8; max]).unwrap();
             assert_eq!(key.decrypt(alg, &ct).unwrap().len(), max);
             match key.encrypt(alg, &vec![7u8; max + 1]) {
-                Err(CryptoError::InvalidInput(msg)) => assert!(msg.contains(&max.to_string())),
+                Err(CryptoError::InvalidInput(e @ InputError::PlaintextTooLong { max: limit, .. })) => {
+                    assert_eq!(limit, max);
+                    assert!(e.to_string().contains(&max.to_string()));
+                }
                 other => panic!("{alg}: expected InvalidInput, got {other:?}"),
             }
         }
@@ -366,7 +362,9 @@ pub(crate) mod tests {
         let odd = rsa::PrivateKey::new(&mut AwsLcRng, 2304).unwrap();
         let der = rsa::pkcs8::EncodePrivateKey::to_pkcs8_der(&odd).unwrap();
         match RsaPrivateKey::from_pkcs8(der.as_bytes()) {
-            Err(CryptoError::InvalidKeyMaterial(msg)) => assert!(msg.contains("2304")),
+            Err(CryptoError::InvalidKeyMaterial(e @ KeyMaterialError::RsaKeySize { bits: 2304 })) => {
+                assert!(e.to_string().contains("2304"))
+            }
             other => panic!("expected InvalidKeyMaterial, got {other:?}"),
         }
     }

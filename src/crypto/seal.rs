@@ -1,6 +1,6 @@
 //! Sealing key material at rest under the broker's master key.
 
-use super::{CryptoError, Zbytes, fill_random};
+use super::{CryptoError, InputError, KeyMaterialError, Zbytes, caused_by, fill_random};
 use aws_lc_rs::aead::{AES_256_GCM, Aad, LessSafeKey, NONCE_LEN, Nonce, UnboundKey};
 use zeroize::Zeroizing;
 
@@ -29,13 +29,10 @@ impl Sealer {
     /// Creates a sealer from a master key, which must be exactly 32 bytes.
     pub fn new(master_key: &[u8]) -> Result<Self, CryptoError> {
         if master_key.len() != 32 {
-            return Err(CryptoError::InvalidKeyMaterial(format!(
-                "master key must be 32 bytes (got {})",
-                master_key.len()
-            )));
+            return Err(KeyMaterialError::MasterKeyLength { len: master_key.len() }.into());
         }
         let key = UnboundKey::new(&AES_256_GCM, master_key)
-            .map_err(|_| CryptoError::InvalidKeyMaterial("unusable master key".into()))?;
+            .map_err(caused_by(KeyMaterialError::UnusableMasterKey))?;
         Ok(Self { key: LessSafeKey::new(key) })
     }
 
@@ -59,7 +56,7 @@ impl Sealer {
                 Aad::from(aad),
                 &mut out[HEADER_LEN..],
             )
-            .map_err(|_| CryptoError::InvalidInput("sealing failed".into()))?;
+            .map_err(caused_by(InputError::SealFailed))?;
         out.extend_from_slice(tag.as_ref());
         Ok(std::mem::take(&mut *out))
     }

@@ -1,7 +1,14 @@
 //! Durable storage behind the [`Store`] trait. Only this module knows SQL. A change is
 //! acknowledged to a caller only after [`Store::commit`] returned, so everything in it survives a
 //! crash (WAL, full sync). Key material arrives already sealed: the store never sees plaintext.
+//!
+//! Backends: [`sqlite::SqliteStore`] (the broker's) and [`memory::MemoryStore`] (nothing durable;
+//! for tests). Every backend runs the conformance suite of `conformance.rs`, which spells out
+//! what the broker relies on; its module documentation says how a new backend runs it.
 
+#[cfg(test)]
+pub(crate) mod conformance;
+pub mod memory;
 pub mod sqlite;
 
 use crate::model::{Change, Deletion, KeyVersion, Principal, RoleAssignment, Vault};
@@ -23,20 +30,63 @@ pub enum StoreError {
         source: serde_json::Error,
     },
     /// Opening the data directory failed.
-    #[error("cannot open store at {path}: {source}")]
+    #[error("cannot open store at {}: {source}", path.display())]
     Io {
         /// The file.
-        path: String,
+        path: std::path::PathBuf,
         /// Why.
         source: std::io::Error,
     },
     /// The database was written by an incompatible version of the broker.
     #[error("unsupported schema version {0}")]
     Schema(i64),
+    /// A change contradicts what is stored; the whole commit was refused. Every backend reports
+    /// these the same way.
+    #[error("change refused: {0}")]
+    Rejected(#[from] Rejection),
+}
+
+/// Why a store refused a change of a commit (nothing of the commit was applied).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum Rejection {
+    /// A metadata update (`PutKeyVersion` without material) names a version that is not stored.
+    #[error("key {vault}/{name} has no version {version} to update")]
+    MissingKeyVersion {
+        /// Vault name.
+        vault: String,
+        /// Key name as the change gave it.
+        name: String,
+        /// The version id.
+        version: String,
+    },
+    /// A new version (`PutKeyVersion` with material) reuses the id of a stored version of the key.
+    #[error("key {vault}/{name} already has a version {version}")]
+    DuplicateKeyVersion {
+        /// Vault name.
+        vault: String,
+        /// Key name as the change gave it.
+        name: String,
+        /// The version id.
+        version: String,
+    },
+}
+
+impl Rejection {
+    /// The refusal of `PutKeyVersion { vault, name, version, sealed }`: a duplicate when it
+    /// carries material (`creating`), a missing version when it is an update.
+    pub fn key_version(vault: &str, name: &str, version: &KeyVersion, creating: bool) -> Self {
+        let (vault, name, version) = (vault.to_string(), name.to_string(), version.version.clone());
+        if creating {
+            Rejection::DuplicateKeyVersion { vault, name, version }
+        } else {
+            Rejection::MissingKeyVersion { vault, name, version }
+        }
+    }
 }
 
 /// A key as stored: its versions (oldest first) with their sealed material.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct StoredKey {
     /// Vault name.
     pub vault: String,
@@ -48,8 +98,10 @@ pub struct StoredKey {
     pub versions: Vec<(KeyVersion, Vec<u8>)>,
 }
 
-/// Everything the broker loads at start.
-#[derive(Debug, Clone, Default)]
+/// Everything the broker loads at start. Vaults come in name order, keys in (vault, lower-cased
+/// name) order, subnets and servers in lower-cased id order, databases in (lower-cased server id,
+/// lower-cased name) order; principals and role assignments in no particular order.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Snapshot {
     /// Vaults.
     pub vaults: Vec<Vault>,
@@ -67,7 +119,26 @@ pub struct Snapshot {
     pub databases: Vec<crate::model::server::Database>,
 }
 
-/// Durable state. Methods block: async callers run them on the blocking pool.
+/// Durable state. Methods block: async callers run them on the blocking pool; one store is shared
+/// by several threads.
+///
+/// What every backend keeps to (the conformance suite checks each point):
+/// - [`Store::commit`] applies its changes in order, each seeing the ones before it, and all or
+///   none: after an error nothing of the commit is visible, and the store stays usable.
+/// - Records are identified as follows: vaults by name, exactly as given (the broker lower-cases
+///   it); keys by vault and [`key_index`](crate::model::ids::key_index) of the name; key versions
+///   by key and version id; principals by object id; role assignments by id; subnets and servers
+///   by lower-cased id; databases by lower-cased server id and name. A `Put*` change creates the
+///   record or replaces all of it, and the stored document keeps the spelling it was given.
+/// - `PutKeyVersion` with material adds a version after the key's others (creating the key,
+///   which keeps the name of its first version, and leaving its deletion record alone) and
+///   refuses an id the key already has; without material it replaces a stored version's
+///   metadata, keeping its material and place, and refuses a version that is not stored. Both
+///   refusals are [`StoreError::Rejected`].
+/// - `DeleteVault` removes the vault's keys too, `DeleteServer` the server's databases, and
+///   `PurgeKey` every version and its material. Deleting, purging or setting the deletion record
+///   of something that is not stored changes nothing.
+/// - Meta values live apart from the [`Snapshot`]: commits do not touch them.
 pub trait Store: Send + Sync + 'static {
     /// Reads everything.
     fn load(&self) -> Result<Snapshot, StoreError>;

@@ -8,7 +8,7 @@ use rusqlite::{Connection, OptionalExtension, params};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
-use super::{Snapshot, Store, StoreError, StoredKey};
+use super::{Rejection, Snapshot, Store, StoreError, StoredKey};
 use crate::model::ids::key_index;
 use crate::model::{Change, KeyVersion};
 
@@ -156,11 +156,15 @@ impl Store for SqliteStore {
                                 "INSERT OR IGNORE INTO keys (vault, idx, name, deleted) VALUES (?1, ?2, ?3, NULL)",
                                 params![vault, idx, name],
                             )?;
-                            tx.execute(
+                            let n = tx.execute(
                                 "INSERT INTO key_versions (vault, idx, version, seq, doc, sealed)
-                                 VALUES (?1, ?2, ?3, (SELECT IFNULL(MAX(seq), 0) + 1 FROM key_versions), ?4, ?5)",
+                                 VALUES (?1, ?2, ?3, (SELECT IFNULL(MAX(seq), 0) + 1 FROM key_versions), ?4, ?5)
+                                 ON CONFLICT(vault, idx, version) DO NOTHING",
                                 params![vault, idx, version.version, doc, sealed],
                             )?;
+                            if n != 1 {
+                                return Err(Rejection::key_version(vault, name, version, true).into());
+                            }
                         }
                         None => {
                             let n = tx.execute(
@@ -168,7 +172,7 @@ impl Store for SqliteStore {
                                 params![vault, idx, version.version, doc],
                             )?;
                             if n != 1 {
-                                return Err(StoreError::Database(rusqlite::Error::QueryReturnedNoRows));
+                                return Err(Rejection::key_version(vault, name, version, false).into());
                             }
                         }
                     }
@@ -265,128 +269,41 @@ impl Store for SqliteStore {
 
 #[cfg(test)]
 mod tests {
-    use std::collections::BTreeMap;
+    use std::path::PathBuf;
 
+    use super::super::conformance::{Backend, store_conformance_tests};
     use super::*;
-    use crate::model::{Deletion, KeyAttributes, KeyType, NetworkAcls, Vault};
 
-    fn vault(name: &str) -> Vault {
-        Vault {
-            name: name.into(),
-            retention_days: 90,
-            purge_protection: true,
-            rbac: false,
-            network_acls: NetworkAcls::default(),
-            public_network_access: true,
-            access_policies: BTreeMap::new(),
-            private_endpoints: vec![],
-            created: 1,
+    /// A database file in a temporary directory of its own, removed with it.
+    struct SqliteFile {
+        dir: tempfile::TempDir,
+    }
+
+    impl SqliteFile {
+        fn path(&self) -> PathBuf {
+            self.dir.path().join("db.sqlite")
         }
     }
 
-    fn version(v: &str) -> KeyVersion {
-        KeyVersion {
-            version: v.into(),
-            kty: KeyType::Rsa,
-            bits: 2048,
-            key_ops: KeyType::Rsa.default_ops(),
-            attributes: KeyAttributes {
-                enabled: true,
-                not_before: None,
-                expires: None,
-                created: 1,
-                updated: 1,
-            },
-            tags: BTreeMap::new(),
-            n: vec![1],
-            e: vec![1, 0, 1],
+    impl Backend for SqliteFile {
+        fn create() -> Result<Self, StoreError> {
+            let dir = tempfile::tempdir()
+                .map_err(|source| StoreError::Io { path: std::env::temp_dir(), source })?;
+            Ok(SqliteFile { dir })
+        }
+
+        fn open(&self) -> Result<Box<dyn Store>, StoreError> {
+            Ok(Box::new(SqliteStore::open(&self.path())?))
         }
     }
 
-    #[test]
-    fn committed_changes_survive_reopening_the_file() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("db.sqlite");
-        {
-            let s = SqliteStore::open(&path).unwrap();
-            s.commit(&[
-                Change::PutVault(vault("v1")),
-                Change::PutKeyVersion {
-                    vault: "v1".into(),
-                    name: "Key".into(),
-                    version: version("b"),
-                    sealed: Some(vec![9]),
-                },
-                Change::PutKeyVersion {
-                    vault: "v1".into(),
-                    name: "Key".into(),
-                    version: version("a"),
-                    sealed: Some(vec![8]),
-                },
-            ])
-            .unwrap();
-            let mut updated = version("b");
-            updated.attributes.enabled = false;
-            s.commit(&[
-                Change::PutKeyVersion {
-                    vault: "v1".into(),
-                    name: "key".into(),
-                    version: updated,
-                    sealed: None,
-                },
-                Change::SetKeyDeletion {
-                    vault: "v1".into(),
-                    name: "KEY".into(),
-                    deleted: Some(Deletion { deleted_date: 5, scheduled_purge_date: 6 }),
-                },
-            ])
-            .unwrap();
-        }
-        let snap = SqliteStore::open(&path).unwrap().load().unwrap();
-        assert_eq!(snap.vaults, vec![vault("v1")]);
-        let k = &snap.keys[0];
-        assert_eq!(k.name, "Key");
-        assert_eq!(k.deleted.as_ref().unwrap().deleted_date, 5);
-        // Creation order is kept, updates keep the material.
-        assert_eq!(
-            k.versions.iter().map(|(v, s)| (v.version.as_str(), s[0])).collect::<Vec<_>>(),
-            vec![("b", 9), ("a", 8)]
-        );
-        assert!(!k.versions[0].0.attributes.enabled);
-    }
+    store_conformance_tests!(SqliteFile, durable);
 
     #[test]
-    fn a_failing_change_rolls_back_the_whole_commit() {
-        let dir = tempfile::tempdir().unwrap();
-        let s = SqliteStore::open(&dir.path().join("db.sqlite")).unwrap();
-        let r = s.commit(&[
-            Change::PutVault(vault("v1")),
-            Change::PutKeyVersion {
-                vault: "v1".into(),
-                name: "k".into(),
-                version: version("missing"),
-                sealed: None,
-            },
-        ]);
-        assert!(r.is_err());
-        assert!(s.load().unwrap().vaults.is_empty());
-    }
-
-    #[test]
-    fn purge_removes_the_key_and_its_material() {
-        let dir = tempfile::tempdir().unwrap();
-        let s = SqliteStore::open(&dir.path().join("db.sqlite")).unwrap();
-        s.commit(&[
-            Change::PutVault(vault("v1")),
-            Change::PutKeyVersion {
-                vault: "v1".into(),
-                name: "k".into(),
-                version: version("a"),
-                sealed: Some(vec![1]),
-            },
-        ])
-        .unwrap();
-        s.commit(&[Change::PurgeKey { vault: "v1".into(), name: "K".into() }]).unwrap();
-        assert!(s.load().unwrap().keys.is_empty());
+    fn a_database_of_another_schema_version_is_refused() -> Result<(), StoreError> {
+        let file = SqliteFile::create()?;
+        file.open()?.put_meta("schema_version", b"2")?;
+        assert!(matches!(SqliteStore::open(&file.path()), Err(StoreError::Schema(2))));
+        Ok(())
     }
 }
