@@ -64,12 +64,13 @@ pub enum TlsError {
         source: std::io::Error,
     },
     /// A file does not hold what it should (no PEM certificate, no private key, …).
-    #[error("{path}: {what}")]
+    #[error("{path}: {problem}")]
     Invalid {
         /// The file.
         path: PathBuf,
-        /// What is wrong.
-        what: String,
+        /// What is wrong, with the parser's error as the cause where there is one.
+        #[source]
+        problem: FileProblem,
     },
     /// There is no development CA to sign with.
     #[error("no development CA at {0}: start the broker once with `--tls auto` and this data directory")]
@@ -124,8 +125,53 @@ fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> TlsError + '_ {
     move |source| TlsError::Io { path: path.to_path_buf(), source }
 }
 
-fn invalid(path: &Path, what: impl Into<String>) -> TlsError {
-    TlsError::Invalid { path: path.to_path_buf(), what: what.into() }
+/// What is wrong with a certificate or key file ([`TlsError::Invalid`]).
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum FileProblem {
+    /// The key file holds no PEM private key the TLS stack reads.
+    #[error("no private key: {0}")]
+    NoPrivateKey(#[source] rustls::pki_types::pem::Error),
+    /// A PEM block could not be read.
+    #[error("unreadable PEM: {0}")]
+    UnreadablePem(#[source] rustls::pki_types::pem::Error),
+    /// No `CERTIFICATE` block at all.
+    #[error("no PEM certificate (-----BEGIN CERTIFICATE-----)")]
+    NoCertificate,
+    /// The dev CA's key is there without its certificate.
+    #[error("missing beside ca.pem; remove both to make a new dev CA")]
+    CaKeyMissing,
+    /// The dev CA's certificate is there without its key.
+    #[error("missing beside ca.key; remove both to make a new dev CA")]
+    CaCertMissing,
+    /// The certificate does not decode as X.509.
+    #[error("not an X.509 certificate: {0}")]
+    NotX509(#[source] x509_cert::der::Error),
+    /// The CA's subject name does not encode again.
+    #[error("{0}")]
+    SubjectName(#[source] x509_cert::der::Error),
+    /// The certificate is not one the broker made (its common name is not UTF-8 text).
+    #[error("not a tde-broker dev CA (no UTF-8 common name)")]
+    NotDevCa,
+    /// The key file is not UTF-8 text, so not PEM.
+    #[error("not a PEM private key")]
+    NotPemText(#[source] std::string::FromUtf8Error),
+    /// The key does not parse (rcgen's message names the reason).
+    #[error("{0}")]
+    BadKey(#[source] rcgen::Error),
+    /// The CA key does not match the CA certificate's public key.
+    #[error("does not belong to {}", .0.display())]
+    KeyMismatch(PathBuf),
+    /// What the CA just signed does not decode.
+    #[error("a certificate it signed does not parse: {0}")]
+    SignedUnparsable(#[source] x509_cert::der::Error),
+    /// What the CA signed does not name the CA's subject as its issuer.
+    #[error("its subject name could not be reproduced to sign with")]
+    IssuerMismatch,
+}
+
+fn invalid(path: &Path, problem: FileProblem) -> TlsError {
+    TlsError::Invalid { path: path.to_path_buf(), problem }
 }
 
 /// Installs aws-lc-rs as the process's rustls provider. Idempotent: a provider already
@@ -175,8 +221,7 @@ pub fn server_tls(config: &Config) -> Result<Option<ServerTlsConfig>, TlsError> 
     let cert_pem = read(&cert_path)?;
     certs_from_pem(&cert_path, &cert_pem)?;
     let key_pem = read(&key_path)?;
-    PrivateKeyDer::from_pem_slice(&key_pem)
-        .map_err(|e| invalid(&key_path, format!("no private key: {e}")))?;
+    PrivateKeyDer::from_pem_slice(&key_pem).map_err(|e| invalid(&key_path, FileProblem::NoPrivateKey(e)))?;
     let mut tls =
         ServerTlsConfig::new().identity(Identity::from_pem(cert_pem, key_pem)).timeout(HANDSHAKE_TIMEOUT);
     if let Some(ca_path) = config.client_ca.clone().or(dev_ca) {
@@ -202,10 +247,10 @@ pub fn ensure_dev_pki(data_dir: &Path, names: &[String]) -> Result<DevPki, TlsEr
         (true, true) => {}
         // Never replace half a CA silently: certificates it issued would stop working.
         (true, false) => {
-            return Err(invalid(&pki.ca_key, "missing beside ca.pem; remove both to make a new dev CA"));
+            return Err(invalid(&pki.ca_key, FileProblem::CaKeyMissing));
         }
         (false, true) => {
-            return Err(invalid(&pki.ca_cert, "missing beside ca.key; remove both to make a new dev CA"));
+            return Err(invalid(&pki.ca_cert, FileProblem::CaCertMissing));
         }
     }
     let ca = DevCa::load(&pki)?;
@@ -277,9 +322,9 @@ pub fn principal_from_cert(der: &[u8]) -> Option<String> {
 pub fn certs_from_pem(path: &Path, pem: &[u8]) -> Result<Vec<CertificateDer<'static>>, TlsError> {
     let certs = CertificateDer::pem_slice_iter(pem)
         .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| invalid(path, format!("unreadable PEM: {e}")))?;
+        .map_err(|e| invalid(path, FileProblem::UnreadablePem(e)))?;
     if certs.is_empty() {
-        return Err(invalid(path, "no PEM certificate (-----BEGIN CERTIFICATE-----)"));
+        return Err(invalid(path, FileProblem::NoCertificate));
     }
     Ok(certs)
 }
@@ -302,19 +347,19 @@ impl DevCa {
         let cert_pem = read(&pki.ca_cert)?;
         let der = certs_from_pem(&pki.ca_cert, &cert_pem)?.swap_remove(0);
         let cert = x509_cert::Certificate::from_der(&der)
-            .map_err(|e| invalid(&pki.ca_cert, format!("not an X.509 certificate: {e}")))?;
+            .map_err(|e| invalid(&pki.ca_cert, FileProblem::NotX509(e)))?;
         let subject = cert.tbs_certificate().subject();
-        let subject_der = subject.to_der().map_err(|e| invalid(&pki.ca_cert, e.to_string()))?;
+        let subject_der = subject.to_der().map_err(|e| invalid(&pki.ca_cert, FileProblem::SubjectName(e)))?;
         let common_name = match subject.common_name() {
             Ok(Some(x509_cert::ext::pkix::name::DirectoryString::Utf8String(cn))) => cn,
-            _ => return Err(invalid(&pki.ca_cert, "not a tde-broker dev CA (no UTF-8 common name)")),
+            _ => return Err(invalid(&pki.ca_cert, FileProblem::NotDevCa)),
         };
         let key_text = String::from_utf8(read(&pki.ca_key)?)
-            .map_err(|_| invalid(&pki.ca_key, "not a PEM private key"))?;
-        let key = KeyPair::from_pem(&key_text).map_err(|e| invalid(&pki.ca_key, e.to_string()))?;
+            .map_err(|e| invalid(&pki.ca_key, FileProblem::NotPemText(e)))?;
+        let key = KeyPair::from_pem(&key_text).map_err(|e| invalid(&pki.ca_key, FileProblem::BadKey(e)))?;
         let spki = cert.tbs_certificate().subject_public_key_info();
         if rcgen::PublicKeyData::der_bytes(&key) != spki.subject_public_key.raw_bytes() {
-            return Err(invalid(&pki.ca_key, format!("does not belong to {}", pki.ca_cert.display())));
+            return Err(invalid(&pki.ca_key, FileProblem::KeyMismatch(pki.ca_cert.clone())));
         }
         let issuer = Issuer::new(ca_params(&common_name), key);
         Ok(DevCa { issuer, subject_der, path: pki.ca_cert.clone() })
@@ -324,9 +369,9 @@ impl DevCa {
     fn sign(&self, params: &CertificateParams, key: &KeyPair) -> Result<String, TlsError> {
         let cert = params.signed_by(key, &self.issuer)?;
         let issued = x509_cert::Certificate::from_der(cert.der())
-            .map_err(|e| invalid(&self.path, format!("a certificate it signed does not parse: {e}")))?;
+            .map_err(|e| invalid(&self.path, FileProblem::SignedUnparsable(e)))?;
         if issued.tbs_certificate().issuer().to_der().ok().as_deref() != Some(self.subject_der.as_slice()) {
-            return Err(invalid(&self.path, "its subject name could not be reproduced to sign with"));
+            return Err(invalid(&self.path, FileProblem::IssuerMismatch));
         }
         Ok(cert.pem())
     }

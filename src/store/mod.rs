@@ -3,7 +3,7 @@
 //! crash (WAL, full sync). Key material arrives already sealed: the store never sees plaintext.
 //!
 //! Backends: [`sqlite::SqliteStore`] (the broker's) and [`memory::MemoryStore`] (nothing durable;
-//! for tests). Every backend runs the conformance suite of `conformance.rs`, which spells out
+//! for tests). Every backend runs the conformance suite of `conformance/`, which spells out
 //! what the broker relies on; its module documentation says how a new backend runs it.
 
 #[cfg(test)]

@@ -172,7 +172,7 @@ impl NewMaterial {
 fn crypto_error(e: CryptoError) -> BrokerError {
     match e {
         CryptoError::DecryptionFailed => BrokerError::DecryptionFailed,
-        CryptoError::InvalidInput(m) => BrokerError::bad_parameter(m),
+        CryptoError::InvalidInput(m) => BrokerError::bad_parameter(m.to_string()),
         CryptoError::InvalidKeyMaterial(m) => {
             BrokerError::bad_parameter(format!("The key material is invalid: {m}"))
         }
