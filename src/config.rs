@@ -9,6 +9,8 @@ use serde::Deserialize;
 
 /// Where audit records go (`--audit-log`); the audit log owns the type.
 pub use crate::audit::Destination as AuditLog;
+/// The store's integrity check at start (`--store-check`); the store owns the type.
+pub use crate::store::sqlite::StoreCheck;
 /// OpenTelemetry export; the telemetry module owns the type.
 pub use crate::telemetry::OtlpExport;
 
@@ -135,6 +137,8 @@ pub struct FileConfig {
     pub decoded_key_entries: Option<u64>,
     /// Key Vault throttling of every vault: `off` (default) or `azure` (the cloud's limits).
     pub throttling: Option<crate::broker::throttle::ThrottleProfile>,
+    /// The store's integrity check at start: `quick` (default) or `full`.
+    pub store_check: Option<StoreCheck>,
 }
 
 /// What the command line (and its environment variables) gave.
@@ -186,6 +190,16 @@ pub struct ServeArgs {
     /// Refuse requests (UNAVAILABLE, `AuditUnavailable`) that cannot be written to the audit log.
     #[arg(long, env = "TDE_BROKER_AUDIT_REQUIRED")]
     pub audit_required: bool,
+    /// The store's integrity check at start: `quick` (SQLite's quick_check) or `full` (its
+    /// integrity_check: also matches every index to its table; slower) [default: quick].
+    #[arg(long, env = "TDE_BROKER_STORE_CHECK", value_enum, value_name = "quick|full")]
+    pub store_check: Option<StoreCheck>,
+    /// Start afresh when the data directory's store is missing, empty, damaged or another
+    /// directory's, instead of refusing to start: the files found are renamed aside (never
+    /// deleted), a new store, admin and admin token are made, and the log says each step. For one
+    /// start only: it is a flag and an environment variable, not a setting of the TOML file.
+    #[arg(long, env = "TDE_BROKER_REINITIALIZE")]
+    pub reinitialize: bool,
 }
 
 /// Validated configuration.
@@ -242,6 +256,10 @@ pub struct Config {
     pub caches: crate::broker::cache::CacheSettings,
     /// Key Vault throttling at start (Emulation.SetThrottling changes it at run time).
     pub throttling: crate::broker::throttle::ThrottleProfile,
+    /// The store's integrity check at start.
+    pub store_check: StoreCheck,
+    /// Start afresh when the store is missing, empty, damaged or another directory's.
+    pub reinitialize: bool,
 }
 
 /// Configuration problems, all reported together.
@@ -407,6 +425,8 @@ impl Config {
             otlp: OtlpExport::from_env(),
             caches,
             throttling: file.throttling.unwrap_or_default(),
+            store_check: args.store_check.or(file.store_check).unwrap_or_default(),
+            reinitialize: args.reinitialize,
         };
         if errors.is_empty() { Ok(cfg) } else { Err(ConfigError(errors)) }
     }

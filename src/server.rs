@@ -3,8 +3,7 @@
 //! Tests call [`App::open`] and [`App::serve`] on an ephemeral loopback listener.
 
 use std::future::Future;
-use std::io::Write;
-use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -96,6 +95,10 @@ pub enum StartError {
     /// OpenTelemetry export could not be set up.
     #[error("OpenTelemetry: {0}")]
     Telemetry(#[from] crate::telemetry::OtelError),
+    /// The data directory is in use by another broker, or its store is missing, empty, damaged
+    /// or another directory's (the message says what to do).
+    #[error("{0}")]
+    DataDir(#[from] crate::store::datadir::DataDirError),
 }
 
 /// Why the master key cannot be used. Never carries key bytes.
@@ -131,6 +134,17 @@ pub enum MasterKeyError {
     /// The token signing key sealed in the store cannot be opened, decoded or made.
     #[error("token signing key: {0}")]
     SigningKey(#[source] crate::crypto::CryptoError),
+    /// Neither the file nor the environment variable holds the key, and the store holds data
+    /// sealed under one: a new key could not open it, so none is made.
+    #[error(
+        "{} is missing and {MASTER_KEY_ENV} is not set, but the store of this data directory holds data sealed under a master key, which a new key cannot open. Put the key back in {} from your backup (base64 of 32 bytes, mode 0600), or set {MASTER_KEY_ENV} to it",
+        path.display(),
+        path.display()
+    )]
+    Missing {
+        /// The master key file that was looked for.
+        path: PathBuf,
+    },
 }
 
 fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> StartError + '_ {
@@ -139,18 +153,7 @@ fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> StartError + '_ {
 
 /// Writes a secret file with mode 0600, durably.
 fn write_secret(path: &Path, contents: &[u8]) -> Result<(), StartError> {
-    let tmp = path.with_extension("tmp");
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(&tmp)
-        .map_err(io_err(&tmp))?;
-    f.write_all(contents).map_err(io_err(&tmp))?;
-    f.sync_all().map_err(io_err(&tmp))?;
-    std::fs::rename(&tmp, path).map_err(io_err(path))?;
-    Ok(())
+    Ok(crate::store::datadir::write_private(path, contents)?)
 }
 
 /// The running application: broker, authenticator and the admin's identity.
@@ -168,6 +171,9 @@ pub struct App {
     admin_http: crate::http::Admin,
     /// The audit log.
     audit: Arc<crate::audit::AuditLog>,
+    /// The data directory's lock: no other broker opens the directory while the app lives.
+    /// Last, so it is let go after everything else of the app.
+    _lock: crate::store::datadir::DataDirLock,
 }
 
 impl App {
@@ -176,6 +182,8 @@ impl App {
         let dir = &config.data_dir;
         std::fs::create_dir_all(dir).map_err(io_err(dir))?;
         std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)).map_err(io_err(dir))?;
+        // One broker per data directory: taken before anything in it is read or written.
+        let lock = crate::store::datadir::DataDirLock::acquire(dir)?;
         // TLS is checked (and `--tls auto`'s dev CA created) before anything else, so a bad
         // certificate fails the start and the CA exists once `open` returns.
         crate::tls::install_crypto_provider();
@@ -183,10 +191,9 @@ impl App {
         // The admin listener answers /healthz from here on; /readyz once serving.
         let admin_http = crate::http::Admin::start(&config).map_err(StartError::Http)?;
 
-        let master = load_master_key(dir)?;
+        let store = Arc::new(open_store(&config)?);
+        let master = load_master_key(dir, !store.is_blank()?)?;
         let sealer = Arc::new(Sealer::new(&master).map_err(MasterKeyError::Unusable)?);
-        let db_path = dir.join(DB_FILE);
-        let store = Arc::new(SqliteStore::open(&db_path)?);
         check_master_key(store.as_ref(), &sealer)?;
 
         let clock = match config.clock {
@@ -221,8 +228,11 @@ impl App {
         }
         // Keys whose retention ran out while the broker was down are purged now.
         broker.purge_expired().await?;
+        if let crate::config::AuditLog::File(path) = &config.audit_log {
+            crate::store::datadir::make_private(path).map_err(io_err(path))?;
+        }
         let audit = Arc::new(crate::audit::AuditLog::open(&config.audit_log, config.audit_required));
-        Ok(App { broker, auth, admin, admin_token_path, config, admin_http, audit })
+        Ok(App { broker, auth, admin, admin_token_path, config, admin_http, audit, _lock: lock })
     }
 
     /// The admin HTTP listener's bound address, when it runs.
@@ -387,7 +397,27 @@ async fn set_not_serving(reporter: &tonic_health::server::HealthReporter) {
     reporter.set_service_status("", tonic_health::ServingStatus::NotServing).await;
 }
 
-fn load_master_key(dir: &Path) -> Result<Zeroizing<Vec<u8>>, StartError> {
+/// Opens the data directory's store, refusing one that is missing, empty, damaged or another
+/// directory's unless `--reinitialize` asks to start afresh (`store::datadir`).
+fn open_store(config: &Config) -> Result<SqliteStore, StartError> {
+    let dir = &config.data_dir;
+    let first_start_files = [dir.join(MASTER_KEY_FILE), dir.join(ADMIN_TOKEN_FILE)];
+    if config.reinitialize {
+        tracing::warn!(data_dir = %dir.display(), "--reinitialize: a store that is missing, empty, damaged or another directory's is renamed aside and a new, empty one made in its place");
+    }
+    Ok(crate::store::datadir::open_store(&crate::store::datadir::OpenStore {
+        dir,
+        db: &dir.join(DB_FILE),
+        check: config.store_check,
+        reinitialize: config.reinitialize,
+        first_start_files: &first_start_files,
+    })?)
+}
+
+/// The master key from the environment or the data directory's file. A new key is made (and
+/// written to the file) only while the store holds no data: never for a store sealed under a
+/// key that is missing.
+fn load_master_key(dir: &Path, store_holds_data: bool) -> Result<Zeroizing<Vec<u8>>, StartError> {
     let decode = |text: &str, origin: &str| -> Result<Zeroizing<Vec<u8>>, StartError> {
         let key = Zeroizing::new(
             B64.decode(text.trim())
@@ -404,6 +434,9 @@ fn load_master_key(dir: &Path) -> Result<Zeroizing<Vec<u8>>, StartError> {
     let path = dir.join(MASTER_KEY_FILE);
     match std::fs::read_to_string(&path) {
         Ok(text) => decode(&Zeroizing::new(text), &path.display().to_string()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound && store_holds_data => {
+            Err(MasterKeyError::Missing { path }.into())
+        }
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
             let key = Sealer::generate_master_key();
             write_secret(&path, Zeroizing::new(B64.encode(&key)).as_bytes())?;

@@ -108,6 +108,19 @@ impl Settings {
     }
 }
 
+/// Logs a store failure and says what the caller is told: a damaged store is
+/// [`BrokerError::StoreCorrupt`] (retrying cannot help), anything else
+/// [`BrokerError::StoreUnavailable`].
+fn store_failed(e: &crate::store::StoreError, what: &str) -> BrokerError {
+    if e.is_damage() {
+        tracing::error!(error = %e, "{what}: the store is damaged; stop the broker and restore the store from a backup");
+        BrokerError::StoreCorrupt
+    } else {
+        tracing::error!(error = %e, "{what}");
+        BrokerError::StoreUnavailable
+    }
+}
+
 /// Parts of the broker shared with blocking tasks (commits run to completion even when the
 /// request that started them is cancelled).
 struct Core {
@@ -160,10 +173,7 @@ impl Broker {
         let snap = tokio::task::spawn_blocking(move || s.load())
             .await
             .map_err(|_| BrokerError::Internal)?
-            .map_err(|e| {
-                tracing::error!(error = %e, "loading the store failed");
-                BrokerError::StoreUnavailable
-            })?;
+            .map_err(|e| store_failed(&e, "loading the store failed"))?;
         let started = clock.now();
         let caches = cache::Caches::new(&settings.caches);
         let throttle = throttle::Throttle::new(settings.throttling);
@@ -210,10 +220,9 @@ impl Broker {
         let core = self.core.clone();
         tokio::task::spawn_blocking(move || {
             let _txn = txn;
-            core.store.commit(&changes).map_err(|e| {
-                tracing::error!(error = %e, "store commit failed; nothing was changed");
-                BrokerError::StoreUnavailable
-            })?;
+            core.store
+                .commit(&changes)
+                .map_err(|e| store_failed(&e, "store commit failed; nothing was changed"))?;
             core.state.write().unwrap_or_else(|p| p.into_inner()).apply(changes);
             Ok(())
         })

@@ -28,7 +28,7 @@ pub enum ErrorClass {
     Unavailable,
     /// 429: the vault's throttling limits.
     ResourceExhausted,
-    /// 500: a bug; the message says nothing more.
+    /// 500: a bug (the message says nothing more), or a damaged store: not worth retrying.
     Internal,
 }
 
@@ -470,6 +470,12 @@ pub enum BrokerError {
     /// The store could not commit or read; the change was not made.
     #[error("The broker could not reach its store; the request was not carried out. Retry later.")]
     StoreUnavailable,
+    /// The store reported that its data is damaged (SQLite's corruption, a file that is not a
+    /// database); the change was not made, and retrying cannot help.
+    #[error(
+        "The broker's store is damaged; the request was not carried out and retrying will not help. An operator must restore the store from a backup (the broker's log names the damage)."
+    )]
+    StoreCorrupt,
     /// A bug or an inconsistency; details are logged, never returned.
     #[error("An internal error occurred.")]
     Internal,
@@ -532,6 +538,7 @@ impl BrokerError {
             BadParameter { .. } | DecryptionFailed => "BadParameter",
             ClockNotManual => "ClockNotManual",
             StoreUnavailable | VaultUnavailable { .. } => "ServiceUnavailable",
+            StoreCorrupt => "StoreCorrupt",
             Throttled { .. } => "Throttled",
             InjectedForbidden { .. } => "Forbidden",
             Internal => "InternalError",
@@ -596,7 +603,7 @@ impl BrokerError {
             StoreUnavailable | VaultUnavailable { .. } => ErrorClass::Unavailable,
             Throttled { .. } => ErrorClass::ResourceExhausted,
             InjectedForbidden { .. } => ErrorClass::Forbidden,
-            Internal => ErrorClass::Internal,
+            StoreCorrupt | Internal => ErrorClass::Internal,
         }
     }
 }
@@ -633,6 +640,18 @@ mod tests {
             "The user, group or application 'appid=a;oid=o;iss=https://sts.windows.net/t/' does not have keys unwrapKey permission on key vault 'v1;location=westus'. For help resolving this issue, please see https://go.microsoft.com/fwlink/?linkid=2125287"
         );
         assert_eq!(e.code(), "AccessDenied");
+    }
+
+    #[test]
+    fn a_damaged_store_is_an_internal_error_that_says_not_to_retry() {
+        let e = BrokerError::StoreCorrupt;
+        assert_eq!(e.class(), ErrorClass::Internal);
+        assert_eq!(e.code(), "StoreCorrupt");
+        let text = e.to_string();
+        assert!(
+            text.contains("damaged") && text.contains("restore") && !text.contains("Retry later"),
+            "{text}"
+        );
     }
 
     #[test]

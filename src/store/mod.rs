@@ -8,19 +8,32 @@
 
 #[cfg(test)]
 pub(crate) mod conformance;
+pub mod datadir;
 pub mod memory;
 pub mod sqlite;
 
 use crate::model::{Change, Deletion, KeyVersion, Principal, RoleAssignment, Vault};
 
-/// A failure of the storage backend. Reported to callers as "store unavailable"; the detail is
-/// logged, never returned.
+/// A failure of the storage backend. Reported to callers as "store unavailable", or as a damaged
+/// store when [`StoreError::is_damage`] says so; the detail is logged, never returned.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum StoreError {
-    /// The database refused or failed an operation.
+    /// The database refused or failed an operation (SQLite's corruption errors become
+    /// [`StoreError::Damaged`] instead).
     #[error("database error: {0}")]
-    Database(#[from] rusqlite::Error),
+    Database(#[source] rusqlite::Error),
+    /// The database file is damaged: SQLite reported corruption (`SQLITE_CORRUPT`), found that the
+    /// file is not a database (`SQLITE_NOTADB`), or its integrity check at open listed faults.
+    /// Retrying cannot help: the store has to be restored from a backup.
+    #[error("the database is damaged: {detail}")]
+    Damaged {
+        /// SQLite's own words: its error message, or the integrity check's report.
+        detail: String,
+        /// SQLite's error, when the damage surfaced as one.
+        #[source]
+        source: Option<rusqlite::Error>,
+    },
     /// A stored document did not decode: the file was changed outside the broker, or by a newer one.
     #[error("corrupt stored document in {table}: {source}")]
     Corrupt {
@@ -44,6 +57,28 @@ pub enum StoreError {
     /// these the same way.
     #[error("change refused: {0}")]
     Rejected(#[from] Rejection),
+}
+
+impl StoreError {
+    /// Whether the stored data is damaged, so that retrying cannot help (the store has to be
+    /// restored from a backup): [`StoreError::Damaged`], or a stored document that does not decode.
+    pub fn is_damage(&self) -> bool {
+        matches!(self, StoreError::Damaged { .. } | StoreError::Corrupt { .. })
+    }
+}
+
+impl From<rusqlite::Error> for StoreError {
+    /// SQLite's `SQLITE_CORRUPT` and `SQLITE_NOTADB` (with their extended codes) are damage;
+    /// every other SQLite error is a failed operation.
+    fn from(e: rusqlite::Error) -> Self {
+        use rusqlite::ErrorCode::{DatabaseCorrupt, NotADatabase};
+        match e.sqlite_error_code() {
+            Some(DatabaseCorrupt | NotADatabase) => {
+                StoreError::Damaged { detail: e.to_string(), source: Some(e) }
+            }
+            _ => StoreError::Database(e),
+        }
+    }
 }
 
 /// Why a store refused a change of a commit (nothing of the commit was applied).

@@ -1,7 +1,8 @@
 //! The default store: one SQLite file in WAL mode with `synchronous = FULL`, documents as JSON,
 //! sealed key material as BLOBs.
 
-use std::path::Path;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
 use rusqlite::{Connection, OptionalExtension, params};
@@ -32,6 +33,30 @@ CREATE TABLE IF NOT EXISTS databases (
     server_id TEXT NOT NULL, name TEXT NOT NULL, doc TEXT NOT NULL, PRIMARY KEY (server_id, name));
 ";
 
+/// How thoroughly the database is checked when it is opened (`--store-check`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum StoreCheck {
+    /// `PRAGMA quick_check`: every page and b-tree is well formed (reads the whole file once).
+    #[default]
+    Quick,
+    /// `PRAGMA integrity_check`: the quick check, and every index matches its table and every
+    /// UNIQUE constraint holds (slower on a large store).
+    Full,
+}
+
+impl StoreCheck {
+    fn pragma(self) -> &'static str {
+        match self {
+            StoreCheck::Quick => "quick_check",
+            StoreCheck::Full => "integrity_check",
+        }
+    }
+}
+
+/// Most faults an integrity check lists before it stops.
+const MAX_FAULTS: u32 = 20;
+
 /// SQLite-backed [`Store`]. One connection, serialised by a mutex: writes are few and small, and
 /// the hot path never reads the store.
 pub struct SqliteStore {
@@ -39,33 +64,51 @@ pub struct SqliteStore {
 }
 
 impl SqliteStore {
-    /// Opens (creating if needed) the database file at `path`.
+    /// Opens (creating if needed) the database file at `path`, after SQLite's quick check.
     pub fn open(path: &Path) -> Result<Self, StoreError> {
-        let conn = Connection::open(path)?;
-        conn.pragma_update(None, "journal_mode", "WAL")?;
-        conn.pragma_update(None, "synchronous", "FULL")?;
-        // The store is read whole once at start and then only written: a 512 KiB page cache
-        // (SQLite's default is 2 MiB) is plenty for commits, and the rest stays free.
-        conn.pragma_update(None, "cache_size", -512)?;
-        conn.busy_timeout(std::time::Duration::from_secs(5))?;
-        conn.execute_batch(SCHEMA)?;
-        let version: Option<i64> = conn
-            .query_row("SELECT v FROM meta WHERE k = 'schema_version'", [], |r| {
-                let blob: Vec<u8> = r.get(0)?;
-                Ok(String::from_utf8_lossy(&blob).parse::<i64>().unwrap_or(-1))
-            })
-            .optional()?;
-        match version {
-            None => {
-                conn.execute(
-                    "INSERT INTO meta (k, v) VALUES ('schema_version', ?1)",
-                    params![SCHEMA_VERSION.to_string().into_bytes()],
-                )?;
-            }
-            Some(SCHEMA_VERSION) => {}
-            Some(other) => return Err(StoreError::Schema(other)),
+        Self::open_checked(path, StoreCheck::Quick)
+    }
+
+    /// Opens (creating if needed) the database file at `path`, checked as `check` says first: a
+    /// damaged file is refused with [`StoreError::Damaged`] and SQLite's report. The file and
+    /// SQLite's companions beside it are private to the broker (0600).
+    pub fn open_checked(path: &Path, check: StoreCheck) -> Result<Self, StoreError> {
+        let conn = connect(path)?;
+        verify(&conn, check)?;
+        Ok(SqliteStore { conn: Mutex::new(with_schema(conn)?) })
+    }
+
+    /// The files SQLite keeps for the database at `path`: the file itself, its write-ahead log
+    /// and its shared-memory index.
+    pub fn files(path: &Path) -> [PathBuf; 3] {
+        let beside = |suffix: &str| {
+            let mut name = path.as_os_str().to_os_string();
+            name.push(suffix);
+            PathBuf::from(name)
+        };
+        [path.to_path_buf(), beside("-wal"), beside("-shm")]
+    }
+
+    /// Whether the store holds nothing but its own bookkeeping (schema version, store id): no
+    /// record and no value a broker put.
+    pub fn is_blank(&self) -> Result<bool, StoreError> {
+        let conn = self.conn();
+        let tables = [
+            "vaults",
+            "keys",
+            "key_versions",
+            "principals",
+            "role_assignments",
+            "servers",
+            "subnets",
+            "databases",
+        ];
+        let mut sql =
+            String::from("SELECT NOT EXISTS (SELECT 1 FROM meta WHERE k NOT IN ('schema_version', ?1))");
+        for table in tables {
+            sql.push_str(&format!(" AND NOT EXISTS (SELECT 1 FROM {table})"));
         }
-        Ok(SqliteStore { conn: Mutex::new(conn) })
+        Ok(conn.query_row(&sql, params![super::datadir::META_STORE_ID], |r| r.get(0))?)
     }
 
     fn conn(&self) -> std::sync::MutexGuard<'_, Connection> {
@@ -73,6 +116,68 @@ impl SqliteStore {
         // unfinished one), so the poisoned connection is still sound to use.
         self.conn.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
     }
+}
+
+/// Opens a connection in WAL mode with full sync. The database file is created 0600 before
+/// SQLite opens it (SQLite gives the `-wal` and `-shm` files the database file's mode), and a
+/// wider mode left on any of the three by an earlier version is narrowed.
+fn connect(path: &Path) -> Result<Connection, StoreError> {
+    let io = |file: &Path| {
+        let path = file.to_path_buf();
+        move |source| StoreError::Io { path, source }
+    };
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .mode(0o600)
+        .open(path)
+        .map_err(io(path))?;
+    for file in SqliteStore::files(path) {
+        super::datadir::make_private(&file).map_err(io(&file))?;
+    }
+    let conn = Connection::open(path)?;
+    conn.pragma_update(None, "journal_mode", "WAL")?;
+    conn.pragma_update(None, "synchronous", "FULL")?;
+    // The store is read whole once at start and then only written: a 512 KiB page cache
+    // (SQLite's default is 2 MiB) is plenty for commits, and the rest stays free.
+    conn.pragma_update(None, "cache_size", -512)?;
+    conn.busy_timeout(std::time::Duration::from_secs(5))?;
+    Ok(conn)
+}
+
+/// Runs SQLite's integrity check: anything but "ok" is damage, reported in SQLite's words.
+fn verify(conn: &Connection, check: StoreCheck) -> Result<(), StoreError> {
+    let pragma = check.pragma();
+    let mut stmt = conn.prepare(&format!("PRAGMA {pragma}({MAX_FAULTS})"))?;
+    let report = stmt.query_map([], |r| r.get::<_, String>(0))?.collect::<Result<Vec<_>, _>>()?;
+    if report.iter().map(String::as_str).eq(["ok"]) {
+        return Ok(());
+    }
+    let faults = report.join("; ").replace('\n', " ");
+    Err(StoreError::Damaged { detail: format!("PRAGMA {pragma} found: {faults}"), source: None })
+}
+
+/// Creates the tables a new database lacks and checks the schema version of an existing one.
+fn with_schema(conn: Connection) -> Result<Connection, StoreError> {
+    conn.execute_batch(SCHEMA)?;
+    let version: Option<i64> = conn
+        .query_row("SELECT v FROM meta WHERE k = 'schema_version'", [], |r| {
+            let blob: Vec<u8> = r.get(0)?;
+            Ok(String::from_utf8_lossy(&blob).parse::<i64>().unwrap_or(-1))
+        })
+        .optional()?;
+    match version {
+        None => {
+            conn.execute(
+                "INSERT INTO meta (k, v) VALUES ('schema_version', ?1)",
+                params![SCHEMA_VERSION.to_string().into_bytes()],
+            )?;
+        }
+        Some(SCHEMA_VERSION) => {}
+        Some(other) => return Err(StoreError::Schema(other)),
+    }
+    Ok(conn)
 }
 
 fn to_doc<T: Serialize>(value: &T, table: &'static str) -> Result<String, StoreError> {
@@ -298,6 +403,58 @@ mod tests {
     }
 
     store_conformance_tests!(SqliteFile, durable);
+
+    /// Overwrites the root page of the principals' unique index with garbage, in a file whose
+    /// write-ahead log was checkpointed when its last connection closed.
+    fn wreck_principals_index(path: &Path) -> Result<(), StoreError> {
+        let conn = Connection::open(path)?;
+        let page_size: u64 = conn.query_row("PRAGMA page_size", [], |r| r.get(0))?;
+        let root: u64 = conn.query_row(
+            "SELECT rootpage FROM sqlite_master WHERE type = 'index' AND tbl_name = 'principals'",
+            [],
+            |r| r.get(0),
+        )?;
+        drop(conn);
+        let io = |source| StoreError::Io { path: path.to_path_buf(), source };
+        let file = std::fs::OpenOptions::new().write(true).open(path).map_err(io)?;
+        std::os::unix::fs::FileExt::write_all_at(
+            &file,
+            &vec![0xA5; page_size as usize],
+            (root - 1) * page_size,
+        )
+        .map_err(io)
+    }
+
+    #[test]
+    fn a_commit_that_meets_a_damaged_page_fails_as_damage() -> Result<(), StoreError> {
+        let file = SqliteFile::create()?;
+        drop(SqliteStore::open(&file.path())?);
+        wreck_principals_index(&file.path())?;
+        // As a store damaged after it was opened: no check at open.
+        let store = SqliteStore { conn: Mutex::new(with_schema(connect(&file.path())?)?) };
+        let err = store
+            .commit(&[Change::DeletePrincipal { object_id: "p1".into() }])
+            .expect_err("the commit reads the damaged index");
+        assert!(matches!(err, StoreError::Damaged { source: Some(_), .. }), "{err:?}");
+        assert!(err.is_damage());
+        // The check at open finds the same damage before anything is committed.
+        let refused = SqliteStore::open(&file.path()).err();
+        assert!(
+            matches!(&refused, Some(StoreError::Damaged { detail, source: None }) if detail.starts_with("PRAGMA quick_check found: ")),
+            "{refused:?}"
+        );
+        Ok(())
+    }
+
+    #[test]
+    fn a_file_that_is_not_a_database_is_damage() -> Result<(), StoreError> {
+        let file = SqliteFile::create()?;
+        std::fs::write(file.path(), [0x42; 8192])
+            .map_err(|source| StoreError::Io { path: file.path(), source })?;
+        let err = SqliteStore::open(&file.path()).err().expect("not a database");
+        assert!(err.is_damage() && err.to_string().contains("file is not a database"), "{err:?}");
+        Ok(())
+    }
 
     #[test]
     fn a_database_of_another_schema_version_is_refused() -> Result<(), StoreError> {

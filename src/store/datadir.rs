@@ -1,0 +1,372 @@
+//! The data directory around the SQLite store: one broker at a time (an exclusive lock on
+//! `lock`), the store's identity (a random id kept both in the store and in `store.id` beside
+//! it), and files private to the broker (0600).
+//!
+//! A data directory that has held a store never starts silently with an empty one: when its
+//! store is missing, empty, damaged or another directory's, [`open_store`] refuses it and says
+//! how to restore it, unless the operator asked to start afresh ([`OpenStore::reinitialize`]).
+//! Starting afresh deletes nothing: the files found are renamed aside, and the log says so.
+
+use std::fs::{File, OpenOptions, TryLockError};
+use std::io::{Read, Write};
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+
+use super::sqlite::{SqliteStore, StoreCheck};
+use super::{Store, StoreError};
+
+/// The lock file inside the data directory; it holds the PID of the broker that has it.
+pub const LOCK_FILE: &str = "lock";
+/// The file inside the data directory that records the id of the directory's store.
+pub const STORE_ID_FILE: &str = "store.id";
+/// The store's meta value that holds its id.
+pub const META_STORE_ID: &str = "store_id";
+
+/// What to do about a store found missing, empty or damaged, in the operator's words.
+const RESTORE_ADVICE: &str = "restore it from a backup (with the broker stopped: copy the backup \
+    over it and delete the -wal and -shm files beside it, if any), or start afresh with a new, \
+    empty store by passing --reinitialize (TDE_BROKER_REINITIALIZE=true): what is found is renamed \
+    aside, and none of the old store's vaults, keys and principals is served";
+
+/// Why the data directory or its store cannot be used.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum DataDirError {
+    /// Another process holds the data directory's lock.
+    #[error(
+        "data directory {} in use by {}: only one tde-broker may serve a data directory; stop that one first, or give this one another --data-dir",
+        dir.display(),
+        holder(*pid)
+    )]
+    InUse {
+        /// The data directory.
+        dir: PathBuf,
+        /// The holder's PID as its lock file says, when it could be read.
+        pid: Option<u32>,
+    },
+    /// A file of the data directory could not be read, written, renamed or locked.
+    #[error("{}: {source}", path.display())]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The store is missing, or is an empty file, in a directory that has held one.
+    #[error("the store {} {state}, but this data directory has held a store ({held}): {RESTORE_ADVICE}", path.display())]
+    StoreLost {
+        /// The store's file.
+        path: PathBuf,
+        /// What was found.
+        state: Lost,
+        /// How the directory is known to have held a store.
+        held: Held,
+    },
+    /// The store is another store than the one `store.id` records.
+    #[error(
+        "the store {} is store {found}, but {} records store {expected}: it is another data directory's store. Put this directory's own store back from a backup; if you moved that store here on purpose, copy its directory's {STORE_ID_FILE} along with it; or start afresh with --reinitialize (TDE_BROKER_REINITIALIZE=true), which renames the store found aside",
+        path.display(),
+        id_file.display()
+    )]
+    StoreMismatch {
+        /// The store's file.
+        path: PathBuf,
+        /// The id the store holds.
+        found: String,
+        /// The store id file.
+        id_file: PathBuf,
+        /// The id the directory records.
+        expected: String,
+    },
+    /// SQLite found the store damaged.
+    #[error("the store {}: {source}; {RESTORE_ADVICE}", path.display())]
+    Damaged {
+        /// The store's file.
+        path: PathBuf,
+        /// SQLite's report.
+        source: StoreError,
+    },
+    /// The store failed otherwise.
+    #[error("the store {}: {source}", path.display())]
+    Store {
+        /// The store's file.
+        path: PathBuf,
+        /// Why.
+        source: StoreError,
+    },
+}
+
+fn holder(pid: Option<u32>) -> String {
+    pid.map_or_else(|| "another process".to_string(), |pid| format!("PID {pid}"))
+}
+
+/// How a store of a directory that has held one was found lost.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Lost {
+    /// The file does not exist.
+    Missing,
+    /// The file is empty (0 bytes: truncated).
+    Empty,
+    /// The file is a database that holds no broker data (not even an id).
+    Blank,
+}
+
+impl std::fmt::Display for Lost {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Lost::Missing => "is missing",
+            Lost::Empty => "is empty (0 bytes)",
+            Lost::Blank => "holds no data",
+        })
+    }
+}
+
+/// How a data directory is known to have held a store.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Held {
+    /// `store.id` records the store's id.
+    StoreId {
+        /// The store id file.
+        file: PathBuf,
+        /// The id it records.
+        id: String,
+    },
+    /// The files a broker writes at its first start are there (a directory from before
+    /// `store.id` existed).
+    FirstStartFiles(Vec<PathBuf>),
+}
+
+impl std::fmt::Display for Held {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Held::StoreId { file, id } => write!(f, "{} records store {id}", file.display()),
+            Held::FirstStartFiles(files) => {
+                let names: Vec<String> = files.iter().map(|p| p.display().to_string()).collect();
+                write!(f, "{} exist", names.join(" and "))
+            }
+        }
+    }
+}
+
+fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> DataDirError + '_ {
+    move |source| DataDirError::Io { path: path.to_path_buf(), source }
+}
+
+/// The data directory's exclusive lock (an `flock` on `<data-dir>/lock`, which holds the PID of
+/// its holder), held for as long as this value lives. The kernel lets go of it when the process
+/// ends, however it ends: a lock file left behind by a killed broker locks nothing.
+#[derive(Debug)]
+pub struct DataDirLock {
+    _file: File,
+}
+
+impl DataDirLock {
+    /// Takes the lock of `dir`, or says which process has it.
+    pub fn acquire(dir: &Path) -> Result<DataDirLock, DataDirError> {
+        let path = dir.join(LOCK_FILE);
+        let mut file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .mode(0o600)
+            .open(&path)
+            .map_err(io_err(&path))?;
+        match file.try_lock() {
+            Ok(()) => {}
+            Err(TryLockError::WouldBlock) => {
+                let mut text = String::new();
+                let pid = file.read_to_string(&mut text).ok().and_then(|_| text.trim().parse().ok());
+                return Err(DataDirError::InUse { dir: dir.to_path_buf(), pid });
+            }
+            Err(TryLockError::Error(source)) => return Err(DataDirError::Io { path, source }),
+        }
+        make_private(&path).map_err(io_err(&path))?;
+        file.set_len(0).map_err(io_err(&path))?;
+        file.write_all(format!("{}\n", std::process::id()).as_bytes()).map_err(io_err(&path))?;
+        Ok(DataDirLock { _file: file })
+    }
+}
+
+/// Narrows the mode of an existing file to 0600 when it allows more (group or others). A file
+/// that does not exist is left alone.
+pub fn make_private(path: &Path) -> std::io::Result<()> {
+    match std::fs::metadata(path) {
+        Ok(meta) if meta.is_file() && meta.permissions().mode() & 0o077 != 0 => {
+            std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
+        }
+        Ok(_) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(e),
+    }
+}
+
+/// Writes a file private to the broker (0600) durably: a temporary file is written and synced,
+/// renamed over `path`, and the directory is synced so the rename survives a crash.
+pub fn write_private(path: &Path, contents: &[u8]) -> Result<(), DataDirError> {
+    let tmp = path.with_extension("tmp");
+    let mut f = OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&tmp)
+        .map_err(io_err(&tmp))?;
+    f.write_all(contents).map_err(io_err(&tmp))?;
+    f.sync_all().map_err(io_err(&tmp))?;
+    std::fs::rename(&tmp, path).map_err(io_err(path))?;
+    if let Some(dir) = path.parent() {
+        File::open(dir).and_then(|d| d.sync_all()).map_err(io_err(dir))?;
+    }
+    Ok(())
+}
+
+/// How [`open_store`] opens the store of a data directory.
+#[derive(Debug, Clone)]
+pub struct OpenStore<'a> {
+    /// The data directory (holds `store.id`).
+    pub dir: &'a Path,
+    /// The store's database file.
+    pub db: &'a Path,
+    /// How thoroughly the store is checked.
+    pub check: StoreCheck,
+    /// Start afresh when the store is missing, empty, damaged or another directory's: what is
+    /// found is renamed aside, a new store is made, and the log says each step.
+    pub reinitialize: bool,
+    /// Files a broker writes at its first start: when all of them exist, the directory has held
+    /// a store even without `store.id` (it was made before `store.id` existed).
+    pub first_start_files: &'a [PathBuf],
+}
+
+/// Opens the data directory's store if it is the one the directory held (or the directory never
+/// held one), records its identity, and returns it. See the module documentation.
+pub fn open_store(o: &OpenStore<'_>) -> Result<SqliteStore, DataDirError> {
+    let id_file = o.dir.join(STORE_ID_FILE);
+    let recorded = read_store_id(&id_file)?;
+    let held = match &recorded {
+        Some(id) => Some(Held::StoreId { file: id_file.clone(), id: id.clone() }),
+        None if !o.first_start_files.is_empty() && o.first_start_files.iter().all(|f| f.exists()) => {
+            Some(Held::FirstStartFiles(o.first_start_files.to_vec()))
+        }
+        None => None,
+    };
+    let lost = match std::fs::metadata(o.db) {
+        Ok(meta) if meta.len() == 0 => Some(Lost::Empty),
+        Ok(_) => None,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Some(Lost::Missing),
+        Err(e) => return Err(io_err(o.db)(e)),
+    };
+    // Whether the store found was renamed aside: the store opened next is a new, blank one.
+    let mut afresh = false;
+    if let (Some(state), Some(held)) = (lost, held.clone()) {
+        allow_afresh(o, DataDirError::StoreLost { path: o.db.to_path_buf(), state, held })?;
+        set_aside(o.db)?;
+        afresh = true;
+    }
+    let store = match SqliteStore::open_checked(o.db, o.check) {
+        Ok(store) => store,
+        Err(source) if source.is_damage() => {
+            allow_afresh(o, DataDirError::Damaged { path: o.db.to_path_buf(), source })?;
+            set_aside(o.db)?;
+            afresh = true;
+            open(o)?
+        }
+        Err(source) => return Err(store_err(o, source)),
+    };
+    let found = store.get_meta(META_STORE_ID).map_err(|e| store_err(o, e))?;
+    match (found.map(|id| String::from_utf8_lossy(&id).into_owned()), recorded) {
+        (Some(found), Some(expected)) if found == expected => Ok(store),
+        (Some(found), Some(expected)) => {
+            drop(store);
+            let path = o.db.to_path_buf();
+            allow_afresh(o, DataDirError::StoreMismatch { path, found, id_file, expected })?;
+            set_aside(o.db)?;
+            let store = open(o)?;
+            claim(o, &store, None)?;
+            Ok(store)
+        }
+        (Some(found), None) => {
+            write_private(&id_file, found.as_bytes())?;
+            tracing::info!(file = %id_file.display(), store_id = %found, "recorded the store's id");
+            Ok(store)
+        }
+        (None, recorded) => {
+            if !store.is_blank().map_err(|e| store_err(o, e))? {
+                // Data from a broker that predates store ids: the directory's own store.
+                tracing::warn!(path = %o.db.display(), "the store holds data but no id (it predates store ids); recording one");
+                claim(o, &store, recorded)?;
+                return Ok(store);
+            }
+            if let (Some(held), false) = (held, afresh) {
+                let path = o.db.to_path_buf();
+                allow_afresh(o, DataDirError::StoreLost { path, state: Lost::Blank, held })?;
+            }
+            claim(o, &store, None)?;
+            Ok(store)
+        }
+    }
+}
+
+fn store_err(o: &OpenStore<'_>, source: StoreError) -> DataDirError {
+    DataDirError::Store { path: o.db.to_path_buf(), source }
+}
+
+fn open(o: &OpenStore<'_>) -> Result<SqliteStore, DataDirError> {
+    SqliteStore::open_checked(o.db, o.check).map_err(|e| store_err(o, e))
+}
+
+/// Gives `store` an id (`id`, or a new one), in the store first and then in `store.id`: after a
+/// crash between the two, the next start finds the store's id and records it.
+fn claim(o: &OpenStore<'_>, store: &SqliteStore, id: Option<String>) -> Result<(), DataDirError> {
+    let id = id.unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
+    store.put_meta(META_STORE_ID, id.as_bytes()).map_err(|e| store_err(o, e))?;
+    let id_file = o.dir.join(STORE_ID_FILE);
+    write_private(&id_file, id.as_bytes())?;
+    tracing::info!(file = %id_file.display(), store_id = %id, "recorded the store's id");
+    Ok(())
+}
+
+/// Refuses with `refusal`, unless the operator asked to start afresh: then the log says why.
+fn allow_afresh(o: &OpenStore<'_>, refusal: DataDirError) -> Result<(), DataDirError> {
+    if !o.reinitialize {
+        return Err(refusal);
+    }
+    tracing::warn!(reason = %refusal, "--reinitialize: starting afresh with a new, empty store");
+    Ok(())
+}
+
+/// Renames the store's files (the database, its `-wal` and `-shm`) aside, to
+/// `<file>.set-aside-<unix seconds>`, logging each rename. Nothing is deleted.
+fn set_aside(db: &Path) -> Result<(), DataDirError> {
+    let stamp = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
+    for file in SqliteStore::files(db) {
+        if std::fs::symlink_metadata(&file).is_err() {
+            continue;
+        }
+        let mut n = 0u32;
+        let aside = loop {
+            let mut name = file.as_os_str().to_os_string();
+            name.push(format!(".set-aside-{stamp}"));
+            if n > 0 {
+                name.push(format!("-{n}"));
+            }
+            let candidate = PathBuf::from(name);
+            if std::fs::symlink_metadata(&candidate).is_err() {
+                break candidate;
+            }
+            n += 1;
+        };
+        std::fs::rename(&file, &aside).map_err(io_err(&file))?;
+        tracing::warn!(from = %file.display(), to = %aside.display(), "--reinitialize: renamed a file of the old store aside");
+    }
+    Ok(())
+}
+
+/// The id `store.id` records, if the file exists.
+fn read_store_id(path: &Path) -> Result<Option<String>, DataDirError> {
+    match std::fs::read_to_string(path) {
+        Ok(text) => Ok(Some(text.trim().to_string())),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(io_err(path)(e)),
+    }
+}
