@@ -139,6 +139,13 @@ pub struct FileConfig {
     pub throttling: Option<crate::broker::throttle::ThrottleProfile>,
     /// The store's integrity check at start: `quick` (default) or `full`.
     pub store_check: Option<StoreCheck>,
+    /// Open gRPC connections at most (default 10000); one more is closed at once.
+    pub max_connections: Option<usize>,
+    /// Seconds a new gRPC connection has to send the HTTP/2 preface or finish the TLS handshake
+    /// (default 10).
+    pub handshake_timeout: Option<u64>,
+    /// Largest request header list served, bytes as HTTP/2 counts them (default 16384).
+    pub max_header_list_size: Option<u32>,
 }
 
 /// What the command line (and its environment variables) gave.
@@ -200,6 +207,13 @@ pub struct ServeArgs {
     /// start only: it is a flag and an environment variable, not a setting of the TOML file.
     #[arg(long, env = "TDE_BROKER_REINITIALIZE")]
     pub reinitialize: bool,
+    /// Open gRPC connections at most; one more is closed as soon as it is accepted [default: 10000].
+    #[arg(long, env = "TDE_BROKER_MAX_CONNECTIONS", value_name = "N")]
+    pub max_connections: Option<usize>,
+    /// Seconds a new gRPC connection has to send the HTTP/2 preface (plaintext) or finish the
+    /// TLS handshake before it is closed [default: 10].
+    #[arg(long, env = "TDE_BROKER_HANDSHAKE_TIMEOUT", value_name = "SECONDS")]
+    pub handshake_timeout: Option<u64>,
 }
 
 /// Validated configuration.
@@ -260,6 +274,8 @@ pub struct Config {
     pub store_check: StoreCheck,
     /// Start afresh when the store is missing, empty, damaged or another directory's.
     pub reinitialize: bool,
+    /// Limits of the gRPC listener and its connections.
+    pub listener: crate::listener::ListenerSettings,
 }
 
 /// Configuration problems, all reported together.
@@ -294,6 +310,7 @@ impl Config {
             },
             None => FileConfig::default(),
         };
+        let listener = resolve_listener(&args, &file, &mut errors);
         let listen_text = args.listen.or(file.listen).unwrap_or_else(|| DEFAULT_LISTEN.to_string());
         let listen = listen_text.parse::<SocketAddr>().unwrap_or_else(|_| {
             errors.push(format!("listen address '{listen_text}' is not IP:PORT"));
@@ -427,9 +444,49 @@ impl Config {
             throttling: file.throttling.unwrap_or_default(),
             store_check: args.store_check.or(file.store_check).unwrap_or_default(),
             reinitialize: args.reinitialize,
+            listener,
         };
         if errors.is_empty() { Ok(cfg) } else { Err(ConfigError(errors)) }
     }
+}
+
+/// Largest `max_header_list_size` accepted (HTTP/2 is given four times as much).
+const MAX_HEADER_LIST_CEILING: u32 = 1024 * 1024;
+
+/// The gRPC listener's limits (flags over file over defaults), each checked.
+fn resolve_listener(
+    args: &ServeArgs,
+    file: &FileConfig,
+    errors: &mut Vec<String>,
+) -> crate::listener::ListenerSettings {
+    let defaults = crate::listener::ListenerSettings::default();
+    let max_connections = match args.max_connections.or(file.max_connections) {
+        Some(0) => {
+            errors.push("max_connections must be at least 1".to_string());
+            defaults.max_connections
+        }
+        Some(n) => n,
+        None => defaults.max_connections,
+    };
+    let handshake_timeout = match args.handshake_timeout.or(file.handshake_timeout) {
+        Some(0) => {
+            errors.push("handshake_timeout must be at least 1 second".to_string());
+            defaults.handshake_timeout
+        }
+        Some(s) => std::time::Duration::from_secs(s),
+        None => defaults.handshake_timeout,
+    };
+    let max_header_list_size = match file.max_header_list_size {
+        Some(n) if !(1024..=MAX_HEADER_LIST_CEILING).contains(&n) => {
+            errors.push(format!(
+                "max_header_list_size must be between 1024 and {MAX_HEADER_LIST_CEILING} bytes"
+            ));
+            defaults.max_header_list_size
+        }
+        Some(n) => n,
+        None => defaults.max_header_list_size,
+    };
+    crate::listener::ListenerSettings { max_connections, handshake_timeout, max_header_list_size }
 }
 
 /// Default admin HTTP listener (`/metrics`, `/healthz`, `/readyz`).
@@ -557,6 +614,36 @@ mod tests {
         let err = Config::resolve(args.clone()).unwrap_err();
         assert!(err.to_string().contains("--insecure"));
         assert!(Config::resolve(ServeArgs { insecure: true, ..args }).is_ok());
+    }
+
+    #[test]
+    fn listener_limits_come_from_flags_over_the_file_and_are_checked() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.toml");
+        std::fs::write(&path, "max_connections = 50\nhandshake_timeout = 3\nmax_header_list_size = 8192\n")
+            .unwrap();
+        let cfg = Config::resolve(ServeArgs { config: Some(path.clone()), ..Default::default() }).unwrap();
+        assert_eq!(cfg.listener.max_connections, 50);
+        assert_eq!(cfg.listener.handshake_timeout, std::time::Duration::from_secs(3));
+        assert_eq!(cfg.listener.max_header_list_size, 8192);
+        let cfg = Config::resolve(ServeArgs {
+            config: Some(path),
+            max_connections: Some(7),
+            handshake_timeout: Some(1),
+            ..Default::default()
+        })
+        .unwrap();
+        assert_eq!((cfg.listener.max_connections, cfg.listener.handshake_timeout.as_secs()), (7, 1));
+        assert_eq!(Config::for_data_dir(dir.path()).listener, crate::listener::ListenerSettings::default());
+        std::fs::write(dir.path().join("bad.toml"), "max_header_list_size = 10\n").unwrap();
+        let err = Config::resolve(ServeArgs {
+            config: Some(dir.path().join("bad.toml")),
+            max_connections: Some(0),
+            handshake_timeout: Some(0),
+            ..Default::default()
+        })
+        .unwrap_err();
+        assert_eq!(err.0.len(), 3, "{err}");
     }
 
     #[test]

@@ -14,6 +14,8 @@
 //! - [`broker`]: in-memory state, the single apply path, the data-plane gate, the caches, the
 //!   operations (keys, vaults, roles, identities, servers, TDE), faults, throttling, the clock.
 //! - [`audit`]: the audit log (one JSON line per RPC).
+//! - [`listener`]: the gRPC listener's accept loop — backoff on accept errors, a bound on open
+//!   connections, the HTTP/2 preface deadline; imports nothing else of the crate.
 //! - [`config`]: flags, environment and TOML resolved into one validated configuration.
 //! - [`tls`]: TLS/mTLS: the dev CA, client certificates naming principals, rustls set-up.
 //! - [`auth`]: token issuing and validation, the authenticating interceptor.
@@ -33,6 +35,7 @@ pub mod config;
 pub mod crypto;
 pub mod grpc;
 pub mod http;
+pub mod listener;
 pub mod model;
 pub mod policy;
 pub mod seed;

@@ -258,9 +258,16 @@ impl App {
         listener: TcpListener,
         shutdown: impl Future<Output = ()> + Send,
     ) -> Result<(), StartError> {
-        let mut builder = tonic::transport::Server::builder();
-        if let Some(tls) = crate::tls::server_tls(&self.config)? {
-            builder = builder.tls_config(tls)?;
+        let limits = self.config.listener;
+        // HTTP/2 is given more header list than the broker serves, so a list over the broker's
+        // limit is answered on its own stream, not with a GOAWAY that ends the connection
+        // (`ListenerSettings::h2_max_header_list_size` says why).
+        let mut builder =
+            tonic::transport::Server::builder().http2_max_header_list_size(limits.h2_max_header_list_size());
+        let tls = crate::tls::server_tls(&self.config)?;
+        let tls_on = tls.is_some();
+        if let Some(tls) = tls {
+            builder = builder.tls_config(tls.timeout(limits.handshake_timeout))?;
         }
         // Per-RPC metrics, audit records and spans (OTLP export when configured).
         let weak = Arc::downgrade(&self.broker);
@@ -268,7 +275,12 @@ impl App {
         let otel = crate::telemetry::Otel::start(&self.config.otlp, databases)?;
         let clock_of = self.broker.clone();
         let now: crate::grpc::observe::Now = Arc::new(move || clock_of.clock.now());
-        let observe = crate::grpc::observe::ObserveLayer::new(now, self.audit.clone(), otel.clone());
+        let observe = crate::grpc::observe::ObserveLayer::new(
+            now,
+            self.audit.clone(),
+            otel.clone(),
+            limits.max_header_list_size,
+        );
         let data = AuthInterceptor::new(self.auth.clone(), Plane::Data);
         let control = AuthInterceptor::new(self.auth.clone(), Plane::Control);
 
@@ -349,6 +361,21 @@ impl App {
 
         let addr = listener.local_addr().map_err(io_err(Path::new("listener")))?;
         tracing::info!(%addr, data_dir = %self.config.data_dir.display(), admin_token = %self.admin_token_path.display(), tls = ?self.config.tls, "tde-broker serving gRPC");
+        if let Some(warning) = crate::listener::plaintext_warning(addr, tls_on) {
+            tracing::warn!("{warning}");
+        }
+        if let Some(files) = crate::listener::open_file_limit()
+            && u64::try_from(limits.max_connections).unwrap_or(u64::MAX) >= files
+        {
+            tracing::warn!(
+                max_connections = limits.max_connections,
+                open_file_limit = files,
+                "max_connections is not below the open-file limit: file descriptors can run out before the bound is reached (accepts then back off); raise the limit (ulimit -n) or lower --max-connections"
+            );
+        }
+        // Accept errors back off, connections are bounded, and (plaintext) a connection that sends
+        // no HTTP/2 preface in time is closed; under TLS the acceptor times the handshake.
+        let incoming = crate::listener::Incoming::new(listener, limits, !tls_on);
         let stopping = self.broker.clone();
         let admin_state = self.admin_http.state.clone();
         let reporter = health_reporter.clone();
@@ -370,12 +397,7 @@ impl App {
             .add_service(identities)
             .add_service(servers)
             .add_service(engine)
-            .serve_with_incoming_shutdown(
-                // TCP_NODELAY: small gRPC frames must not wait for Nagle's algorithm to meet the
-                // client's delayed ACK (a 40 ms stall per call on the hot path).
-                tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),
-                shutdown,
-            )
+            .serve_with_incoming_shutdown(incoming, shutdown)
             .await;
         sweeper.abort();
         if let Some(otel) = &otel {

@@ -35,6 +35,7 @@ const ORDER: &[&str] = &[
     "telemetry",
     "broker",
     "audit",
+    "listener",
     "config",
     "tls",
     "auth",
@@ -53,6 +54,7 @@ const ALLOWED: &[(&str, &[&str])] = &[
     ("crypto", &["model"]),
     ("store", &["model"]),
     ("audit", &["telemetry"]),
+    ("listener", &[]),
     ("broker", &["model", "policy", "crypto", "store", "telemetry"]),
 ];
 

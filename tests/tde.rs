@@ -905,3 +905,135 @@ async fn transient_faults_keep_the_database_online_through_the_grace_period() {
     assert_eq!(state(&b.database(&s.server.id, "db1").await), (ONLINE, ""));
     b.stop().await;
 }
+
+// ---- Issue 17, defect 1: a watch stream lives only as long as its watcher's access ----------
+
+/// Far above the broker's re-check interval (0.5 s), far below a hang.
+const WATCH_WITHIN: std::time::Duration = std::time::Duration::from_secs(5);
+
+type Events = tonic::Streaming<proto::DatabaseStateEvent>;
+
+fn servers_as(b: &TestBroker, token: &str) -> Srv {
+    proto::servers_client::ServersClient::with_interceptor(b.channel.clone(), bearer(token))
+}
+
+async fn watch_as(b: &TestBroker, token: &str, server_id: &str) -> Events {
+    servers_as(b, token)
+        .watch_database_states(proto::WatchDatabaseStatesRequest { server_id: server_id.into() })
+        .await
+        .expect("the watcher may watch")
+        .into_inner()
+}
+
+/// What GetServer answers `token` for `server_id` now: the status a watch must end with.
+async fn get_server_refusal(b: &TestBroker, token: &str, server_id: &str) -> tonic::Status {
+    servers_as(b, token)
+        .get_server(proto::GetServerRequest { server_id: server_id.into() })
+        .await
+        .expect_err("GetServer is refused")
+}
+
+async fn next_event(events: &mut Events) -> Result<Option<proto::DatabaseStateEvent>, tonic::Status> {
+    tokio::time::timeout(WATCH_WITHIN, events.message()).await.expect("the stream answered within 5 s")
+}
+
+/// The stream ended with `expected`: the same code, `ErrorInfo` reason and text.
+fn assert_ended_with(
+    got: Result<Option<proto::DatabaseStateEvent>, tonic::Status>,
+    expected: &tonic::Status,
+) {
+    let got = got.expect_err("the stream ends with an error status");
+    assert_eq!(got.code(), expected.code(), "{}", got.message());
+    let reason = tde_broker::grpc::status::reason;
+    assert_eq!(reason(&got), reason(expected), "{}", got.message());
+    assert_eq!(got.message(), expected.message());
+}
+
+/// Takes `db1` inaccessible: the UMI loses its key permissions and an engine call finds it.
+async fn lose_protector_access(b: &TestBroker, vault: &str, s: &Setup) {
+    b.policy(vault, &s.umi.principal_id, &[]).await;
+    let r = b
+        .engine(&s.server.id)
+        .await
+        .generate_database_key(proto::GenerateDatabaseKeyRequest { database: "db1".into() })
+        .await;
+    assert_eq!(r.expect_err("db1 became inaccessible").code(), Code::FailedPrecondition);
+}
+
+#[tokio::test]
+async fn watch_stream_ends_when_the_watchers_role_assignment_is_removed() {
+    let b = start().await;
+    let s = cmk_server(&b, "wr-kv", "wr-sql").await;
+    let watcher = b.user("watcher").await;
+    let grant = b.assign(&s.server.id, &watcher.object_id, "Reader").await;
+    let mut events = watch_as(&b, &watcher.token, &s.server.id).await;
+
+    // While the role holds, changes (unrelated ones too) keep the stream open and events flow.
+    b.vault("unrelated-kv", false).await;
+    lose_protector_access(&b, "wr-kv", &s).await;
+    let event = next_event(&mut events).await.expect("an event, not an error").expect("the stream is open");
+    assert_eq!(event.event, "MakeDatabaseInaccessible");
+
+    b.vaults()
+        .delete_role_assignment(proto::DeleteRoleAssignmentRequest { id: grant.id })
+        .await
+        .expect("role assignment deleted");
+    let refused = get_server_refusal(&b, &watcher.token, &s.server.id).await;
+    assert_eq!(refused.code(), Code::PermissionDenied);
+    assert_eq!(tde_broker::grpc::status::reason(&refused).as_deref(), Some("AuthorizationFailed"));
+    // No further event is needed: the epoch moved, and the stream ends on its own.
+    assert_ended_with(next_event(&mut events).await, &refused);
+    assert!(matches!(next_event(&mut events).await, Ok(None)), "nothing follows the refusal");
+    b.stop().await;
+}
+
+#[tokio::test]
+async fn a_watcher_that_lost_its_access_gets_no_later_event() {
+    let b = start().await;
+    let s = cmk_server(&b, "we-kv", "we-sql").await;
+    let watcher = b.user("watcher").await;
+    let grant = b.assign(&s.server.id, &watcher.object_id, "Reader").await;
+    let mut events = watch_as(&b, &watcher.token, &s.server.id).await;
+    // The role goes, and at once a transition is published: it is not delivered.
+    b.vaults()
+        .delete_role_assignment(proto::DeleteRoleAssignmentRequest { id: grant.id })
+        .await
+        .expect("role assignment deleted");
+    lose_protector_access(&b, "we-kv", &s).await;
+    let refused = get_server_refusal(&b, &watcher.token, &s.server.id).await;
+    assert_ended_with(next_event(&mut events).await, &refused);
+    b.stop().await;
+}
+
+#[tokio::test]
+async fn watch_stream_ends_when_the_watchers_principal_is_deleted() {
+    let b = start().await;
+    let s = cmk_server(&b, "wp-kv", "wp-sql").await;
+    // A managed identity watches with a control-plane token; then the identity is deleted.
+    let (doomed, _) = b.identity("id-rg", "watching-umi").await;
+    b.assign(&s.server.id, &doomed.principal_id, "Reader").await;
+    let token = b
+        .ids()
+        .get_token(proto::GetTokenRequest {
+            client_id: doomed.client_id.clone(),
+            audience: "https://management.azure.com/".into(),
+            ..Default::default()
+        })
+        .await
+        .expect("management token")
+        .into_inner()
+        .access_token;
+    let mut events = watch_as(&b, &token, &s.server.id).await;
+    b.ids()
+        .delete_user_assigned_identity(proto::DeleteUserAssignedIdentityRequest {
+            resource_id: doomed.resource_id.clone(),
+            force: false,
+        })
+        .await
+        .expect("identity deleted");
+    let refused = get_server_refusal(&b, &token, &s.server.id).await;
+    assert_eq!(refused.code(), Code::Unauthenticated);
+    assert_eq!(tde_broker::grpc::status::reason(&refused).as_deref(), Some("Unauthorized"));
+    assert_ended_with(next_event(&mut events).await, &refused);
+    b.stop().await;
+}

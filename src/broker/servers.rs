@@ -103,6 +103,18 @@ impl Broker {
         Ok(s.clone())
     }
 
+    /// Whether `caller` may go on watching the server `id`: its principal still exists (the check
+    /// the token of every call gets) and it may still read the server (GetServer's check).
+    /// Returns the epoch of the state it decided on: the answer holds until the epoch moves.
+    pub fn watch_access(&self, caller: &Caller, id: &str) -> Result<u64, BrokerError> {
+        let st = self.read();
+        if !st.principals.contains_key(&*caller.object_id) {
+            return Err(BrokerError::PrincipalDeleted { object_id: caller.object_id.to_string() });
+        }
+        self.authorized_server(&st, caller, id, "read")?;
+        Ok(st.epoch)
+    }
+
     /// The servers the caller may read.
     pub fn list_servers(&self, caller: &Caller) -> Vec<Server> {
         let st = self.read();

@@ -5,7 +5,6 @@
 //! and builds gRPC statuses; it learns the time from a clock it is given, not from the broker.
 
 use std::borrow::Cow;
-use std::collections::HashMap;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
@@ -36,6 +35,8 @@ pub struct Observer {
     now: Now,
     audit: Arc<AuditLog>,
     otel: Option<Arc<Otel>>,
+    /// Largest request header list served (bytes as HTTP/2 counts them).
+    max_header_list_size: usize,
 }
 
 /// The tower layer around the tonic server (`Server::builder().layer(...)`).
@@ -43,9 +44,12 @@ pub struct Observer {
 pub struct ObserveLayer(Arc<Observer>);
 
 impl ObserveLayer {
-    /// Observes RPCs, auditing into `audit` with times from `now`, exporting to `otel` when on.
-    pub fn new(now: Now, audit: Arc<AuditLog>, otel: Option<Arc<Otel>>) -> Self {
-        ObserveLayer(Arc::new(Observer { now, audit, otel }))
+    /// Observes RPCs, auditing into `audit` with times from `now`, exporting to `otel` when on;
+    /// requests whose header list is over `max_header_list_size` bytes are answered
+    /// RESOURCE_EXHAUSTED on their own stream.
+    pub fn new(now: Now, audit: Arc<AuditLog>, otel: Option<Arc<Otel>>, max_header_list_size: u32) -> Self {
+        let max_header_list_size = usize::try_from(max_header_list_size).unwrap_or(usize::MAX);
+        ObserveLayer(Arc::new(Observer { now, audit, otel, max_header_list_size }))
     }
 }
 
@@ -88,35 +92,71 @@ fn request_id(headers: &http::HeaderMap) -> String {
 }
 
 /// The gRPC status code and outcome label of a response: `OK`, the `ErrorInfo` reason, or the
-/// code's name when the status carries no reason (e.g. `Unimplemented`).
-fn outcome_of(headers: &http::HeaderMap) -> (tonic::Code, Cow<'static, str>) {
-    match tonic::Status::from_header_map(headers) {
-        None => (tonic::Code::Ok, Cow::Borrowed("OK")),
-        Some(s) if s.code() == tonic::Code::Ok => (tonic::Code::Ok, Cow::Borrowed("OK")),
-        Some(s) => {
-            let reason = super::status::reason(&s).unwrap_or_else(|| format!("{:?}", s.code()));
-            (s.code(), Cow::Owned(reason))
+/// code's name when the status carries no reason (e.g. `Unimplemented`). A refusal of tonic's
+/// codec (a request it could not decode) is first rewritten as the broker answers it
+/// ([`super::status::codec_refusal`]). An answer that is not trailers-only (every success)
+/// carries no `grpc-status` header: one lookup, as before.
+fn settle(response: &mut http::Response<Body>) -> (tonic::Code, Cow<'static, str>) {
+    const GRPC_STATUS_DETAILS: &str = "grpc-status-details-bin";
+    let Some(mut status) = tonic::Status::from_header_map(response.headers()) else {
+        return (tonic::Code::Ok, Cow::Borrowed("OK"));
+    };
+    if status.code() == tonic::Code::Ok {
+        return (tonic::Code::Ok, Cow::Borrowed("OK"));
+    }
+    // The broker's statuses all carry an ErrorInfo; tonic's codec attaches none.
+    if !response.headers().contains_key(GRPC_STATUS_DETAILS)
+        && let Some((code, reason)) = super::status::codec_refusal(status.code(), status.message())
+    {
+        let edge = super::status::edge_status(code, reason, status.message());
+        if edge.add_header(response.headers_mut()).is_ok() {
+            response.extensions_mut().insert(edge.clone());
+            status = edge;
         }
     }
+    let reason = super::status::reason(&status).unwrap_or_else(|| format!("{:?}", status.code()));
+    (status.code(), Cow::Owned(reason))
+}
+
+/// The size of a request's header list as HTTP/2 counts it (RFC 9113 §6.5.2: each field's name
+/// and value plus 32 bytes), pseudo-header fields included. No allocation: a sum over the fields.
+fn header_list_size(req: &http::Request<Body>) -> usize {
+    const FIELD_OVERHEAD: usize = 32;
+    let uri = req.uri();
+    let pseudo = ":method".len()
+        + req.method().as_str().len()
+        + ":path".len()
+        + uri.path_and_query().map_or(0, |p| p.as_str().len())
+        + ":scheme".len()
+        + uri.scheme_str().map_or(0, str::len)
+        + ":authority".len()
+        + uri.authority().map_or(0, |a| a.as_str().len())
+        + 4 * FIELD_OVERHEAD;
+    req.headers()
+        .iter()
+        .fold(pseudo, |sum, (name, value)| sum + name.as_str().len() + value.len() + FIELD_OVERHEAD)
+}
+
+/// The status of a request whose header list is over the broker's limit.
+fn header_list_too_large(size: usize, limit: usize) -> tonic::Status {
+    super::status::edge_status(
+        tonic::Code::ResourceExhausted,
+        super::status::HEADER_LIST_TOO_LARGE,
+        format!("The request's header list takes {size} bytes; the broker serves at most {limit} bytes."),
+    )
 }
 
 /// The status of a request refused because its audit record cannot be written: before it ran
 /// (`ran` false), or after it ran, its result withheld.
 pub fn audit_unavailable(ran: bool) -> tonic::Status {
-    use tonic_types::{ErrorDetails, StatusExt};
-    let details = ErrorDetails::with_error_info(
-        AUDIT_UNAVAILABLE,
-        super::status::ERROR_DOMAIN,
-        HashMap::<String, String>::new(),
-    );
-    tonic::Status::with_error_details(
+    super::status::edge_status(
         tonic::Code::Unavailable,
+        AUDIT_UNAVAILABLE,
         if ran {
             "The broker could not write the audit record of this request, so it returns no result. Retry later."
         } else {
             "The broker cannot write its audit log; the request was not carried out. Retry later."
         },
-        details,
     )
 }
 
@@ -143,8 +183,22 @@ where
         // The service that was polled ready serves this call; its clone stays for the next.
         let clone = self.inner.clone();
         let mut inner = std::mem::replace(&mut self.inner, clone);
+        // HTTP/2 lets header lists up to four times the limit through (see
+        // `listener::ListenerSettings::h2_max_header_list_size`): a larger one than the broker
+        // serves is answered here, on its own stream.
+        let limit = self.observer.max_header_list_size;
+        let size = header_list_size(&req);
+        let oversized = (size > limit).then(|| header_list_too_large(size, limit));
         let Some((service, _)) = rpc_of(req.uri().path()) else {
-            return Box::pin(inner.call(req));
+            // Health and reflection: not counted or audited, but answered as the broker answers.
+            return Box::pin(async move {
+                let mut response = match oversized {
+                    Some(status) => status.into_http::<Body>(),
+                    None => inner.call(req).await?,
+                };
+                settle(&mut response);
+                Ok::<_, E>(response)
+            });
         };
         // The path's bytes are shared, not copied: service and method are sliced from it later,
         // where the service ends (the path was checked once, here).
@@ -168,6 +222,8 @@ where
             let (service, method) = split_rpc(uri.path(), service_end);
             let mut response = if refuse {
                 audit_unavailable(false).into_http::<Body>()
+            } else if let Some(status) = oversized {
+                status.into_http::<Body>()
             } else {
                 match ctx.clone().scope(inner.call(req)).await {
                     Ok(r) => r,
@@ -178,7 +234,7 @@ where
                     }
                 }
             };
-            let (mut code, mut outcome) = outcome_of(response.headers());
+            let (mut code, mut outcome) = settle(&mut response);
             if !refuse && observer.audit.enabled() {
                 let data = ctx.snapshot();
                 let unix = (observer.now)();
@@ -271,6 +327,20 @@ mod tests {
         let path = "/tdebroker.v1.TdeEngine/UnwrapDatabaseKey";
         let (service, _) = rpc_of(path).unwrap();
         assert_eq!(split_rpc(path, 1 + service.len()), ("tdebroker.v1.TdeEngine", "UnwrapDatabaseKey"));
+    }
+
+    #[test]
+    fn header_lists_are_sized_as_http2_counts_them() {
+        let mut req = http::Request::builder()
+            .method("POST")
+            .uri("http://127.0.0.1:50051/tdebroker.v1.KeyVault/WrapKey")
+            .header("content-type", "application/grpc")
+            .body(Body::empty())
+            .unwrap();
+        let pseudo = (7 + 4) + (5 + 30) + (7 + 4) + (10 + 15) + 4 * 32;
+        assert_eq!(header_list_size(&req), pseudo + (12 + 16 + 32));
+        req.headers_mut().insert("x-big", http::HeaderValue::from_static("0123456789"));
+        assert_eq!(header_list_size(&req), pseudo + (12 + 16 + 32) + (5 + 10 + 32));
     }
 
     #[test]

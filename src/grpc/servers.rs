@@ -37,6 +37,10 @@ impl ServersService {
 
 type EventStream = Pin<Box<dyn Stream<Item = Result<proto::DatabaseStateEvent, Status>> + Send>>;
 
+/// A watch stream decides its watcher's access again at least this often when the epoch has
+/// moved (and before every event it sends).
+pub const WATCH_RECHECK: std::time::Duration = std::time::Duration::from_millis(500);
+
 #[tonic::async_trait]
 impl Servers for ServersService {
     async fn create_server(
@@ -202,33 +206,51 @@ impl Servers for ServersService {
         // Reading the server checks the caller's right to see it.
         let s = self.broker.get_server(&caller, &request.get_ref().server_id).map_err(to_status)?;
         let id = s.id.to_ascii_lowercase();
+        let mut decided = self.broker.watch_access(&caller, &id).map_err(to_status)?;
         let (tx, rx) = tokio::sync::mpsc::channel(64);
         let mut events = self.broker.watch();
         let shutdown = self.broker.shutdown_signal();
-        // Forwards this server's transitions until the client goes away or the broker stops.
+        let broker = self.broker.clone();
+        // Forwards this server's transitions until the client goes away, the broker stops, or the
+        // watcher loses its access: that is decided again whenever the epoch has moved (every
+        // applied change moves it, a transition's too), before an event is sent and at least
+        // every `WATCH_RECHECK`; the stream then ends with the status GetServer would answer.
         tokio::spawn(async move {
             tokio::pin!(shutdown);
+            let mut recheck = tokio::time::interval(WATCH_RECHECK);
+            recheck.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {
                 let item = tokio::select! {
                     _ = &mut shutdown => break,
                     _ = tx.closed() => break,
-                    e = events.recv() => e,
+                    _ = recheck.tick() => None,
+                    e = events.recv() => Some(e),
                 };
+                if broker.epoch() != decided {
+                    match broker.watch_access(&caller, &id) {
+                        Ok(epoch) => decided = epoch,
+                        Err(e) => {
+                            let _ = tx.send(Err(to_status(e))).await;
+                            break;
+                        }
+                    }
+                }
                 let msg = match item {
-                    Ok(e) if e.database.server_id.to_ascii_lowercase() == id => {
+                    None => continue,
+                    Some(Ok(e)) if e.database.server_id.to_ascii_lowercase() == id => {
                         Ok(proto::DatabaseStateEvent {
                             database: Some(database(&e.database)),
                             event: e.event.name().to_string(),
                             time: e.time,
                         })
                     }
-                    Ok(_) => continue,
-                    Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
+                    Some(Ok(_)) => continue,
+                    Some(Err(tokio::sync::broadcast::error::RecvError::Lagged(n))) => {
                         Err(Status::data_loss(format!(
                             "the watcher fell {n} events behind; subscribe again and re-read the databases"
                         )))
                     }
-                    Err(tokio::sync::broadcast::error::RecvError::Closed) => break,
+                    Some(Err(tokio::sync::broadcast::error::RecvError::Closed)) => break,
                 };
                 let last = msg.is_err();
                 if tx.send(msg).await.is_err() || last {

@@ -24,14 +24,55 @@ pub fn to_status(e: BrokerError) -> Status {
         ErrorClass::ResourceExhausted => Code::ResourceExhausted,
         ErrorClass::Internal => Code::Internal,
     };
-    let details = ErrorDetails::with_error_info(e.code(), ERROR_DOMAIN, HashMap::<String, String>::new());
-    let mut status = Status::with_error_details(code, e.to_string(), details);
+    let mut status = edge_status(code, e.code(), e.to_string());
     // Throttling: seconds until the vault's window ends (an HTTP-style hint; the cloud's 429s
     // carry no Retry-After).
     if let BrokerError::Throttled { retry_after } = e {
         status.metadata_mut().insert(RETRY_AFTER, retry_after.into());
     }
     status
+}
+
+/// A status with its `ErrorInfo{reason, domain="tdebroker"}`: every error the broker answers
+/// carries one, whether a `BrokerError` or the edge itself (a request it could not decode, an
+/// audit log it cannot write) is behind it.
+pub fn edge_status(code: Code, reason: &str, message: impl Into<String>) -> Status {
+    let details = ErrorDetails::with_error_info(reason, ERROR_DOMAIN, HashMap::<String, String>::new());
+    Status::with_error_details(code, message, details)
+}
+
+/// `ErrorInfo.reason` of a request message larger than the broker decodes (RESOURCE_EXHAUSTED).
+pub const MESSAGE_TOO_LARGE: &str = "MessageTooLarge";
+/// `ErrorInfo.reason` of a request body that is not a gRPC-framed protobuf message of the
+/// method's type (INVALID_ARGUMENT).
+pub const MALFORMED_REQUEST: &str = "MalformedRequest";
+/// `ErrorInfo.reason` of a request whose header list is larger than the broker serves
+/// (RESOURCE_EXHAUSTED).
+pub const HEADER_LIST_TOO_LARGE: &str = "HeaderListTooLarge";
+
+/// How the broker answers a refusal of tonic's codec, which decodes requests before the
+/// services see them: a message over the size limit (tonic: OUT_OF_RANGE) is RESOURCE_EXHAUSTED
+/// `MessageTooLarge`, as gRPC's status code guide has it; a body that cannot be decoded (tonic:
+/// INTERNAL) is the client's error, INVALID_ARGUMENT `MalformedRequest`. The codec's statuses
+/// are told apart by their texts (and, by the caller, by carrying no `ErrorInfo`, which every
+/// status of the broker has). A compressed message without `grpc-encoding` stays INTERNAL, as
+/// the gRPC compression spec requires.
+pub fn codec_refusal(code: Code, message: &str) -> Option<(Code, &'static str)> {
+    const TOO_LARGE: &str = "Error, decoded message length too large";
+    const UNDECODABLE: [&str; 3] = [
+        "failed to decode Protobuf message",
+        "protocol error: received message with invalid compression flag",
+        "Unexpected EOF decoding stream",
+    ];
+    match code {
+        Code::OutOfRange if message.starts_with(TOO_LARGE) => {
+            Some((Code::ResourceExhausted, MESSAGE_TOO_LARGE))
+        }
+        Code::Internal if UNDECODABLE.iter().any(|p| message.starts_with(p)) => {
+            Some((Code::InvalidArgument, MALFORMED_REQUEST))
+        }
+        _ => None,
+    }
 }
 
 /// The metadata key of a throttled request's retry hint, in whole seconds.
@@ -45,4 +86,41 @@ pub fn retry_after(status: &Status) -> Option<u32> {
 /// The `ErrorInfo.reason` of a status, if it carries one (used by clients and tests).
 pub fn reason(status: &Status) -> Option<String> {
     status.get_details_error_info().map(|info| info.reason)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_the_codecs_refusals_are_rewritten() {
+        let too_large =
+            "Error, decoded message length too large: found 5242885 bytes, the limit is: 4194304 bytes";
+        assert_eq!(
+            codec_refusal(Code::OutOfRange, too_large),
+            Some((Code::ResourceExhausted, MESSAGE_TOO_LARGE))
+        );
+        for undecodable in [
+            "failed to decode Protobuf message: invalid wire type value: 7",
+            "protocol error: received message with invalid compression flag: 104 (valid flags are 0 and 1), while sending request",
+            "Unexpected EOF decoding stream.",
+        ] {
+            assert_eq!(
+                codec_refusal(Code::Internal, undecodable),
+                Some((Code::InvalidArgument, MALFORMED_REQUEST)),
+                "{undecodable}"
+            );
+        }
+        // The broker's own INTERNAL, the spec's compression case, and other codes stay.
+        assert_eq!(codec_refusal(Code::Internal, &BrokerError::Internal.to_string()), None);
+        assert_eq!(
+            codec_refusal(
+                Code::Internal,
+                "protocol error: received message with compressed-flag but no grpc-encoding was specified"
+            ),
+            None
+        );
+        assert_eq!(codec_refusal(Code::InvalidArgument, "failed to decode Protobuf message: x"), None);
+        assert_eq!(codec_refusal(Code::OutOfRange, "something else"), None);
+    }
 }
