@@ -139,7 +139,8 @@ pub struct FileConfig {
     pub throttling: Option<crate::broker::throttle::ThrottleProfile>,
     /// The store's integrity check at start: `quick` (default) or `full`.
     pub store_check: Option<StoreCheck>,
-    /// Open gRPC connections at most (default 10000); one more is closed at once.
+    /// Open gRPC connections at most (default 10000, or the open-file limit less 64 when lower);
+    /// one more is closed at once.
     pub max_connections: Option<usize>,
     /// Seconds a new gRPC connection has to send the HTTP/2 preface or finish the TLS handshake
     /// (default 10).
@@ -207,7 +208,8 @@ pub struct ServeArgs {
     /// start only: it is a flag and an environment variable, not a setting of the TOML file.
     #[arg(long, env = "TDE_BROKER_REINITIALIZE")]
     pub reinitialize: bool,
-    /// Open gRPC connections at most; one more is closed as soon as it is accepted [default: 10000].
+    /// Open gRPC connections at most; one more is closed as soon as it is accepted [default: 10000,
+    /// or the open-file limit less 64 when that is lower].
     #[arg(long, env = "TDE_BROKER_MAX_CONNECTIONS", value_name = "N")]
     pub max_connections: Option<usize>,
     /// Seconds a new gRPC connection has to send the HTTP/2 preface (plaintext) or finish the

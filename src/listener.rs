@@ -65,7 +65,7 @@ pub struct ListenerSettings {
 impl Default for ListenerSettings {
     fn default() -> Self {
         ListenerSettings {
-            max_connections: DEFAULT_MAX_CONNECTIONS,
+            max_connections: default_max_connections(open_file_limit()),
             handshake_timeout: DEFAULT_HANDSHAKE_TIMEOUT,
             max_header_list_size: DEFAULT_MAX_HEADER_LIST_SIZE,
         }
@@ -93,6 +93,22 @@ pub fn plaintext_warning(addr: SocketAddr, tls: bool) -> Option<String> {
         format!(
             "serving PLAINTEXT gRPC on non-loopback address {addr} (--insecure): bearer tokens and key material cross the network unencrypted; turn TLS on (--tls auto or --tls-cert/--tls-key) or bind to 127.0.0.1"
         )
+    })
+}
+
+/// Descriptors kept free beside the gRPC connections when the bound is derived from the
+/// open-file limit: the store and its log, the audit log, the admin listener and its clients,
+/// the blocking pool's files.
+const RESERVED_FILES: u64 = 64;
+
+/// The default bound on open connections: [`DEFAULT_MAX_CONNECTIONS`], or fewer when the
+/// open-file limit (`files`) is lower, so that the bound is met before descriptors run out and a
+/// broker started with the defaults under a common limit of 1,024 needs no tuning and gives no
+/// warning. An explicit `--max-connections` is taken as given.
+pub fn default_max_connections(files: Option<u64>) -> usize {
+    files.map_or(DEFAULT_MAX_CONNECTIONS, |files| {
+        let room = files.saturating_sub(RESERVED_FILES).max(1);
+        usize::try_from(room).map_or(DEFAULT_MAX_CONNECTIONS, |room| room.min(DEFAULT_MAX_CONNECTIONS))
     })
 }
 
@@ -648,5 +664,13 @@ mod tests {
         // Past the preface no deadline applies: an idle connection simply waits.
         let idle = tokio::time::timeout(Duration::from_millis(300), conn.read(&mut buf)).await;
         assert!(idle.is_err(), "no timeout after the preface: {idle:?}");
+    }
+
+    #[test]
+    fn the_default_connection_bound_stays_below_the_open_file_limit() {
+        assert_eq!(default_max_connections(None), DEFAULT_MAX_CONNECTIONS);
+        assert_eq!(default_max_connections(Some(1_024)), 960);
+        assert_eq!(default_max_connections(Some(1_048_576)), DEFAULT_MAX_CONNECTIONS);
+        assert_eq!(default_max_connections(Some(10)), 1);
     }
 }
