@@ -22,16 +22,8 @@ RATE="${RATE:-400}"
 WINDOW="${WINDOW:-15}"
 cargo build --release --quiet
 CLIENT="$PWD/target/release/tde-broker"
-WORK="$(mktemp -d)"
-PIDS=()
-cleanup() {
-  for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
-  wait 2>/dev/null || true
-  rm -rf "$WORK"
-}
-trap cleanup EXIT
-
-port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+# shellcheck source=benches/common.sh
+source benches/common.sh
 
 # unwraps DATA ADDR: UnwrapKey calls answered OK so far, by the broker's counters.
 unwraps() {

@@ -41,17 +41,8 @@ command -v h2load >/dev/null || { echo "limits.sh needs h2load (apt-get install 
 
 cargo build --release --quiet
 BIN="$PWD/target/release/tde-broker"
-WORK="$(mktemp -d)"
-PIDS=()
-cleanup() {
-  exec 3>&- 2>/dev/null || true
-  for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
-  wait 2>/dev/null || true
-  rm -rf "$WORK"
-}
-trap cleanup EXIT
-
-port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+# shellcheck source=benches/common.sh
+source benches/common.sh
 
 # start NAME [config lines...]: a broker on a free port; sets ADDR_<NAME> and DATA_<NAME>.
 start() {
