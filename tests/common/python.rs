@@ -6,9 +6,8 @@
 //! and its `venv` module the tests fail and say what to install.
 
 use std::collections::BTreeMap;
-use std::io::BufRead as _;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::sync::{Arc, Mutex, OnceLock};
 
 pub const INSTALL_PYTHON: &str = "install python3 and python3-venv (apt-get install python3 python3-venv)";
@@ -119,45 +118,25 @@ fn make_venv(name: &str, packages: &[&str], imports: &str) -> PathBuf {
     python
 }
 
-/// An exclusive `flock` on a file, held by a `python3` child for as long as this value lives (Rust
-/// 1.88, the crate's MSRV, has no `File::lock`). The child lets go when its stdin closes: when
-/// this is dropped, and also when the test process dies, so a killed run leaves no stale lock.
-struct FileLock(Child);
+/// An exclusive lock (`flock`) on a file, held for as long as this value lives. The kernel lets
+/// go when the file is closed: when this is dropped, and also when the test process dies, so a
+/// killed run leaves no stale lock.
+struct FileLock(
+    #[expect(dead_code, reason = "held, never read: the lock lasts as long as the file is open")]
+    std::fs::File,
+);
 
 impl FileLock {
     fn acquire(path: &Path) -> FileLock {
-        const SCRIPT: &str = "import fcntl, sys\n\
-            f = open(sys.argv[1], 'a')\n\
-            fcntl.flock(f, fcntl.LOCK_EX)\n\
-            print('locked', flush=True)\n\
-            sys.stdin.read()\n";
         if let Some(dir) = path.parent() {
             std::fs::create_dir_all(dir).unwrap_or_else(|e| panic!("{}: {e}", dir.display()));
         }
-        let mut child = python_command("python3")
-            .args(["-c", SCRIPT])
-            .arg(path)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .spawn()
-            .unwrap_or_else(|e| {
-                panic!("cannot run python3 to lock {} ({e}): {INSTALL_PYTHON}", path.display())
-            });
-        let mut line = String::new();
-        let stdout = child.stdout.take().expect("piped stdout");
-        let read = std::io::BufReader::new(stdout).read_line(&mut line);
-        assert!(
-            read.is_ok() && line.trim() == "locked",
-            "python3 could not lock {} ({read:?}, said {line:?})",
-            path.display()
-        );
-        FileLock(child)
-    }
-}
-
-impl Drop for FileLock {
-    fn drop(&mut self) {
-        drop(self.0.stdin.take());
-        let _ = self.0.wait();
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)
+            .unwrap_or_else(|e| panic!("cannot open the lock file {}: {e}", path.display()));
+        file.lock().unwrap_or_else(|e| panic!("cannot lock {}: {e}", path.display()));
+        FileLock(file)
     }
 }
