@@ -7,9 +7,8 @@
 //! certificates are optional there, so bearer tokens keep working); `auth` decides who the
 //! caller is.
 
-use std::io::Write as _;
 use std::net::IpAddr;
-use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};
 
@@ -469,21 +468,8 @@ fn read(path: &Path) -> Result<Vec<u8>, TlsError> {
 
 /// Writes a file with `mode`, durably, replacing any previous one.
 pub fn write_file(path: &Path, contents: &[u8], mode: u32) -> Result<(), TlsError> {
-    let mut tmp_name = path.file_name().unwrap_or_default().to_os_string();
-    tmp_name.push(".tmp");
-    let tmp = path.with_file_name(tmp_name);
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(mode)
-        .open(&tmp)
-        .map_err(io_err(&tmp))?;
-    std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(mode)).map_err(io_err(&tmp))?;
-    f.write_all(contents).map_err(io_err(&tmp))?;
-    f.sync_all().map_err(io_err(&tmp))?;
-    std::fs::rename(&tmp, path).map_err(io_err(path))?;
-    Ok(())
+    crate::store::datadir::write_durably(path, contents, mode)
+        .map_err(|(path, source)| TlsError::Io { path, source })
 }
 
 #[cfg(test)]

@@ -201,22 +201,30 @@ pub fn make_private(path: &Path) -> std::io::Result<()> {
     }
 }
 
-/// Writes a file private to the broker (0600) durably: a temporary file is written and synced,
-/// renamed over `path`, and the directory is synced so the rename survives a crash.
+/// Writes a file private to the broker (0600) durably ([`write_durably`]).
 pub fn write_private(path: &Path, contents: &[u8]) -> Result<(), DataDirError> {
-    let tmp = path.with_extension("tmp");
-    let mut f = OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(&tmp)
-        .map_err(io_err(&tmp))?;
-    f.write_all(contents).map_err(io_err(&tmp))?;
-    f.sync_all().map_err(io_err(&tmp))?;
-    std::fs::rename(&tmp, path).map_err(io_err(path))?;
-    if let Some(dir) = path.parent() {
-        File::open(dir).and_then(|d| d.sync_all()).map_err(io_err(dir))?;
+    write_durably(path, contents, 0o600).map_err(|(path, source)| DataDirError::Io { path, source })
+}
+
+/// Writes `path` with `mode` durably: a temporary file beside it (`<name>.tmp`) is written and
+/// synced, renamed over `path`, and the directory is synced so the rename survives a crash. The
+/// mode is set explicitly (the umask does not narrow or widen it). An error names the file.
+pub fn write_durably(path: &Path, contents: &[u8], mode: u32) -> Result<(), (PathBuf, std::io::Error)> {
+    let mut tmp_name = path.file_name().unwrap_or_default().to_os_string();
+    tmp_name.push(".tmp");
+    let tmp = path.with_file_name(tmp_name);
+    let at = |p: &Path| {
+        let p = p.to_path_buf();
+        move |e| (p, e)
+    };
+    let mut f =
+        OpenOptions::new().write(true).create(true).truncate(true).mode(mode).open(&tmp).map_err(at(&tmp))?;
+    std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(mode)).map_err(at(&tmp))?;
+    f.write_all(contents).map_err(at(&tmp))?;
+    f.sync_all().map_err(at(&tmp))?;
+    std::fs::rename(&tmp, path).map_err(at(path))?;
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        File::open(dir).and_then(|d| d.sync_all()).map_err(at(dir))?;
     }
     Ok(())
 }
