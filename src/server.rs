@@ -198,9 +198,20 @@ impl App {
 
         let clock = match config.clock {
             ClockKind::System => Clock::System,
-            ClockKind::Manual => {
-                Clock::manual(config.clock_start.unwrap_or_else(crate::broker::clock::system_now))
-            }
+            // The manual clock's time is state: a store that has one resumes it, whatever
+            // `--clock-start` says (that sets the start of a fresh store's clock).
+            ClockKind::Manual => match Broker::saved_clock(store.as_ref())? {
+                Some(saved) => {
+                    if config.clock_start.is_some_and(|start| start != saved) {
+                        tracing::info!(
+                            saved,
+                            "the manual clock resumes at its saved time; --clock-start applies to a fresh data directory only"
+                        );
+                    }
+                    Clock::manual(saved)
+                }
+                None => Clock::manual(config.clock_start.unwrap_or_else(crate::broker::clock::system_now)),
+            },
         };
         let settings = Settings {
             vault_dns_suffix: config.vault_dns_suffix.clone(),
@@ -240,11 +251,12 @@ impl App {
         self.admin_http.local_addr()
     }
 
-    /// Issues a fresh admin token (both planes) valid for the configured lifetime.
+    /// Issues a fresh admin token (both planes) valid for the configured lifetime of wall-clock
+    /// time (see [`Authenticator::issue_operator_token`]).
     pub fn admin_token(&self) -> Result<String, BrokerError> {
         Ok(self
             .auth
-            .issue_user_token(
+            .issue_operator_token(
                 &self.admin,
                 &[MANAGEMENT_AUDIENCE, VAULT_AUDIENCE],
                 self.config.admin_token_lifetime,
@@ -536,7 +548,8 @@ async fn bootstrap_admin(broker: &Arc<Broker>) -> Result<Principal, StartError> 
 }
 
 /// Writes the admin token at first start, and again whenever the file is missing or its token
-/// no longer validates (expired on the broker's clock, or signed by a previous key).
+/// no longer validates (expired, or signed by a previous key). It is an operator's token: its
+/// lifetime runs on wall-clock time, so no move of the manual clock locks the admin out.
 fn ensure_admin_token(
     auth: &Authenticator,
     admin: &Principal,
@@ -548,7 +561,7 @@ fn ensure_admin_token(
     {
         return Ok(());
     }
-    let (token, _) = auth.issue_user_token(admin, &[MANAGEMENT_AUDIENCE, VAULT_AUDIENCE], lifetime)?;
+    let (token, _) = auth.issue_operator_token(admin, &[MANAGEMENT_AUDIENCE, VAULT_AUDIENCE], lifetime)?;
     write_secret(path, token.as_bytes())?;
     tracing::info!(path = %path.display(), "wrote the admin token");
     Ok(())

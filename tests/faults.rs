@@ -173,3 +173,19 @@ async fn out_of_range_faults_are_refused() {
     assert!(clear(&b, "").await.is_empty());
     b.stop().await;
 }
+
+#[tokio::test]
+async fn faults_for_a_vault_that_does_not_exist_are_refused() {
+    let b = start().await;
+    setup(&b).await;
+    let msg = assert_status(
+        b.emu().set_faults(proto::SetFaultsRequest { fail_next: 1, ..faults("no-such-kv") }).await,
+        Code::NotFound,
+        "ResourceNotFound",
+    );
+    assert!(msg.contains("no-such-kv"), "{msg}");
+    assert!(clear(&b, "").await.is_empty(), "nothing was set");
+    // Clearing a name that has no faults is harmless, whether or not the vault exists.
+    assert!(clear(&b, "no-such-kv").await.is_empty());
+    b.stop().await;
+}

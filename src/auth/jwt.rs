@@ -69,6 +69,11 @@ pub struct Claims {
     /// Resource id of a managed identity.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub xms_mirid: Option<String>,
+    /// `true` on an operator's token (the bootstrap admin's): its times are wall-clock time,
+    /// checked against the system clock, so moving the manual clock never locks the operator
+    /// out. Every other token's times are the broker's clock. Signed like every claim.
+    #[serde(default, rename = "xms_tb_wall_clock", skip_serializing_if = "std::ops::Not::not")]
+    pub wall_clock: bool,
     /// Issued at.
     pub iat: i64,
     /// Not before.
@@ -145,6 +150,7 @@ mod tests {
             idtyp: "user".into(),
             name: None,
             xms_mirid: None,
+            wall_clock: false,
             iat: 1,
             nbf: 1,
             exp: 2,

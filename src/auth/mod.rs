@@ -94,7 +94,30 @@ impl Authenticator {
         audiences: &[&str],
         lifetime: i64,
     ) -> Result<(String, i64), BrokerError> {
-        let now = self.broker.clock.now();
+        self.issue_for_user(principal, audiences, lifetime, false)
+    }
+
+    /// Issues an operator's token for `principal` (the bootstrap admin's `admin.token`): like
+    /// [`Self::issue_user_token`], but its times are wall-clock time and it is validated against
+    /// the system clock, so no move of the manual clock (back before its `nbf`, or past its
+    /// `exp`) locks the operator out of the controls that would undo the move.
+    pub fn issue_operator_token(
+        &self,
+        principal: &Principal,
+        audiences: &[&str],
+        lifetime: i64,
+    ) -> Result<(String, i64), BrokerError> {
+        self.issue_for_user(principal, audiences, lifetime, true)
+    }
+
+    fn issue_for_user(
+        &self,
+        principal: &Principal,
+        audiences: &[&str],
+        lifetime: i64,
+        wall_clock: bool,
+    ) -> Result<(String, i64), BrokerError> {
+        let now = if wall_clock { crate::broker::clock::system_now() } else { self.broker.clock.now() };
         let claims = Claims {
             iss: self.broker.settings.issuer(),
             aud: Audience::from_list(audiences),
@@ -105,6 +128,7 @@ impl Authenticator {
             idtyp: "user".to_string(),
             name: Some(principal.name.clone()),
             xms_mirid: None,
+            wall_clock,
             iat: now,
             nbf: now,
             exp: now.saturating_add(lifetime),
@@ -131,6 +155,7 @@ impl Authenticator {
             idtyp: "app".to_string(),
             name: None,
             xms_mirid: identity.resource_id.clone(),
+            wall_clock: false,
             iat: now,
             nbf: now,
             exp: now.saturating_add(lifetime),
@@ -164,7 +189,8 @@ impl Authenticator {
                 found: claims.aud.joined(),
             });
         }
-        let now = self.broker.clock.now();
+        let now =
+            if claims.wall_clock { crate::broker::clock::system_now() } else { self.broker.clock.now() };
         if now >= claims.exp.saturating_add(CLOCK_SKEW) {
             return Err(BrokerError::TokenExpired { expires: claims.exp, now });
         }
@@ -302,6 +328,7 @@ mod tests {
             idtyp: "app".to_string(),
             name: None,
             xms_mirid: None,
+            wall_clock: false,
             iat: 0,
             nbf: 0,
             exp,

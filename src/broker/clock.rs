@@ -39,38 +39,41 @@ impl Clock {
         matches!(self, Clock::Manual(_))
     }
 
-    /// Moves a manual clock by `seconds` (may be negative); refused on the system clock.
-    pub fn advance(&self, seconds: i64) -> Result<i64, BrokerError> {
-        match self {
-            Clock::System => Err(BrokerError::ClockNotManual),
-            Clock::Manual(t) => {
-                let mut current = t.load(Ordering::SeqCst);
-                loop {
-                    let next = current.checked_add(seconds).filter(|n| *n >= 0).ok_or_else(|| {
-                        BrokerError::bad_parameter("The clock cannot move outside 1970..=year 292277026596.")
-                    })?;
-                    match t.compare_exchange(current, next, Ordering::SeqCst, Ordering::SeqCst) {
-                        Ok(_) => return Ok(next),
-                        Err(seen) => current = seen,
-                    }
-                }
+    /// Where `movement` would take a manual clock, without moving it; refused on the system
+    /// clock and outside 1970..=the largest representable second.
+    pub fn target(&self, movement: ClockMove) -> Result<i64, BrokerError> {
+        let Clock::Manual(t) = self else {
+            return Err(BrokerError::ClockNotManual);
+        };
+        match movement {
+            ClockMove::By(seconds) => {
+                t.load(Ordering::SeqCst).checked_add(seconds).filter(|n| *n >= 0).ok_or_else(|| {
+                    BrokerError::bad_parameter("The clock cannot move outside 1970..=year 292277026596.")
+                })
             }
+            ClockMove::To(now) if now < 0 => {
+                Err(BrokerError::bad_parameter("The clock cannot be set before 1970."))
+            }
+            ClockMove::To(now) => Ok(now),
         }
     }
 
-    /// Sets a manual clock; refused on the system clock.
-    pub fn set(&self, now: i64) -> Result<i64, BrokerError> {
-        match self {
-            Clock::System => Err(BrokerError::ClockNotManual),
-            Clock::Manual(_) if now < 0 => {
-                Err(BrokerError::bad_parameter("The clock cannot be set before 1970."))
-            }
-            Clock::Manual(t) => {
-                t.store(now, Ordering::SeqCst);
-                Ok(now)
-            }
+    /// Sets a manual clock to a time [`Clock::target`] accepted. The broker serialises moves
+    /// (and saves each one before making it), so this only stores.
+    pub(crate) fn jump_to(&self, now: i64) {
+        if let Clock::Manual(t) = self {
+            t.store(now, Ordering::SeqCst);
         }
     }
+}
+
+/// A move of the manual clock.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ClockMove {
+    /// By this many seconds (negative moves back).
+    By(i64),
+    /// To this Unix time.
+    To(i64),
 }
 
 #[cfg(test)]
@@ -80,17 +83,21 @@ mod tests {
     #[test]
     fn system_clock_cannot_be_moved() {
         let c = Clock::System;
-        assert_eq!(c.advance(10), Err(BrokerError::ClockNotManual));
-        assert_eq!(c.set(10), Err(BrokerError::ClockNotManual));
+        assert_eq!(c.target(ClockMove::By(10)), Err(BrokerError::ClockNotManual));
+        assert_eq!(c.target(ClockMove::To(10)), Err(BrokerError::ClockNotManual));
     }
 
     #[test]
     fn manual_clock_moves_only_when_told() {
         let c = Clock::manual(1000);
         assert_eq!(c.now(), 1000);
-        assert_eq!(c.advance(3600).unwrap(), 4600);
-        assert_eq!(c.set(5).unwrap(), 5);
-        assert!(c.advance(-10).is_err());
-        assert_eq!(c.now(), 5);
+        assert_eq!(c.target(ClockMove::By(3600)), Ok(4600));
+        assert_eq!(c.now(), 1000, "target only computes");
+        c.jump_to(4600);
+        assert_eq!(c.now(), 4600);
+        assert_eq!(c.target(ClockMove::To(5)), Ok(5));
+        assert!(c.target(ClockMove::By(-4601)).is_err());
+        assert!(c.target(ClockMove::To(-1)).is_err());
+        assert!(c.target(ClockMove::By(i64::MAX)).is_err());
     }
 }

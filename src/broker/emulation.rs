@@ -1,8 +1,11 @@
-//! The emulation controls of the data plane (Emulation.SetFaults, ClearFaults, SetThrottling,
-//! GetThrottling): admin operations on the broker's injected faults and throttling profiles.
-//! Both live in memory only; a restart clears the faults and returns to the configured profile.
+//! The emulation controls (Emulation.AdvanceClock, SetClock, SetFaults, ClearFaults,
+//! SetThrottling, GetThrottling): admin operations on the broker's manual clock, injected faults
+//! and throttling profiles. The manual clock's time is state, saved in the store at every move,
+//! so a restart resumes it; faults and throttling live in memory only (a restart clears the
+//! faults and returns to the configured profile).
 
 use super::Broker;
+use super::clock::ClockMove;
 use super::faults::FaultSpec;
 use super::throttle::ThrottleProfile;
 use crate::model::ids::vault_name;
@@ -13,7 +16,43 @@ const EMULATION_READ: &str = "Microsoft.TdeBroker/emulation/read";
 /// ARM action that changes them.
 const EMULATION_WRITE: &str = "Microsoft.TdeBroker/emulation/write";
 
+/// Store metadata holding the manual clock's time (Unix seconds, decimal ASCII).
+pub const META_MANUAL_CLOCK: &str = "manual_clock";
+
 impl Broker {
+    /// AdvanceClock / SetClock (admin): moves the manual clock, saving the new time first so a
+    /// restart resumes it. What came due in the jump happens at once: soft-deleted keys past
+    /// their retention are purged and the TDE probes that came due run. Returns the new time.
+    pub async fn move_clock(&self, caller: &Caller, movement: ClockMove) -> Result<i64, BrokerError> {
+        self.authorize_control(&caller.object_id, EMULATION_WRITE, "/")?;
+        let now = {
+            // The writer lock orders clock moves with each other and with commits, so the saved
+            // time is the one the clock shows.
+            let _txn = self.begin().await;
+            let now = self.clock.target(movement)?;
+            let store = self.core.store.clone();
+            tokio::task::spawn_blocking(move || {
+                store.put_meta(META_MANUAL_CLOCK, now.to_string().as_bytes())
+            })
+            .await
+            .map_err(|_| BrokerError::Internal)?
+            .map_err(|e| super::store_failed(&e, "saving the manual clock failed; it did not move"))?;
+            self.clock.jump_to(now);
+            now
+        };
+        tracing::info!(now, "the manual clock moved");
+        self.purge_expired().await?;
+        self.probe_if_due().await?;
+        Ok(now)
+    }
+
+    /// The manual clock's saved time in `store`, when it has one.
+    pub fn saved_clock(store: &dyn crate::store::Store) -> Result<Option<i64>, crate::store::StoreError> {
+        Ok(store
+            .get_meta(META_MANUAL_CLOCK)?
+            .and_then(|raw| std::str::from_utf8(&raw).ok().and_then(|s| s.trim().parse::<i64>().ok())))
+    }
+
     /// SetFaults (admin): replaces the faults of one vault or of all.
     pub async fn set_faults(
         &self,
@@ -24,6 +63,11 @@ impl Broker {
         self.authorize_control(&caller.object_id, EMULATION_WRITE, "/")?;
         let key = Self::fault_key(vault)?;
         spec.validate()?;
+        // Faults for a vault that does not exist would never fire: a misspelt name is an error,
+        // not a rehearsal that silently tests nothing. (Clearing is allowed for any name.)
+        if !key.is_empty() && !spec.is_empty() {
+            self.read().vault(&key)?;
+        }
         self.faults.edit(|map| {
             if spec.is_empty() {
                 map.remove(&key);

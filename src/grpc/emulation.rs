@@ -10,6 +10,7 @@ use tonic::{Request, Response, Status};
 use super::proto::{self, emulation_server::Emulation};
 use super::{caller, to_status};
 use crate::broker::Broker;
+use crate::broker::clock::ClockMove;
 use crate::broker::faults::{FaultCode, FaultSpec};
 use crate::broker::state::State;
 use crate::broker::throttle::ThrottleProfile;
@@ -18,7 +19,6 @@ use crate::model::principal::PrincipalKind;
 use crate::model::server::DbState;
 
 const CLOCK_READ: &str = "Microsoft.TdeBroker/emulation/read";
-const CLOCK_WRITE: &str = "Microsoft.TdeBroker/emulation/write";
 
 /// The service implementation.
 pub struct EmulationService {
@@ -37,12 +37,12 @@ impl EmulationService {
         Response::new(proto::ClockResponse { now, manual: self.broker.clock.is_manual() })
     }
 
-    /// After the clock moved, what has come due happens at once (soft-deleted keys past their
-    /// retention are purged).
-    async fn clock_moved(&self, now: i64) -> Result<Response<proto::ClockResponse>, Status> {
-        self.broker.purge_expired().await.map_err(to_status)?;
-        // Probes that came due while the clock jumped run now.
-        self.broker.probe_if_due().await.map_err(to_status)?;
+    async fn move_clock(
+        &self,
+        caller: &crate::model::Caller,
+        movement: ClockMove,
+    ) -> Result<Response<proto::ClockResponse>, Status> {
+        let now = self.broker.move_clock(caller, movement).await.map_err(to_status)?;
         Ok(self.reply(now))
     }
 }
@@ -63,9 +63,7 @@ impl Emulation for EmulationService {
         request: Request<proto::AdvanceClockRequest>,
     ) -> Result<Response<proto::ClockResponse>, Status> {
         let caller = caller(&request)?;
-        self.broker.authorize_control(&caller.object_id, CLOCK_WRITE, "/").map_err(to_status)?;
-        let now = self.broker.clock.advance(request.get_ref().seconds).map_err(to_status)?;
-        self.clock_moved(now).await
+        self.move_clock(&caller, ClockMove::By(request.get_ref().seconds)).await
     }
 
     async fn set_clock(
@@ -73,9 +71,7 @@ impl Emulation for EmulationService {
         request: Request<proto::SetClockRequest>,
     ) -> Result<Response<proto::ClockResponse>, Status> {
         let caller = caller(&request)?;
-        self.broker.authorize_control(&caller.object_id, CLOCK_WRITE, "/").map_err(to_status)?;
-        let now = self.broker.clock.set(request.get_ref().now).map_err(to_status)?;
-        self.clock_moved(now).await
+        self.move_clock(&caller, ClockMove::To(request.get_ref().now)).await
     }
 
     async fn set_faults(
