@@ -76,6 +76,72 @@ fn str_of<'a>(v: &'a Value, field: &str) -> &'a str {
 #[test]
 fn command_line_definition_is_consistent() {
     tde_broker::cli::Cli::command().debug_assert();
+    tde_broker::cli::command().debug_assert();
+}
+
+/// The long flags a (sub)command's help lists.
+fn help_flags(path: &[&str]) -> Vec<String> {
+    let mut cmd = tde_broker::cli::command();
+    // Global options reach the subcommands when the command is built.
+    cmd.build();
+    for name in path {
+        cmd = cmd.find_subcommand(name).unwrap_or_else(|| panic!("no subcommand {name}")).clone();
+    }
+    let help = cmd.render_long_help().to_string();
+    help.split_whitespace()
+        .filter(|w| w.starts_with("--"))
+        .map(|w| w.trim_end_matches(|c: char| !c.is_ascii_alphanumeric() && c != '-').to_string())
+        .collect()
+}
+
+const CLIENT_ONLY: [&str; 6] =
+    ["--server", "--token", "--ca-cert", "--client-cert", "--client-key", "--output"];
+
+#[test]
+fn every_subcommands_help_lists_only_the_options_that_apply_to_it() {
+    for path in [&["serve"][..], &["cert", "issue"]] {
+        let flags = help_flags(path);
+        for flag in CLIENT_ONLY {
+            assert!(!flags.iter().any(|f| f == flag), "`{}` --help lists {flag}: {flags:?}", path.join(" "));
+        }
+        assert!(flags.iter().any(|f| f == "--data-dir"), "{path:?}: {flags:?}");
+    }
+    assert!(help_flags(&["serve"]).iter().any(|f| f == "--listen"));
+    // Client subcommands list the client options, and no serving options.
+    for path in [&["key", "list"][..], &["db", "watch"], &["loadtest"], &["clock", "set"]] {
+        let flags = help_flags(path);
+        for flag in ["--server", "--token", "--output", "--data-dir"] {
+            assert!(flags.iter().any(|f| f == flag), "`{}` --help lacks {flag}: {flags:?}", path.join(" "));
+        }
+        for flag in ["--listen", "--insecure", "--tls-cert", "--reinitialize"] {
+            assert!(!flags.iter().any(|f| f == flag), "`{}` --help lists {flag}", path.join(" "));
+        }
+    }
+}
+
+#[test]
+fn client_options_given_to_serve_or_cert_are_refused_not_ignored() {
+    use tde_broker::cli::parse_from;
+    for args in [
+        &["tde-broker", "serve", "--token", "x"][..],
+        &["tde-broker", "--output", "json", "serve"],
+        &[
+            "tde-broker",
+            "cert",
+            "issue",
+            "--principal",
+            "00000000-0000-0000-0000-000000000001",
+            "--server",
+            "http://h:1",
+        ],
+    ] {
+        let err = parse_from(args).map(|_| ()).expect_err("refused").to_string();
+        assert!(err.contains("is an option of the client subcommands"), "{args:?}: {err}");
+    }
+    // What they do take still parses, and client options still follow any client subcommand.
+    parse_from(["tde-broker", "serve", "--data-dir", "d", "--listen", "127.0.0.1:1"]).expect("serve");
+    parse_from(["tde-broker", "key", "list", "v", "--output", "json", "--token", "t"]).expect("key list");
+    parse_from(["tde-broker", "--server", "http://h:1", "key", "list", "v"]).expect("before the subcommand");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -106,9 +106,92 @@ pub enum Command {
     Loadtest(loadtest::LoadtestArgs),
 }
 
+/// Client options (ids of [`Connection`]'s arguments) that a subcommand does not use, by
+/// subcommand. The client options are global so they may follow any subcommand
+/// (`tde-broker key list v --output json`); these are hidden from that subcommand's help and
+/// refused when given to it on the command line (a value from the environment is ignored).
+const NOT_FOR: &[(&str, &[(&str, &str)])] = &[
+    // `serve` has its own --data-dir.
+    ("serve", CALLS_NO_BROKER),
+    // `cert` works on the dev CA's files in the data directory; it calls no broker.
+    ("cert", CALLS_NO_BROKER),
+];
+
+/// The client options (id, flag) of a subcommand that calls no broker and prints no result.
+const CALLS_NO_BROKER: &[(&str, &str)] = &[
+    ("server", "server"),
+    ("token", "token"),
+    ("ca_cert", "ca-cert"),
+    ("client_cert", "client-cert"),
+    ("client_key", "client-key"),
+    ("output", "output"),
+];
+
+/// The command line: [`Cli`]'s definition, with each subcommand's help listing only the options
+/// that apply to it.
+pub fn command() -> clap::Command {
+    let mut cmd = <Cli as clap::CommandFactory>::command();
+    for (sub, ids) in NOT_FOR {
+        cmd = cmd.mut_subcommand(*sub, |s| shadow(s, ids));
+    }
+    cmd
+}
+
+/// Gives `cmd` and every subcommand under it a hidden argument of its own for each of `ids`: a
+/// subcommand that has an argument by a global's id does not receive the global, so these
+/// options leave its help; given anyway, [`check_applicable`] refuses them.
+fn shadow(cmd: clap::Command, ids: &[(&'static str, &'static str)]) -> clap::Command {
+    let cmd = ids
+        .iter()
+        .fold(cmd, |c, (id, flag)| c.arg(clap::Arg::new(*id).long(*flag).hide(true).num_args(0..=1)));
+    let names: Vec<String> = cmd.get_subcommands().map(|s| s.get_name().to_string()).collect();
+    names.iter().fold(cmd, |c, name| c.mut_subcommand(name, |s| shadow(s, ids)))
+}
+
+/// Refuses a client option given on the command line to a subcommand that does not use it.
+fn check_applicable(matches: &clap::ArgMatches) -> Result<(), clap::Error> {
+    let Some((sub, sub_matches)) = matches.subcommand() else { return Ok(()) };
+    let Some((_, ids)) = NOT_FOR.iter().find(|(name, _)| *name == sub) else { return Ok(()) };
+    // A global given before the subcommand lands in the top-level matches, after it in the
+    // subcommand's (or a nested one's).
+    let mut levels = vec![matches, sub_matches];
+    let mut cur = sub_matches;
+    while let Some((_, m)) = cur.subcommand() {
+        levels.push(m);
+        cur = m;
+    }
+    for (id, flag) in *ids {
+        // `serve --data-dir` is serve's own; `data_dir` is never in these lists.
+        let given = levels.iter().any(|m| {
+            matches!(m.try_contains_id(id), Ok(true))
+                && m.value_source(id) == Some(clap::parser::ValueSource::CommandLine)
+        });
+        if given {
+            return Err(clap::Error::raw(
+                clap::error::ErrorKind::ArgumentConflict,
+                format!("--{flag} is an option of the client subcommands; `{sub}` does not use it\n"),
+            )
+            .with_cmd(&command()));
+        }
+    }
+    Ok(())
+}
+
+/// Parses a command line (the program name first), refusing client options given to a
+/// subcommand that does not use them.
+pub fn parse_from<I, T>(args: I) -> Result<Cli, clap::Error>
+where
+    I: IntoIterator<Item = T>,
+    T: Into<std::ffi::OsString> + Clone,
+{
+    let matches = command().try_get_matches_from(args)?;
+    check_applicable(&matches)?;
+    <Cli as clap::FromArgMatches>::from_arg_matches(&matches)
+}
+
 /// Parses the command line and runs it; the process exit code says how it went.
 pub fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = parse_from(std::env::args_os()).unwrap_or_else(|e| e.exit());
     // The blocking pool runs RSA private-key operations and store commits. More threads than
     // a few per core only queue RSA work in the kernel instead of in tokio, and each thread
     // that ever ran keeps its stack and allocator caches resident: bound it.
