@@ -22,11 +22,12 @@ pub enum ClockCmd {
         #[arg(value_name = "SECONDS", allow_hyphen_values = true, value_parser = parse_duration)]
         seconds: i64,
     },
-    /// Set a manual clock to a Unix time.
+    /// Set a manual clock to a time.
     Set {
-        /// Unix seconds.
-        #[arg(value_name = "UNIX", allow_negative_numbers = true)]
-        now: i64,
+        /// Unix seconds, RFC 3339 (2027-01-15T08:00:00Z, 2027-01-15), or a move from the broker's
+        /// now (+1h, -30m, +90d).
+        #[arg(value_name = "TIME", allow_hyphen_values = true, value_parser = super::when::parse_when)]
+        now: super::when::When,
     },
 }
 
@@ -104,7 +105,10 @@ pub(super) async fn clock(s: &Session, cmd: ClockCmd) -> Result<Out, CliError> {
         ClockCmd::Advance { seconds } => {
             s.call(s.emulation().advance_clock(proto::AdvanceClockRequest { seconds })).await?
         }
-        ClockCmd::Set { now } => s.call(s.emulation().set_clock(proto::SetClockRequest { now })).await?,
+        ClockCmd::Set { now } => {
+            let now = now.resolve(s).await?;
+            s.call(s.emulation().set_clock(proto::SetClockRequest { now })).await?
+        }
     };
     Ok(Out {
         json: json!({ "now": c.now, "manual": c.manual }),
@@ -362,7 +366,7 @@ fn uptime_text(seconds: i64) -> String {
 }
 
 /// Seconds, or a number with a unit: s, m, h, d, w (`90d`, `25h`, `-30m`).
-fn parse_duration(text: &str) -> Result<i64, ArgError> {
+pub(super) fn parse_duration(text: &str) -> Result<i64, ArgError> {
     let bad = || ArgError::ClockDuration(text.to_string());
     let t = text.trim();
     let (number, unit) = match t.chars().last() {

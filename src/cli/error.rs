@@ -10,9 +10,10 @@ use tonic::{Code, Status};
 /// Why a subcommand failed; `Display` is what the user reads after "error: ".
 #[derive(Debug, thiserror::Error)]
 pub enum CliError {
-    /// No `--token` and no admin token file: the broker never ran on that data directory.
+    /// No `--token` and no admin token file (its absolute path): no broker ran on that data
+    /// directory, or the CLI runs from another directory than the broker.
     #[error(
-        "no token: {} does not exist; start the broker (tde-broker serve) or pass --token/--data-dir",
+        "no token: {} does not exist. A broker writes its admin token there when it starts on that data directory. If the broker runs with another data directory (or was started from another working directory), point the CLI at it with --data-dir DIR (or TDE_BROKER_DATA_DIR), or pass a token with --token (or TDE_BROKER_TOKEN); if no broker runs, start one with `tde-broker serve`",
         .0.display()
     )]
     NoToken(PathBuf),
@@ -77,6 +78,21 @@ pub enum CliError {
         #[source]
         cause: ConnectCause,
     },
+    /// `--server` answered in HTTP/1, not gRPC (HTTP/2).
+    #[error(
+        "{addr} is not a gRPC port: it answered \"{answer}\". The broker's HTTP admin port (--http-listen, default 127.0.0.1:9090) serves /metrics and health; point --server at its gRPC address (--listen, default 127.0.0.1:50051)"
+    )]
+    NotGrpc {
+        /// The `--server` URL.
+        addr: String,
+        /// The status line it answered with.
+        answer: String,
+    },
+    /// A relative time (`+1h`, `now`) could not be resolved: reading the broker's clock failed.
+    #[error(
+        "a relative time (now, +1h, -30m) counts from the broker's clock, which could not be read ({0}); give an absolute time instead (Unix seconds or RFC 3339)"
+    )]
+    RelativeTime(#[source] Box<CliError>),
     /// The broker refused the request.
     #[error("{}", rpc_text(*.code, .reason.as_deref(), .message))]
     Rpc {
@@ -168,6 +184,11 @@ pub enum ArgError {
     /// `loadtest --duration/--warmup`: not a time.
     #[error("'{0}' is not a duration: use e.g. 10s, 500ms, 2m or a number of seconds")]
     Time(String),
+    /// `--nbf`, `--exp`, `clock set`: not a time.
+    #[error(
+        "'{0}' is not a time: use Unix seconds (1800000000), an RFC 3339 time or date (2027-01-15T08:00:00Z, 2027-01-15), `now`, or a move from the broker's now (+1h, -30m, +90d)"
+    )]
+    When(String),
     /// `loadtest --rate`: not a positive rate.
     #[error("'{0}' is not a rate: use requests per second, e.g. 5000")]
     Rate(String),

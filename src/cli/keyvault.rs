@@ -13,6 +13,7 @@ use super::render::{
     Out, clean_list, fields, json_fields, list_or_dash, list_out, rfc3339, rfc3339_opt, when, when_opt,
 };
 use super::session::Session;
+use super::when::{When, parse_when, resolve_opt};
 use crate::grpc::proto;
 
 /// `tde-broker key …`
@@ -101,12 +102,13 @@ pub struct KeyProps {
     /// [default: every one the key type supports].
     #[arg(long, value_delimiter = ',', value_name = "OPS")]
     pub ops: Vec<String>,
-    /// Not valid before this Unix time.
-    #[arg(long, value_name = "UNIX", allow_negative_numbers = true)]
-    pub nbf: Option<i64>,
-    /// Expires at this Unix time.
-    #[arg(long, value_name = "UNIX", allow_negative_numbers = true)]
-    pub exp: Option<i64>,
+    /// Not valid before this time: Unix seconds, RFC 3339 (2027-01-15T08:00:00Z, 2027-01-15), or
+    /// a move from the broker's now (+1h, -30m, +90d, now).
+    #[arg(long, value_name = "TIME", allow_hyphen_values = true, value_parser = parse_when)]
+    pub nbf: Option<When>,
+    /// Expires at this time (same forms as --nbf).
+    #[arg(long, value_name = "TIME", allow_hyphen_values = true, value_parser = parse_when)]
+    pub exp: Option<When>,
     /// Create the key disabled.
     #[arg(long)]
     pub disabled: bool,
@@ -169,12 +171,13 @@ pub struct UpdateKeyArgs {
     /// Disable the key version.
     #[arg(long)]
     pub disable: bool,
-    /// Not valid before this Unix time.
-    #[arg(long, value_name = "UNIX", allow_negative_numbers = true, conflicts_with = "clear_nbf")]
-    pub nbf: Option<i64>,
-    /// Expires at this Unix time.
-    #[arg(long, value_name = "UNIX", allow_negative_numbers = true, conflicts_with = "clear_exp")]
-    pub exp: Option<i64>,
+    /// Not valid before this time: Unix seconds, RFC 3339 (2027-01-15T08:00:00Z, 2027-01-15), or
+    /// a move from the broker's now (+1h, -30m, +90d, now).
+    #[arg(long, value_name = "TIME", allow_hyphen_values = true, value_parser = parse_when, conflicts_with = "clear_nbf")]
+    pub nbf: Option<When>,
+    /// Expires at this time (same forms as --nbf).
+    #[arg(long, value_name = "TIME", allow_hyphen_values = true, value_parser = parse_when, conflicts_with = "clear_exp")]
+    pub exp: Option<When>,
     /// Remove the activation time.
     #[arg(long)]
     pub clear_nbf: bool,
@@ -254,24 +257,26 @@ macro_rules! every_page {
 pub(super) async fn key(s: &Session, cmd: KeyCmd) -> Result<Out, CliError> {
     match cmd {
         KeyCmd::Create(a) => {
+            let attributes = Some(new_attributes(s, &a.props).await?);
             let request = proto::CreateKeyRequest {
                 vault_name: a.vault,
                 name: a.name,
                 kty: a.kty,
                 key_size: a.size.unwrap_or(0),
                 key_ops: clean_list(a.props.ops),
-                attributes: Some(new_attributes(a.props.disabled, a.props.nbf, a.props.exp)),
+                attributes,
                 tags: a.props.tags.into_iter().collect(),
             };
             Ok(bundle_out(&s.call(s.keys().create_key(request)).await?))
         }
         KeyCmd::Import(a) => {
+            let attributes = Some(new_attributes(s, &a.props).await?);
             let mut request = proto::ImportKeyRequest {
                 vault_name: a.vault,
                 name: a.name,
                 hsm: a.hsm,
                 key_ops: clean_list(a.props.ops),
-                attributes: Some(new_attributes(a.props.disabled, a.props.nbf, a.props.exp)),
+                attributes,
                 tags: a.props.tags.into_iter().collect(),
                 ..Default::default()
             };
@@ -308,8 +313,8 @@ pub(super) async fn key(s: &Session, cmd: KeyCmd) -> Result<Out, CliError> {
             let request = proto::UpdateKeyRequest {
                 key_id: a.key_id,
                 enabled,
-                not_before: a.nbf,
-                expires: a.exp,
+                not_before: resolve_opt(a.nbf, s).await?,
+                expires: resolve_opt(a.exp, s).await?,
                 key_ops: clean_list(a.ops),
                 tags: a.tags.into_iter().collect(),
                 clear_not_before: a.clear_nbf,
@@ -428,13 +433,14 @@ fn decode_b64(flag: &'static str, text: &str) -> Result<Vec<u8>, CliError> {
 }
 
 /// The attributes a new key starts with.
-fn new_attributes(disabled: bool, nbf: Option<i64>, exp: Option<i64>) -> proto::KeyAttributes {
-    proto::KeyAttributes {
-        enabled: disabled.then_some(false),
-        not_before: nbf,
-        expires: exp,
+/// The attributes of a new key or version; relative times count from the broker's clock.
+async fn new_attributes(s: &Session, props: &KeyProps) -> Result<proto::KeyAttributes, CliError> {
+    Ok(proto::KeyAttributes {
+        enabled: props.disabled.then_some(false),
+        not_before: resolve_opt(props.nbf, s).await?,
+        expires: resolve_opt(props.exp, s).await?,
         ..Default::default()
-    }
+    })
 }
 
 /// `KEY=VALUE` (the key trimmed and not empty; the value as given).

@@ -21,6 +21,7 @@ pub mod render;
 pub mod servers;
 pub mod session;
 pub mod vaults;
+pub mod when;
 
 use std::process::ExitCode;
 

@@ -286,7 +286,17 @@ impl Session {
     ) -> Result<T, CliError> {
         match call.await {
             Ok(response) => Ok(response.into_inner()),
-            Err(status) => Err(self.status_error(status)),
+            Err(status) => {
+                // Every status the broker makes carries an ErrorInfo reason; one without it and
+                // with a code the transport uses came from the connection. The usual cause is
+                // --server naming something that is not a gRPC server (the admin HTTP port).
+                let from_transport = crate::grpc::status::reason(&status).is_none()
+                    && matches!(status.code(), Code::Unknown | Code::Cancelled | Code::Internal);
+                if from_transport && let Some(answer) = http1_answer(&self.dial.url).await {
+                    return Err(CliError::NotGrpc { addr: self.dial.url.clone(), answer });
+                }
+                Err(self.status_error(status))
+            }
         }
     }
 
@@ -340,6 +350,24 @@ fn client_tls(conn: &Connection, identity: Option<Identity>) -> Result<ClientTls
     Ok(tls)
 }
 
+/// The status line a server at a plaintext `url` answers an HTTP/1.1 request with, if it speaks
+/// HTTP/1 (within a second); `None` for anything else — a gRPC server answers HTTP/2 only.
+async fn http1_answer(url: &str) -> Option<String> {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let authority = url.strip_prefix("http://")?.split('/').next()?;
+    let probe = async {
+        let mut stream = tokio::net::TcpStream::connect(authority).await.ok()?;
+        let request = format!("GET / HTTP/1.1\r\nHost: {authority}\r\nConnection: close\r\n\r\n");
+        stream.write_all(request.as_bytes()).await.ok()?;
+        let mut buf = [0u8; 256];
+        let n = stream.read(&mut buf).await.ok()?;
+        let text = String::from_utf8_lossy(&buf[..n]);
+        let line = text.lines().next()?.trim();
+        line.starts_with("HTTP/1.").then(|| crate::model::ids::printable(line))
+    };
+    tokio::time::timeout(Duration::from_secs(1), probe).await.ok().flatten()
+}
+
 /// `host:port` becomes `http://host:port`; a URL stays as it is.
 fn server_url(server: &str) -> String {
     let server = server.trim();
@@ -354,7 +382,9 @@ fn load_token(conn: &Connection) -> Result<String, CliError> {
             let path = conn.data_dir().join(ADMIN_TOKEN_FILE);
             match std::fs::read_to_string(&path) {
                 Ok(text) => (text, path.display().to_string()),
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Err(CliError::NoToken(path)),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                    return Err(CliError::NoToken(std::path::absolute(&path).unwrap_or(path)));
+                }
                 Err(e) => return Err(CliError::Io { path, source: e }),
             }
         }
