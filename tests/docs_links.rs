@@ -296,3 +296,64 @@ fn deployment_files_tag_the_image_with_the_package_version() {
     let wrong: Vec<_> = tags.iter().filter(|(_, t)| t != version).collect();
     assert!(wrong.is_empty(), "image tags other than the package version {version}: {wrong:?}");
 }
+
+/// Every test a rule or scenario document cites exists: `file::test` for `tests/file.rs`, and
+/// `module::tests::test` or `…::test` for a unit test somewhere in `src/`.
+#[test]
+fn the_tests_the_documents_cite_exist() {
+    let tests_dir = root().join("tests");
+    let src: String = text_files()
+        .iter()
+        .filter(|p| p.starts_with("src") && p.extension().is_some_and(|e| e == "rs"))
+        .filter_map(|p| read_text(p))
+        .collect::<Vec<_>>()
+        .join("\n");
+    let mut problems = Vec::new();
+    let mut cited = 0;
+    for doc in ["docs/RULES.md", "docs/TDE-SCENARIOS.md"] {
+        let text = std::fs::read_to_string(root().join(doc)).unwrap_or_else(|e| panic!("{doc}: {e}"));
+        for token in text.split('`').skip(1).step_by(2) {
+            let parts: Vec<&str> = token.split("::").collect();
+            let Some(name) = parts.last().filter(|_| parts.len() >= 2) else { continue };
+            if !name.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_') {
+                continue;
+            }
+            let file = tests_dir.join(format!("{}.rs", parts[0]));
+            let found = if parts.len() == 2 && file.is_file() {
+                std::fs::read_to_string(&file).unwrap_or_default().contains(&format!("fn {name}("))
+            } else if parts[0] == "…" || parts.contains(&"tests") {
+                src.contains(&format!("fn {name}("))
+            } else {
+                continue;
+            };
+            cited += 1;
+            if !found {
+                problems.push(format!("{doc}: `{token}` names no test"));
+            }
+        }
+    }
+    assert!(cited > 100, "only {cited} test citations found");
+    assert!(problems.is_empty(), "{}", problems.join("\n"));
+}
+
+/// Every scenario test of `tests/tde.rs` is described in docs/TDE-SCENARIOS.md.
+#[test]
+fn every_tde_scenario_is_described() {
+    let tde = std::fs::read_to_string(root().join("tests/tde.rs")).expect("tests/tde.rs");
+    let doc = std::fs::read_to_string(root().join("docs/TDE-SCENARIOS.md")).expect("docs/TDE-SCENARIOS.md");
+    let mut missing = Vec::new();
+    let mut lines = tde.lines();
+    while let Some(line) = lines.next() {
+        if line.trim() != "#[tokio::test]" {
+            continue;
+        }
+        let Some(f) = lines.next() else { break };
+        let Some(name) = f.trim().strip_prefix("async fn ").and_then(|r| r.split('(').next()) else {
+            continue;
+        };
+        if !doc.contains(&format!("tde::{name}`")) {
+            missing.push(name.to_string());
+        }
+    }
+    assert!(missing.is_empty(), "tests of tests/tde.rs not in docs/TDE-SCENARIOS.md: {missing:?}");
+}
