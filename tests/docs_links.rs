@@ -132,15 +132,14 @@ fn broken_links(rel: &Path, text: &str) -> Vec<String> {
             problems.push(format!("{at}: link `{target}`: {} does not exist", file.display()));
             continue;
         }
-        if let Some(anchor) = anchor.filter(|a| !a.is_empty()) {
-            if file.extension().is_some_and(|e| e == "md") {
-                let text = std::fs::read_to_string(&full).unwrap_or_default();
-                if !anchors(&text).contains(anchor) {
-                    problems.push(format!(
-                        "{at}: link `{target}`: {} has no heading or id `{anchor}`",
-                        file.display()
-                    ));
-                }
+        let Some(anchor) = anchor.filter(|a| !a.is_empty()) else { continue };
+        if file.extension().is_some_and(|e| e == "md") {
+            let text = std::fs::read_to_string(&full).unwrap_or_default();
+            if !anchors(&text).contains(anchor) {
+                problems.push(format!(
+                    "{at}: link `{target}`: {} has no heading or id `{anchor}`",
+                    file.display()
+                ));
             }
         }
     }
