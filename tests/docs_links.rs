@@ -11,8 +11,10 @@
 //!   a file inside the repository, and its anchor (or a pure `#anchor`) a heading or an `id` of
 //!   that file. Web and mail links are not followed.
 //!
-//! A third keeps the deployment files in step: every `tde-broker:<tag>` image reference under
-//! `deploy/` and in the READMEs is the package version.
+//! Further checks keep the documents true: the tests that docs/RULES.md and docs/TDE-SCENARIOS.md
+//! cite exist, every scenario test of `tests/tde.rs` is described, the README's configuration table
+//! names every flag of `tde-broker serve`, and every `tde-broker:<tag>` image reference under
+//! `deploy/` and in the README is the package version.
 
 use std::collections::BTreeSet;
 use std::path::{Component, Path, PathBuf};
@@ -355,4 +357,25 @@ fn every_tde_scenario_is_described() {
         }
     }
     assert!(missing.is_empty(), "tests of tests/tde.rs not in docs/TDE-SCENARIOS.md: {missing:?}");
+}
+
+/// The README's configuration table names every flag of `tde-broker serve`.
+#[test]
+fn the_readme_lists_every_serve_flag() {
+    let out = Command::new(env!("CARGO_BIN_EXE_tde-broker"))
+        .args(["serve", "--help"])
+        .output()
+        .expect("serve --help");
+    let help = String::from_utf8_lossy(&out.stdout);
+    let readme = std::fs::read_to_string(root().join("README.md")).expect("README.md");
+    let client_options = help.find("Client options:").unwrap_or(help.len());
+    let flags: Vec<&str> = help[..client_options]
+        .lines()
+        .filter_map(|l| l.trim_start().strip_prefix("--"))
+        .filter_map(|l| l.split([' ', '=']).next())
+        .filter(|f| *f != "help")
+        .collect();
+    assert!(flags.len() > 15, "flags of serve --help: {flags:?}");
+    let missing: Vec<_> = flags.iter().filter(|f| !readme.contains(&format!("`--{f}"))).collect();
+    assert!(missing.is_empty(), "README.md's configuration table misses {missing:?}");
 }
