@@ -1,8 +1,8 @@
-//! Memory and start-up of a real `tde-broker serve` process (DESIGN §4): a data directory with
-//! `FOOTPRINT_KEYS` RSA-2048 keys (default 10,000), `FOOTPRINT_DEKS` distinct DEKs (default
-//! 100,000) wrapped under them and each unwrapped once so the unwrap cache holds them all; then
-//! the process's resident set (`VmRSS`, and its peak `VmHWM`) from `/proc`, and how long a
-//! restarted broker takes until it answers a key read, and until it answers an unwrap.
+//! Memory and start-up of a real `tde-broker serve` process (the targets of docs/PERFORMANCE.md): a
+//! data directory with `FOOTPRINT_KEYS` RSA-2048 keys (default 10,000), `FOOTPRINT_DEKS` distinct
+//! DEKs (default 100,000) wrapped under them and each unwrapped once so the unwrap cache holds them
+//! all; then the process's resident set (`VmRSS`, and its peak `VmHWM`) from `/proc`, and how long
+//! a restarted broker takes until it answers a key read, and until it answers an unwrap.
 //!
 //! `cargo bench --bench footprint` (release build). No thresholds: it prints figures.
 //! `FOOTPRINT_TOOL="heaptrack -o /tmp/broker"` runs the first broker under a profiler.

@@ -1,7 +1,7 @@
-//! The hot path, piece by piece (DESIGN §4): the data-plane policy decision, an unwrap through an
-//! in-process broker (cache hit, and with the caches off), RSA-OAEP-256 decryption alone, and
-//! token validation. Numbers only, no thresholds: compare them with `openssl speed rsa2048` and
-//! `tde-broker loadtest` on the same machine.
+//! The hot path, piece by piece (docs/PERFORMANCE.md): the data-plane policy decision, an unwrap
+//! through an in-process broker (cache hit, and with the caches off), RSA-OAEP-256 decryption
+//! alone, and token validation. Numbers only, no thresholds: compare them with `openssl speed
+//! rsa2048` and `tde-broker loadtest` on the same machine.
 //!
 //! `cargo bench --bench hot_path` (append `-- rsa` to run the matching ones only).
 

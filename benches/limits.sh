@@ -15,14 +15,14 @@
 # with the caches off), runs `tde-broker loadtest --compare-baseline` for each figure, then
 # `cargo bench --bench footprint`.
 #
-# Two figures are measured a second way, with h2load (nghttp2's HTTP/2 load generator, written in
-# C) as the client, as DESIGN §4's reference figures are: `h2load -c4 -m32` posting one framed
-# UnwrapKeyRequest over and over, against the broker and against the same bare baseline that
+# Two figures are measured a second way, with h2load (nghttp2's HTTP/2 load generator, written in C)
+# as the client, as docs/PERFORMANCE.md's reference figures are: `h2load -c4 -m32` posting one
+# framed UnwrapKeyRequest over and over, against the broker and against the same bare baseline that
 # `loadtest --baseline` uses. h2load spends a fraction of the CPU per request that a tonic client
 # does, so on a machine whose cores the generator shares, more of them go to the server measured.
 # h2load only sees HTTP statuses (a gRPC error is an HTTP 200), so each h2load run against the
-# broker is checked against the broker's own request counters: every request h2load counted must
-# be an UnwrapKey that answered OK, and the plaintext is checked once through the CLI before.
+# broker is checked against the broker's own request counters: every request h2load counted must be
+# an UnwrapKey that answered OK, and the plaintext is checked once through the CLI before.
 #
 # The uncached figures are paired with `openssl speed -multi <cores> rsa2048` round by round
 # (openssl, then both uncached runs), because openssl's own figure moves by 10-20% between

@@ -1,5 +1,5 @@
-//! TLS and mTLS (DESIGN §2.2): the server's rustls configuration, the development CA that
-//! `--tls auto` keeps in the data directory, client certificates that name a principal, and
+//! TLS and mTLS (docs/API.md, Authentication): the server's rustls configuration, the development
+//! CA that `--tls auto` keeps in the data directory, client certificates that name a principal, and
 //! reading that principal back out of a verified peer certificate.
 //!
 //! A client certificate authenticates as the principal whose object id follows

@@ -1,5 +1,5 @@
-//! DESIGN §1.2 over real gRPC: access policies, RBAC at vault and key scope, control-plane roles,
-//! revocation that takes effect on the very next call, and token validation.
+//! docs/RULES.md R2 over real gRPC: access policies, RBAC at vault and key scope, control-plane
+//! roles, revocation that takes effect on the very next call, and token validation.
 
 mod common;
 

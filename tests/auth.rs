@@ -1,4 +1,5 @@
-//! Authentication and default deny over real gRPC (DESIGN §2.2, ARCHITECTURE invariant 3).
+//! Authentication and default deny over real gRPC (docs/RULES.md R2.1 and R5, ARCHITECTURE
+//! invariant 3).
 
 mod common;
 

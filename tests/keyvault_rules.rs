@@ -1,4 +1,4 @@
-//! DESIGN §1.1 over real gRPC: every key rule as a test named after it.
+//! docs/RULES.md R1 over real gRPC: every key rule as a test named after it.
 
 mod common;
 

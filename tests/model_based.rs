@@ -1,5 +1,5 @@
-//! DESIGN §5: the reference-model property test. Random interleavings of access-policy, role,
-//! identity, key-state, permission-model and network changes with wrap/unwrap/get calls from
+//! docs/RULES.md R6.1: the reference-model property test. Random interleavings of access-policy,
+//! role, identity, key-state, permission-model and network changes with wrap/unwrap/get calls from
 //! several principals and source addresses; every answer of the running broker (over real gRPC,
 //! caches on) must equal what a small, independent model of the rules says. No stale allow.
 //!
@@ -95,7 +95,7 @@ fn step() -> impl Strategy<Value = Step> {
     ]
 }
 
-/// The reference model: the rules of DESIGN §1.1–1.3 for one key, written independently.
+/// The reference model: the rules of docs/RULES.md R1–R3 for one key, written independently.
 #[derive(Default)]
 struct Model {
     policies: HashMap<usize, BTreeSet<Perm>>,

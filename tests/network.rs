@@ -1,4 +1,4 @@
-//! DESIGN §1.3 over real gRPC: vault firewalls judged on the real peer address of each
+//! docs/RULES.md R3 over real gRPC: vault firewalls judged on the real peer address of each
 //! connection (client sockets bound to 127.0.0.2, 127.0.0.3, … before connecting), VNet rules,
 //! private endpoints, and the trusted-service bypass for SQL servers' TDE calls.
 

@@ -1,4 +1,5 @@
-//! DESIGN §1.4 and the seeds (`shared/seeds/`): one scenario per statement, over real gRPC.
+//! docs/RULES.md R4 and the seeds (docs/TDE-SCENARIOS.md): one scenario per statement, over real
+//! gRPC.
 
 mod common;
 

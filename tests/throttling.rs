@@ -1,6 +1,7 @@
-//! Key Vault throttling (azure-semantics A6) on the manual clock: per vault, 10-second windows,
-//! weighted by key type and size, CREATE counted apart; refusals are RESOURCE_EXHAUSTED with
-//! reason `Throttled`, the cloud's 429 text and a `retry-after`, and do not count.
+//! Key Vault throttling (docs/RULES.md, Cloud behaviour, Throttling) on the manual clock: per
+//! vault, 10-second windows, weighted by key type and size, CREATE counted apart; refusals are
+//! RESOURCE_EXHAUSTED with reason `Throttled`, the cloud's 429 text and a `retry-after`, and do not
+//! count.
 
 mod common;
 

@@ -1,5 +1,6 @@
-//! TLS and mTLS (DESIGN §2.2): `--tls auto` and its dev CA, certificate files, client
-//! certificates that authenticate as a principal, and the plaintext rule for public addresses.
+//! TLS and mTLS (docs/API.md, Authentication; docs/RULES.md R5): `--tls auto` and its dev CA,
+//! certificate files, client certificates that authenticate as a principal, and the plaintext rule
+//! for public addresses.
 
 mod common;
 

@@ -1,7 +1,7 @@
-//! Authentication (DESIGN §2.2): the broker issues RS256 JWTs with the cloud's claims and
-//! validates them on every call — signature, issuer, audience, lifetime on the broker's clock,
-//! and that the principal still exists. The interceptor puts the [`Caller`] into the request's
-//! extensions; a request without one never reaches a handler.
+//! Authentication (docs/API.md, Authentication; docs/RULES.md R5): the broker issues RS256 JWTs
+//! with the cloud's claims and validates them on every call — signature, issuer, audience, lifetime
+//! on the broker's clock, and that the principal still exists. The interceptor puts the [`Caller`]
+//! into the request's extensions; a request without one never reaches a handler.
 
 pub mod jwt;
 

@@ -1,5 +1,5 @@
-//! The hot path's caches (DESIGN §4): authorization decisions keyed with the state epoch, so any
-//! change voids every cached decision at once, and unwrap results keyed by (key version,
+//! The hot path's caches (docs/PERFORMANCE.md): authorization decisions keyed with the state epoch,
+//! so any change voids every cached decision at once, and unwrap results keyed by (key version,
 //! algorithm, SHA-256 of the ciphertext), consulted only after authorization and the key rules
 //! passed. Both are bounded by entries and TTL and can be switched off.
 

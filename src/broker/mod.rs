@@ -66,7 +66,7 @@ pub enum EnforceCmk {
     Deny,
 }
 
-/// TDE settings (DESIGN §1.4).
+/// TDE settings (docs/RULES.md R4).
 #[derive(Clone, Debug)]
 pub struct TdeSettings {
     /// Heal window and transient grace.

@@ -1,5 +1,5 @@
-//! Servers, their identities, TDE protectors and databases (DESIGN §1.4). Every validation runs
-//! before anything is committed: a refused request changes nothing.
+//! Servers, their identities, TDE protectors and databases (docs/RULES.md R4). Every validation
+//! runs before anything is committed: a refused request changes nothing.
 
 use super::state::{State, db_key};
 use super::tde::{DbEventRecord, identity_label, identity_principal};
@@ -151,7 +151,7 @@ impl Broker {
     }
 
     /// The versioned kid a protector given as `key_id` starts with, after the protector
-    /// validations of DESIGN §1.4 in their order (the identity check is done by the caller).
+    /// validations of docs/RULES.md R4.2 in their order (the identity check is done by the caller).
     fn validate_protector_key(
         &self,
         st: &State,

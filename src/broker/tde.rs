@@ -1,6 +1,6 @@
-//! TDE on the broker's clock (DESIGN §1.4): evaluating a server's access to its protector with
-//! its effective identity, moving databases through the state machine, emitting the events, and
-//! the engine host's wrap/unwrap path.
+//! TDE on the broker's clock (docs/RULES.md R4.7–R4.10): evaluating a server's access to its
+//! protector with its effective identity, moving databases through the state machine, emitting the
+//! events, and the engine host's wrap/unwrap path.
 
 use zeroize::Zeroizing;
 

@@ -1,6 +1,6 @@
 //! Key Vault throttling (Emulation.SetThrottling, config `throttling`): the cloud's per-vault
-//! limits (reference `azure-semantics.md` A6), counted in 10-second windows of the broker's clock.
-//! Off by default; in memory only, like the injected faults.
+//! limits (docs/RULES.md, Cloud behaviour, Throttling), counted in 10-second windows of the
+//! broker's clock. Off by default; in memory only, like the injected faults.
 //!
 //! The cloud's limits per vault and 10 s:
 //!
@@ -36,7 +36,7 @@ pub enum ThrottleProfile {
     /// No throttling (the default).
     #[default]
     Off,
-    /// The cloud's limits (A6).
+    /// The cloud's limits (docs/RULES.md, Cloud behaviour, Throttling).
     Azure,
     /// Own limits for the RSA-2048 software baseline; other keys weigh as in the cloud.
     #[serde(skip)]

@@ -1,5 +1,5 @@
 //! Changes: the only way state moves. Each is committed to the store, then applied to the
-//! in-memory state, then the epoch is bumped (DESIGN §3 invariant 5).
+//! in-memory state, then the epoch is bumped (ARCHITECTURE.md, invariant 5).
 
 use super::key::{Deletion, KeyVersion};
 use super::principal::Principal;

@@ -1,6 +1,7 @@
-//! The broker's typed errors. Each variant's `Display` is the cloud's text (reference
-//! `azure-semantics.md` A2–A5); [`BrokerError::code`] is the cloud's code (the inner code where the
-//! cloud has one) and [`BrokerError::class`] decides the gRPC status at the edge.
+//! The broker's typed errors. Each variant's `Display` is the cloud's text (docs/RULES.md, Cloud
+//! behaviour: "key errors", "permissions", "network", "tokens", "throttling" below);
+//! [`BrokerError::code`] is the cloud's code (the inner code where the cloud has one) and
+//! [`BrokerError::class`] decides the gRPC status at the edge.
 
 use std::fmt;
 
@@ -53,7 +54,7 @@ impl fmt::Display for CallerDescription {
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 #[non_exhaustive]
 pub enum BrokerError {
-    /// No `authorization` metadata at all (A5).
+    /// No `authorization` metadata at all (tokens).
     #[error("Request is missing a Bearer or PoP token.")]
     MissingToken,
     /// The token could not be parsed or its signature does not verify.
@@ -116,7 +117,7 @@ pub enum BrokerError {
         /// The resource scope.
         scope: String,
     },
-    /// Access-policy denial on the data plane (A3), inner code `AccessDenied`.
+    /// Access-policy denial on the data plane (permissions), inner code `AccessDenied`.
     #[error(
         "The user, group or application '{caller}' does not have keys {permission} permission on key vault '{vault};location={location}'. For help resolving this issue, please see {ACCESS_DENIED_HELP}"
     )]
@@ -130,7 +131,7 @@ pub enum BrokerError {
         /// The broker's configured location.
         location: String,
     },
-    /// RBAC denial on the data plane (A3), inner code `ForbiddenByRbac`.
+    /// RBAC denial on the data plane (permissions), inner code `ForbiddenByRbac`.
     #[error(
         "Caller is not authorized to perform action on resource.\r\nIf role assignments, deny assignments or role definitions were changed recently, please observe propagation time.\r\nCaller: {caller}\r\nAction: '{action}'\r\nResource: '{resource}'\r\nAssignment: (not found)\r\nDenyAssignmentId: null\r\nDecisionReason: 'DeniedWithNoValidRBAC' \r\nVault: {vault};location={location}\r\n"
     )]
@@ -146,7 +147,7 @@ pub enum BrokerError {
         /// The broker's configured location.
         location: String,
     },
-    /// The vault firewall refused the caller's address (A4), inner code `ForbiddenByFirewall`.
+    /// The vault firewall refused the caller's address (network), inner code `ForbiddenByFirewall`.
     #[error(
         "Client address is not authorized and caller is not a trusted service.\r\nClient address: {client}\r\nCaller: {caller}\r\nVault: {vault};location={location}"
     )]
@@ -160,7 +161,7 @@ pub enum BrokerError {
         /// Location.
         location: String,
     },
-    /// Public network access is disabled (A4), inner code `ForbiddenByConnection`.
+    /// Public network access is disabled (network), inner code `ForbiddenByConnection`.
     #[error(
         "Public network access is disabled and request is not from a trusted service nor via an approved private link.\r\nCaller: {caller}\r\nVault: {vault};location={location}"
     )]
@@ -172,31 +173,32 @@ pub enum BrokerError {
         /// Location.
         location: String,
     },
-    /// `enabled = false` refuses every crypto operation (A2), inner code `KeyDisabled`.
+    /// `enabled = false` refuses every crypto operation (key errors), inner code `KeyDisabled`.
     #[error("Operation {operation} is not allowed on a disabled key.")]
     KeyDisabled {
         /// The operation name as the cloud spells it.
         operation: &'static str,
     },
-    /// The operation is not in the version's `key_ops` (A2), inner code `KeyOperationForbidden`.
+    /// The operation is not in the version's `key_ops` (key errors), inner code
+    /// `KeyOperationForbidden`.
     #[error("Operation {operation} is not permitted on this key.")]
     KeyOperationForbidden {
         /// The operation name as the cloud spells it.
         operation: &'static str,
     },
-    /// encrypt/wrapKey after `exp` (A2: 403; the cloud's exact body is not public).
+    /// encrypt/wrapKey after `exp` (key errors: 403; the cloud's exact body is not public).
     #[error("Operation {operation} is not allowed on an expired key.")]
     KeyExpired {
         /// The operation name as the cloud spells it.
         operation: &'static str,
     },
-    /// encrypt/wrapKey before `nbf` (A2: 403; the cloud's exact body is not public).
+    /// encrypt/wrapKey before `nbf` (key errors: 403; the cloud's exact body is not public).
     #[error("Operation {operation} is not allowed on a key that is not yet valid.")]
     KeyNotYetValid {
         /// The operation name as the cloud spells it.
         operation: &'static str,
     },
-    /// Missing key or key version (A2), code `KeyNotFound`.
+    /// Missing key or key version (key errors), code `KeyNotFound`.
     #[error(
         "A key with (name/id) {name_or_id} was not found in this key vault. If you recently deleted this key you may be able to recover it using the correct recovery command. For help resolving this issue, please see {KEY_NOT_FOUND_HELP}"
     )]
@@ -210,7 +212,8 @@ pub enum BrokerError {
         /// The key name.
         name: String,
     },
-    /// The name belongs to a soft-deleted key (A2), inner code `ObjectIsDeletedButRecoverable`.
+    /// The name belongs to a soft-deleted key (key errors), inner code
+    /// `ObjectIsDeletedButRecoverable`.
     #[error(
         "Key {name} is currently in a deleted but recoverable state, and its name cannot be reused; in this state, the key can only be recovered or purged."
     )]
@@ -218,7 +221,7 @@ pub enum BrokerError {
         /// The key name.
         name: String,
     },
-    /// Purge refused while purge protection is on (A2).
+    /// Purge refused while purge protection is on (key errors).
     #[error(
         "Operation \"purge\" is not allowed because purge protection is enabled for this vault. Key Vault service will automatically purge it after the retention period has passed."
     )]
@@ -453,7 +456,8 @@ pub enum BrokerError {
         /// Vault name.
         vault: String,
     },
-    /// The vault's throttling limit of the current 10-second window is used up (A6's 429 body).
+    /// The vault's throttling limit of the current 10-second window is used up (throttling: the
+    /// cloud's 429 body).
     #[error(
         "Request was not processed because too many requests were received. Reason: VaultRequestTypeLimitReached"
     )]

@@ -1,5 +1,5 @@
 //! Identifiers in the cloud's shapes: vault names, key names, key versions and key URIs
-//! (DESIGN §1: `https://{vault}.{suffix}/keys/{name}/{version}`).
+//! (docs/RULES.md, Domain: `https://{vault}.{suffix}/keys/{name}/{version}`).
 
 use std::borrow::Cow;
 

@@ -1,5 +1,5 @@
-//! Keys, key versions, their attributes and the rules of DESIGN §1.1 that decide whether a crypto
-//! operation may run on a version. Pure: `now` is always an argument.
+//! Keys, key versions, their attributes and the rules of docs/RULES.md R1 that decide whether a
+//! crypto operation may run on a version. Pure: `now` is always an argument.
 
 use std::collections::BTreeMap;
 
@@ -8,7 +8,7 @@ use serde::{Deserialize, Serialize};
 use super::error::BrokerError;
 use super::ids::printable;
 
-/// Key types a vault holds (DESIGN §1: RSA, RSA-HSM, oct-HSM).
+/// Key types a vault holds (docs/RULES.md, Domain: RSA, RSA-HSM, oct-HSM).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub enum KeyType {
     /// Software-protected RSA.
@@ -176,7 +176,8 @@ impl CryptoOp {
         self.key_op().name()
     }
 
-    /// Decrypt and unwrapKey keep working outside nbf/exp (A2); encrypt and wrapKey do not.
+    /// Decrypt and unwrapKey keep working outside nbf/exp (docs/RULES.md R1.5); encrypt and wrapKey
+    /// do not.
     pub fn works_outside_validity(self) -> bool {
         matches!(self, CryptoOp::Decrypt | CryptoOp::UnwrapKey)
     }
@@ -313,9 +314,9 @@ pub struct KeyVersion {
 }
 
 impl KeyVersion {
-    /// DESIGN §1.1: decides whether `op` with `alg` may run on this version at `now`.
-    /// Order: enabled, key_ops, algorithm fits the key, nbf/exp window (decrypt and unwrapKey
-    /// still work outside it).
+    /// docs/RULES.md R1.2 and R1.4–R1.6: decides whether `op` with `alg` may run on this version at
+    /// `now`. Order: enabled, key_ops, algorithm fits the key, nbf/exp window (decrypt and
+    /// unwrapKey still work outside it).
     pub fn check_crypto(&self, op: CryptoOp, alg: Algorithm, now: i64) -> Result<(), BrokerError> {
         if !self.attributes.enabled {
             return Err(BrokerError::KeyDisabled { operation: op.name() });

@@ -1,4 +1,4 @@
-//! Principals (who calls) and control-plane role assignments (DESIGN §1.2).
+//! Principals (who calls) and control-plane role assignments (docs/RULES.md R2).
 
 use std::sync::Arc;
 

@@ -1,6 +1,6 @@
-//! Built-in roles and role assignments (DESIGN §1.2). A role is defined the way ARM defines it:
-//! `actions`/`not_actions` for the control plane and `data_actions` for Key Vault's data plane,
-//! with `*` wildcards, matched case-insensitively.
+//! Built-in roles and role assignments (docs/RULES.md R2.3, R2.4). A role is defined the way ARM
+//! defines it: `actions`/`not_actions` for the control plane and `data_actions` for Key Vault's
+//! data plane, with `*` wildcards, matched case-insensitively.
 
 use serde::{Deserialize, Serialize};
 

@@ -1,5 +1,5 @@
 //! SQL logical servers and managed instances, their identity blocks, TDE protectors and
-//! databases, with the rules of DESIGN §1.4 that need no state beyond their arguments.
+//! databases, with the rules of docs/RULES.md R4 that need no state beyond their arguments.
 
 use serde::{Deserialize, Serialize};
 
@@ -37,7 +37,7 @@ pub struct ServerIdentity {
     pub primary: Option<String>,
 }
 
-/// Which identity TDE uses (DESIGN §1.4): the primary UMI; without UMIs, the SMI.
+/// Which identity TDE uses (docs/RULES.md R4.1): the primary UMI; without UMIs, the SMI.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum EffectiveIdentity {
     /// A user-assigned identity, by resource id.
@@ -254,8 +254,9 @@ impl Database {
         }
     }
 
-    /// DESIGN §1.4 state machine: the database after an evaluation at `now`, and the event if
-    /// its state changed. `transient_since` is when the current run of transient faults began.
+    /// The state machine of docs/RULES.md R4.7–R4.9: the database after an evaluation at `now`, and
+    /// the event if its state changed. `transient_since` is when the current run of transient
+    /// faults began.
     pub fn next(
         &self,
         access: Access,
@@ -337,7 +338,7 @@ pub fn tde_docs_link(cloud: Cloud) -> &'static str {
     }
 }
 
-/// The cloud the broker imitates (DESIGN §1.3).
+/// The cloud the broker imitates (docs/RULES.md R3.5).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, Default)]
 pub enum Cloud {
     /// Azure public cloud.

@@ -1,5 +1,5 @@
 //! Vaults: soft-delete retention, purge protection, permission model, network settings
-//! (DESIGN §1; network rules are enforced by a later issue, stored and validated here).
+//! (docs/RULES.md, Domain; network rules are enforced by a later issue, stored and validated here).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
@@ -12,7 +12,7 @@ use super::ids::printable;
 /// The cloud's default soft-delete retention.
 pub const DEFAULT_RETENTION_DAYS: i32 = 90;
 
-/// Key permissions of an access policy (DESIGN §1.2).
+/// Key permissions of an access policy (docs/RULES.md R2.2).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 #[allow(missing_docs)]

@@ -1,5 +1,6 @@
 //! Control-plane authorization: ARM role assignments at `/`, subscription, resource group or
-//! resource scope (DESIGN §1.2). An assignment applies to its scope and everything beneath it.
+//! resource scope (docs/RULES.md R2.4). An assignment applies to its scope and everything beneath
+//! it.
 
 use crate::model::{BrokerError, RoleAssignment};
 

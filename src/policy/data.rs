@@ -1,5 +1,5 @@
 //! Data-plane authorization: which key permission an operation needs, and whether the vault's
-//! permission model grants it to the caller (DESIGN §1.2).
+//! permission model grants it to the caller (docs/RULES.md R2.2, R2.3).
 
 use super::control::scope_contains;
 use crate::model::{BrokerError, CallerDescription, KeyPermission, RoleAssignment, Vault};

@@ -1,4 +1,4 @@
-//! Vault network rules (DESIGN §1.3), decided on the real origin of a call: the connection's
+//! Vault network rules (docs/RULES.md R3), decided on the real origin of a call: the connection's
 //! peer address, or, for the broker's own calls on behalf of a server, a trusted service (SQL
 //! logical server) or a subnet (managed instance). Checked before permissions, data plane only.
 
