@@ -216,11 +216,27 @@ async fn missing_token_file_and_unreachable_broker_are_explained() {
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     let token_path = empty.path().join("admin.token");
+    assert!(err.contains(&format!("no token: {} does not exist.", token_path.display())), "{err}");
+    for hint in ["--data-dir DIR", "--token", "tde-broker serve"] {
+        assert!(err.contains(hint), "{err}");
+    }
+
+    // Run from another directory with the default data directory: the path printed is absolute.
+    let elsewhere = tempfile::tempdir().expect("tempdir");
+    let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_tde-broker"));
+    command
+        .current_dir(elsewhere.path())
+        .env_remove("TDE_BROKER_TOKEN")
+        .env_remove("TDE_BROKER_DATA_DIR")
+        .env("RUST_LOG", "off")
+        .args(["vault", "list", "--server", "http://127.0.0.1:9"]);
+    let out = tokio::task::spawn_blocking(move || command.output().expect("run")).await.expect("join");
+    let err = String::from_utf8_lossy(&out.stderr);
+    let absolute = elsewhere.path().canonicalize().expect("canonical").join("tde-broker-data/admin.token");
+    let printed = elsewhere.path().join("tde-broker-data/admin.token");
     assert!(
-        err.contains(&format!(
-            "no token: {} does not exist; start the broker (tde-broker serve) or pass --token/--data-dir",
-            token_path.display()
-        )),
+        err.contains(&format!("no token: {} does not exist", printed.display()))
+            || err.contains(&format!("no token: {} does not exist", absolute.display())),
         "{err}"
     );
 
@@ -233,6 +249,42 @@ async fn missing_token_file_and_unreachable_broker_are_explained() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains(&format!("http://127.0.0.1:{port}")), "{err}");
     assert!(err.contains("tde-broker serve"), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_address_that_is_the_admin_http_port_is_named_as_not_grpc() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut cfg = Config::for_data_dir(dir.path());
+    cfg.http_listen = Some("127.0.0.1:0".parse().expect("addr"));
+    let app = App::open(cfg).await.expect("broker starts");
+    let http = app.http_addr().expect("the admin listener runs");
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    tokio::spawn(app.serve(listener, std::future::pending()));
+    let out = cli(&format!("http://{http}"), dir.path(), &["vault", "list"]).await;
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains(&format!("http://{http} is not a gRPC port: it answered \"HTTP/1.1 ")), "{err}");
+    assert!(err.contains("--listen, default 127.0.0.1:50051"), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn times_are_rfc3339_dates_or_moves_from_the_brokers_clock() {
+    let b = start_broker().await;
+    b.json(&["vault", "create", "when-vault"]).await;
+    let set = b.json(&["clock", "set", "2027-01-15T08:00:00Z"]).await;
+    assert_eq!(set["now"].as_i64(), Some(1_800_000_000));
+    let set = b.json(&["clock", "set", "+1h"]).await;
+    assert_eq!(set["now"].as_i64(), Some(1_800_003_600));
+    let set = b.json(&["clock", "set", "-30m"]).await;
+    assert_eq!(set["now"].as_i64(), Some(1_800_001_800));
+    let key = b.json(&["key", "create", "when-vault", "k", "--nbf", "now", "--exp", "+90d"]).await;
+    assert_eq!(key["attributes"]["not_before"].as_i64(), Some(1_800_001_800));
+    assert_eq!(key["attributes"]["expires"].as_i64(), Some(1_800_001_800 + 90 * 86_400));
+    let kid = str_of(&key, "kid").to_string();
+    let updated = b.json(&["key", "update", &kid, "--exp", "2027-03-01"]).await;
+    assert_eq!(updated["attributes"]["expires"].as_i64(), Some(1_803_859_200));
+    let err = b.fails(&["key", "update", &kid, "--exp", "soon"]).await;
+    assert!(err.contains("'soon' is not a time") && err.contains("RFC 3339") && err.contains("+1h"), "{err}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
