@@ -415,6 +415,53 @@ async fn identity_policy_token_then_crypto_as_the_identity_and_roles() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refusals_that_name_a_rule_print_the_command_that_fixes_it() {
+    let b = start_broker().await;
+    b.json(&["vault", "create", "nopp-vault"]).await;
+    let key = b.json(&["key", "create", "nopp-vault", "tde"]).await;
+    let key_uri = str_of(&key, "kid").rsplit_once('/').expect("versioned kid").0.to_string();
+    let umi = b.json(&["identity", "create", "nopp-umi", "--resource-group", "id-rg"]).await;
+    let umi_id = str_of(&umi, "resource_id").to_string();
+    let create = [
+        "server",
+        "create",
+        "nopp-sql",
+        "--resource-group",
+        "sql-rg",
+        "--umi",
+        &umi_id,
+        "--key-id",
+        &key_uri,
+    ];
+
+    // The cloud's text and code stay; the hint says how to get past it.
+    let err = b.fails(&create).await;
+    assert!(
+        err.contains("(SecurityInvalidAzureKeyVaultRecoveryLevel): The provided Key Vault uri is not valid."),
+        "{err}"
+    );
+    assert!(err.contains("\nhint: ") && err.contains("vault update VAULT --purge-protection"), "{err}");
+    b.json(&["vault", "update", "nopp-vault", "--purge-protection"]).await;
+
+    // Next: the identity lacks key permissions.
+    let err = b.fails(&create).await;
+    assert!(err.contains("hint: grant the server's identity get, wrapKey and unwrapKey"), "{err}");
+    let principal = str_of(&umi, "principal_id").to_string();
+    let grant =
+        ["policy", "set", "nopp-vault", "--object-id", &principal, "--permissions", "get,wrapKey,unwrapKey"];
+    b.json(&grant).await;
+    b.json(&create).await;
+
+    // A disabled key says how to enable it; errors without a known fix print no hint.
+    let kid = str_of(&key, "kid").to_string();
+    b.json(&["key", "update", &kid, "--disable"]).await;
+    let err = b.fails(&["key", "wrap", &kid, "--alg", "RSA-OAEP-256", "--value-hex", "00"]).await;
+    assert!(err.contains("hint: enable the key: `tde-broker key update KEY_ID --enable`"), "{err}");
+    let err = b.fails(&["vault", "show", "no-such-vault"]).await;
+    assert!(!err.contains("hint:"), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cmk_server_database_watch_and_revalidate() {
     let b = start_broker().await;
 

@@ -148,6 +148,39 @@ pub enum CliError {
 }
 
 impl CliError {
+    /// What to do about a refusal whose cloud text names the rule but not the fix; printed on
+    /// a `hint:` line after the error. The cloud's text itself is kept as it is.
+    pub(crate) fn hint(&self) -> Option<&'static str> {
+        let CliError::Rpc { reason: Some(reason), .. } = self else { return None };
+        Some(match reason.as_str() {
+            "SecurityInvalidAzureKeyVaultRecoveryLevel" => {
+                "a TDE protector's vault needs purge protection: `tde-broker vault update VAULT --purge-protection` (it cannot be turned off again)"
+            }
+            "AzureKeyVaultMissingPermissions" | "UmiMissingAkvPermissions" => {
+                "grant the server's identity get, wrapKey and unwrapKey on the vault: `tde-broker policy set VAULT --object-id PRINCIPAL_ID --permissions get,wrapKey,unwrapKey` (or the Key Vault Crypto Service Encryption User role on an RBAC vault)"
+            }
+            "AzureKeyVaultNoServerIdentity" => {
+                "give the server an identity first: `tde-broker server identity SERVER_ID --umi IDENTITY_RESOURCE_ID` (or --system-assigned)"
+            }
+            "AccessDenied" => {
+                "grant the caller the key permission the message names: `tde-broker policy set VAULT --object-id OBJECT_ID --permissions …` (it replaces that object id's list)"
+            }
+            "ForbiddenByRbac" => {
+                "assign the caller a Key Vault data role on the vault or key: `tde-broker role assign --scope SCOPE --principal-id OBJECT_ID --role \"Key Vault Crypto User\"`"
+            }
+            "KeyDisabled" | "AzureKeyVaultKeyDisabled" => {
+                "enable the key: `tde-broker key update KEY_ID --enable`"
+            }
+            "KeyExpired" => {
+                "move the key's expiry: `tde-broker key update KEY_ID --exp +1y` (or --clear-exp); unwrap and decrypt still work on an expired key"
+            }
+            "ClockNotManual" => {
+                "restart the broker with `tde-broker serve --clock manual`; its clock resumes from the saved time"
+            }
+            _ => return None,
+        })
+    }
+
     /// A closure for `map_err` that names the file an I/O error is about.
     pub(crate) fn io(path: &std::path::Path) -> impl FnOnce(std::io::Error) -> CliError + '_ {
         move |source| CliError::Io { path: path.to_path_buf(), source }

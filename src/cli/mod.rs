@@ -220,6 +220,9 @@ pub fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e}");
+            if let Some(hint) = e.downcast_ref::<CliError>().and_then(CliError::hint) {
+                eprintln!("hint: {hint}");
+            }
             ExitCode::FAILURE
         }
     }
