@@ -1,6 +1,8 @@
 //! End-to-end tests of the `tde-broker` client subcommands: the real binary against a broker
 //! served in-process on an ephemeral loopback port.
 
+mod common;
+
 use std::path::{Path, PathBuf};
 use std::process::Output;
 
@@ -459,6 +461,92 @@ async fn refusals_that_name_a_rule_print_the_command_that_fixes_it() {
     assert!(err.contains("hint: enable the key: `tde-broker key update KEY_ID --enable`"), "{err}");
     let err = b.fails(&["vault", "show", "no-such-vault"]).await;
     assert!(!err.contains("hint:"), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn files_go_in_with_in_and_out_with_out_and_values_print_as_asked() {
+    use std::os::unix::fs::PermissionsExt as _;
+    let b = start_broker().await;
+    let files = tempfile::tempdir().expect("tempdir");
+    let file = |name: &str| files.path().join(name).display().to_string();
+    b.json(&["vault", "create", "io-vault"]).await;
+    let key = b.json(&["key", "create", "io-vault", "k"]).await;
+    let kid = str_of(&key, "kid").to_string();
+
+    // A DEK in from a file, wrapped, unwrapped back as hex and into a private file.
+    let dek: Vec<u8> = (100u8..132).collect();
+    std::fs::write(file("dek.bin"), &dek).expect("write dek");
+    let wrapped = b
+        .json(&[
+            "key",
+            "wrap",
+            &kid,
+            "--alg",
+            "RSA-OAEP-256",
+            "--in",
+            &file("dek.bin"),
+            "--out",
+            &file("wrapped.bin"),
+        ])
+        .await;
+    assert_eq!(wrapped["bytes"].as_u64(), Some(256), "{wrapped}");
+    assert!(wrapped.get("value").is_none(), "{wrapped}");
+    let hex_out = b
+        .json(&["key", "unwrap", &kid, "--alg", "RSA-OAEP-256", "--in", &file("wrapped.bin"), "--hex"])
+        .await;
+    assert_eq!(str_of(&hex_out, "value"), hex::encode(&dek));
+    let table =
+        b.run(&["key", "unwrap", &kid, "--alg", "RSA-OAEP-256", "--in", &file("wrapped.bin"), "--hex"]).await;
+    let text = String::from_utf8_lossy(&table.stdout);
+    assert!(text.lines().any(|l| l.starts_with("value") && l.ends_with(&hex::encode(&dek))), "{text}");
+    b.json(&[
+        "key",
+        "unwrap",
+        &kid,
+        "--alg",
+        "RSA-OAEP-256",
+        "--in",
+        &file("wrapped.bin"),
+        "--out",
+        &file("dek.out"),
+    ])
+    .await;
+    assert_eq!(std::fs::read(file("dek.out")).expect("dek.out"), dek);
+    let mode = std::fs::metadata(file("dek.out")).expect("meta").permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600, "an unwrapped key is written for its owner only");
+
+    // Backup out, restore in (after the key is deleted and purged).
+    let key_uri = kid.rsplit_once('/').expect("versioned").0.to_string();
+    let backup = b.json(&["key", "backup", &key_uri, "--out", &file("k.backup")]).await;
+    assert!(backup["bytes"].as_u64().is_some_and(|n| n > 0), "{backup}");
+    b.json(&["key", "delete", &key_uri]).await;
+    b.json(&["key", "purge", "io-vault", "k"]).await;
+    let restored = b.json(&["key", "restore", "io-vault", "--in", &file("k.backup")]).await;
+    assert_eq!(str_of(&restored, "kid"), kid);
+    // The former flag still works.
+    b.json(&["key", "backup", &key_uri, "--file", &file("k2.backup")]).await;
+
+    // Import reads PEM, JWK or DER from --in by content.
+    use rsa::pkcs8::EncodePrivateKey as _;
+    let sk = rsa::PrivateKey::new(&mut common::TestRng, 2048).expect("rsa key");
+    let der = sk.to_pkcs8_der().expect("pkcs8").as_bytes().to_vec();
+    let body = B64
+        .encode(&der)
+        .as_bytes()
+        .chunks(64)
+        .map(|l| String::from_utf8_lossy(l).into_owned())
+        .collect::<Vec<_>>();
+    let pem = format!("-----BEGIN PRIVATE KEY-----\n{}\n-----END PRIVATE KEY-----\n", body.join("\n"));
+    std::fs::write(file("imp.pem"), pem).expect("write pem");
+    std::fs::write(file("imp.der"), &der).expect("write der");
+    let from_pem = b.json(&["key", "import", "io-vault", "imp", "--in", &file("imp.pem")]).await;
+    let from_der = b.json(&["key", "import", "io-vault", "imp", "--in", &file("imp.der")]).await;
+    assert_eq!(from_pem["kty"], "RSA", "{from_pem}");
+    assert_eq!(from_pem["n"], from_der["n"], "the same key from PEM and DER");
+    std::fs::write(file("oct.jwk"), r#"{"kty":"oct","k":"AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8"}"#)
+        .expect("jwk");
+    let imported = b.json(&["key", "import", "io-vault", "oct", "--in", &file("oct.jwk")]).await;
+    assert_eq!(imported["kty"], "oct-HSM", "{imported}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -74,16 +74,16 @@ pub enum KeyCmd {
         /// Key URI.
         key_id: String,
         /// Where to write the blob (raw bytes).
-        #[arg(long, value_name = "PATH")]
-        file: PathBuf,
+        #[arg(long = "out", alias = "file", value_name = "PATH")]
+        out: PathBuf,
     },
     /// Restore a key from a backup blob.
     Restore {
         /// Vault name.
         vault: String,
         /// The blob written by `key backup`.
-        #[arg(long, value_name = "PATH")]
-        file: PathBuf,
+        #[arg(long = "in", alias = "file", value_name = "PATH")]
+        input: PathBuf,
     },
     /// Wrap a key (e.g. a DEK) with this key.
     Wrap(CryptoArgs),
@@ -137,20 +137,24 @@ pub struct CreateKeyArgs {
 
 /// `key import`
 #[derive(Debug, clap::Args)]
-#[command(group(clap::ArgGroup::new("source").required(true).args(["pem_file", "der_file", "jwk_file"])))]
+#[command(group(clap::ArgGroup::new("source").required(true).args(["input", "pem_file", "der_file", "jwk_file"])))]
 pub struct ImportKeyArgs {
     /// Vault name.
     pub vault: String,
     /// Key name.
     pub name: String,
-    /// PEM private key ("PRIVATE KEY" or "RSA PRIVATE KEY").
-    #[arg(long, value_name = "PATH")]
+    /// The private key: PEM ("PRIVATE KEY" or "RSA PRIVATE KEY"), a private JSON Web Key (RSA or
+    /// oct), or PKCS#8 DER; told apart by their content.
+    #[arg(long = "in", value_name = "PATH")]
+    pub input: Option<PathBuf>,
+    /// The private key as PEM (what --in reads when the file is PEM).
+    #[arg(long, value_name = "PATH", hide = true)]
     pub pem_file: Option<PathBuf>,
-    /// PKCS#8 DER private key.
-    #[arg(long, value_name = "PATH")]
+    /// The private key as PKCS#8 DER.
+    #[arg(long, value_name = "PATH", hide = true)]
     pub der_file: Option<PathBuf>,
-    /// Private JSON Web Key (RSA or oct).
-    #[arg(long, value_name = "PATH")]
+    /// The private key as a JSON Web Key.
+    #[arg(long, value_name = "PATH", hide = true)]
     pub jwk_file: Option<PathBuf>,
     /// Mark the key RSA-HSM instead of RSA.
     #[arg(long)]
@@ -210,6 +214,13 @@ pub struct CryptoArgs {
     /// Read the input value (raw bytes) from a file.
     #[arg(long = "in", value_name = "PATH")]
     pub input: Option<PathBuf>,
+    /// Print the result's value (and iv, tag) in hex instead of base64.
+    #[arg(long)]
+    pub hex: bool,
+    /// Write the result's value (raw bytes) to this file, readable by its owner only, instead of
+    /// printing it; iv and tag are still printed.
+    #[arg(long = "out", value_name = "PATH")]
+    pub out: Option<PathBuf>,
     /// Initialization vector, base64 (AES).
     #[arg(long, value_name = "B64")]
     pub iv_b64: Option<String>,
@@ -280,7 +291,15 @@ pub(super) async fn key(s: &Session, cmd: KeyCmd) -> Result<Out, CliError> {
                 tags: a.props.tags.into_iter().collect(),
                 ..Default::default()
             };
-            if let Some(path) = &a.pem_file {
+            if let Some(path) = &a.input {
+                let bytes = zeroize::Zeroizing::new(std::fs::read(path).map_err(CliError::io(path))?);
+                let text = || String::from_utf8_lossy(&bytes).into_owned();
+                match bytes.iter().find(|b| !b.is_ascii_whitespace()) {
+                    Some(b'-') => request.pem = text(),
+                    Some(b'{') => request.jwk_json = text(),
+                    _ => request.pkcs8_der = bytes.to_vec(),
+                }
+            } else if let Some(path) = &a.pem_file {
                 request.pem = std::fs::read_to_string(path).map_err(CliError::io(path))?;
             } else if let Some(path) = &a.der_file {
                 request.pkcs8_der = std::fs::read(path).map_err(CliError::io(path))?;
@@ -345,31 +364,35 @@ pub(super) async fn key(s: &Session, cmd: KeyCmd) -> Result<Out, CliError> {
                 table: format!("purged key {name} from {vault}\n"),
             })
         }
-        KeyCmd::Backup { key_id, file } => {
+        KeyCmd::Backup { key_id, out } => {
             let backup = s.call(s.keys().backup_key(proto::BackupKeyRequest { key_id })).await?;
-            std::fs::write(&file, &backup.blob).map_err(CliError::io(&file))?;
-            let path = file.display().to_string();
+            std::fs::write(&out, &backup.blob).map_err(CliError::io(&out))?;
+            let path = out.display().to_string();
             Ok(Out {
                 json: json!({ "file": path, "bytes": backup.blob.len() }),
                 table: format!("wrote {} bytes to {path}\n", backup.blob.len()),
             })
         }
-        KeyCmd::Restore { vault, file } => {
-            let blob = std::fs::read(&file).map_err(CliError::io(&file))?;
+        KeyCmd::Restore { vault, input } => {
+            let blob = std::fs::read(&input).map_err(CliError::io(&input))?;
             let request = proto::RestoreKeyRequest { vault_name: vault, blob };
             Ok(bundle_out(&s.call(s.keys().restore_key(request)).await?))
         }
         KeyCmd::Wrap(a) => {
-            Ok(result_out(&s.call(s.keys().wrap_key(crypto_request!(WrapKeyRequest, a))).await?))
+            let shown = Shown::of(&a);
+            result_out(&s.call(s.keys().wrap_key(crypto_request!(WrapKeyRequest, a))).await?, shown)
         }
         KeyCmd::Unwrap(a) => {
-            Ok(result_out(&s.call(s.keys().unwrap_key(crypto_request!(UnwrapKeyRequest, a))).await?))
+            let shown = Shown::of(&a);
+            result_out(&s.call(s.keys().unwrap_key(crypto_request!(UnwrapKeyRequest, a))).await?, shown)
         }
         KeyCmd::Encrypt(a) => {
-            Ok(result_out(&s.call(s.keys().encrypt(crypto_request!(EncryptRequest, a))).await?))
+            let shown = Shown::of(&a);
+            result_out(&s.call(s.keys().encrypt(crypto_request!(EncryptRequest, a))).await?, shown)
         }
         KeyCmd::Decrypt(a) => {
-            Ok(result_out(&s.call(s.keys().decrypt(crypto_request!(DecryptRequest, a))).await?))
+            let shown = Shown::of(&a);
+            result_out(&s.call(s.keys().decrypt(crypto_request!(DecryptRequest, a))).await?, shown)
         }
     }
 }
@@ -546,23 +569,46 @@ fn items_out(items: &[proto::KeyItem], first: &str, column: impl Fn(&str) -> Str
 }
 
 /// The result of a crypto operation.
-fn result_out(r: &proto::KeyOperationResult) -> Out {
-    let mut rows = vec![("kid", r.kid.clone()), ("value", B64.encode(&r.value))];
+/// How a crypto result's bytes are shown: `--hex` or base64, and `--out` for the value.
+struct Shown {
+    hex: bool,
+    out: Option<PathBuf>,
+}
+
+impl Shown {
+    fn of(a: &CryptoArgs) -> Self {
+        Shown { hex: a.hex, out: a.out.clone() }
+    }
+
+    fn text(&self, bytes: &[u8]) -> String {
+        if self.hex { hex::encode(bytes) } else { B64.encode(bytes) }
+    }
+}
+
+fn result_out(r: &proto::KeyOperationResult, shown: Shown) -> Result<Out, CliError> {
+    let mut json = json!({ "kid": r.kid, "iv": shown.text(&r.iv), "tag": shown.text(&r.tag) });
+    let mut rows = vec![("kid", r.kid.clone())];
+    match &shown.out {
+        // An unwrapped DEK is a secret: the file is private from its creation.
+        Some(path) => {
+            crate::store::datadir::write_durably(path, &r.value, 0o600)
+                .map_err(|(path, source)| CliError::Io { path, source })?;
+            json["out"] = json!(path.display().to_string());
+            json["bytes"] = json!(r.value.len());
+            rows.push(("out", format!("wrote {} bytes to {}", r.value.len(), path.display())));
+        }
+        None => {
+            json["value"] = json!(shown.text(&r.value));
+            rows.push(("value", shown.text(&r.value)));
+        }
+    }
     if !r.iv.is_empty() {
-        rows.push(("iv", B64.encode(&r.iv)));
+        rows.push(("iv", shown.text(&r.iv)));
     }
     if !r.tag.is_empty() {
-        rows.push(("tag", B64.encode(&r.tag)));
+        rows.push(("tag", shown.text(&r.tag)));
     }
-    Out {
-        json: json!({
-            "kid": r.kid,
-            "value": B64.encode(&r.value),
-            "iv": B64.encode(&r.iv),
-            "tag": B64.encode(&r.tag),
-        }),
-        table: fields(&rows),
-    }
+    Ok(Out { json, table: fields(&rows) })
 }
 
 /// Key attributes under their wire field names (enabled unless said otherwise).
