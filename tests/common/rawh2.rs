@@ -206,9 +206,8 @@ pub struct Frame {
 impl Frame {
     /// A GOAWAY's (last stream id, error code).
     pub fn goaway(&self) -> Option<(u32, u32)> {
-        (self.kind == kind::GOAWAY && self.payload.len() >= 8).then(|| {
-            (u32_at(&self.payload, 0) & MAX_WINDOW, u32_at(&self.payload, 4))
-        })
+        (self.kind == kind::GOAWAY && self.payload.len() >= 8)
+            .then(|| (u32_at(&self.payload, 0) & MAX_WINDOW, u32_at(&self.payload, 4)))
     }
 
     /// A GOAWAY's debug data, as text.
@@ -316,7 +315,9 @@ impl Drained {
     /// One line for the test's output.
     pub fn summary(&self) -> String {
         let goaway = match &self.goaway {
-            Some((last, code, debug)) => format!("GOAWAY {} (last stream {last}, debug {debug:?})", code::name(*code)),
+            Some((last, code, debug)) => {
+                format!("GOAWAY {} (last stream {last}, debug {debug:?})", code::name(*code))
+            }
             None => "no GOAWAY".to_string(),
         };
         format!(
