@@ -44,6 +44,24 @@ pub const ADMIN_TOKEN_FILE: &str = "admin.token";
 pub const DB_FILE: &str = "broker.sqlite";
 /// Largest gRPC message accepted (the crypto value limit is far below).
 pub const MAX_MESSAGE_BYTES: usize = 4 * 1024 * 1024;
+/// Streams one HTTP/2 connection may have open at once (SETTINGS_MAX_CONCURRENT_STREAMS). tonic's
+/// builder gives hyper no limit unless told one, and then every stream a client opens runs a
+/// handler and holds its state: 50,000 streams left waiting for their bodies grew the broker by
+/// about 350 MiB (`tests/http2_abuse.rs`, docs/reliability/http2.md). A stream costs a few KiB, so
+/// 256 bound a connection to about 2 MiB; clients queue calls past it (tonic's and grpc's do), and
+/// the broker's own load tests keep 16 to 32 in flight per connection.
+pub const MAX_CONCURRENT_STREAMS: u32 = 256;
+/// Streams the server may reset itself on one connection (a stream over the limit refused, a
+/// stream's flow-control or protocol error) before it ends the connection with GOAWAY
+/// ENHANCE_YOUR_CALM. h2's default, which tonic's builder turns off by handing hyper `None`:
+/// without it a client can make the server start and abandon streams without end
+/// ("MadeYouReset", CVE-2025-8671), and streams refused over `MAX_CONCURRENT_STREAMS` are never
+/// counted against the connection.
+pub const MAX_LOCAL_ERROR_RESET_STREAMS: usize = 1024;
+/// Streams the client may reset before the server accepted them (rapid reset, CVE-2023-44487)
+/// before the connection ends with GOAWAY ENHANCE_YOUR_CALM: h2's default, set here so that it
+/// stays in force whatever the builder's default becomes.
+pub const MAX_PENDING_ACCEPT_RESET_STREAMS: usize = 20;
 
 const META_MASTER_CHECK: &str = "master_key_check";
 const META_SIGNING_KEY: &str = "token_signing_key";
@@ -274,8 +292,13 @@ impl App {
         // HTTP/2 is given more header list than the broker serves, so a list over the broker's
         // limit is answered on its own stream, not with a GOAWAY that ends the connection
         // (`ListenerSettings::h2_max_header_list_size` says why).
-        let mut builder =
-            tonic::transport::Server::builder().http2_max_header_list_size(limits.h2_max_header_list_size());
+        // HTTP/2 abuse (tests/http2_abuse.rs, docs/reliability/http2.md): the streams a connection
+        // may open and the resets it may cause are bounded (the constants say why).
+        let mut builder = tonic::transport::Server::builder()
+            .http2_max_header_list_size(limits.h2_max_header_list_size())
+            .max_concurrent_streams(MAX_CONCURRENT_STREAMS)
+            .http2_max_local_error_reset_streams(Some(MAX_LOCAL_ERROR_RESET_STREAMS))
+            .http2_max_pending_accept_reset_streams(Some(MAX_PENDING_ACCEPT_RESET_STREAMS));
         let tls = crate::tls::server_tls(&self.config)?;
         let tls_on = tls.is_some();
         if let Some(tls) = tls {

@@ -5,6 +5,7 @@
 
 pub mod observed;
 pub mod python;
+pub mod rawh2;
 
 use std::path::PathBuf;
 use std::sync::Arc;
