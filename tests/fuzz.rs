@@ -9,11 +9,11 @@
 //! targets take a fraction of it, see [`cases`]). `docs/reliability/fuzzing.md` lists the
 //! targets and the commands.
 
-mod common;
 #[path = "fuzz/alloc.rs"]
 mod alloc;
 #[path = "fuzz/checks.rs"]
 mod checks;
+mod common;
 #[path = "fuzz/mutate.rs"]
 mod mutate;
 
@@ -88,7 +88,7 @@ fn any_bytes(max: usize) -> impl Strategy<Value = Vec<u8>> {
 /// Valid key URIs, built from valid parts.
 fn valid_key_uri() -> impl Strategy<Value = String> {
     (
-        "[a-zA-Z]([a-zA-Z0-9]|-[a-zA-Z0-9]){1,11}",
+        "[a-zA-Z]([a-zA-Z0-9]|-[a-zA-Z0-9]){2,11}",
         "[0-9a-zA-Z-]{1,40}",
         proptest::option::of("[0-9a-f]{32}"),
         proptest::option::of(1u16..),
@@ -159,11 +159,18 @@ fn apply_token_edit(token: &str, edit: &TokenEdit) -> String {
     let mut parts: Vec<String> = token.split('.').map(str::to_string).collect();
     match edit {
         TokenEdit::Text(edits) => return apply_str(token, edits),
-        TokenEdit::Segment(i, bytes) => parts[*i % 3] = B64URL.encode(bytes),
-        TokenEdit::Swap(i, j) => parts.swap(*i % 3, *j % 3),
+        TokenEdit::Segment(i, bytes) => {
+            let n = parts.len();
+            parts[*i % n] = B64URL.encode(bytes)
+        }
+        TokenEdit::Swap(i, j) => {
+            let n = parts.len();
+            parts.swap(*i % n, *j % n)
+        }
         TokenEdit::Extra(s) => parts.push(s.clone()),
         TokenEdit::Drop(i) => {
-            parts.remove(*i % 3);
+            let n = parts.len();
+            parts.remove(*i % n);
         }
     }
     parts.join(".")
@@ -303,10 +310,15 @@ fn fuzz_authenticator_token_validation() {
     let n = cases(300, 1);
     fuzz("authorization (arbitrary)", n, any_text(200), |h| check(&h));
     let schemes = prop_oneof![Just("Bearer "), Just("bearer  "), Just("Basic "), Just(""), Just(" Bearer\t")];
-    fuzz("authorization (mutated token)", n, (schemes, prop::collection::vec(token_edit(), 0..3)), |(s, edits)| {
-        let t = edits.iter().fold(token.clone(), |t, e| apply_token_edit(&t, e));
-        check(&format!("{s}{t}"))
-    });
+    fuzz(
+        "authorization (mutated token)",
+        n,
+        (schemes, prop::collection::vec(token_edit(), 0..3)),
+        |(s, edits)| {
+            let t = edits.iter().fold(token.clone(), |t, e| apply_token_edit(&t, e));
+            check(&format!("{s}{t}"))
+        },
+    );
 }
 
 // ---- Key import ---------------------------------------------------------------------------
@@ -318,14 +330,20 @@ fn shared_pkcs8() -> &'static [u8] {
 
 fn pem_of(label: &str, der: &[u8]) -> String {
     let b64 = STANDARD.encode(der);
-    let lines: Vec<&str> = b64.as_bytes().chunks(64).map(|c| std::str::from_utf8(c).expect("ascii")).collect();
+    let lines: Vec<&str> =
+        b64.as_bytes().chunks(64).map(|c| std::str::from_utf8(c).expect("ascii")).collect();
     format!("-----BEGIN {label}-----\n{}\n-----END {label}-----\n", lines.join("\n"))
 }
 
 fn pkcs1_of(pkcs8: &[u8]) -> Vec<u8> {
     use rsa::pkcs1::EncodeRsaPrivateKey;
     use rsa::pkcs8::DecodePrivateKey;
-    rsa::PrivateKey::from_pkcs8_der(pkcs8).expect("PKCS#8").to_pkcs1_der().expect("PKCS#1").as_bytes().to_vec()
+    rsa::PrivateKey::from_pkcs8_der(pkcs8)
+        .expect("PKCS#8")
+        .to_pkcs1_der()
+        .expect("PKCS#1")
+        .as_bytes()
+        .to_vec()
 }
 
 fn rsa_jwk(pkcs8: &[u8]) -> serde_json::Value {
@@ -362,7 +380,8 @@ fn fuzz_pem_import() {
     }
     let n = cases(150, 4);
     fuzz("pem (arbitrary)", n, any_text(512), |t| check_pem(&t));
-    let framed = any_text(300).prop_map(|t| format!("-----BEGIN PRIVATE KEY-----\n{t}\n-----END PRIVATE KEY-----"));
+    let framed =
+        any_text(300).prop_map(|t| format!("-----BEGIN PRIVATE KEY-----\n{t}\n-----END PRIVATE KEY-----"));
     fuzz("pem (arbitrary body)", n, framed, |t| check_pem(&t));
     fuzz("pem (mutated)", n, (any::<bool>(), str_edits(4)), |(one, edits)| {
         check_pem(&apply_str(if one { &pem1 } else { &pem8 }, &edits))
@@ -404,11 +423,16 @@ fn any_alg() -> impl Strategy<Value = Algorithm> {
 fn fuzz_rsa_decrypt() {
     let key = RsaPrivateKey::from_pkcs8(shared_pkcs8()).expect("key");
     let n = cases(150, 4);
-    let lengths = prop_oneof![any_bytes(600), any_bytes(256).prop_map(|mut v| {
-        v.resize(256, 0);
-        v
-    })];
-    fuzz("rsa decrypt (arbitrary)", n, (any_alg(), lengths), |(alg, ct)| check_rsa_decrypt(&key, alg, &ct, None));
+    let lengths = prop_oneof![
+        any_bytes(600),
+        any_bytes(256).prop_map(|mut v| {
+            v.resize(256, 0);
+            v
+        })
+    ];
+    fuzz("rsa decrypt (arbitrary)", n, (any_alg(), lengths), |(alg, ct)| {
+        check_rsa_decrypt(&key, alg, &ct, None)
+    });
     let rsa = prop::sample::select(vec![Algorithm::RsaOaep, Algorithm::RsaOaep256, Algorithm::Rsa1_5]);
     fuzz("rsa decrypt (round trip, mutated)", n, (rsa, any_bytes(100), byte_edits(2)), |(alg, pt, edits)| {
         let ct = key.encrypt(alg, &pt).expect("encrypt");
@@ -422,7 +446,8 @@ fn fuzz_rsa_decrypt() {
 fn fuzz_aes_unwrap_and_gcm_decrypt() {
     let n = cases(1000, 1);
     fuzz("aes-kw (arbitrary)", n, (any_bytes(40), any_bytes(96)), |(k, w)| check_aes_kw(&k, &w, None));
-    let key = prop::sample::select(vec![16usize, 24, 32]).prop_flat_map(|l| prop::collection::vec(any::<u8>(), l));
+    let key =
+        prop::sample::select(vec![16usize, 24, 32]).prop_flat_map(|l| prop::collection::vec(any::<u8>(), l));
     let pt = (2usize..9).prop_flat_map(|blocks| prop::collection::vec(any::<u8>(), blocks * 8));
     fuzz("aes-kw (round trip, mutated)", n, (key.clone(), pt, byte_edits(2)), |(k, pt, edits)| {
         let w = crypto::aes_kw_wrap(&k, &pt).expect("wrap");
@@ -431,7 +456,9 @@ fn fuzz_aes_unwrap_and_gcm_decrypt() {
         check_aes_kw(&k, &changed, (changed == w).then_some(&pt[..]));
     });
     let parts = (any_bytes(40), any_bytes(20), any_bytes(32), any_bytes(64), any_bytes(24));
-    fuzz("aes-gcm (arbitrary)", n, parts, |(k, iv, aad, ct, tag)| check_aes_gcm(&k, &iv, &aad, &ct, &tag, None));
+    fuzz("aes-gcm (arbitrary)", n, parts, |(k, iv, aad, ct, tag)| {
+        check_aes_gcm(&k, &iv, &aad, &ct, &tag, None)
+    });
     fuzz(
         "aes-gcm (round trip, mutated)",
         n,
@@ -451,7 +478,9 @@ fn fuzz_aes_unwrap_and_gcm_decrypt() {
 fn fuzz_unseal() {
     let sealer = Sealer::new(&Sealer::generate_master_key()).expect("sealer");
     let n = cases(1000, 1);
-    fuzz("unseal (arbitrary)", n, (any_bytes(16), any_bytes(128)), |(aad, b)| check_unseal(&sealer, &aad, &b, None));
+    fuzz("unseal (arbitrary)", n, (any_bytes(16), any_bytes(128)), |(aad, b)| {
+        check_unseal(&sealer, &aad, &b, None)
+    });
     fuzz(
         "unseal (round trip, mutated)",
         n,
@@ -525,15 +554,30 @@ fn fuzz_config_file() {
     fuzz("config (arbitrary)", n, any_text(300), |t| {
         let _ = check_config(&path, &data, &t);
     });
-    let keys: Vec<String> = GOOD_CONFIG.lines().filter_map(|l| l.split_once(" = ")).map(|(k, _)| k.to_string()).collect();
-    let extra = prop_oneof![Just("unknown_key".to_string()), Just("seed".to_string()), Just("cache_enabled".to_string()), "[a-z_]{1,12}"];
+    let keys: Vec<String> =
+        GOOD_CONFIG.lines().filter_map(|l| l.split_once(" = ")).map(|(k, _)| k.to_string()).collect();
+    let extra = prop_oneof![
+        Just("unknown_key".to_string()),
+        Just("seed".to_string()),
+        Just("cache_enabled".to_string()),
+        "[a-z_]{1,12}"
+    ];
     fuzz("config (a value changed)", n, (prop::sample::select(keys), toml_value()), |(key, value)| {
         let text: String = GOOD_CONFIG
             .lines()
-            .map(|l| if l.starts_with(&format!("{key} = ")) { format!("{key} = {value}\n") } else { format!("{l}\n") })
+            .map(|l| {
+                if l.starts_with(&format!("{key} = ")) {
+                    format!("{key} = {value}\n")
+                } else {
+                    format!("{l}\n")
+                }
+            })
             .collect();
         if let Err(problems) = check_config(&path, &data, &text) {
-            assert!(problems.iter().any(|p| p.contains(&key) || p.contains("config.toml")), "{key} = {value}: {problems:?}");
+            assert!(
+                problems.iter().any(|p| p.contains(&key) || p.contains("config.toml")),
+                "{key} = {value}: {problems:?}"
+            );
         }
     });
     fuzz("config (a key added)", n, (extra, toml_value()), |(key, value)| {
@@ -573,14 +617,20 @@ const META_MEMBERS: [&str; 8] = ["version", "kty", "bits", "key_ops", "attribute
 
 fn payload_edit() -> impl Strategy<Value = PayloadEdit> {
     prop_oneof![
-        prop_oneof![any_text(20), "[a-zA-Z0-9-]{1,20}", Just(String::new()), Just("a".repeat(128))].prop_map(PayloadEdit::Name),
+        prop_oneof![any_text(20), "[a-zA-Z0-9-]{1,20}", Just(String::new()), Just("a".repeat(128))]
+            .prop_map(PayloadEdit::Name),
         (
             0usize..2,
             prop::sample::select(META_MEMBERS.to_vec()).prop_map(str::to_string),
-            prop_oneof![json_value(), "[0-9a-f]{31,33}".prop_map(serde_json::Value::from), Just(serde_json::json!("oct-HSM"))]
+            prop_oneof![
+                json_value(),
+                "[0-9a-f]{31,33}".prop_map(serde_json::Value::from),
+                Just(serde_json::json!("oct-HSM"))
+            ]
         )
             .prop_map(|(i, m, v)| PayloadEdit::Meta(i, m, v)),
-        (0usize..2, prop_oneof![any_bytes(64).prop_map(Ok), any_text(20).prop_map(Err)]).prop_map(|(i, m)| PayloadEdit::Material(i, m)),
+        (0usize..2, prop_oneof![any_bytes(64).prop_map(Ok), any_text(20).prop_map(Err)])
+            .prop_map(|(i, m)| PayloadEdit::Material(i, m)),
         (0usize..2).prop_map(PayloadEdit::Duplicate),
         Just(PayloadEdit::NoVersions),
         json_value().prop_map(PayloadEdit::Replace),
@@ -629,8 +679,13 @@ async fn served() -> Served {
     let caller = app.auth.validate(&token, Plane::Data).expect("caller");
     let app_broker = app.broker.clone();
     let (addr, stop, _served) = common::spawn_serving(app).await;
-    let channel = tonic::transport::Channel::from_shared(format!("http://{addr}")).expect("uri").connect().await.expect("connect");
-    let vaults = || proto::vaults_client::VaultsClient::with_interceptor(channel.clone(), common::bearer(&token));
+    let channel = tonic::transport::Channel::from_shared(format!("http://{addr}"))
+        .expect("uri")
+        .connect()
+        .await
+        .expect("connect");
+    let vaults =
+        || proto::vaults_client::VaultsClient::with_interceptor(channel.clone(), common::bearer(&token));
     for vault in ["src", "dst"] {
         vaults()
             .create_vault(proto::CreateVaultRequest { name: format!("{vault}vault"), ..Default::default() })
@@ -650,7 +705,10 @@ async fn served() -> Served {
 
 impl Served {
     fn kv(&self) -> common::Kv {
-        proto::key_vault_client::KeyVaultClient::with_interceptor(self.channel.clone(), common::bearer(&self.token))
+        proto::key_vault_client::KeyVaultClient::with_interceptor(
+            self.channel.clone(),
+            common::bearer(&self.token),
+        )
     }
 }
 
@@ -681,7 +739,9 @@ fn fuzz_backup_restore() {
             }
             let blob = s
                 .kv()
-                .backup_key(proto::BackupKeyRequest { key_id: format!("https://srcvault.{SUFFIX}/keys/{name}") })
+                .backup_key(proto::BackupKeyRequest {
+                    key_id: format!("https://srcvault.{SUFFIX}/keys/{name}"),
+                })
                 .await
                 .expect("backup")
                 .into_inner()
@@ -719,42 +779,57 @@ fn fuzz_backup_restore() {
     let payloads: Vec<serde_json::Value> = [&rsa_blob, &oct_blob]
         .iter()
         .map(|b| {
-            let json = s.app_broker.sealer().unseal(BACKUP_AAD, &b[BACKUP_MAGIC.len()..]).expect("our own blob");
+            let json =
+                s.app_broker.sealer().unseal(BACKUP_AAD, &b[BACKUP_MAGIC.len()..]).expect("our own blob");
             serde_json::from_slice(&json).expect("payload JSON")
         })
         .collect();
     let fresh = AtomicUsize::new(0);
-    fuzz("restore (payload changed, resealed)", cases(200, 4), (any::<bool>(), payload_edit()), |(rsa, edit)| {
-        let mut p = apply_payload_edit(&payloads[usize::from(!rsa)], &edit);
-        if !matches!(edit, PayloadEdit::Name(_) | PayloadEdit::Replace(_)) {
-            // A fresh name, so that a payload the broker accepts is restored, not a conflict.
-            p["name"] = format!("k{}", fresh.fetch_add(1, Ordering::Relaxed)).into();
-        }
-        let json = serde_json::to_vec(&p).expect("JSON");
-        let mut blob = BACKUP_MAGIC.to_vec();
-        blob.extend(s.app_broker.sealer().seal(BACKUP_AAD, &json).expect("seal"));
-        match bounded("restore", blob.len(), || restore(&blob)) {
-            Ok(view) => check_restored(&s, &rt, &view.kid, &p),
-            Err(BrokerError::KeyAlreadyExists { .. } | BrokerError::KeyDeletedButRecoverable { .. }) => {}
-            Err(e) => assert_blob_refused(&format!("{edit:?}"), &e),
-        }
-    });
+    fuzz(
+        "restore (payload changed, resealed)",
+        cases(200, 4),
+        (any::<bool>(), payload_edit()),
+        |(rsa, edit)| {
+            let mut p = apply_payload_edit(&payloads[usize::from(!rsa)], &edit);
+            if !matches!(edit, PayloadEdit::Name(_) | PayloadEdit::Replace(_)) {
+                // A fresh name, so that a payload the broker accepts is restored, not a conflict.
+                p["name"] = format!("k{}", fresh.fetch_add(1, Ordering::Relaxed)).into();
+            }
+            let json = serde_json::to_vec(&p).expect("JSON");
+            let mut blob = BACKUP_MAGIC.to_vec();
+            blob.extend(s.app_broker.sealer().seal(BACKUP_AAD, &json).expect("seal"));
+            match bounded("restore", blob.len(), || restore(&blob)) {
+                Ok(view) => check_restored(&s, &rt, &view.kid, &p),
+                Err(BrokerError::KeyAlreadyExists { .. } | BrokerError::KeyDeletedButRecoverable { .. }) => {}
+                Err(e) => assert_blob_refused(&format!("{edit:?}"), &e),
+            }
+        },
+    );
 }
 
 /// A restored key is served: every version in the payload is listed under its own valid id,
 /// and the newest one wraps and unwraps (its material is the key its metadata describes).
 fn check_restored(s: &Served, rt: &tokio::runtime::Runtime, kid: &str, payload: &serde_json::Value) {
-    let id = tde_broker::model::ids::KeyId::parse(kid, SUFFIX).unwrap_or_else(|e| panic!("restored kid {kid:?}: {e}"));
+    let id = tde_broker::model::ids::KeyId::parse(kid, SUFFIX)
+        .unwrap_or_else(|e| panic!("restored kid {kid:?}: {e}"));
     let version = id.version.clone().unwrap_or_else(|| panic!("restored kid without a version: {kid}"));
     let versions = payload["versions"].as_array().map_or(0, Vec::len);
-    let listed = s.app_broker.list_key_versions(&s.caller, &format!("https://dstvault.{SUFFIX}/keys/{}", id.name), 0, "");
+    let listed = s.app_broker.list_key_versions(
+        &s.caller,
+        &format!("https://dstvault.{SUFFIX}/keys/{}", id.name),
+        0,
+        "",
+    );
     let listed = listed.unwrap_or_else(|e| panic!("list versions of {kid}: {e:?}"));
     assert_eq!(listed.0.len(), versions, "{kid}: versions listed");
     let alg = if payload["versions"][0]["meta"]["kty"] == "oct-HSM" { "A256KW" } else { "RSA-OAEP-256" };
     let dek = [7u8; 32];
     rt.block_on(async {
         let wrapped = s.kv().wrap_key(common::crypto_req(kid, alg, &dek)).await;
-        let wrapped = wrapped.unwrap_or_else(|e| panic!("wrap with restored {kid} ({version}): {e:?}")).into_inner().value;
+        let wrapped = wrapped
+            .unwrap_or_else(|e| panic!("wrap with restored {kid} ({version}): {e:?}"))
+            .into_inner()
+            .value;
         let plain = s.kv().unwrap_key(common::unwrap_req(kid, alg, &wrapped)).await;
         let plain = plain.unwrap_or_else(|e| panic!("unwrap with restored {kid}: {e:?}")).into_inner().value;
         assert_eq!(plain, dek);
@@ -777,7 +852,13 @@ fn frame(message: &[u8]) -> Vec<u8> {
 /// Posts `body` to `path` as one gRPC request with the admin token; returns the gRPC status
 /// (from the headers of a trailers-only answer, or the trailers), or the HTTP/2 error that
 /// ended the stream or the connection.
-async fn post(h2: &H2, addr: std::net::SocketAddr, token: &str, path: &str, body: Vec<u8>) -> Result<tonic::Status, String> {
+async fn post(
+    h2: &H2,
+    addr: std::net::SocketAddr,
+    token: &str,
+    path: &str,
+    body: Vec<u8>,
+) -> Result<tonic::Status, String> {
     let request = http::Request::builder()
         .method("POST")
         .uri(format!("http://{addr}{path}"))
@@ -851,24 +932,60 @@ fn fuzz_grpc_request_bodies() {
     let s = rt.block_on(served());
     let kid = format!("https://srcvault.{SUFFIX}/keys/k");
     let (wrapped, blob) = rt.block_on(async {
-        let req = proto::CreateKeyRequest { vault_name: "srcvault".into(), name: "k".into(), kty: "RSA".into(), key_size: 2048, ..Default::default() };
+        let req = proto::CreateKeyRequest {
+            vault_name: "srcvault".into(),
+            name: "k".into(),
+            kty: "RSA".into(),
+            key_size: 2048,
+            ..Default::default()
+        };
         s.kv().create_key(req).await.expect("key");
-        let wrapped = s.kv().wrap_key(common::crypto_req(&kid, "RSA-OAEP-256", &[7; 32])).await.expect("wrap").into_inner().value;
-        let blob = s.kv().backup_key(proto::BackupKeyRequest { key_id: kid.clone() }).await.expect("backup").into_inner().blob;
+        let wrapped = s
+            .kv()
+            .wrap_key(common::crypto_req(&kid, "RSA-OAEP-256", &[7; 32]))
+            .await
+            .expect("wrap")
+            .into_inner()
+            .value;
+        let blob = s
+            .kv()
+            .backup_key(proto::BackupKeyRequest { key_id: kid.clone() })
+            .await
+            .expect("backup")
+            .into_inner()
+            .blob;
         (wrapped, blob)
     });
     let pem = pem_of("PRIVATE KEY", shared_pkcs8());
     // (path, a valid message of the RPC)
     let rpcs: Vec<(&str, Vec<u8>)> = vec![
         ("/tdebroker.v1.KeyVault/GetKey", proto::GetKeyRequest { key_id: kid.clone() }.encode_to_vec()),
-        ("/tdebroker.v1.KeyVault/WrapKey", common::crypto_req(&kid, "RSA-OAEP-256", &[7; 32]).encode_to_vec()),
-        ("/tdebroker.v1.KeyVault/UnwrapKey", common::unwrap_req(&kid, "RSA-OAEP-256", &wrapped).encode_to_vec()),
-        ("/tdebroker.v1.KeyVault/RestoreKey", proto::RestoreKeyRequest { vault_name: "dstvault".into(), blob }.encode_to_vec()),
+        (
+            "/tdebroker.v1.KeyVault/WrapKey",
+            common::crypto_req(&kid, "RSA-OAEP-256", &[7; 32]).encode_to_vec(),
+        ),
+        (
+            "/tdebroker.v1.KeyVault/UnwrapKey",
+            common::unwrap_req(&kid, "RSA-OAEP-256", &wrapped).encode_to_vec(),
+        ),
+        (
+            "/tdebroker.v1.KeyVault/RestoreKey",
+            proto::RestoreKeyRequest { vault_name: "dstvault".into(), blob }.encode_to_vec(),
+        ),
         (
             "/tdebroker.v1.KeyVault/ImportKey",
-            proto::ImportKeyRequest { vault_name: "dstvault".into(), name: "imported".into(), pem, ..Default::default() }.encode_to_vec(),
+            proto::ImportKeyRequest {
+                vault_name: "dstvault".into(),
+                name: "imported".into(),
+                pem,
+                ..Default::default()
+            }
+            .encode_to_vec(),
         ),
-        ("/tdebroker.v1.Vaults/CreateVault", proto::CreateVaultRequest { name: "fuzzvault".into(), ..Default::default() }.encode_to_vec()),
+        (
+            "/tdebroker.v1.Vaults/CreateVault",
+            proto::CreateVaultRequest { name: "fuzzvault".into(), ..Default::default() }.encode_to_vec(),
+        ),
         ("/grpc.health.v1.Health/Check", Vec::new()),
     ];
     let h2 = rt.block_on(async {
@@ -910,6 +1027,88 @@ fn fuzz_grpc_request_bodies() {
         }
     });
     // The broker still serves a normal client.
-    let key = rt.block_on(s.kv().get_key(proto::GetKeyRequest { key_id: kid.clone() })).expect("served afterwards");
+    let key =
+        rt.block_on(s.kv().get_key(proto::GetKeyRequest { key_id: kid.clone() })).expect("served afterwards");
     assert!(key.into_inner().key.is_some());
+}
+
+// ---- Regressions: defects this fuzzing found ----------------------------------------------
+
+/// A served broker, a key `k` (two RSA versions) in `srcvault`, and its backup payload.
+fn backed_up(rt: &tokio::runtime::Runtime) -> (Served, serde_json::Value) {
+    let s = rt.block_on(served());
+    let blob = rt.block_on(async {
+        for _ in 0..2 {
+            let req = proto::CreateKeyRequest {
+                vault_name: "srcvault".into(),
+                name: "k".into(),
+                kty: "RSA".into(),
+                key_size: 2048,
+                ..Default::default()
+            };
+            s.kv().create_key(req).await.expect("key");
+        }
+        let req = proto::BackupKeyRequest { key_id: format!("https://srcvault.{SUFFIX}/keys/k") };
+        s.kv().backup_key(req).await.expect("backup").into_inner().blob
+    });
+    let json = s.app_broker.sealer().unseal(BACKUP_AAD, &blob[BACKUP_MAGIC.len()..]).expect("our blob");
+    (s, serde_json::from_slice(&json).expect("payload"))
+}
+
+/// Restores `payload` sealed as the broker seals a backup.
+fn restore_payload(
+    rt: &tokio::runtime::Runtime,
+    s: &Served,
+    payload: &serde_json::Value,
+) -> Result<tde_broker::broker::keys::KeyView, BrokerError> {
+    let mut blob = BACKUP_MAGIC.to_vec();
+    blob.extend(
+        s.app_broker.sealer().seal(BACKUP_AAD, &serde_json::to_vec(payload).expect("JSON")).expect("seal"),
+    );
+    rt.block_on(s.app_broker.restore_key(&s.caller, "dstvault", &blob))
+}
+
+/// Defect: a backup listing one version twice reached the store, whose constraint violation was
+/// answered UNAVAILABLE `ServiceUnavailable` (retry) instead of a refusal of the blob.
+#[test]
+fn a_backup_listing_a_version_twice_is_refused_not_reported_as_store_unavailable() {
+    let rt = rt();
+    let (s, mut payload) = backed_up(&rt);
+    let first = payload["versions"][0].clone();
+    payload["versions"].as_array_mut().expect("versions").push(first);
+    let e = restore_payload(&rt, &s, &payload).expect_err("refused");
+    assert!(matches!(e, BrokerError::BadParameter { .. }), "{e:?}");
+    assert!(e.to_string().contains("backup blob is invalid"), "{e}");
+}
+
+/// Defect: a version id that is not 32 lowercase hex characters was restored, giving a key
+/// version no key identifier can name.
+#[test]
+fn a_backup_with_a_version_id_that_is_not_a_key_version_is_refused() {
+    let rt = rt();
+    let (s, mut payload) = backed_up(&rt);
+    for bad in ["", "x", "../../secrets/s", "0698C2156C1A4E1DA5B6BAB6F6422FD6"] {
+        payload["versions"][1]["meta"]["version"] = bad.into();
+        let e = restore_payload(&rt, &s, &payload).expect_err("refused");
+        assert!(matches!(e, BrokerError::BadParameter { .. }), "{bad:?}: {e:?}");
+    }
+}
+
+/// Defect: material that is not the key its metadata describes (an AES key of the wrong size,
+/// another RSA key, bytes that are no key) was restored; every later operation on the key then
+/// failed with "The key material is invalid", as if the caller's request were at fault.
+#[test]
+fn a_backup_whose_material_is_not_the_key_its_metadata_describes_is_refused() {
+    let rt = rt();
+    let (s, payload) = backed_up(&rt);
+    let other = crypto::generate_rsa_pkcs8(2048).expect("another key");
+    for material in [STANDARD.encode([0u8; 32]), STANDARD.encode(&other[..]), STANDARD.encode(b"no key")] {
+        let mut p = payload.clone();
+        p["versions"][0]["material"] = material.into();
+        let e = restore_payload(&rt, &s, &p).expect_err("refused");
+        assert!(matches!(e, BrokerError::BadParameter { .. }), "{e:?}");
+    }
+    // The payload as made restores, and its key works.
+    let view = restore_payload(&rt, &s, &payload).expect("restores");
+    check_restored(&s, &rt, &view.kid, &payload);
 }

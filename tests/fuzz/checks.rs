@@ -9,9 +9,7 @@
 use base64::Engine as _;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD as B64URL;
 use tde_broker::auth::jwt::{self, Claims};
-use tde_broker::crypto::{
-    self, Algorithm, CryptoError, ImportedKey, RsaPrivateKey, Sealer, TokenSigningKey,
-};
+use tde_broker::crypto::{self, Algorithm, CryptoError, ImportedKey, RsaPrivateKey, Sealer, TokenSigningKey};
 use tde_broker::model::BrokerError;
 use tde_broker::model::ids::{self, KeyId, KeyIdRef};
 
@@ -72,12 +70,16 @@ pub fn check_names(s: &str) {
         match ids::key_name(s) {
             Ok(n) => {
                 assert_eq!(n, s);
-                assert!((1..=127).contains(&n.len()) && n.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-'));
+                assert!(
+                    (1..=127).contains(&n.len()) && n.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+                );
             }
             Err(e) => assert_bad_parameter("key_name", &e),
         }
         match ids::key_version(s) {
-            Ok(v) => assert!(v.len() == 32 && v.bytes().all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase())),
+            Ok(v) => {
+                assert!(v.len() == 32 && v.bytes().all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase()))
+            }
             Err(e) => assert_bad_parameter("key_version", &e),
         }
     });
@@ -92,14 +94,21 @@ pub fn check_key_id(uri: &str) {
         let borrowed = KeyIdRef::parse(uri, SUFFIX);
         match (owned, borrowed) {
             (Ok(id), Ok(r)) => {
-                assert_eq!((id.vault.as_str(), id.name.as_str(), id.version.as_deref()), (&*r.vault, r.name, r.version));
+                assert_eq!(
+                    (id.vault.as_str(), id.name.as_str(), id.version.as_deref()),
+                    (&*r.vault, r.name, r.version)
+                );
                 assert_eq!(ids::vault_name(&id.vault).as_deref(), Ok(id.vault.as_str()));
                 assert!(ids::key_name(&id.name).is_ok());
                 if let Some(v) = &id.version {
                     assert!(ids::key_version(v).is_ok());
                 }
                 let rebuilt = ids::key_uri(&id.vault, SUFFIX, &id.name, id.version.as_deref());
-                assert_eq!(KeyId::parse(&rebuilt, SUFFIX).as_ref(), Ok(&id), "{uri:?} rebuilt as {rebuilt:?}");
+                assert_eq!(
+                    KeyId::parse(&rebuilt, SUFFIX).as_ref(),
+                    Ok(&id),
+                    "{uri:?} rebuilt as {rebuilt:?}"
+                );
             }
             (Err(a), Err(b)) => {
                 assert_bad_parameter("KeyId::parse", &a);
@@ -213,7 +222,10 @@ pub fn check_signed_jwt(fx: &JwtFixture, header: &[u8], claims: &[u8]) {
 // ---- Key import ---------------------------------------------------------------------------
 
 fn assert_invalid_key_material(what: &str, e: &CryptoError) {
-    assert!(matches!(e, CryptoError::InvalidKeyMaterial(_)), "{what}: expected InvalidKeyMaterial, got {e:?}");
+    assert!(
+        matches!(e, CryptoError::InvalidKeyMaterial(_)),
+        "{what}: expected InvalidKeyMaterial, got {e:?}"
+    );
     assert!(e.to_string().starts_with("invalid key material: "), "{e}");
 }
 
@@ -222,14 +234,17 @@ fn assert_invalid_key_material(what: &str, e: &CryptoError) {
 fn assert_imported(what: &str, key: &ImportedKey) {
     match key {
         ImportedKey::Rsa(der) => {
-            let rsa = RsaPrivateKey::from_pkcs8(der).unwrap_or_else(|e| panic!("{what}: accepted DER does not decode: {e}"));
+            let rsa = RsaPrivateKey::from_pkcs8(der)
+                .unwrap_or_else(|e| panic!("{what}: accepted DER does not decode: {e}"));
             assert!(matches!(rsa.bits(), 2048 | 3072 | 4096), "{what}: {} bits", rsa.bits());
             match crypto::import_pkcs8_der(der) {
                 Ok(ImportedKey::Rsa(again)) => assert_eq!(&again[..], &der[..], "{what}: not canonical"),
                 other => panic!("{what}: the canonical DER does not import again: {other:?}"),
             }
         }
-        ImportedKey::Oct(k) => assert!(matches!(k.len(), 16 | 24 | 32), "{what}: oct key of {} bytes", k.len()),
+        ImportedKey::Oct(k) => {
+            assert!(matches!(k.len(), 16 | 24 | 32), "{what}: oct key of {} bytes", k.len())
+        }
     }
 }
 
@@ -285,8 +300,12 @@ pub fn check_jwk(json: &str) {
 pub fn check_rsa_decrypt(key: &RsaPrivateKey, alg: Algorithm, ct: &[u8], expected: Option<&[u8]>) {
     let out = bounded("rsa decrypt", ct.len(), || key.decrypt(alg, ct));
     match (alg, expected, out) {
-        (Algorithm::RsaOaep | Algorithm::RsaOaep256 | Algorithm::Rsa1_5, Some(pt), Ok(got)) => assert_eq!(&got[..], pt),
-        (Algorithm::RsaOaep | Algorithm::RsaOaep256, None, Ok(_)) => panic!("OAEP accepted a forged ciphertext"),
+        (Algorithm::RsaOaep | Algorithm::RsaOaep256 | Algorithm::Rsa1_5, Some(pt), Ok(got)) => {
+            assert_eq!(&got[..], pt)
+        }
+        (Algorithm::RsaOaep | Algorithm::RsaOaep256, None, Ok(_)) => {
+            panic!("OAEP accepted a forged ciphertext")
+        }
         (Algorithm::Rsa1_5, None, Ok(got)) => assert!(got.len() <= key.bits() / 8 - 11),
         (Algorithm::RsaOaep | Algorithm::RsaOaep256 | Algorithm::Rsa1_5, Some(_), Err(e)) => {
             panic!("a genuine {alg:?} ciphertext was refused: {e:?}")
@@ -345,7 +364,11 @@ pub fn check_unseal(sealer: &Sealer, aad: &[u8], blob: &[u8], expected: Option<&
 /// `Config::resolve` of a TOML file holding `text` (written to `path`): a configuration, or a
 /// `ConfigError` listing at least one problem, each a non-empty line; a file TOML or the
 /// file's shape refuses is named in the first problem.
-pub fn check_config(path: &std::path::Path, data_dir: &std::path::Path, text: &str) -> Result<tde_broker::config::Config, Vec<String>> {
+pub fn check_config(
+    path: &std::path::Path,
+    data_dir: &std::path::Path,
+    text: &str,
+) -> Result<tde_broker::config::Config, Vec<String>> {
     std::fs::write(path, text).expect("write the configuration");
     let args = tde_broker::config::ServeArgs {
         config: Some(path.to_path_buf()),
