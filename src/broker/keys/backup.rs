@@ -9,8 +9,9 @@ use zeroize::Zeroizing;
 use super::{KeyView, blocking, crypto_error};
 use crate::broker::Broker;
 use crate::broker::state::material_aad;
-use crate::model::ids::{key_name, vault_name};
-use crate::model::{BrokerError, Caller, Change, KeyPermission, KeyVersion};
+use crate::crypto::RsaPrivateKey;
+use crate::model::ids::{key_name, key_version, vault_name};
+use crate::model::{BrokerError, Caller, Change, KeyPermission, KeyType, KeyVersion};
 
 const BACKUP_MAGIC: &[u8] = b"TDEBKP1";
 const BACKUP_AAD: &[u8] = b"tde-broker/backup/v1";
@@ -101,6 +102,24 @@ impl Broker {
         if payload.versions.is_empty() {
             return Err(bad_blob());
         }
+        // Each version must be one the broker could have made, once: an id that is not a key
+        // version could never be addressed, and a repeated one reached the store as a
+        // constraint violation (reported as UNAVAILABLE).
+        // Its material must be the key its metadata describes, or the restored key would fail
+        // every later operation as if the caller's request were at fault.
+        let mut seen = std::collections::HashSet::new();
+        let mut materials = Vec::with_capacity(payload.versions.len());
+        for v in &payload.versions {
+            key_version(&v.meta.version).map_err(|_| bad_blob())?;
+            if !seen.insert(v.meta.version.as_str()) {
+                return Err(bad_blob());
+            }
+            let plain = Zeroizing::new(B64.decode(&v.material).map_err(|_| bad_blob())?);
+            if !material_matches(&v.meta, &plain) {
+                return Err(bad_blob());
+            }
+            materials.push(plain);
+        }
         self.admit_create(&vault, payload.versions[0].meta.kty)?;
         let txn = self.begin().await;
         let (changes, last) = {
@@ -116,11 +135,10 @@ impl Broker {
             }
             let mut changes = Vec::new();
             let mut last = None;
-            for v in &payload.versions {
-                let plain = Zeroizing::new(B64.decode(&v.material).map_err(|_| bad_blob())?);
+            for (v, plain) in payload.versions.iter().zip(&materials) {
                 let sealed = self
                     .sealer()
-                    .seal(material_aad(&vault, &payload.name, &v.meta.version).as_bytes(), &plain)
+                    .seal(material_aad(&vault, &payload.name, &v.meta.version).as_bytes(), plain)
                     .map_err(crypto_error)?;
                 last = Some(self.view(ve, &payload.name, &v.meta));
                 changes.push(Change::PutKeyVersion {
@@ -134,5 +152,21 @@ impl Broker {
         };
         self.commit(txn, changes).await?;
         last.ok_or_else(bad_blob)
+    }
+}
+
+/// Whether `plain` is the key `meta` describes: an RSA private key with its size, modulus and
+/// exponent, or an AES key of its size.
+fn material_matches(meta: &KeyVersion, plain: &[u8]) -> bool {
+    fn trimmed(b: &[u8]) -> &[u8] {
+        let first = b.iter().position(|x| *x != 0).unwrap_or(b.len());
+        &b[first..]
+    }
+    let bits = usize::try_from(meta.bits).unwrap_or(usize::MAX);
+    match meta.kty {
+        KeyType::OctHsm => matches!(plain.len(), 16 | 24 | 32) && plain.len() * 8 == bits,
+        KeyType::Rsa | KeyType::RsaHsm => RsaPrivateKey::from_pkcs8(plain).is_ok_and(|k| {
+            k.bits() == bits && trimmed(k.n()) == trimmed(&meta.n) && trimmed(k.e()) == trimmed(&meta.e)
+        }),
     }
 }
