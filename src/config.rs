@@ -70,7 +70,8 @@ pub struct FileConfig {
     pub data_dir: Option<PathBuf>,
     /// Clock kind.
     pub clock: Option<ClockKind>,
-    /// Start time of a manual clock (Unix seconds; default: the system time at start).
+    /// Start time of a manual clock in a fresh data directory (Unix seconds; default: the system
+    /// time at start). A store with a saved manual time resumes it instead.
     pub clock_start: Option<i64>,
     /// Seed file.
     pub seed: Option<PathBuf>,
@@ -161,7 +162,8 @@ pub struct ServeArgs {
     /// Clock: `system`, or `manual` to move time with the Emulation service [default: system].
     #[arg(long, env = "TDE_BROKER_CLOCK", value_enum)]
     pub clock: Option<ClockKind>,
-    /// Start time of a manual clock, Unix seconds [default: now].
+    /// Start time of a manual clock in a fresh data directory, Unix seconds [default: now]; a
+    /// data directory whose manual clock has moved resumes its saved time.
     #[arg(long, env = "TDE_BROKER_CLOCK_START")]
     pub clock_start: Option<i64>,
     /// TOML configuration file.

@@ -267,11 +267,26 @@ async fn run_client(conn: &Connection, command: Command) -> Result<(), CliError>
     out.print(conn.output)
 }
 
-/// Completes on Ctrl-C; never when SIGINT cannot be watched (its default action then ends the
-/// process instead).
+/// Completes on Ctrl-C (SIGINT) or SIGTERM (`kill`, `kill %1` of a background job); never when
+/// neither can be watched (their default action then ends the process instead).
 pub(crate) async fn interrupted() {
-    if tokio::signal::ctrl_c().await.is_err() {
-        std::future::pending::<()>().await;
+    use tokio::signal::unix::{SignalKind, signal};
+    let term = async {
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                term.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    let int = async {
+        if tokio::signal::ctrl_c().await.is_err() {
+            std::future::pending::<()>().await;
+        }
+    };
+    tokio::select! {
+        () = term => {}
+        () = int => {}
     }
 }
 

@@ -295,6 +295,7 @@ pub(super) async fn watch(
     count: Option<u64>,
     output: Output,
 ) -> Result<(), CliError> {
+    let request_server = crate::model::ids::printable(&server_id);
     let request = proto::WatchDatabaseStatesRequest { server_id };
     let mut events = s.call(s.servers().watch_database_states(request)).await?;
     // Fixed widths: rows are printed before the next one is known.
@@ -306,6 +307,10 @@ pub(super) async fn watch(
     // write_stdout is false once stdout is gone (a closed pipe ends the watch quietly).
     if output == Output::Table && !write_stdout(&row(["TIME", "EVENT", "DATABASE", "STATE", "REASON"]))? {
         return Ok(());
+    }
+    // Said once, where a person reads it: how this ends.
+    if std::io::IsTerminal::is_terminal(&std::io::stderr()) {
+        eprintln!("watching {} (Ctrl-C stops it; in the background, `kill %1` or `kill $!`)", request_server);
     }
     let interrupted = super::interrupted();
     tokio::pin!(interrupted);
