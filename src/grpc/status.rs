@@ -46,6 +46,11 @@ pub const MESSAGE_TOO_LARGE: &str = "MessageTooLarge";
 /// `ErrorInfo.reason` of a request body that is not a gRPC-framed protobuf message of the
 /// method's type (INVALID_ARGUMENT).
 pub const MALFORMED_REQUEST: &str = "MalformedRequest";
+/// Reason of a compressed message (the broker takes none; gRPC requires INTERNAL for it).
+pub const COMPRESSION_NOT_SUPPORTED: &str = "CompressionNotSupported";
+/// tonic's text for a message flagged compressed without a `grpc-encoding`.
+const COMPRESSED_WITHOUT_ENCODING: &str =
+    "protocol error: received message with compressed-flag but no grpc-encoding";
 /// `ErrorInfo.reason` of a request whose header list is larger than the broker serves
 /// (RESOURCE_EXHAUSTED).
 pub const HEADER_LIST_TOO_LARGE: &str = "HeaderListTooLarge";
@@ -56,7 +61,8 @@ pub const HEADER_LIST_TOO_LARGE: &str = "HeaderListTooLarge";
 /// INTERNAL) is the client's error, INVALID_ARGUMENT `MalformedRequest`. The codec's statuses
 /// are told apart by their texts (and, by the caller, by carrying no `ErrorInfo`, which every
 /// status of the broker has). A compressed message without `grpc-encoding` stays INTERNAL, as
-/// the gRPC compression spec requires.
+/// the gRPC compression spec requires, with the `ErrorInfo` reason `CompressionNotSupported`
+/// (the broker accepts no compressed message).
 pub fn codec_refusal(code: Code, message: &str) -> Option<(Code, &'static str)> {
     const TOO_LARGE: &str = "Error, decoded message length too large";
     const UNDECODABLE: [&str; 3] = [
@@ -70,6 +76,9 @@ pub fn codec_refusal(code: Code, message: &str) -> Option<(Code, &'static str)> 
         }
         Code::Internal if UNDECODABLE.iter().any(|p| message.starts_with(p)) => {
             Some((Code::InvalidArgument, MALFORMED_REQUEST))
+        }
+        Code::Internal if message.starts_with(COMPRESSED_WITHOUT_ENCODING) => {
+            Some((Code::Internal, COMPRESSION_NOT_SUPPORTED))
         }
         _ => None,
     }
@@ -111,15 +120,16 @@ mod tests {
                 "{undecodable}"
             );
         }
-        // The broker's own INTERNAL, the spec's compression case, and other codes stay.
-        assert_eq!(codec_refusal(Code::Internal, &BrokerError::Internal.to_string()), None);
+        // The spec's compression case stays INTERNAL, with the broker's reason.
         assert_eq!(
             codec_refusal(
                 Code::Internal,
                 "protocol error: received message with compressed-flag but no grpc-encoding was specified"
             ),
-            None
+            Some((Code::Internal, COMPRESSION_NOT_SUPPORTED))
         );
+        // The broker's own INTERNAL and other codes stay.
+        assert_eq!(codec_refusal(Code::Internal, &BrokerError::Internal.to_string()), None);
         assert_eq!(codec_refusal(Code::InvalidArgument, "failed to decode Protobuf message: x"), None);
         assert_eq!(codec_refusal(Code::OutOfRange, "something else"), None);
     }

@@ -143,6 +143,7 @@ impl JwtFixture {
             idtyp: "user".into(),
             name: Some("fuzz".into()),
             xms_mirid: None,
+            wall_clock: false,
             iat: 1,
             nbf: 1,
             exp: 2,
