@@ -11,8 +11,10 @@
 //! - **At most `max_connections` open connections.** A connection over the bound is closed as soon
 //!   as it is accepted, counted, and logged at most every [`OVER_LIMIT_LOG_EVERY`].
 //! - **A handshake deadline.** A plaintext connection that has not sent the HTTP/2 client preface
-//!   (the 24-byte magic and its first SETTINGS frame) within `handshake_timeout` is closed; under
-//!   TLS the TLS acceptor applies the same timeout to the TLS handshake.
+//!   (the 24-byte magic and its first SETTINGS frame) within `handshake_timeout` is closed. Under
+//!   TLS ([`with_tls`]) the TLS handshake has `handshake_timeout`, and then the preface has it
+//!   again, read from the decrypted stream: a client that completes TLS and then sends nothing
+//!   holds its slot no longer than one that never starts TLS.
 //!
 //! It imports nothing of the crate: the configuration fills its [`ListenerSettings`], and
 //! `server::App::serve` builds the stream.
@@ -29,6 +31,7 @@ use std::time::{Duration, Instant};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::time::Sleep;
+use tokio_rustls::server::TlsStream;
 use tokio_stream::Stream;
 
 /// Default bound on open gRPC connections.
@@ -439,27 +442,39 @@ impl<IO> Connection<IO> {
 impl<IO: AsyncRead + Unpin> AsyncRead for Connection<IO> {
     fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
         let this = self.get_mut();
-        let before = buf.filled().len();
-        let read = Pin::new(&mut this.io).poll_read(cx, buf);
-        let Some(watch) = &mut this.preface else { return read };
-        match read {
-            Poll::Ready(Ok(())) => {
-                let fresh = buf.filled().get(before..).unwrap_or_default();
-                if watch.saw(fresh) {
-                    this.preface = None;
-                }
-                Poll::Ready(Ok(()))
+        poll_read_watched(&mut this.io, &mut this.preface, &this.slot.0, cx, buf)
+    }
+}
+
+/// Reads from `io`, timing the HTTP/2 preface while `watch` is set: the watch ends once the
+/// preface is complete, and a read still waiting at the deadline fails the connection.
+fn poll_read_watched<IO: AsyncRead + Unpin>(
+    io: &mut IO,
+    watch: &mut Option<PrefaceWatch>,
+    stats: &ListenerStats,
+    cx: &mut Context<'_>,
+    buf: &mut ReadBuf<'_>,
+) -> Poll<io::Result<()>> {
+    let before = buf.filled().len();
+    let read = Pin::new(io).poll_read(cx, buf);
+    let Some(w) = watch else { return read };
+    match read {
+        Poll::Ready(Ok(())) => {
+            let fresh = buf.filled().get(before..).unwrap_or_default();
+            if w.saw(fresh) {
+                *watch = None;
             }
-            Poll::Pending if watch.deadline.as_mut().poll(cx).is_ready() => {
-                this.slot.0.handshake_timeouts.fetch_add(1, Ordering::Relaxed);
-                tracing::debug!(timeout = ?watch.timeout, "closing a connection that sent no HTTP/2 preface in time");
-                Poll::Ready(Err(io::Error::new(
-                    io::ErrorKind::TimedOut,
-                    format!("no HTTP/2 preface within {:?}", watch.timeout),
-                )))
-            }
-            other => other,
+            Poll::Ready(Ok(()))
         }
+        Poll::Pending if w.deadline.as_mut().poll(cx).is_ready() => {
+            stats.handshake_timeouts.fetch_add(1, Ordering::Relaxed);
+            tracing::debug!(timeout = ?w.timeout, "closing a connection that sent no HTTP/2 preface in time");
+            Poll::Ready(Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                format!("no HTTP/2 preface within {:?}", w.timeout),
+            )))
+        }
+        other => other,
     }
 }
 
@@ -495,6 +510,115 @@ impl<IO: tonic::transport::server::Connected> tonic::transport::server::Connecte
     fn connect_info(&self) -> Self::ConnectInfo {
         self.io.connect_info()
     }
+}
+
+/// A connection over TLS, past its TLS handshake: its HTTP/2 preface is timed on the decrypted
+/// stream. Its `Connected` info is tonic's for a TLS stream, so the peer's address and client
+/// certificates reach each request as they do when tonic runs TLS itself.
+pub struct TlsConnection<IO> {
+    tls: TlsStream<Connection<IO>>,
+    preface: Option<PrefaceWatch>,
+    stats: Arc<ListenerStats>,
+}
+
+impl<IO: AsyncRead + AsyncWrite + Unpin> AsyncRead for TlsConnection<IO> {
+    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        poll_read_watched(&mut this.tls, &mut this.preface, &this.stats, cx, buf)
+    }
+}
+
+impl<IO: AsyncRead + AsyncWrite + Unpin> AsyncWrite for TlsConnection<IO> {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().tls).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().tls).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.tls.is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().tls).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().tls).poll_shutdown(cx)
+    }
+}
+
+impl<IO> tonic::transport::server::Connected for TlsConnection<IO>
+where
+    IO: tonic::transport::server::Connected + AsyncRead + AsyncWrite + Unpin,
+{
+    type ConnectInfo = <TlsStream<Connection<IO>> as tonic::transport::server::Connected>::ConnectInfo;
+
+    fn connect_info(&self) -> Self::ConnectInfo {
+        self.tls.connect_info()
+    }
+}
+
+/// Handshakes under way at once before the accept loop waits for one to finish (each is bounded
+/// by `handshake_timeout`, and each connection holds its slot among `max_connections`).
+const TLS_HANDSHAKES_QUEUED: usize = 64;
+
+/// The connections of `incoming` over TLS with `config`. Each handshake runs in its own task
+/// within `handshake_timeout` (a slow or silent client delays nobody else); a connection that
+/// completes it is served once it sends the HTTP/2 preface within `handshake_timeout` more.
+/// Failed and timed-out handshakes close their connection (logged at debug; timeouts counted).
+/// The stream ends when `incoming` does, and dropping it stops accepting.
+pub fn with_tls<A>(
+    incoming: Incoming<A>,
+    config: Arc<tokio_rustls::rustls::ServerConfig>,
+) -> impl Stream<Item = io::Result<TlsConnection<A::Io>>> + Send + 'static
+where
+    A: Accept + Unpin + Send + 'static,
+    A::Io: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let (tx, rx) = tokio::sync::mpsc::channel(TLS_HANDSHAKES_QUEUED);
+    let timeout = incoming.settings.handshake_timeout;
+    let stats = incoming.stats();
+    let acceptor = tokio_rustls::TlsAcceptor::from(config);
+    let mut incoming = incoming;
+    tokio::spawn(async move {
+        loop {
+            let next = tokio::select! {
+                () = tx.closed() => return,
+                next = tokio_stream::StreamExt::next(&mut incoming) => next,
+            };
+            let Some(Ok(connection)) = next else {
+                if next.is_none() {
+                    return;
+                }
+                continue;
+            };
+            let (tx, acceptor, stats) = (tx.clone(), acceptor.clone(), stats.clone());
+            tokio::spawn(async move {
+                match tokio::time::timeout(timeout, acceptor.accept(connection)).await {
+                    Ok(Ok(tls)) => {
+                        let preface = Some(PrefaceWatch::new(timeout));
+                        let _ = tx.send(Ok(TlsConnection { tls, preface, stats })).await;
+                    }
+                    Ok(Err(error)) => tracing::debug!(%error, "TLS handshake failed"),
+                    Err(_) => {
+                        stats.handshake_timeouts.fetch_add(1, Ordering::Relaxed);
+                        tracing::debug!(
+                            ?timeout,
+                            "closing a connection that did not finish its TLS handshake in time"
+                        );
+                    }
+                }
+            });
+        }
+    });
+    tokio_stream::wrappers::ReceiverStream::new(rx)
 }
 
 #[cfg(test)]

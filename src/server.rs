@@ -294,16 +294,15 @@ impl App {
         // (`ListenerSettings::h2_max_header_list_size` says why).
         // HTTP/2 abuse (tests/http2_abuse.rs, docs/reliability/http2.md): the streams a connection
         // may open and the resets it may cause are bounded (the constants say why).
-        let mut builder = tonic::transport::Server::builder()
+        let builder = tonic::transport::Server::builder()
             .http2_max_header_list_size(limits.h2_max_header_list_size())
             .max_concurrent_streams(MAX_CONCURRENT_STREAMS)
             .http2_max_local_error_reset_streams(Some(MAX_LOCAL_ERROR_RESET_STREAMS))
             .http2_max_pending_accept_reset_streams(Some(MAX_PENDING_ACCEPT_RESET_STREAMS));
+        // TLS is the listener's (`listener::with_tls`), so the HTTP/2 preface is timed after the
+        // handshake as well.
         let tls = crate::tls::server_tls(&self.config)?;
         let tls_on = tls.is_some();
-        if let Some(tls) = tls {
-            builder = builder.tls_config(tls.timeout(limits.handshake_timeout))?;
-        }
         // Per-RPC metrics, audit records and spans (OTLP export when configured).
         let weak = Arc::downgrade(&self.broker);
         let databases = move || weak.upgrade().map(|b| b.database_counts().to_vec()).unwrap_or_default();
@@ -408,8 +407,8 @@ impl App {
                 "max_connections is not below the open-file limit: file descriptors can run out before the bound is reached (accepts then back off); raise the limit (ulimit -n) or lower --max-connections"
             );
         }
-        // Accept errors back off, connections are bounded, and (plaintext) a connection that sends
-        // no HTTP/2 preface in time is closed; under TLS the acceptor times the handshake.
+        // Accept errors back off, connections are bounded, and a connection that sends no HTTP/2
+        // preface in time is closed; under TLS the handshake is timed first, then the preface.
         let incoming = crate::listener::Incoming::new(listener, limits, !tls_on);
         let stopping = self.broker.clone();
         let admin_state = self.admin_http.state.clone();
@@ -422,7 +421,7 @@ impl App {
             stopping.begin_shutdown();
         };
         self.admin_http.state.readiness.set_ready();
-        let result = builder
+        let router = builder
             .layer(observe)
             .add_service(health)
             .add_service(reflection)
@@ -431,9 +430,13 @@ impl App {
             .add_service(emulation)
             .add_service(identities)
             .add_service(servers)
-            .add_service(engine)
-            .serve_with_incoming_shutdown(incoming, shutdown)
-            .await;
+            .add_service(engine);
+        let result = match tls {
+            Some(tls) => {
+                router.serve_with_incoming_shutdown(crate::listener::with_tls(incoming, tls), shutdown).await
+            }
+            None => router.serve_with_incoming_shutdown(incoming, shutdown).await,
+        };
         sweeper.abort();
         if let Some(otel) = &otel {
             otel.shutdown().await;

@@ -10,6 +10,7 @@
 use std::net::IpAddr;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use rcgen::{
@@ -18,7 +19,6 @@ use rcgen::{
 };
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
-use tonic::transport::{Certificate, Identity, ServerTlsConfig};
 use x509_cert::der::{Decode as _, Encode as _};
 use x509_cert::ext::pkix::SubjectAltName;
 use x509_cert::ext::pkix::name::GeneralName;
@@ -48,7 +48,6 @@ const LEAF_VALIDITY: Duration = Duration::from_secs(365 * 86_400);
 /// A server certificate closer than this to its end is replaced at start.
 const RENEW_BEFORE: Duration = Duration::from_secs(30 * 86_400);
 /// A TLS handshake that takes longer is dropped (slow or stuck clients).
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 const CA_COMMON_NAME: &str = "tde-broker dev CA";
 
 /// TLS set-up failures.
@@ -80,6 +79,12 @@ pub enum TlsError {
     /// Generating or signing a certificate failed.
     #[error("certificate generation: {0}")]
     Generate(#[from] rcgen::Error),
+    /// rustls refused the protocol versions (a provider without TLS 1.2/1.3 suites).
+    #[error("TLS configuration: {0}")]
+    Config(#[source] rustls::Error),
+    /// The client CA cannot verify client certificates.
+    #[error("client certificate verification: {0}")]
+    ClientVerifier(#[source] rustls::server::VerifierBuilderError),
 }
 
 /// Why a name or principal id cannot go into a certificate; the library's refusal is the source.
@@ -167,6 +172,12 @@ pub enum FileProblem {
     /// What the CA signed does not name the CA's subject as its issuer.
     #[error("its subject name could not be reproduced to sign with")]
     IssuerMismatch,
+    /// A client CA certificate that cannot be a trust anchor.
+    #[error("not usable as a CA certificate: {0}")]
+    NotACa(#[source] rustls::Error),
+    /// The private key does not fit the certificate (or the TLS stack cannot use it).
+    #[error("does not fit the certificate: {0}")]
+    KeyDoesNotFit(#[source] rustls::Error),
 }
 
 fn invalid(path: &Path, problem: FileProblem) -> TlsError {
@@ -205,10 +216,11 @@ impl DevPki {
     }
 }
 
-/// The server's TLS configuration, or `None` when TLS is off. Under `--tls auto` this creates
-/// (or reuses) the development CA and server certificate. With `--client-ca` — or the dev CA
-/// under `--tls auto` — client certificates are verified against it but stay optional.
-pub fn server_tls(config: &Config) -> Result<Option<ServerTlsConfig>, TlsError> {
+/// The server's TLS configuration (rustls, aws-lc-rs, ALPN `h2`), or `None` when TLS is off.
+/// Under `--tls auto` this creates (or reuses) the development CA and server certificate. With
+/// `--client-ca` — or the dev CA under `--tls auto` — client certificates are verified against it
+/// but stay optional. The listener runs the handshakes (`listener::with_tls`).
+pub fn server_tls(config: &Config) -> Result<Option<Arc<rustls::ServerConfig>>, TlsError> {
     let (cert_path, key_path, dev_ca) = match &config.tls {
         TlsMode::Off => return Ok(None),
         TlsMode::Auto => {
@@ -218,18 +230,36 @@ pub fn server_tls(config: &Config) -> Result<Option<ServerTlsConfig>, TlsError> 
         TlsMode::Files { cert, key } => (cert.clone(), key.clone(), None),
     };
     let cert_pem = read(&cert_path)?;
-    certs_from_pem(&cert_path, &cert_pem)?;
-    let key_pem = read(&key_path)?;
-    PrivateKeyDer::from_pem_slice(&key_pem).map_err(|e| invalid(&key_path, FileProblem::NoPrivateKey(e)))?;
-    let mut tls =
-        ServerTlsConfig::new().identity(Identity::from_pem(cert_pem, key_pem)).timeout(HANDSHAKE_TIMEOUT);
-    if let Some(ca_path) = config.client_ca.clone().or(dev_ca) {
-        let ca_pem = read(&ca_path)?;
-        certs_from_pem(&ca_path, &ca_pem)?;
-        tls = tls.client_ca_root(Certificate::from_pem(ca_pem)).client_auth_optional(true);
-        tracing::debug!(client_ca = %ca_path.display(), "client certificates accepted (optional)");
-    }
-    Ok(Some(tls))
+    let chain = certs_from_pem(&cert_path, &cert_pem)?;
+    let key_pem = zeroize::Zeroizing::new(read(&key_path)?);
+    let key = PrivateKeyDer::from_pem_slice(&key_pem)
+        .map_err(|e| invalid(&key_path, FileProblem::NoPrivateKey(e)))?;
+    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let builder = rustls::ServerConfig::builder_with_provider(provider.clone())
+        .with_safe_default_protocol_versions()
+        .map_err(TlsError::Config)?;
+    let builder = match config.client_ca.clone().or(dev_ca) {
+        Some(ca_path) => {
+            let ca_pem = read(&ca_path)?;
+            let mut roots = rustls::RootCertStore::empty();
+            for ca in certs_from_pem(&ca_path, &ca_pem)? {
+                roots.add(ca).map_err(|e| invalid(&ca_path, FileProblem::NotACa(e)))?;
+            }
+            let verifier =
+                rustls::server::WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider)
+                    .allow_unauthenticated()
+                    .build()
+                    .map_err(TlsError::ClientVerifier)?;
+            tracing::debug!(client_ca = %ca_path.display(), "client certificates accepted (optional)");
+            builder.with_client_cert_verifier(verifier)
+        }
+        None => builder.with_no_client_auth(),
+    };
+    let mut tls = builder
+        .with_single_cert(chain, key)
+        .map_err(|e| invalid(&key_path, FileProblem::KeyDoesNotFit(e)))?;
+    tls.alpn_protocols = vec![b"h2".to_vec()];
+    Ok(Some(Arc::new(tls)))
 }
 
 /// Creates the development CA and server certificate of `data_dir` on first use and reuses

@@ -149,6 +149,48 @@ async fn an_idle_connection_that_never_starts_tls_is_closed_after_the_handshake_
     b.stop().await;
 }
 
+#[tokio::test]
+async fn a_tls_connection_that_sends_no_preface_after_its_handshake_is_closed_after_the_handshake_timeout() {
+    use tokio::io::AsyncReadExt as _;
+    const TIMEOUT: Duration = Duration::from_secs(1);
+    let b = start_with(|c| {
+        c.tls = tde_broker::config::TlsMode::Auto;
+        c.listener.handshake_timeout = TIMEOUT;
+    })
+    .await;
+    tde_broker::tls::install_crypto_provider();
+    let ca = std::fs::read(b.data_dir.join("tls/ca.pem")).unwrap();
+    let mut roots = tokio_rustls::rustls::RootCertStore::empty();
+    for cert in tde_broker::tls::certs_from_pem(std::path::Path::new("ca.pem"), &ca).unwrap() {
+        roots.add(cert).unwrap();
+    }
+    let mut client =
+        tokio_rustls::rustls::ClientConfig::builder().with_root_certificates(roots).with_no_client_auth();
+    client.alpn_protocols = vec![b"h2".to_vec()];
+    let connector = tokio_rustls::TlsConnector::from(std::sync::Arc::new(client));
+    let tcp = TcpStream::connect(b.addr).await.unwrap();
+    let name = tokio_rustls::rustls::pki_types::ServerName::try_from("localhost").unwrap();
+    // The handshake completes (twice the timeout would be past it), then the client says nothing.
+    let mut tls = tokio::time::timeout(TIMEOUT * 2, connector.connect(name, tcp))
+        .await
+        .expect("the handshake completes within the timeout")
+        .expect("TLS handshake");
+    let handshaken = Instant::now();
+    let mut buf = [0u8; 4096];
+    let closed = loop {
+        match tokio::time::timeout(Duration::from_secs(8), tls.read(&mut buf)).await {
+            Ok(Ok(0)) | Ok(Err(_)) => break Instant::now(),
+            Ok(Ok(_)) => continue, // the server's SETTINGS (and session tickets)
+            Err(_) => panic!("a TLS connection that sends no HTTP/2 preface stays open"),
+        }
+    };
+    let after = closed - handshaken;
+    assert!(after >= TIMEOUT - Duration::from_millis(50) && after < Duration::from_secs(4), "{after:?}");
+    // TLS clients that speak HTTP/2 are served as before.
+    assert_eq!(health_check(b.channel.clone()).await, Ok(1));
+    b.stop().await;
+}
+
 /// CPU seconds (user + system) the process has used, from `/proc/<pid>/stat`.
 fn cpu_seconds(pid: u32) -> f64 {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("/proc/<pid>/stat");
