@@ -61,6 +61,8 @@ pub struct AdminState {
     pub readiness: Readiness,
     /// The broker, once opened (for the database gauge).
     pub broker: OnceLock<Arc<Broker>>,
+    /// The gRPC listener's counters, once it serves (for the connection series).
+    pub listener: OnceLock<Arc<crate::listener::ListenerStats>>,
 }
 
 /// The running admin listener; dropping it stops it (and its open connections).
@@ -159,7 +161,15 @@ fn respond(req: &Request<Incoming>, state: &AdminState) -> Response<String> {
     match req.uri().path() {
         "/metrics" => {
             let databases = state.broker.get().map(|b| b.database_counts());
-            let body = crate::telemetry::metrics().render(databases.as_ref().map_or(&[][..], |d| &d[..]));
+            let connections = state.listener.get().map(|l| crate::telemetry::ConnectionFigures {
+                open: l.open() as u64,
+                accepted: l.accepted(),
+                over_limit: l.over_limit(),
+                handshake_timeouts: l.handshake_timeouts(),
+                accept_errors: l.accept_errors(),
+            });
+            let databases = databases.as_ref().map_or(&[][..], |d| &d[..]);
+            let body = crate::telemetry::metrics().render(databases, connections.as_ref());
             text(StatusCode::OK, METRICS_CONTENT_TYPE, body)
         }
         "/healthz" => text(StatusCode::OK, PLAIN, "ok\n".into()),

@@ -146,7 +146,8 @@ impl ListenerStats {
     pub fn over_limit(&self) -> u64 {
         self.over_limit.load(Ordering::Relaxed)
     }
-    /// Plaintext connections closed for not sending the HTTP/2 preface in time.
+    /// Connections closed for not finishing the TLS handshake or not sending the HTTP/2 preface
+    /// in time.
     pub fn handshake_timeouts(&self) -> u64 {
         self.handshake_timeouts.load(Ordering::Relaxed)
     }

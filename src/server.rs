@@ -410,6 +410,7 @@ impl App {
         // Accept errors back off, connections are bounded, and a connection that sends no HTTP/2
         // preface in time is closed; under TLS the handshake is timed first, then the preface.
         let incoming = crate::listener::Incoming::new(listener, limits, !tls_on);
+        let _ = self.admin_http.state.listener.set(incoming.stats());
         let stopping = self.broker.clone();
         let admin_state = self.admin_http.state.clone();
         let reporter = health_reporter.clone();

@@ -218,6 +218,36 @@ fn prometheus_client_names(family: &str, kind: &str, sample: &str) -> (String, S
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_grpc_listeners_connections_are_on_metrics() {
+    use tokio::io::AsyncReadExt as _;
+    let _serial = SERIAL.lock().await;
+    let b = start(|c, _| {
+        c.listener.handshake_timeout = std::time::Duration::from_millis(300);
+        c.listener.max_connections = 2;
+    })
+    .await;
+    let http = b.http();
+    // The harness's channel holds one connection; a silent one is closed at the deadline.
+    let mut silent = tokio::net::TcpStream::connect(b.addr).await.unwrap();
+    let mut sink = Vec::new();
+    let closed =
+        tokio::time::timeout(std::time::Duration::from_secs(10), silent.read_to_end(&mut sink)).await;
+    assert!(closed.is_ok(), "the silent connection is closed");
+    // Two open: a third is over the limit and closed at once.
+    let _first = tokio::net::TcpStream::connect(b.addr).await.unwrap();
+    let mut third = tokio::net::TcpStream::connect(b.addr).await.unwrap();
+    let over = tokio::time::timeout(std::time::Duration::from_secs(10), third.read_to_end(&mut sink)).await;
+    assert!(over.is_ok(), "the connection over the limit is closed");
+    let m = scrape(http);
+    assert_eq!(value(&m, "tdebroker_grpc_handshake_timeouts_total", &[]), 1.0);
+    assert_eq!(value(&m, "tdebroker_grpc_connections_over_limit_total", &[]), 1.0);
+    assert_eq!(value(&m, "tdebroker_grpc_connections_accepted_total", &[]), 3.0);
+    assert_eq!(value(&m, "tdebroker_grpc_connections_open", &[]), 2.0);
+    assert_eq!(value(&m, "tdebroker_grpc_accept_errors_total", &[]), 0.0);
+    b.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_prometheus_python_client_reads_the_same_metrics() {
     // Made (or found) before taking the metrics lock: the first run installs from PyPI.
     let python = tokio::task::spawn_blocking(|| {

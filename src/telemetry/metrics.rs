@@ -204,6 +204,57 @@ impl MetricsSnapshot {
     }
 }
 
+/// The gRPC listener's connection figures at scrape time (the listener counts them; the admin
+/// listener hands them over), rendered with the registry's series.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ConnectionFigures {
+    /// Connections open now.
+    pub open: u64,
+    /// Connections accepted and kept, in all.
+    pub accepted: u64,
+    /// Connections closed at once because `max_connections` were open.
+    pub over_limit: u64,
+    /// Connections closed for not finishing the TLS handshake or the HTTP/2 preface in time.
+    pub handshake_timeouts: u64,
+    /// Accepts that failed and made the listener pause (out of file descriptors, ...).
+    pub accept_errors: u64,
+}
+
+impl ConnectionFigures {
+    fn render(&self, out: &mut String) {
+        for (name, kind, help, value) in [
+            ("tdebroker_grpc_connections_open", "gauge", "gRPC connections open now.", self.open),
+            (
+                "tdebroker_grpc_connections_accepted_total",
+                "counter",
+                "gRPC connections accepted and kept.",
+                self.accepted,
+            ),
+            (
+                "tdebroker_grpc_connections_over_limit_total",
+                "counter",
+                "gRPC connections closed at once because max_connections were open.",
+                self.over_limit,
+            ),
+            (
+                "tdebroker_grpc_handshake_timeouts_total",
+                "counter",
+                "gRPC connections closed for not finishing the TLS handshake or the HTTP/2 preface in time.",
+                self.handshake_timeouts,
+            ),
+            (
+                "tdebroker_grpc_accept_errors_total",
+                "counter",
+                "Failed accepts of the gRPC listener (each makes it pause before the next).",
+                self.accept_errors,
+            ),
+        ] {
+            header(out, name, kind, help);
+            let _ = writeln!(out, "{name} {value}");
+        }
+    }
+}
+
 /// The process-wide metrics registry.
 pub fn metrics() -> &'static Metrics {
     static METRICS: OnceLock<Metrics> = OnceLock::new();
@@ -269,7 +320,7 @@ impl Metrics {
 
     /// The Prometheus text exposition (format 0.0.4) of every metric; `databases` are the
     /// `(state, count)` pairs of the `tdebroker_databases` gauge, computed by the caller.
-    pub fn render(&self, databases: &[(&str, u64)]) -> String {
+    pub fn render(&self, databases: &[(&str, u64)], connections: Option<&ConnectionFigures>) -> String {
         let mut out = String::with_capacity(4096);
         header(
             &mut out,
@@ -331,6 +382,9 @@ impl Metrics {
         header(&mut out, "tdebroker_databases", "gauge", "Databases by TDE state, at scrape time.");
         for (state, v) in databases {
             series(&mut out, "tdebroker_databases", &[("state", state)], *v);
+        }
+        if let Some(c) = connections {
+            c.render(&mut out);
         }
         header(
             &mut out,
@@ -446,7 +500,7 @@ mod tests {
         m.record_request("s", "m", "OK", Duration::from_micros(100));
         m.record_request("s", "m", "OK", Duration::from_millis(30));
         m.record_request("s", "m", "OK", Duration::from_secs(60));
-        let text = m.render(&[]);
+        let text = m.render(&[], None);
         assert!(text.contains(
             "tdebroker_request_duration_seconds_bucket{service=\"s\",method=\"m\",le=\"0.0005\"} 1"
         ));

@@ -22,7 +22,8 @@ use tracing_subscriber::EnvFilter;
 
 pub use context::{ContextData, RequestContext};
 pub use metrics::{
-    CacheCounter, DURATION_BUCKETS, LatencyTotal, Metrics, MetricsSnapshot, RequestTotal, metrics,
+    CacheCounter, ConnectionFigures, DURATION_BUCKETS, LatencyTotal, Metrics, MetricsSnapshot, RequestTotal,
+    metrics,
 };
 pub use otel::{Otel, OtelError, OtlpExport};
 

@@ -20,6 +20,8 @@ pub static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 /// A serving broker of this file.
 pub struct Running {
+    /// The gRPC address.
+    pub addr: SocketAddr,
     pub http: Option<SocketAddr>,
     pub token: String,
     pub admin: String,
@@ -45,7 +47,7 @@ pub async fn serve(app: App, dir: tempfile::TempDir) -> Running {
     let http = app.http_addr();
     let (addr, tx, served) = super::spawn_serving(app).await;
     let channel = Channel::from_shared(format!("http://{addr}")).unwrap().connect().await.unwrap();
-    Running { http, token, admin, channel, stop: Some(tx), served: Some(served), _dir: dir }
+    Running { addr, http, token, admin, channel, stop: Some(tx), served: Some(served), _dir: dir }
 }
 
 pub async fn start(modify: impl FnOnce(&mut Config, &std::path::Path)) -> Running {
