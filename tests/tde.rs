@@ -989,6 +989,23 @@ async fn watch_stream_ends_when_the_watchers_role_assignment_is_removed() {
 }
 
 #[tokio::test]
+async fn watch_stream_ends_when_the_watchers_token_expires() {
+    let b = start().await;
+    let s = cmk_server(&b, "wt-kv", "wt-sql").await;
+    let watcher = b.user("watcher").await;
+    b.assign(&s.server.id, &watcher.object_id, "Reader").await;
+    let mut events = watch_as(&b, &watcher.token, &s.server.id).await;
+    // Past the token's exp and the tolerated skew, on the broker's clock; no change is needed.
+    let exp = claims(&watcher.token)["exp"].as_i64().expect("exp");
+    b.advance(exp + 301 - b.now().await).await;
+    let refused = get_server_refusal(&b, &watcher.token, &s.server.id).await;
+    assert_eq!(refused.code(), Code::Unauthenticated);
+    assert!(refused.message().contains("IDX10223"), "{}", refused.message());
+    assert_ended_with(next_event(&mut events).await, &refused);
+    b.stop().await;
+}
+
+#[tokio::test]
 async fn a_watcher_that_lost_its_access_gets_no_later_event() {
     let b = start().await;
     let s = cmk_server(&b, "we-kv", "we-sql").await;

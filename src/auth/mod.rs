@@ -230,7 +230,11 @@ struct Verified {
 
 impl Verified {
     fn new(claims: Claims) -> Self {
-        let caller = Caller::new(&claims.oid, &claims.appid, &claims.iss);
+        let valid_until = Some(crate::model::principal::CredentialEnd {
+            at: claims.exp.saturating_add(CLOCK_SKEW),
+            wall_clock: claims.wall_clock,
+        });
+        let caller = Caller { valid_until, ..Caller::new(&claims.oid, &claims.appid, &claims.iss) };
         Verified { claims, caller }
     }
 }

@@ -211,8 +211,9 @@ impl Servers for ServersService {
         let mut events = self.broker.watch();
         let shutdown = self.broker.shutdown_signal();
         let broker = self.broker.clone();
-        // Forwards this server's transitions until the client goes away, the broker stops, or the
-        // watcher loses its access: that is decided again whenever the epoch has moved (every
+        // Forwards this server's transitions until the client goes away, the broker stops, the
+        // watcher's token expires (UNAUTHENTICATED, as its next call would be), or it loses its
+        // access: that is decided again whenever the epoch has moved (every
         // applied change moves it, a transition's too), before an event is sent and at least
         // every `WATCH_RECHECK`; the stream then ends with the status GetServer would answer.
         tokio::spawn(async move {
@@ -226,6 +227,17 @@ impl Servers for ServersService {
                     _ = recheck.tick() => None,
                     e = events.recv() => Some(e),
                 };
+                // The credential's own end (its token's exp) ends the watch too.
+                if let Some(end) = caller.valid_until
+                    && end.passed(broker.clock.now(), crate::broker::clock::system_now())
+                {
+                    let expired = crate::model::BrokerError::TokenExpired {
+                        expires: end.at - crate::auth::CLOCK_SKEW,
+                        now: broker.clock.now(),
+                    };
+                    let _ = tx.send(Err(to_status(expired))).await;
+                    break;
+                }
                 if broker.epoch() != decided {
                     match broker.watch_access(&caller, &id) {
                         Ok(epoch) => decided = epoch,

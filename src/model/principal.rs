@@ -51,6 +51,26 @@ pub struct Caller {
     pub trusted_service: bool,
     /// The broker's own call for a managed instance: it comes from this subnet.
     pub source_subnet: Option<String>,
+    /// When the credential stops being accepted (a token's `exp` plus the tolerated skew), for
+    /// calls that outlive their first check (a watch); `None` for a credential without an end
+    /// (a client certificate, the broker's own calls).
+    pub valid_until: Option<CredentialEnd>,
+}
+
+/// The end of a credential's life and the clock it is read on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CredentialEnd {
+    /// Unix seconds.
+    pub at: i64,
+    /// On the system clock (an operator's token) rather than the broker's.
+    pub wall_clock: bool,
+}
+
+impl CredentialEnd {
+    /// Whether the credential has ended, given the broker's and the system clock's now.
+    pub fn passed(&self, broker_now: i64, system_now: i64) -> bool {
+        (if self.wall_clock { system_now } else { broker_now }) >= self.at
+    }
 }
 
 impl Caller {
@@ -64,6 +84,7 @@ impl Caller {
             peer: None,
             trusted_service: false,
             source_subnet: None,
+            valid_until: None,
         }
     }
 
