@@ -109,8 +109,28 @@ fn every_subcommands_help_lists_only_the_options_that_apply_to_it() {
         assert!(flags.iter().any(|f| f == "--data-dir"), "{path:?}: {flags:?}");
     }
     assert!(help_flags(&["serve"]).iter().any(|f| f == "--listen"));
-    // Client subcommands list the client options, and no serving options.
-    for path in [&["key", "list"][..], &["db", "watch"], &["loadtest"], &["clock", "set"]] {
+    // Every other leaf subcommand is a client: it lists the client options and no serving ones.
+    let mut cmd = tde_broker::cli::command();
+    cmd.build();
+    fn leaves(cmd: &clap::Command, path: Vec<String>, out: &mut Vec<Vec<String>>) {
+        let subs: Vec<_> = cmd.get_subcommands().filter(|s| s.get_name() != "help").collect();
+        if subs.is_empty() {
+            out.push(path);
+            return;
+        }
+        for s in subs {
+            let mut p = path.clone();
+            p.push(s.get_name().to_string());
+            leaves(s, p, out);
+        }
+    }
+    let mut all = Vec::new();
+    leaves(&cmd, Vec::new(), &mut all);
+    let clients: Vec<Vec<String>> = all.into_iter().filter(|p| p[0] != "serve" && p[0] != "cert").collect();
+    assert!(clients.len() > 40, "{clients:?}");
+    for path in &clients {
+        let path: Vec<&str> = path.iter().map(String::as_str).collect();
+        let path = &path[..];
         let flags = help_flags(path);
         for flag in ["--server", "--token", "--output", "--data-dir"] {
             assert!(flags.iter().any(|f| f == flag), "`{}` --help lacks {flag}: {flags:?}", path.join(" "));
