@@ -65,10 +65,12 @@ pub const HEADER_LIST_TOO_LARGE: &str = "HeaderListTooLarge";
 /// (the broker accepts no compressed message).
 pub fn codec_refusal(code: Code, message: &str) -> Option<(Code, &'static str)> {
     const TOO_LARGE: &str = "Error, decoded message length too large";
-    const UNDECODABLE: [&str; 3] = [
+    const UNDECODABLE: [&str; 4] = [
         "failed to decode Protobuf message",
         "protocol error: received message with invalid compression flag",
         "Unexpected EOF decoding stream",
+        // A unary request whose body holds no message at all.
+        "Missing request message",
     ];
     match code {
         Code::OutOfRange if message.starts_with(TOO_LARGE) => {
@@ -113,6 +115,7 @@ mod tests {
             "failed to decode Protobuf message: invalid wire type value: 7",
             "protocol error: received message with invalid compression flag: 104 (valid flags are 0 and 1), while sending request",
             "Unexpected EOF decoding stream.",
+            "Missing request message.",
         ] {
             assert_eq!(
                 codec_refusal(Code::Internal, undecodable),
