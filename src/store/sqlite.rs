@@ -509,8 +509,40 @@ mod tests {
     #[test]
     fn a_database_of_another_schema_version_is_refused() -> Result<(), StoreError> {
         let file = SqliteFile::create()?;
-        file.open()?.put_meta("schema_version", b"2")?;
-        assert!(matches!(SqliteStore::open(&file.path()), Err(StoreError::Schema(2))));
+        file.open()?.put_meta("schema_version", b"3")?;
+        assert!(matches!(SqliteStore::open(&file.path()), Err(StoreError::Schema(3))));
+        Ok(())
+    }
+
+    #[test]
+    fn a_version_1_store_is_migrated_and_keeps_its_records() -> Result<(), StoreError> {
+        use crate::model::{Deletion, NetworkAcls, Vault};
+        let file = SqliteFile::create()?;
+        let v = Vault {
+            name: "v1".into(),
+            retention_days: 30,
+            purge_protection: true,
+            rbac: false,
+            network_acls: NetworkAcls::default(),
+            public_network_access: true,
+            access_policies: Default::default(),
+            private_endpoints: vec![],
+            created: 5,
+        };
+        file.open()?.commit(&[Change::PutVault(v.clone())])?;
+        // What a version-1 broker left: no vault_deletions table, version 1.
+        {
+            let conn = Connection::open(file.path())?;
+            conn.execute_batch("DROP TABLE vault_deletions")?;
+            conn.execute("UPDATE meta SET v = ?1 WHERE k = 'schema_version'", params![b"1".to_vec()])?;
+        }
+        let store = file.open()?;
+        assert_eq!(store.get_meta("schema_version")?, Some(b"2".to_vec()));
+        assert_eq!(store.load()?.vaults, vec![v]);
+        let d = Deletion { deleted_date: 7, scheduled_purge_date: 8 };
+        store.commit(&[Change::SetVaultDeletion { vault: "v1".into(), deleted: Some(d.clone()) }])?;
+        drop(store);
+        assert_eq!(file.open()?.load()?.vault_deletions, vec![("v1".to_string(), d)]);
         Ok(())
     }
 }
