@@ -1,4 +1,4 @@
-//! docs/RULES.md R2.9: vault soft delete as Key Vault does it, over real gRPC. DeleteVault keeps
+//! docs/RULES.md R1.10: vault soft delete as Key Vault does it, over real gRPC. DeleteVault keeps
 //! the vault and all its keys for its retention days; meanwhile the vault is gone from every
 //! other view, its name cannot be reused, and it can be read, listed, recovered (with everything
 //! it held) or purged (not under purge protection); the broker purges it by itself on its clock.
