@@ -171,6 +171,9 @@ async fn keys_of_a_deleted_vault_are_not_found_and_the_vault_is_in_no_view() {
     let key = kid(&b.key("sd-gone", "k", "RSA", 2048).await);
     let wrapped =
         b.kv().wrap_key(crypto_req(&key, "RSA-OAEP-256", &DEK)).await.expect("wrap").into_inner().value;
+    // Warm the decision and unwrap caches: nothing cached may answer for a deleted vault.
+    b.kv().unwrap_key(unwrap_req(&key, "RSA-OAEP-256", &wrapped)).await.expect("unwrap");
+    b.kv().get_key(proto::GetKeyRequest { key_id: key.clone() }).await.expect("get");
     delete_vault(&b, "sd-gone").await;
 
     let expected = not_found_text("sd-gone");
