@@ -105,6 +105,12 @@ pub async fn apply(broker: &Broker, caller: &Caller, path: &Path) -> Result<(), 
         toml::from_str(&text).map_err(|source| SeedError::Parse { path: path.to_path_buf(), source })?;
     for v in seed.vault {
         let name = vault_name(&v.name)?;
+        if broker.read().deleted_vaults.contains_key(&name) {
+            // An operator deleted it: the seed neither recreates it (the name is taken until it
+            // is purged) nor refuses to start.
+            tracing::warn!(vault = %name, "seed: the vault is soft-deleted; recover or purge it (tde-broker vault deleted); skipped");
+            continue;
+        }
         let exists = broker.read().vaults.contains_key(&name);
         if !exists {
             broker

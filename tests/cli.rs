@@ -706,6 +706,41 @@ async fn cmk_server_database_watch_and_revalidate() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn vault_delete_soft_deletes_and_vault_deleted_lists_shows_recovers_and_purges() {
+    let b = start_broker().await;
+    b.json(&["vault", "create", "cli-sd", "--retention-days", "7"]).await;
+    let kid = str_of(&b.json(&["key", "create", "cli-sd", "k"]).await, "kid").to_string();
+    b.run(&["vault", "delete", "cli-sd"]).await;
+    let err = b.fails(&["key", "show", &kid]).await;
+    assert!(err.contains("Microsoft.KeyVault/vaults/cli-sd' was not found"), "{err}");
+    let err = b.fails(&["vault", "create", "cli-sd"]).await;
+    assert!(
+        err.contains("already exists in deleted state") && err.contains("vault deleted recover"),
+        "the refusal and the hint: {err}"
+    );
+
+    let list = b.json(&["vault", "deleted", "list"]).await;
+    let listed = &list.as_array().expect("a list")[0];
+    assert_eq!(listed["vault"]["name"], "cli-sd", "{list}");
+    let deleted = listed["deleted_date"].as_i64().expect("deleted_date");
+    assert_eq!(listed["scheduled_purge_date"].as_i64(), Some(deleted + 7 * 86_400), "{list}");
+    let table = String::from_utf8_lossy(&b.run(&["vault", "deleted", "list"]).await.stdout).into_owned();
+    assert!(table.starts_with("NAME") && table.lines().any(|l| l.starts_with("cli-sd ")), "{table}");
+    let show = b.json(&["vault", "deleted", "show", "cli-sd"]).await;
+    assert_eq!(show, *listed);
+
+    let recovered = b.json(&["vault", "deleted", "recover", "cli-sd"]).await;
+    assert_eq!(str_of(&recovered, "name"), "cli-sd");
+    b.json(&["key", "show", &kid]).await;
+
+    b.run(&["vault", "delete", "cli-sd"]).await;
+    let purged = b.json(&["vault", "deleted", "purge", "cli-sd"]).await;
+    assert_eq!(purged["purged"], "cli-sd");
+    assert_eq!(b.json(&["vault", "deleted", "list"]).await, serde_json::json!([]));
+    b.json(&["vault", "create", "cli-sd"]).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn subnets_network_rules_private_endpoint_and_injected_outage() {
     use serde_json::json;
     let b = start_broker().await;

@@ -80,6 +80,32 @@ async fn seed_file_creates_vaults_and_keys_once() {
 }
 
 #[tokio::test]
+async fn a_seeded_vault_that_was_soft_deleted_is_skipped_and_the_broker_still_starts() {
+    let dir = tempfile::tempdir().unwrap();
+    let seed = dir.path().join("seed.toml");
+    std::fs::write(&seed, SEED).unwrap();
+    let data = dir.path().join("data");
+    let b = start_seeded(&data, &seed).await;
+    b.vaults().delete_vault(proto::DeleteVaultRequest { name: "seed-kv".into() }).await.unwrap();
+    b.stop().await;
+    let b = start_seeded(&data, &seed).await;
+    let r = b.vaults().get_vault(proto::GetVaultRequest { name: "seed-kv".into() }).await;
+    assert_status(r, Code::NotFound, "ResourceNotFound");
+    let recovered = b
+        .vaults()
+        .recover_deleted_vault(proto::RecoverDeletedVaultRequest { name: "seed-kv".into() })
+        .await
+        .expect("the deleted vault waits, untouched by the seed")
+        .into_inner();
+    assert!(recovered.enable_purge_protection);
+    b.kv()
+        .get_key(proto::GetKeyRequest { key_id: b.key_uri("seed-kv", "tde-protector") })
+        .await
+        .expect("with its keys");
+    b.stop().await;
+}
+
+#[tokio::test]
 async fn invalid_seed_file_stops_the_start_with_its_name() {
     let dir = tempfile::tempdir().unwrap();
     let seed = dir.path().join("bad.toml");

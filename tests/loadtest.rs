@@ -56,14 +56,21 @@ fn baseline_unwrap_reports_throughput_and_ordered_percentiles() {
     assert_eq!(r["load"]["concurrency"], 4);
 }
 
-/// The names of the vaults and servers a load test could leave behind.
+/// The names of the vaults (soft-deleted ones too) and servers a load test could leave behind.
 async fn leftovers(b: &common::TestBroker) -> Vec<String> {
     let vaults = b.vaults().list_vaults(proto::ListVaultsRequest {}).await.expect("list vaults").into_inner();
+    let deleted = b
+        .vaults()
+        .list_deleted_vaults(proto::ListDeletedVaultsRequest {})
+        .await
+        .expect("list deleted vaults")
+        .into_inner();
     let servers =
         b.servers().list_servers(proto::ListServersRequest {}).await.expect("list servers").into_inner();
     vaults
         .vaults
         .into_iter()
+        .chain(deleted.vaults.into_iter().filter_map(|d| d.vault))
         .map(|v| v.name)
         .chain(servers.servers.into_iter().map(|s| s.name))
         .filter(|n| n.starts_with("loadtest-"))

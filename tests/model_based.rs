@@ -1,7 +1,8 @@
 //! docs/RULES.md R6.1: the reference-model property test. Random interleavings of access-policy,
-//! role, identity, key-state, permission-model and network changes with wrap/unwrap/get calls from
-//! several principals and source addresses; every answer of the running broker (over real gRPC,
-//! caches on) must equal what a small, independent model of the rules says. No stale allow.
+//! role, identity, key-state, permission-model and network changes, and of the vault's soft
+//! delete, recovery and purge, with wrap/unwrap/get calls from several principals and source
+//! addresses; every answer of the running broker (over real gRPC, caches on) must equal what a
+//! small, independent model of the rules says. No stale allow.
 //!
 //! A bounded run is part of the test suite; `TDE_BROKER_PROPTEST_CASES=2000 cargo test --release
 //! --test model_based` runs a long one.
@@ -73,6 +74,10 @@ enum Step {
     SetExpired(bool),
     SetFirewall(bool, Vec<usize>),
     DeleteIdentity,
+    DeleteVault,
+    RecoverVault,
+    /// Purges the deleted vault, then creates it again (empty, with a new key) as the world needs.
+    PurgeVault,
     Call(usize, usize, Perm),
 }
 
@@ -91,6 +96,9 @@ fn step() -> impl Strategy<Value = Step> {
         1 => any::<bool>().prop_map(Step::SetExpired),
         1 => (any::<bool>(), proptest::sample::subsequence(vec![1usize, 2], 0..=2)).prop_map(|(a, r)| Step::SetFirewall(a, r)),
         1 => Just(Step::DeleteIdentity),
+        1 => Just(Step::DeleteVault),
+        1 => Just(Step::RecoverVault),
+        1 => Just(Step::PurgeVault),
         8 => call.prop_map(|(w, s, p)| Step::Call(w, s, p)),
     ]
 }
@@ -106,13 +114,27 @@ struct Model {
     deny_by_default: bool,
     ip_rules: Vec<usize>,
     identity_deleted: bool,
+    /// The vault is soft-deleted: it and its key answer as not found, its settings wait.
+    vault_deleted: bool,
 }
 
+/// What the control-plane and key-changing calls on a soft-deleted vault answer.
+const VAULT_GONE: (Code, &str) = (Code::NotFound, "ResourceNotFound");
+
 impl Model {
+    /// The vault as a purge leaves it and the world creates it again: no policies but the
+    /// admin's, no role assignments at its scope, default settings, a fresh key. Identities stay.
+    fn purged(&mut self) {
+        *self = Model { identity_deleted: self.identity_deleted, ..Model::default() };
+    }
+
     /// The expected (code, reason) of a call, `None` for success.
     fn expect(&self, who: usize, source: usize, p: Perm) -> Option<(Code, &'static str)> {
         if who == 3 && self.identity_deleted {
             return Some((Code::Unauthenticated, "Unauthorized"));
+        }
+        if self.vault_deleted {
+            return Some(VAULT_GONE);
         }
         if self.deny_by_default && !self.ip_rules.contains(&source) {
             return Some((Code::PermissionDenied, "ForbiddenByFirewall"));
@@ -150,22 +172,37 @@ struct World {
     clients: HashMap<(usize, usize), Kv>,
 }
 
-async fn world() -> World {
-    let b = start().await;
+/// Creates the vault with its key `k` and a DEK wrapped under it; the admin keeps its rights
+/// under both permission models to drive the changes. Returns the key's kid and the wrapped DEK.
+async fn vault_with_key(b: &TestBroker) -> (String, Vec<u8>) {
     b.vault(VAULT, false).await;
     let key = kid(&b.key(VAULT, "k", "RSA", 2048).await);
     let wrapped =
         b.kv().wrap_key(crypto_req(&key, "RSA-OAEP-256", &DEK)).await.expect("wrap").into_inner().value;
+    b.assign(&format!("https://{VAULT}.vault.azure.net"), &b.admin.object_id, "Key Vault Administrator")
+        .await;
+    (key, wrapped)
+}
+
+async fn world() -> World {
+    let b = start().await;
+    let (key, wrapped) = vault_with_key(&b).await;
     let mut principals = Vec::new();
     for i in 0..3 {
         principals.push(b.user(&format!("model-user-{i}")).await);
     }
     let (id, who) = b.identity("model-rg", "model-umi").await;
     principals.push(who);
-    // The admin keeps its rights under both permission models to drive the changes.
-    b.assign(&format!("https://{VAULT}.vault.azure.net"), &b.admin.object_id, "Key Vault Administrator")
-        .await;
     World { b, key, wrapped, principals, identity_resource: id.resource_id, clients: HashMap::new() }
+}
+
+/// The (code, reason) of a refusal, `None` for success.
+fn outcome<T>(r: Result<T, tonic::Status>) -> Option<(Code, String)> {
+    r.err().map(|s| (s.code(), tde_broker::grpc::status::reason(&s).unwrap_or_default()))
+}
+
+fn gone() -> Option<(Code, String)> {
+    Some((VAULT_GONE.0, VAULT_GONE.1.to_string()))
 }
 
 impl World {
@@ -183,6 +220,18 @@ impl World {
             Step::SetPolicy(w, perms) => {
                 let names: Vec<&str> = perms.iter().map(|p| p.name()).collect();
                 if *w == 3 && m.identity_deleted {
+                    return Ok(());
+                }
+                if m.vault_deleted {
+                    let r = b
+                        .vaults()
+                        .set_access_policy(proto::SetAccessPolicyRequest {
+                            vault_name: VAULT.into(),
+                            object_id: self.principals[*w].object_id.clone(),
+                            key_permissions: names.iter().map(|p| p.to_string()).collect(),
+                        })
+                        .await;
+                    prop_assert_eq!(outcome(r), gone(), "SetAccessPolicy on a deleted vault");
                     return Ok(());
                 }
                 b.policy(VAULT, &self.principals[*w].object_id, &names).await;
@@ -214,26 +263,36 @@ impl World {
                 m.roles.remove(w);
             }
             Step::SetRbac(on) => {
-                b.vaults()
+                let r = b
+                    .vaults()
                     .update_vault(proto::UpdateVaultRequest {
                         name: VAULT.into(),
                         enable_rbac_authorization: Some(*on),
                         ..Default::default()
                     })
-                    .await
-                    .expect("rbac");
-                m.rbac = *on;
+                    .await;
+                if m.vault_deleted {
+                    prop_assert_eq!(outcome(r), gone(), "UpdateVault on a deleted vault");
+                } else {
+                    r.expect("rbac");
+                    m.rbac = *on;
+                }
             }
             Step::SetEnabled(on) => {
-                b.kv()
+                let r = b
+                    .kv()
                     .update_key(proto::UpdateKeyRequest {
                         key_id: self.key.clone(),
                         enabled: Some(*on),
                         ..Default::default()
                     })
-                    .await
-                    .expect("enable");
-                m.disabled = !on;
+                    .await;
+                if m.vault_deleted {
+                    prop_assert_eq!(outcome(r), gone(), "UpdateKey in a deleted vault");
+                } else {
+                    r.expect("enable");
+                    m.disabled = !on;
+                }
             }
             Step::SetExpired(expired) => {
                 let req = if *expired {
@@ -249,8 +308,13 @@ impl World {
                         ..Default::default()
                     }
                 };
-                b.kv().update_key(req).await.expect("expiry");
-                m.expired = *expired;
+                let r = b.kv().update_key(req).await;
+                if m.vault_deleted {
+                    prop_assert_eq!(outcome(r), gone(), "UpdateKey in a deleted vault");
+                } else {
+                    r.expect("expiry");
+                    m.expired = *expired;
+                }
             }
             Step::SetFirewall(allow, rules) => {
                 // The admin changes keys from 127.0.0.1 (source 0): that address is always in the
@@ -264,6 +328,18 @@ impl World {
                         .collect(),
                     virtual_network_rules: vec![],
                 };
+                if m.vault_deleted {
+                    let r = b
+                        .vaults()
+                        .update_vault(proto::UpdateVaultRequest {
+                            name: VAULT.into(),
+                            network_acls: Some(acl),
+                            ..Default::default()
+                        })
+                        .await;
+                    prop_assert_eq!(outcome(r), gone(), "UpdateVault on a deleted vault");
+                    return Ok(());
+                }
                 b.firewall(VAULT, acl, None).await;
                 m.deny_by_default = !allow;
                 m.ip_rules = std::iter::once(0).chain(rules.iter().copied()).collect();
@@ -279,6 +355,36 @@ impl World {
                         .expect("delete identity");
                     m.identity_deleted = true;
                 }
+            }
+            Step::DeleteVault => {
+                let r = b.vaults().delete_vault(proto::DeleteVaultRequest { name: VAULT.into() }).await;
+                let want = if m.vault_deleted { gone() } else { None };
+                prop_assert_eq!(outcome(r), want, "DeleteVault");
+                m.vault_deleted = true;
+            }
+            Step::RecoverVault => {
+                let r = b
+                    .vaults()
+                    .recover_deleted_vault(proto::RecoverDeletedVaultRequest { name: VAULT.into() })
+                    .await;
+                let want = if m.vault_deleted { None } else { gone() };
+                prop_assert_eq!(outcome(r), want, "RecoverDeletedVault");
+                m.vault_deleted = false;
+            }
+            Step::PurgeVault => {
+                let r = b
+                    .vaults()
+                    .purge_deleted_vault(proto::PurgeDeletedVaultRequest { name: VAULT.into() })
+                    .await;
+                if !m.vault_deleted {
+                    prop_assert_eq!(outcome(r), gone(), "PurgeDeletedVault of a live vault");
+                    return Ok(());
+                }
+                prop_assert_eq!(outcome(r), None, "PurgeDeletedVault");
+                let (key, wrapped) = vault_with_key(b).await;
+                self.key = key;
+                self.wrapped = wrapped;
+                m.purged();
             }
             Step::Call(w, s, p) => {
                 let expected = m.expect(*w, *s, *p);

@@ -695,6 +695,46 @@ async fn not_yet_valid_protector_makes_databases_inaccessible() {
 }
 
 #[tokio::test]
+async fn deleting_the_protectors_vault_makes_databases_inaccessible_and_recovering_it_heals_them() {
+    let b = start().await;
+    let s = cmk_server(&b, "vdel-kv", "vdel-sql").await;
+    let mut e = b.engine(&s.server.id).await;
+    let (wrapped, kid) = {
+        let r = e
+            .generate_database_key(proto::GenerateDatabaseKeyRequest { database: "db1".into() })
+            .await
+            .expect("online")
+            .into_inner();
+        (r.wrapped_dek, r.kid)
+    };
+    b.vaults().delete_vault(proto::DeleteVaultRequest { name: "vdel-kv".into() }).await.expect("soft delete");
+    b.advance(PROBE).await;
+    assert_eq!(state(&b.database(&s.server.id, "db1").await), (INACCESSIBLE, "KEY_DELETED"));
+    let r = e
+        .unwrap_database_key(proto::UnwrapDatabaseKeyRequest {
+            database: "db1".into(),
+            kid: kid.clone(),
+            wrapped_dek: wrapped.clone(),
+        })
+        .await;
+    assert_status(r, Code::FailedPrecondition, "DatabaseInaccessible");
+    b.vaults()
+        .recover_deleted_vault(proto::RecoverDeletedVaultRequest { name: "vdel-kv".into() })
+        .await
+        .expect("recover");
+    b.advance(PROBE).await;
+    assert_eq!(state(&b.database(&s.server.id, "db1").await), (ONLINE, ""), "healed within the window");
+    e.unwrap_database_key(proto::UnwrapDatabaseKeyRequest {
+        database: "db1".into(),
+        kid,
+        wrapped_dek: wrapped,
+    })
+    .await
+    .expect("the recovered key unwraps the DEK again");
+    b.stop().await;
+}
+
+#[tokio::test]
 async fn access_restored_after_the_heal_window_needs_revalidation() {
     let b = start().await;
     let s = cmk_server(&b, "heal-kv", "heal-sql").await;

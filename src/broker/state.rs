@@ -7,7 +7,7 @@ use std::sync::Arc;
 use crate::crypto::{RsaPrivateKey, Sealer, Zbytes};
 use crate::model::ids::key_index;
 use crate::model::server::{Database, Server};
-use crate::model::{BrokerError, Change, Key, KeyType, Principal, RoleAssignment, Vault};
+use crate::model::{BrokerError, Change, Deletion, Key, KeyType, Principal, RoleAssignment, Vault};
 use crate::store::Snapshot;
 
 /// Decoded private material of one key version, ready for crypto.
@@ -100,14 +100,25 @@ impl VaultEntry {
     }
 }
 
+/// A soft-deleted vault: everything it held, kept as it was, and its deletion record. Nothing
+/// reaches it but the deleted-vault operations (get, list, recover, purge) and the sweeper.
+pub struct DeletedVaultEntry {
+    /// The vault with its keys, as they were when it was deleted.
+    pub entry: VaultEntry,
+    /// When it was deleted and when it is purged by itself.
+    pub deletion: Deletion,
+}
+
 /// Everything the broker knows, plus the epoch that versions it.
 #[derive(Default)]
 pub struct State {
     /// Bumped by every applied batch of changes; cached decisions carry the epoch they were
     /// made at and are void once it moves.
     pub epoch: u64,
-    /// Vaults by name.
+    /// Vaults by name (live ones only: a soft-deleted vault is in `deleted_vaults`).
     pub vaults: BTreeMap<String, VaultEntry>,
+    /// Soft-deleted vaults by name.
+    pub deleted_vaults: BTreeMap<String, DeletedVaultEntry>,
     /// Principals by object id.
     pub principals: HashMap<String, Principal>,
     /// Role assignments of both planes.
@@ -147,6 +158,11 @@ impl State {
             }
             ve.keys.insert(key_index(&k.name), entry);
         }
+        for (name, deletion) in snap.vault_deletions {
+            if let Some(entry) = st.vaults.remove(&name) {
+                st.deleted_vaults.insert(name, DeletedVaultEntry { entry, deletion });
+            }
+        }
         for p in snap.principals {
             st.principals.insert(p.object_id.clone(), p);
         }
@@ -178,14 +194,30 @@ impl State {
 
     fn apply_one(&mut self, change: Change) {
         match change {
-            Change::PutVault(v) => match self.vaults.get_mut(&v.name) {
-                Some(entry) => entry.vault = v,
-                None => {
+            Change::PutVault(v) => {
+                if let Some(d) = self.deleted_vaults.get_mut(&v.name) {
+                    d.entry.vault = v;
+                } else if let Some(entry) = self.vaults.get_mut(&v.name) {
+                    entry.vault = v;
+                } else {
                     self.vaults.insert(v.name.clone(), VaultEntry { vault: v, keys: BTreeMap::new() });
                 }
-            },
+            }
             Change::DeleteVault { vault } => {
                 self.vaults.remove(&vault);
+                self.deleted_vaults.remove(&vault);
+            }
+            Change::SetVaultDeletion { vault, deleted: Some(deletion) } => {
+                if let Some(d) = self.deleted_vaults.get_mut(&vault) {
+                    d.deletion = deletion;
+                } else if let Some(entry) = self.vaults.remove(&vault) {
+                    self.deleted_vaults.insert(vault, DeletedVaultEntry { entry, deletion });
+                }
+            }
+            Change::SetVaultDeletion { vault, deleted: None } => {
+                if let Some(d) = self.deleted_vaults.remove(&vault) {
+                    self.vaults.insert(vault, d.entry);
+                }
             }
             Change::PutKeyVersion { vault, name, version, sealed } => {
                 let Some(ve) = self.vaults.get_mut(&vault) else { return };

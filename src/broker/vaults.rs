@@ -1,15 +1,20 @@
-//! Vault operations of the control plane: create, read, update, delete, access policies.
+//! Vault operations of the control plane: create, read, update, soft delete (with the deleted
+//! vaults' get, list, recover and purge), access policies.
 
 use std::collections::{BTreeMap, BTreeSet};
 
 use super::Broker;
+use super::state::State;
 use crate::model::ids::vault_name;
 use crate::model::vault::{Subnet, normalise_cidr, subnet_id};
-use crate::model::{BrokerError, Caller, Change, KeyPermission, NetworkAcls, Vault};
+use crate::model::{BrokerError, Caller, Change, Deletion, KeyPermission, NetworkAcls, Vault};
 
 const VAULT_READ: &str = "Microsoft.KeyVault/vaults/read";
 const VAULT_WRITE: &str = "Microsoft.KeyVault/vaults/write";
 const VAULT_DELETE: &str = "Microsoft.KeyVault/vaults/delete";
+const DELETED_VAULT_READ: &str = "Microsoft.KeyVault/locations/deletedVaults/read";
+const DELETED_VAULT_PURGE: &str = "Microsoft.KeyVault/locations/deletedVaults/purge/action";
+const SECONDS_PER_DAY: i64 = 86_400;
 const POLICY_WRITE: &str = "Microsoft.KeyVault/vaults/accessPolicies/write";
 const SUBNET_WRITE: &str = "Microsoft.Network/virtualNetworks/subnets/write";
 const SUBNET_READ: &str = "Microsoft.Network/virtualNetworks/subnets/read";
@@ -44,9 +49,46 @@ pub struct VaultUpdate {
     pub public_network_access: Option<bool>,
 }
 
+/// A soft-deleted vault as GetDeletedVault and ListDeletedVaults show it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DeletedVault {
+    /// The vault's settings and policies as they were when it was deleted.
+    pub vault: Vault,
+    /// When it was deleted and when it is purged by itself.
+    pub deletion: Deletion,
+}
+
 impl Broker {
     fn vault_scope(&self, name: &str) -> String {
         self.settings.vault_resource_id(name)
+    }
+
+    /// ARM's scope of a deleted vault: `/subscriptions/{sub}/providers/Microsoft.KeyVault/
+    /// locations/{location}/deletedVaults/{name}` (outside any resource group, as in the cloud).
+    fn deleted_vault_scope(&self, name: &str) -> String {
+        format!(
+            "/subscriptions/{}/providers/Microsoft.KeyVault/locations/{}/deletedVaults/{name}",
+            self.settings.subscription_id, self.settings.location
+        )
+    }
+
+    /// What purging the vault `name` commits: the vault with its keys and deletion record, and
+    /// the role assignments at its scope or beneath it (extension resources go with their
+    /// resource), so that a vault created again under the name starts with none.
+    pub(crate) fn vault_purge_changes(&self, st: &State, name: &str) -> Vec<Change> {
+        let scope = self.vault_scope(name).to_ascii_lowercase();
+        let beneath = format!("{scope}/");
+        let mut changes = vec![Change::DeleteVault { vault: name.to_string() }];
+        changes.extend(
+            st.role_assignments
+                .iter()
+                .filter(|a| {
+                    let s = a.scope.to_ascii_lowercase();
+                    s == scope || s.starts_with(&beneath)
+                })
+                .map(|a| Change::DeleteRoleAssignment { id: a.id.clone() }),
+        );
+        changes
     }
 
     /// CreateVault.
@@ -65,8 +107,14 @@ impl Broker {
             created: self.clock.now(),
         };
         let txn = self.begin().await;
-        if self.read().vaults.contains_key(&name) {
-            return Err(BrokerError::VaultAlreadyExists { name });
+        {
+            let st = self.read();
+            if st.deleted_vaults.contains_key(&name) {
+                return Err(BrokerError::VaultDeletedButRecoverable { name });
+            }
+            if st.vaults.contains_key(&name) {
+                return Err(BrokerError::VaultAlreadyExists { name });
+            }
         }
         self.commit(txn, vec![Change::PutVault(vault.clone())]).await?;
         Ok(vault)
@@ -123,17 +171,88 @@ impl Broker {
         Ok(vault)
     }
 
-    /// DeleteVault: refused while the vault holds keys (active or soft-deleted), so deleting a
-    /// vault never destroys key material as a side effect.
+    /// DeleteVault: soft delete. The vault keeps its keys (active and soft-deleted), access
+    /// policies, network rules and the role assignments at its scope for its retention days,
+    /// hidden from every other view; its name cannot be reused until it is purged.
     pub async fn delete_vault(&self, caller: &Caller, name: &str) -> Result<(), BrokerError> {
         let name = vault_name(name)?;
         self.authorize_control(&caller.object_id, VAULT_DELETE, &self.vault_scope(&name))?;
         let txn = self.begin().await;
-        let keys = self.read().vault(&name)?.keys.len();
-        if keys > 0 {
-            return Err(BrokerError::VaultNotEmpty { name, keys });
-        }
-        self.commit(txn, vec![Change::DeleteVault { vault: name }]).await
+        let retention_days = self.read().vault(&name)?.vault.retention_days;
+        let now = self.clock.now();
+        let deletion = Deletion {
+            deleted_date: now,
+            scheduled_purge_date: now + i64::from(retention_days) * SECONDS_PER_DAY,
+        };
+        self.commit(txn, vec![Change::SetVaultDeletion { vault: name, deleted: Some(deletion) }]).await
+    }
+
+    fn deleted_vault_view(st: &State, name: &str) -> Result<DeletedVault, BrokerError> {
+        st.deleted_vaults
+            .get(name)
+            .map(|d| DeletedVault { vault: d.entry.vault.clone(), deletion: d.deletion.clone() })
+            .ok_or_else(|| BrokerError::DeletedVaultNotFound { name: name.to_string() })
+    }
+
+    /// GetDeletedVault.
+    pub fn get_deleted_vault(&self, caller: &Caller, name: &str) -> Result<DeletedVault, BrokerError> {
+        let name = vault_name(name)?;
+        self.authorize_control(&caller.object_id, DELETED_VAULT_READ, &self.deleted_vault_scope(&name))?;
+        Self::deleted_vault_view(&self.read(), &name)
+    }
+
+    /// ListDeletedVaults: the soft-deleted vaults the caller may read, in name order.
+    pub fn list_deleted_vaults(&self, caller: &Caller) -> Vec<DeletedVault> {
+        let st = self.read();
+        st.deleted_vaults
+            .iter()
+            .filter(|(name, _)| {
+                crate::policy::control::allows(
+                    &st.role_assignments,
+                    &caller.object_id,
+                    DELETED_VAULT_READ,
+                    &self.deleted_vault_scope(name),
+                )
+            })
+            .map(|(_, d)| DeletedVault { vault: d.entry.vault.clone(), deletion: d.deletion.clone() })
+            .collect()
+    }
+
+    /// RecoverDeletedVault: the vault comes back as it was, with its keys (their own soft-deleted
+    /// state included), access policies, network rules and role assignments. ARM recovers a vault
+    /// by writing it (`createMode: recover`), so this needs `vaults/write` on the vault.
+    pub async fn recover_deleted_vault(&self, caller: &Caller, name: &str) -> Result<Vault, BrokerError> {
+        let name = vault_name(name)?;
+        self.authorize_control(&caller.object_id, VAULT_WRITE, &self.vault_scope(&name))?;
+        let txn = self.begin().await;
+        let vault = {
+            let st = self.read();
+            let deleted = Self::deleted_vault_view(&st, &name)?;
+            if st.vaults.contains_key(&name) {
+                return Err(BrokerError::VaultAlreadyExists { name });
+            }
+            deleted.vault
+        };
+        self.commit(txn, vec![Change::SetVaultDeletion { vault: name, deleted: None }]).await?;
+        Ok(vault)
+    }
+
+    /// PurgeDeletedVault: the vault, its keys and their material, and the role assignments at its
+    /// scope go for good. Refused while the vault has purge protection (the sweeper still purges
+    /// it once its scheduled purge date has passed).
+    pub async fn purge_deleted_vault(&self, caller: &Caller, name: &str) -> Result<(), BrokerError> {
+        let name = vault_name(name)?;
+        self.authorize_control(&caller.object_id, DELETED_VAULT_PURGE, &self.deleted_vault_scope(&name))?;
+        let txn = self.begin().await;
+        let changes = {
+            let st = self.read();
+            let deleted = Self::deleted_vault_view(&st, &name)?;
+            if deleted.vault.purge_protection {
+                return Err(BrokerError::PurgeProtected);
+            }
+            self.vault_purge_changes(&st, &name)
+        };
+        self.commit(txn, changes).await
     }
 
     /// SetAccessPolicy: replaces the object's key permissions; an empty list removes the policy.

@@ -174,6 +174,9 @@ impl CliError {
             "KeyExpired" => {
                 "move the key's expiry: `tde-broker key update KEY_ID --exp +1y` (or --clear-exp); unwrap and decrypt still work on an expired key"
             }
+            "ConflictError" => {
+                "a soft-deleted vault holds the name: `tde-broker vault deleted recover NAME` brings it back, `tde-broker vault deleted purge NAME` frees the name (refused under purge protection)"
+            }
             "ClockNotManual" => {
                 "restart the broker with `tde-broker serve --clock manual`; its clock resumes from the saved time"
             }

@@ -4,7 +4,9 @@
 use serde_json::{Value, json};
 
 use super::error::CliError;
-use super::render::{Out, clean_list, comma_list, dash, fields, json_fields, leaf, list_or_dash, list_out};
+use super::render::{
+    Out, clean_list, comma_list, dash, fields, json_fields, leaf, list_or_dash, list_out, rfc3339, when,
+};
 use super::session::Session;
 use crate::grpc::proto;
 
@@ -49,17 +51,44 @@ pub enum VaultCmd {
         #[arg(long, value_name = "Enabled|Disabled")]
         public_network_access: Option<String>,
     },
-    /// Delete a vault.
+    /// Soft-delete a vault: it and all its keys are kept for its retention days (see `vault
+    /// deleted`), then purged; until then the name cannot be reused.
     Delete {
         /// Vault name.
         name: String,
     },
+    /// Soft-deleted vaults: list, show, recover or purge them.
+    #[command(subcommand)]
+    Deleted(DeletedCmd),
     /// Network rules of a vault: public network access, firewall, private endpoints.
     #[command(subcommand)]
     Network(NetworkCmd),
     /// Private endpoints of a vault.
     #[command(subcommand)]
     PrivateEndpoint(PrivateEndpointCmd),
+}
+
+/// `tde-broker vault deleted …`
+#[derive(Debug, clap::Subcommand)]
+pub enum DeletedCmd {
+    /// List the soft-deleted vaults, with when each was deleted and when it is purged.
+    List,
+    /// Show one soft-deleted vault.
+    Show {
+        /// Vault name.
+        name: String,
+    },
+    /// Bring a soft-deleted vault back with its keys, access policies, network rules and role
+    /// assignments.
+    Recover {
+        /// Vault name.
+        name: String,
+    },
+    /// Purge a soft-deleted vault and its keys for good (refused under purge protection).
+    Purge {
+        /// Vault name.
+        name: String,
+    },
 }
 
 /// `tde-broker vault network …`
@@ -287,6 +316,7 @@ pub(super) async fn vault(s: &Session, cmd: VaultCmd) -> Result<Out, CliError> {
             s.call(s.vaults().delete_vault(proto::DeleteVaultRequest { name: name.clone() })).await?;
             Ok(Out::deleted("vault", name))
         }
+        VaultCmd::Deleted(cmd) => deleted(s, cmd).await,
         VaultCmd::Network(cmd) => network(s, cmd).await,
         VaultCmd::PrivateEndpoint(PrivateEndpointCmd::Create { vault, subnet }) => {
             let request =
@@ -296,6 +326,51 @@ pub(super) async fn vault(s: &Session, cmd: VaultCmd) -> Result<Out, CliError> {
             Ok(network_out(&v))
         }
     }
+}
+
+/// `vault deleted …`.
+async fn deleted(s: &Session, cmd: DeletedCmd) -> Result<Out, CliError> {
+    match cmd {
+        DeletedCmd::List => {
+            let list = s.call(s.vaults().list_deleted_vaults(proto::ListDeletedVaultsRequest {})).await?;
+            let header = ["NAME", "DELETED", "PURGE-AFTER", "PURGE-PROTECTION"];
+            Ok(list_out(&list.vaults, deleted_json, &header, |d| {
+                let v = d.vault.clone().unwrap_or_default();
+                vec![
+                    v.name,
+                    rfc3339(d.deleted_date),
+                    rfc3339(d.scheduled_purge_date),
+                    v.enable_purge_protection.to_string(),
+                ]
+            }))
+        }
+        DeletedCmd::Show { name } => {
+            let d = s.call(s.vaults().get_deleted_vault(proto::GetDeletedVaultRequest { name })).await?;
+            let mut rows = d.vault.as_ref().map(vault_rows).unwrap_or_default();
+            rows.push(("deleted", when(d.deleted_date)));
+            rows.push(("scheduled purge", when(d.scheduled_purge_date)));
+            Ok(Out { json: deleted_json(&d), table: fields(&rows) })
+        }
+        DeletedCmd::Recover { name } => {
+            let v =
+                s.call(s.vaults().recover_deleted_vault(proto::RecoverDeletedVaultRequest { name })).await?;
+            Ok(vault_out(&v))
+        }
+        DeletedCmd::Purge { name } => {
+            s.call(s.vaults().purge_deleted_vault(proto::PurgeDeletedVaultRequest { name: name.clone() }))
+                .await?;
+            Ok(Out { json: json!({ "purged": name }), table: format!("purged vault {name}\n") })
+        }
+    }
+}
+
+/// A soft-deleted vault under its wire field names.
+fn deleted_json(d: &proto::DeletedVault) -> Value {
+    json!({
+        "vault": d.vault.as_ref().map(vault_json),
+        "deleted_date": d.deleted_date,
+        "scheduled_purge_date": d.scheduled_purge_date,
+    })
 }
 
 /// `vault network …`.

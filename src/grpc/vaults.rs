@@ -8,7 +8,7 @@ use super::convert::{role_assignment, vault};
 use super::proto::{self, vaults_server::Vaults};
 use super::{caller, to_status};
 use crate::broker::Broker;
-use crate::broker::vaults::{VaultSpec, VaultUpdate};
+use crate::broker::vaults::{DeletedVault, VaultSpec, VaultUpdate};
 use crate::model::{BrokerError, NetworkAcls, Vault};
 
 /// The service implementation.
@@ -24,6 +24,14 @@ impl VaultsService {
 
     fn out(&self, v: Vault) -> proto::Vault {
         vault(v, &self.broker.settings.vault_dns_suffix)
+    }
+
+    fn deleted(&self, d: DeletedVault) -> proto::DeletedVault {
+        proto::DeletedVault {
+            vault: Some(self.out(d.vault)),
+            deleted_date: d.deletion.deleted_date,
+            scheduled_purge_date: d.deletion.scheduled_purge_date,
+        }
     }
 }
 
@@ -98,6 +106,43 @@ impl Vaults for VaultsService {
         let caller = caller(&request)?;
         self.broker.delete_vault(&caller, &request.get_ref().name).await.map_err(to_status)?;
         Ok(Response::new(proto::DeleteVaultResponse {}))
+    }
+
+    async fn get_deleted_vault(
+        &self,
+        request: Request<proto::GetDeletedVaultRequest>,
+    ) -> Result<Response<proto::DeletedVault>, Status> {
+        let caller = caller(&request)?;
+        let d = self.broker.get_deleted_vault(&caller, &request.get_ref().name).map_err(to_status)?;
+        Ok(Response::new(self.deleted(d)))
+    }
+
+    async fn list_deleted_vaults(
+        &self,
+        request: Request<proto::ListDeletedVaultsRequest>,
+    ) -> Result<Response<proto::ListDeletedVaultsResponse>, Status> {
+        let caller = caller(&request)?;
+        let vaults = self.broker.list_deleted_vaults(&caller).into_iter().map(|d| self.deleted(d)).collect();
+        Ok(Response::new(proto::ListDeletedVaultsResponse { vaults }))
+    }
+
+    async fn recover_deleted_vault(
+        &self,
+        request: Request<proto::RecoverDeletedVaultRequest>,
+    ) -> Result<Response<proto::Vault>, Status> {
+        let caller = caller(&request)?;
+        let v =
+            self.broker.recover_deleted_vault(&caller, &request.get_ref().name).await.map_err(to_status)?;
+        Ok(Response::new(self.out(v)))
+    }
+
+    async fn purge_deleted_vault(
+        &self,
+        request: Request<proto::PurgeDeletedVaultRequest>,
+    ) -> Result<Response<proto::PurgeDeletedVaultResponse>, Status> {
+        let caller = caller(&request)?;
+        self.broker.purge_deleted_vault(&caller, &request.get_ref().name).await.map_err(to_status)?;
+        Ok(Response::new(proto::PurgeDeletedVaultResponse {}))
     }
 
     async fn set_access_policy(

@@ -11,10 +11,19 @@ use super::vault::Vault;
 pub enum Change {
     /// Create or replace a vault's settings and policies.
     PutVault(Vault),
-    /// Remove an (empty) vault.
+    /// Remove a vault for good (purge): its keys, their versions and material, and its
+    /// soft-deletion record go with it.
     DeleteVault {
         /// Vault name.
         vault: String,
+    },
+    /// Soft-delete (`Some`) or recover (`None`) a vault: the vault keeps its settings, access
+    /// policies and keys meanwhile, hidden from every view but the deleted-vault ones.
+    SetVaultDeletion {
+        /// Vault name.
+        vault: String,
+        /// Deletion record (same shape as a key's).
+        deleted: Option<Deletion>,
     },
     /// Create a key version, or replace its metadata.
     PutKeyVersion {

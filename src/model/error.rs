@@ -246,15 +246,23 @@ pub enum BrokerError {
         /// The vault name.
         name: String,
     },
-    /// DeleteVault on a vault that still holds keys, active or soft-deleted.
+    /// CreateVault with the name of a soft-deleted vault (409, code `ConflictError`). The text is
+    /// not in Key Vault's reference documentation; it is the one public reports of ARM's answer
+    /// quote (e.g. Azure/azure-dev issue #1431).
     #[error(
-        "Vault '{name}' still holds {keys} key(s) (active or soft-deleted); delete and purge them before deleting the vault."
+        "A vault with the same name already exists in deleted state. You need to either recover or purge existing key vault. Follow this link https://go.microsoft.com/fwlink/?linkid=2149745 for more information on soft delete."
     )]
-    VaultNotEmpty {
+    VaultDeletedButRecoverable {
         /// The vault name.
         name: String,
-        /// How many keys remain.
-        keys: usize,
+    },
+    /// GetDeletedVault/RecoverDeletedVault/PurgeDeletedVault on a name that is no soft-deleted
+    /// vault. The cloud's exact text is not documented: this is ARM's `ResourceNotFound` wording
+    /// for the deleted-vault resource type.
+    #[error("The Resource 'Microsoft.KeyVault/locations/deletedVaults/{name}' was not found.")]
+    DeletedVaultNotFound {
+        /// The vault name.
+        name: String,
     },
     /// Purge protection can only be turned on.
     #[error(
@@ -537,7 +545,8 @@ impl BrokerError {
             RoleAssignmentExists => "RoleAssignmentExists",
             RoleAssignmentNotFound { .. } => "RoleAssignmentNotFound",
             VaultAlreadyExists { .. } => "VaultAlreadyExists",
-            VaultNotEmpty { .. } => "VaultNotEmpty",
+            VaultDeletedButRecoverable { .. } => "ConflictError",
+            DeletedVaultNotFound { .. } => "ResourceNotFound",
             PurgeProtectionIrreversible => "BadRequest",
             BadParameter { .. } | DecryptionFailed => "BadParameter",
             ClockNotManual => "ClockNotManual",
@@ -575,6 +584,7 @@ impl BrokerError {
             KeyNotFound { .. }
             | DeletedKeyNotFound { .. }
             | VaultNotFound { .. }
+            | DeletedVaultNotFound { .. }
             | IdentityNotFound { .. }
             | RoleAssignmentNotFound { .. }
             | ServerNotFound { .. }
@@ -585,7 +595,7 @@ impl BrokerError {
             | ServerAlreadyExists { .. }
             | DatabaseAlreadyExists { .. } => ErrorClass::AlreadyExists,
             KeyDeletedButRecoverable { .. }
-            | VaultNotEmpty { .. }
+            | VaultDeletedButRecoverable { .. }
             | ClockNotManual
             | TdeVaultRecoveryLevel
             | TdeKeyNotSupported

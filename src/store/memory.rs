@@ -8,7 +8,7 @@ use super::{Rejection, Snapshot, Store, StoreError, StoredKey};
 use crate::model::ids::key_index;
 use crate::model::server::{Database, Server};
 use crate::model::vault::Subnet;
-use crate::model::{Change, KeyVersion, Principal, RoleAssignment, Vault};
+use crate::model::{Change, Deletion, KeyVersion, Principal, RoleAssignment, Vault};
 
 /// A [`Store`] held in memory: what it holds is gone when it is dropped. Each commit works on a
 /// copy of the records and swaps it in only once every change applied, so a refused commit
@@ -23,6 +23,8 @@ pub struct MemoryStore {
 #[derive(Clone, Default)]
 struct Records {
     vaults: BTreeMap<String, Vault>,
+    /// Deletion records of soft-deleted vaults, by vault name.
+    vault_deletions: BTreeMap<String, Deletion>,
     /// By (vault, [`key_index`] of the name).
     keys: BTreeMap<(String, String), StoredKey>,
     principals: BTreeMap<String, Principal>,
@@ -56,8 +58,18 @@ impl Records {
             }
             Change::DeleteVault { vault } => {
                 self.keys.retain(|(v, _), _| v != vault);
+                self.vault_deletions.remove(vault);
                 self.vaults.remove(vault);
             }
+            Change::SetVaultDeletion { vault, deleted } => match deleted {
+                Some(d) if self.vaults.contains_key(vault) => {
+                    self.vault_deletions.insert(vault.clone(), d.clone());
+                }
+                Some(_) => {}
+                None => {
+                    self.vault_deletions.remove(vault);
+                }
+            },
             Change::PutKeyVersion { vault, name, version, sealed } => {
                 let id = (vault.clone(), key_index(name));
                 let same_id = |v: &KeyVersion| v.version == version.version;
@@ -132,6 +144,7 @@ impl Store for MemoryStore {
         let r = lock(&self.records);
         Ok(Snapshot {
             vaults: r.vaults.values().cloned().collect(),
+            vault_deletions: r.vault_deletions.iter().map(|(n, d)| (n.clone(), d.clone())).collect(),
             keys: r.keys.values().cloned().collect(),
             principals: r.principals.values().cloned().collect(),
             role_assignments: r.role_assignments.values().cloned().collect(),

@@ -133,13 +133,15 @@ pub struct StoredKey {
     pub versions: Vec<(KeyVersion, Vec<u8>)>,
 }
 
-/// Everything the broker loads at start. Vaults come in name order, keys in (vault, lower-cased
-/// name) order, subnets and servers in lower-cased id order, databases in (lower-cased server id,
+/// Everything the broker loads at start. Vaults and vault deletions come in name order, keys in
+/// (vault, lower-cased name) order, subnets and servers in lower-cased id order, databases in (lower-cased server id,
 /// lower-cased name) order; principals and role assignments in no particular order.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Snapshot {
-    /// Vaults.
+    /// Vaults, soft-deleted ones included.
     pub vaults: Vec<Vault>,
+    /// The soft-deletion records of the vaults that are soft-deleted: (vault name, record).
+    pub vault_deletions: Vec<(String, Deletion)>,
     /// Keys of all vaults.
     pub keys: Vec<StoredKey>,
     /// Principals.
@@ -170,9 +172,11 @@ pub struct Snapshot {
 ///   refuses an id the key already has; without material it replaces a stored version's
 ///   metadata, keeping its material and place, and refuses a version that is not stored. Both
 ///   refusals are [`StoreError::Rejected`].
-/// - `DeleteVault` removes the vault's keys too, `DeleteServer` the server's databases, and
-///   `PurgeKey` every version and its material. Deleting, purging or setting the deletion record
-///   of something that is not stored changes nothing.
+/// - `SetVaultDeletion` records (`Some`, replacing an earlier record) or clears (`None`) a
+///   vault's deletion record and leaves the vault and its keys alone.
+/// - `DeleteVault` removes the vault's keys and its deletion record too, `DeleteServer` the
+///   server's databases, and `PurgeKey` every version and its material. Deleting, purging or
+///   setting the deletion record of something that is not stored changes nothing.
 /// - Meta values live apart from the [`Snapshot`]: commits do not touch them.
 pub trait Store: Send + Sync + 'static {
     /// Reads everything.

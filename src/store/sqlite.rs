@@ -13,11 +13,13 @@ use super::{Rejection, Snapshot, Store, StoreError, StoredKey};
 use crate::model::ids::key_index;
 use crate::model::{Change, KeyVersion};
 
-const SCHEMA_VERSION: i64 = 1;
+/// 2 added `vault_deletions` (vault soft delete); a version-1 store is migrated at open.
+const SCHEMA_VERSION: i64 = 2;
 
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS meta (k TEXT PRIMARY KEY, v BLOB NOT NULL);
 CREATE TABLE IF NOT EXISTS vaults (name TEXT PRIMARY KEY, doc TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS vault_deletions (name TEXT PRIMARY KEY, doc TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS keys (
     vault TEXT NOT NULL, idx TEXT NOT NULL, name TEXT NOT NULL, deleted TEXT,
     PRIMARY KEY (vault, idx));
@@ -95,6 +97,7 @@ impl SqliteStore {
         let conn = self.conn();
         let tables = [
             "vaults",
+            "vault_deletions",
             "keys",
             "key_versions",
             "principals",
@@ -158,26 +161,41 @@ fn verify(conn: &Connection, check: StoreCheck) -> Result<(), StoreError> {
     Err(StoreError::Damaged { detail: format!("PRAGMA {pragma} found: {faults}"), source: None })
 }
 
-/// Creates the tables a new database lacks and checks the schema version of an existing one.
-fn with_schema(conn: Connection) -> Result<Connection, StoreError> {
-    conn.execute_batch(SCHEMA)?;
-    let version: Option<i64> = conn
-        .query_row("SELECT v FROM meta WHERE k = 'schema_version'", [], |r| {
-            let blob: Vec<u8> = r.get(0)?;
-            Ok(String::from_utf8_lossy(&blob).parse::<i64>().unwrap_or(-1))
-        })
-        .optional()?;
-    match version {
+/// Creates the tables a new database lacks and checks the schema version of an existing one. A
+/// version-1 store (before vault soft delete) only lacks the `vault_deletions` table, which
+/// `SCHEMA` creates: it is migrated by recording the new version, in the same transaction.
+fn with_schema(mut conn: Connection) -> Result<Connection, StoreError> {
+    let tx = conn.transaction()?;
+    tx.execute_batch(SCHEMA)?;
+    match schema_version(&tx)? {
         None => {
-            conn.execute(
+            tx.execute(
                 "INSERT INTO meta (k, v) VALUES ('schema_version', ?1)",
                 params![SCHEMA_VERSION.to_string().into_bytes()],
             )?;
         }
+        Some(1) => {
+            tx.execute(
+                "UPDATE meta SET v = ?1 WHERE k = 'schema_version'",
+                params![SCHEMA_VERSION.to_string().into_bytes()],
+            )?;
+            tracing::info!(from = 1, to = SCHEMA_VERSION, "store schema migrated");
+        }
         Some(SCHEMA_VERSION) => {}
         Some(other) => return Err(StoreError::Schema(other)),
     }
+    tx.commit()?;
     Ok(conn)
+}
+
+/// The schema version recorded in `meta`, if any (-1 when it is not a number).
+fn schema_version(conn: &Connection) -> Result<Option<i64>, StoreError> {
+    Ok(conn
+        .query_row("SELECT v FROM meta WHERE k = 'schema_version'", [], |r| {
+            let blob: Vec<u8> = r.get(0)?;
+            Ok(String::from_utf8_lossy(&blob).parse::<i64>().unwrap_or(-1))
+        })
+        .optional()?)
 }
 
 fn to_doc<T: Serialize>(value: &T, table: &'static str) -> Result<String, StoreError> {
@@ -202,6 +220,15 @@ impl Store for SqliteStore {
     fn load(&self) -> Result<Snapshot, StoreError> {
         let conn = self.conn();
         let vaults = all_docs(&conn, "SELECT doc FROM vaults ORDER BY name", "vaults")?;
+        let vault_deletions = {
+            let mut stmt = conn.prepare("SELECT name, doc FROM vault_deletions ORDER BY name")?;
+            let rows = stmt
+                .query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?)))?
+                .collect::<Result<Vec<_>, _>>()?;
+            rows.into_iter()
+                .map(|(name, doc)| Ok((name, from_doc(&doc, "vault_deletions")?)))
+                .collect::<Result<Vec<_>, StoreError>>()?
+        };
         let principals = all_docs(&conn, "SELECT doc FROM principals", "principals")?;
         let role_assignments = all_docs(&conn, "SELECT doc FROM role_assignments", "role_assignments")?;
         let servers = all_docs(&conn, "SELECT doc FROM servers ORDER BY id", "servers")?;
@@ -232,7 +259,16 @@ impl Store for SqliteStore {
                 .collect::<Result<Vec<_>, StoreError>>()?;
             keys.push(StoredKey { vault, name, deleted, versions });
         }
-        Ok(Snapshot { vaults, keys, principals, role_assignments, subnets, servers, databases })
+        Ok(Snapshot {
+            vaults,
+            vault_deletions,
+            keys,
+            principals,
+            role_assignments,
+            subnets,
+            servers,
+            databases,
+        })
     }
 
     fn commit(&self, changes: &[Change]) -> Result<(), StoreError> {
@@ -250,8 +286,22 @@ impl Store for SqliteStore {
                 Change::DeleteVault { vault } => {
                     tx.execute("DELETE FROM key_versions WHERE vault = ?1", params![vault])?;
                     tx.execute("DELETE FROM keys WHERE vault = ?1", params![vault])?;
+                    tx.execute("DELETE FROM vault_deletions WHERE name = ?1", params![vault])?;
                     tx.execute("DELETE FROM vaults WHERE name = ?1", params![vault])?;
                 }
+                Change::SetVaultDeletion { vault, deleted } => match deleted {
+                    Some(d) => {
+                        tx.execute(
+                            "INSERT INTO vault_deletions (name, doc)
+                             SELECT ?1, ?2 WHERE EXISTS (SELECT 1 FROM vaults WHERE name = ?1)
+                             ON CONFLICT(name) DO UPDATE SET doc = excluded.doc",
+                            params![vault, to_doc(d, "vault_deletions")?],
+                        )?;
+                    }
+                    None => {
+                        tx.execute("DELETE FROM vault_deletions WHERE name = ?1", params![vault])?;
+                    }
+                },
                 Change::PutKeyVersion { vault, name, version, sealed } => {
                     let idx = key_index(name);
                     let doc = to_doc(version, "key_versions")?;
@@ -459,8 +509,40 @@ mod tests {
     #[test]
     fn a_database_of_another_schema_version_is_refused() -> Result<(), StoreError> {
         let file = SqliteFile::create()?;
-        file.open()?.put_meta("schema_version", b"2")?;
-        assert!(matches!(SqliteStore::open(&file.path()), Err(StoreError::Schema(2))));
+        file.open()?.put_meta("schema_version", b"3")?;
+        assert!(matches!(SqliteStore::open(&file.path()), Err(StoreError::Schema(3))));
+        Ok(())
+    }
+
+    #[test]
+    fn a_version_1_store_is_migrated_and_keeps_its_records() -> Result<(), StoreError> {
+        use crate::model::{Deletion, NetworkAcls, Vault};
+        let file = SqliteFile::create()?;
+        let v = Vault {
+            name: "v1".into(),
+            retention_days: 30,
+            purge_protection: true,
+            rbac: false,
+            network_acls: NetworkAcls::default(),
+            public_network_access: true,
+            access_policies: Default::default(),
+            private_endpoints: vec![],
+            created: 5,
+        };
+        file.open()?.commit(&[Change::PutVault(v.clone())])?;
+        // What a version-1 broker left: no vault_deletions table, version 1.
+        {
+            let conn = Connection::open(file.path())?;
+            conn.execute_batch("DROP TABLE vault_deletions")?;
+            conn.execute("UPDATE meta SET v = ?1 WHERE k = 'schema_version'", params![b"1".to_vec()])?;
+        }
+        let store = file.open()?;
+        assert_eq!(store.get_meta("schema_version")?, Some(b"2".to_vec()));
+        assert_eq!(store.load()?.vaults, vec![v]);
+        let d = Deletion { deleted_date: 7, scheduled_purge_date: 8 };
+        store.commit(&[Change::SetVaultDeletion { vault: "v1".into(), deleted: Some(d.clone()) }])?;
+        drop(store);
+        assert_eq!(file.open()?.load()?.vault_deletions, vec![("v1".to_string(), d)]);
         Ok(())
     }
 }

@@ -156,12 +156,21 @@ impl Broker {
         self.commit(txn, vec![Change::PurgeKey { vault, name: stored }]).await
     }
 
-    /// Purges every soft-deleted key whose scheduled purge date has passed (the cloud does this
-    /// by itself, purge protection or not). Returns how many were purged.
+    /// Purges every soft-deleted key, and every soft-deleted vault (with its keys), whose
+    /// scheduled purge date has passed (the cloud does this by itself, purge protection or not).
+    /// The keys of a soft-deleted vault wait with their vault. Returns how many keys and vaults
+    /// were purged.
     pub async fn purge_expired(&self) -> Result<usize, BrokerError> {
         let now = self.clock.now();
-        let due = |st: &State| -> Vec<Change> {
-            st.vaults
+        let due = |st: &State| -> (usize, Vec<Change>) {
+            let vaults: Vec<&String> = st
+                .deleted_vaults
+                .iter()
+                .filter(|(_, d)| d.deletion.scheduled_purge_date <= now)
+                .map(|(name, _)| name)
+                .collect();
+            let mut changes: Vec<Change> = st
+                .vaults
                 .values()
                 .flat_map(|ve| {
                     ve.keys
@@ -174,17 +183,21 @@ impl Broker {
                             name: k.key.name.clone(),
                         })
                 })
-                .collect()
+                .collect();
+            let n = changes.len() + vaults.len();
+            for name in vaults {
+                changes.extend(self.vault_purge_changes(st, name));
+            }
+            (n, changes)
         };
-        if due(&self.read()).is_empty() {
+        if due(&self.read()).0 == 0 {
             return Ok(0);
         }
         let txn = self.begin().await;
-        let changes = due(&self.read());
-        let n = changes.len();
+        let (n, changes) = due(&self.read());
         if n > 0 {
             self.commit(txn, changes).await?;
-            tracing::info!(purged = n, "purged soft-deleted keys past their retention");
+            tracing::info!(purged = n, "purged soft-deleted keys and vaults past their retention");
         }
         Ok(n)
     }

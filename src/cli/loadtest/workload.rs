@@ -145,6 +145,12 @@ impl Created {
         let request = proto::DeleteVaultRequest { name: vault.clone() };
         if let Err(e) = s.vaults().delete_vault(request).await {
             warn("DeleteVault", e);
+            return;
+        }
+        // DeleteVault soft-deletes: purge, so the name is free for the next run.
+        let request = proto::PurgeDeletedVaultRequest { name: vault.clone() };
+        if let Err(e) = s.vaults().purge_deleted_vault(request).await {
+            warn("PurgeDeletedVault", e);
         }
     }
 }

@@ -107,6 +107,10 @@ pub(super) fn set_deleted(vault: &str, name: &str, deleted: Option<Deletion>) ->
     Change::SetKeyDeletion { vault: vault.into(), name: name.into(), deleted }
 }
 
+pub(super) fn set_vault_deleted(vault: &str, deleted: Option<Deletion>) -> Change {
+    Change::SetVaultDeletion { vault: vault.into(), deleted }
+}
+
 pub(super) fn purge(vault: &str, name: &str) -> Change {
     Change::PurgeKey { vault: vault.into(), name: name.into() }
 }
@@ -179,7 +183,7 @@ pub(super) fn database(server_id: &str, name: &str, n: i64) -> Database {
     }
 }
 
-/// One record of every kind, keys with several versions, one key soft-deleted.
+/// One record of every kind, keys with several versions, one key and one vault soft-deleted.
 pub(super) fn one_of_everything() -> Vec<Change> {
     vec![
         Change::PutVault(vault("v1", 1)),
@@ -189,6 +193,7 @@ pub(super) fn one_of_everything() -> Vec<Change> {
         create("v1", "key2", oct_version("c1"), material(3)),
         set_deleted("v1", "KEY2", Some(deletion(1))),
         create("v2", "key1", version("d1", 3), material(4)),
+        set_vault_deleted("v2", Some(deletion(2))),
         Change::PutPrincipal(principal("p1", 1)),
         Change::PutPrincipal(principal("p2", 2)),
         Change::PutRoleAssignment(role_assignment("r1", 1)),

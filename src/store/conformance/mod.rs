@@ -74,6 +74,8 @@ macro_rules! store_conformance_tests {
             put_vault_replaces_the_whole_vault_and_keeps_its_keys,
             vaults_load_in_name_order,
             delete_vault_removes_the_vault_its_keys_and_their_material,
+            set_vault_deletion_records_and_clears_the_deletion_and_keeps_the_keys,
+            delete_vault_removes_its_deletion_record,
             put_key_version_round_trips_every_field_and_the_material,
             key_versions_load_oldest_first,
             a_key_keeps_the_name_it_was_first_created_with,

@@ -85,6 +85,46 @@ pub(crate) fn delete_vault_removes_the_vault_its_keys_and_their_material(
     Ok(())
 }
 
+/// `SetVaultDeletion` records every field of the deletion record (replacing an earlier one) and
+/// clears it, leaving the vault and its keys (their own deletion records included) alone.
+pub(crate) fn set_vault_deletion_records_and_clears_the_deletion_and_keeps_the_keys(
+    store: &dyn Store,
+) -> Result<(), StoreError> {
+    store.commit(&in_v1([("k", version("a", 1), 1), ("gone", version("b", 1), 2)]))?;
+    store.commit(&[set_deleted("v1", "gone", Some(deletion(1))), Change::PutVault(vault("v3", 3))])?;
+    let before = store.load()?;
+    assert!(before.vault_deletions.is_empty());
+    store
+        .commit(&[set_vault_deleted("v1", Some(deletion(4))), set_vault_deleted("v3", Some(deletion(5)))])?;
+    store.commit(&[set_vault_deleted("v3", Some(deletion(6)))])?;
+    let after = store.load()?;
+    assert_eq!(after.vault_deletions, vec![("v1".to_string(), deletion(4)), ("v3".to_string(), deletion(6))]);
+    assert_eq!(Snapshot { vault_deletions: vec![], ..after }, before);
+    store.commit(&[set_vault_deleted("v1", None), set_vault_deleted("v3", None)])?;
+    assert_eq!(store.load()?, before);
+    Ok(())
+}
+
+/// `DeleteVault` of a soft-deleted vault (its purge) removes its deletion record with it: a
+/// vault created again under the name is not deleted and holds no keys.
+pub(crate) fn delete_vault_removes_its_deletion_record(store: &dyn Store) -> Result<(), StoreError> {
+    let before = seed(store)?;
+    store.commit(&[Change::DeleteVault { vault: "v2".into() }])?;
+    let after = load(store)?;
+    assert!(after.vault_deletions.is_empty());
+    assert_eq!(after.vaults, vec![vault("v1", 1)]);
+    assert!(after.keys.iter().all(|k| k.vault == "v1"));
+    assert_eq!(
+        Snapshot { vaults: vec![], keys: vec![], vault_deletions: vec![], ..after },
+        Snapshot { vaults: vec![], keys: vec![], vault_deletions: vec![], ..before }
+    );
+    store.commit(&[Change::PutVault(vault("v2", 2))])?;
+    let again = store.load()?;
+    assert!(again.vault_deletions.is_empty());
+    assert!(again.keys.iter().all(|k| k.vault != "v2"));
+    Ok(())
+}
+
 // ---------------------------------------------------------------------------------------------
 // Keys and key versions
 // ---------------------------------------------------------------------------------------------
@@ -262,6 +302,8 @@ pub(crate) fn removing_or_marking_what_is_not_stored_changes_nothing(
         purge("v1", "missing"),
         purge("nowhere", "key1"),
         Change::DeleteVault { vault: "nowhere".into() },
+        set_vault_deleted("nowhere", Some(deletion(9))),
+        set_vault_deleted("v1", None),
         Change::DeletePrincipal { object_id: "missing".into() },
         Change::DeleteRoleAssignment { id: "missing".into() },
         Change::DeleteServer { id: server_id("missing") },
