@@ -239,7 +239,7 @@ impl EcPrivateKey {
 /// Converts an ECDSA signature from Key Vault's R||S form (two halves of equal length) to the
 /// DER `SEQUENCE { INTEGER r, INTEGER s }` that OpenSSL and X.509 use.
 pub fn ecdsa_raw_to_der(raw: &[u8]) -> Result<Vec<u8>, CryptoError> {
-    if raw.is_empty() || raw.len() % 2 != 0 || raw.len() > 2 * 66 {
+    if raw.is_empty() || !raw.len().is_multiple_of(2) || raw.len() > 2 * 66 {
         return Err(InputError::SignatureEncoding.into());
     }
     let (r, s) = raw.split_at(raw.len() / 2);
