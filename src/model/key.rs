@@ -826,4 +826,71 @@ mod tests {
         assert!(KeyType::OctHsm.size(2048).is_err());
         assert_eq!(KeyType::RsaHsm.size(4096).unwrap(), 4096);
     }
+
+    #[test]
+    fn sign_follows_enabled_key_ops_algorithm_and_the_window_and_verify_ignores_the_window() {
+        let mut ec = version(KeyType::Ec, 256);
+        assert!(ec.check_sign(SignOp::Sign, SignatureAlgorithm::Es256, 0).is_ok());
+        for alg in [SignatureAlgorithm::Es256K, SignatureAlgorithm::Es384, SignatureAlgorithm::Rs256] {
+            assert_eq!(ec.check_sign(SignOp::Verify, alg, 0).unwrap_err().code(), "BadParameter", "{alg}");
+        }
+        ec.attributes.expires = Some(100);
+        assert_eq!(
+            ec.check_sign(SignOp::Sign, SignatureAlgorithm::Es256, 100).unwrap_err().code(),
+            "KeyExpired"
+        );
+        assert!(ec.check_sign(SignOp::Verify, SignatureAlgorithm::Es256, 100).is_ok());
+        ec.attributes.not_before = Some(50);
+        let e = ec.check_sign(SignOp::Sign, SignatureAlgorithm::Es256, 49).unwrap_err();
+        assert_eq!(e.code(), "KeyNotYetValid");
+        ec.key_ops = vec![KeyOp::Verify];
+        let e = ec.check_sign(SignOp::Sign, SignatureAlgorithm::Es256, 60).unwrap_err();
+        assert_eq!(e.to_string(), "Operation sign is not permitted on this key.");
+        ec.attributes.enabled = false;
+        let e = ec.check_sign(SignOp::Verify, SignatureAlgorithm::Es256, 60).unwrap_err();
+        assert_eq!(e, BrokerError::KeyDisabled { operation: "verify" });
+
+        let rsa = version(KeyType::RsaHsm, 3072);
+        for alg in SignatureAlgorithm::ALL {
+            assert_eq!(rsa.check_sign(SignOp::Sign, alg, 0).is_ok(), alg.is_rsa(), "{alg}");
+        }
+        let oct = version(KeyType::OctHsm, 256);
+        let e = oct.check_sign(SignOp::Sign, SignatureAlgorithm::Ps256, 0).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "Algorithm PS256 is not supported for operation sign on a key of type oct-HSM and size 256."
+        );
+    }
+
+    #[test]
+    fn an_ec_key_refuses_every_encryption_algorithm_as_a_bad_parameter() {
+        let ec = version(KeyType::EcHsm, 256);
+        for op in ALL_OPS {
+            for alg in Algorithm::ALL {
+                let e = ec.check_crypto(op, alg, 0).unwrap_err();
+                assert_eq!(
+                    e.to_string(),
+                    format!(
+                        "Algorithm {alg} is not supported for operation {} on a key of type EC-HSM and curve P-256.",
+                        op.name()
+                    )
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn curves_and_signature_algorithms_parse_by_their_cloud_names() {
+        assert_eq!(Curve::parse("").unwrap(), Curve::P256);
+        for c in Curve::ALL {
+            assert_eq!(Curve::parse(c.name()).unwrap(), c);
+            assert_eq!(c.signature_algorithm().curve(), Some(c));
+        }
+        assert_eq!(Curve::parse("p-256").unwrap_err().code(), "BadParameter");
+        for a in SignatureAlgorithm::ALL {
+            assert_eq!(SignatureAlgorithm::parse(a.name()).unwrap(), a);
+        }
+        assert_eq!(KeyType::parse("EC-HSM").unwrap(), KeyType::EcHsm);
+        assert_eq!(KeyType::Ec.default_ops(), vec![KeyOp::Sign, KeyOp::Verify]);
+    }
 }
