@@ -178,6 +178,23 @@ async fn ec_keys_are_created_on_every_curve_with_p256_and_sign_verify_by_default
         "BadParameter",
     );
     assert_eq!(msg, "The curve (crv) applies to EC and EC-HSM keys only, not to key type RSA.");
+    let msg = assert_status(
+        b.create_key(proto::CreateKeyRequest {
+            vault_name: "ecv".into(),
+            name: "bad".into(),
+            kty: "EC".into(),
+            key_size: 384,
+            crv: "P-384".into(),
+            ..Default::default()
+        })
+        .await,
+        Code::InvalidArgument,
+        "BadParameter",
+    );
+    assert_eq!(
+        msg,
+        "The key size applies to RSA and oct-HSM keys; a key of type EC takes its size from its curve (crv)."
+    );
     b.stop().await;
 }
 

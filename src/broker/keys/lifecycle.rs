@@ -37,6 +37,12 @@ impl Broker {
         let made = match req.material {
             NewMaterial::Generate { kty, size, curve } => {
                 let (bits, curve) = if kty.is_ec() {
+                    if size != 0 {
+                        return Err(BrokerError::bad_parameter(format!(
+                            "The key size applies to RSA and oct-HSM keys; a key of type {} takes its size from its curve (crv).",
+                            kty.name()
+                        )));
+                    }
                     let curve = curve.unwrap_or(Curve::P256);
                     (curve.bits(), curve)
                 } else if curve.is_some() {
