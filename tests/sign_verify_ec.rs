@@ -743,3 +743,32 @@ async fn rsa_signatures_agree_with_the_rsa_crate_both_ways() {
     both_ways!(512, sha2::Sha512);
     b.stop().await;
 }
+
+#[tokio::test]
+async fn ec_keys_weigh_like_rsa_2048_keys_in_the_throttling_budget() {
+    let b = start().await;
+    b.vault("thr-ec", false).await;
+    let soft = kid(&ec_key(&b, "thr-ec", "soft", "EC", "P-521").await);
+    let hsm = kid(&ec_key(&b, "thr-ec", "hsm", "EC-HSM", "P-384").await);
+    // A budget of 8 RSA-2048 software units per window: 8 EC operations, or 4 EC-HSM ones,
+    // whatever the curve.
+    b.emu()
+        .set_throttling(proto::SetThrottlingRequest {
+            profile: "custom".into(),
+            all_other_per_10s: 8,
+            create_per_10s: 20,
+            vault_name: "thr-ec".into(),
+        })
+        .await
+        .unwrap();
+    let mut kv = b.kv();
+    for (key_id, alg, bits, fit) in [(&soft, "ES512", 512, 8), (&hsm, "ES384", 384, 4)] {
+        let digest = sha(bits, b"m");
+        for i in 0..fit {
+            sign(&mut kv, key_id, alg, &digest).await.unwrap_or_else(|e| panic!("{alg} #{i}: {e:?}"));
+        }
+        assert_status(sign(&mut kv, key_id, alg, &digest).await, Code::ResourceExhausted, "Throttled");
+        b.advance(10).await;
+    }
+    b.stop().await;
+}
