@@ -90,7 +90,7 @@ impl InProcess {
                     NewKey {
                         vault: VAULT.to_string(),
                         name: "tde".to_string(),
-                        material: NewMaterial::Generate { kty: KeyType::Rsa, size: 2048 },
+                        material: NewMaterial::Generate { kty: KeyType::Rsa, size: 2048, curve: None },
                         key_ops: vec![],
                         attributes: NewAttributes::default(),
                         tags: BTreeMap::new(),

@@ -143,7 +143,11 @@ pub async fn apply(broker: &Broker, caller: &Caller, path: &Path) -> Result<(), 
                     NewKey {
                         vault: name.clone(),
                         name: k.name.clone(),
-                        material: NewMaterial::Generate { kty: KeyType::parse(&k.kty)?, size: k.size },
+                        material: NewMaterial::Generate {
+                            kty: KeyType::parse(&k.kty)?,
+                            size: k.size,
+                            curve: None,
+                        },
                         key_ops: k.key_ops,
                         attributes: NewAttributes {
                             enabled: k.enabled,

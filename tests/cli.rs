@@ -947,3 +947,101 @@ async fn throttling_set_refuses_bad_combinations() {
         serde_json::json!([{ "vault_name": "", "profile": "off", "all_other_per_10s": 0, "create_per_10s": 0 }])
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn key_sign_and_verify_take_digests_or_files_and_random_prints_bytes() {
+    let b = start_broker().await;
+    let files = tempfile::tempdir().expect("tempdir");
+    let file = |name: &str| files.path().join(name).display().to_string();
+    b.json(&["vault", "create", "sig-vault"]).await;
+    let key = b.json(&["key", "create", "sig-vault", "ec", "--kty", "EC", "--crv", "P-384"]).await;
+    assert_eq!((key["kty"].as_str(), key["crv"].as_str()), (Some("EC"), Some("P-384")), "{key}");
+    let kid = str_of(&key, "kid").to_string();
+    std::fs::write(file("data.txt"), b"sign me").expect("write data");
+    let digest = {
+        use sha2::Digest as _;
+        sha2::Sha384::digest(b"sign me").to_vec()
+    };
+
+    // --in hashes the file with the algorithm's hash: the same signature input as --digest-hex.
+    let signed = b.json(&["key", "sign", &kid, "--alg", "ES384", "--in", &file("data.txt")]).await;
+    let signature = B64.decode(str_of(&signed, "value")).expect("base64 signature");
+    assert_eq!(signature.len(), 96, "R||S of P-384");
+    let valid = b
+        .json(&[
+            "key",
+            "verify",
+            &kid,
+            "--alg",
+            "ES384",
+            "--digest-hex",
+            &hex::encode(&digest),
+            "--signature-b64",
+            str_of(&signed, "value"),
+        ])
+        .await;
+    assert_eq!(valid["valid"], true, "{valid}");
+    b.json(&[
+        "key",
+        "sign",
+        &kid,
+        "--alg",
+        "ES384",
+        "--digest-b64",
+        &B64.encode(&digest),
+        "--out",
+        &file("sig"),
+    ])
+    .await;
+    let ok = b
+        .run(&[
+            "key",
+            "verify",
+            &kid,
+            "--alg",
+            "ES384",
+            "--in",
+            &file("data.txt"),
+            "--signature-in",
+            &file("sig"),
+        ])
+        .await;
+    assert!(ok.status.success());
+    assert!(
+        String::from_utf8_lossy(&ok.stdout).lines().any(|l| l.starts_with("valid") && l.ends_with("true"))
+    );
+
+    // A signature that does not verify prints valid false and exits 1, saying so.
+    std::fs::write(file("other.txt"), b"not what was signed").expect("write other");
+    let bad = b
+        .run(&[
+            "key",
+            "verify",
+            &kid,
+            "--alg",
+            "ES384",
+            "--in",
+            &file("other.txt"),
+            "--signature-in",
+            &file("sig"),
+        ])
+        .await;
+    assert_eq!(bad.status.code(), Some(1));
+    assert!(
+        String::from_utf8_lossy(&bad.stdout).lines().any(|l| l.starts_with("valid") && l.ends_with("false"))
+    );
+    let stderr = String::from_utf8_lossy(&bad.stderr);
+    assert!(stderr.contains("the signature does not verify: ES384 with"), "{stderr}");
+
+    // A digest of the wrong length is the broker's refusal.
+    let stderr = b.fails(&["key", "sign", &kid, "--alg", "ES384", "--digest-hex", "00112233"]).await;
+    assert!(
+        stderr.contains("The digest is 4 bytes long; algorithm ES384 needs a digest of 48 bytes."),
+        "{stderr}"
+    );
+
+    let random = b.json(&["random", "sig-vault", "--count", "16", "--hex"]).await;
+    assert_eq!(str_of(&random, "value").len(), 32, "{random}");
+    let stderr = b.fails(&["random", "sig-vault", "--count", "129"]).await;
+    assert!(stderr.contains("The count 129 is invalid. It must be between 1 and 128."), "{stderr}");
+}

@@ -43,17 +43,7 @@ impl Broker {
         key: Option<&str>,
     ) -> Result<(), BrokerError> {
         let vault = &ve.vault.name;
-        self.faults.check_outage(vault)?;
-        let class = OpClass::of(permission);
-        if class != OpClass::Create {
-            self.faults.inject_error(vault, || self.clock.now())?;
-            if self.throttle.limited() {
-                // Weighed by the newest version of the key the request names.
-                let kind =
-                    key.and_then(|name| ve.key(name)).and_then(|k| k.key.latest()).map(|v| (v.kty, v.bits));
-                self.throttle.admit(vault, class, weight(class, kind), self.clock.now())?;
-            }
-        }
+        self.admit_request(ve, OpClass::of(permission), key)?;
         // Network and permission decisions depend only on the state (its epoch) and on who
         // calls from where: cached under exactly that, so any change voids them at once.
         let addr = caller.peer.map(|p| p.ip());
@@ -73,6 +63,31 @@ impl Broker {
             self.network_decision(st, ve, caller, &desc)?;
             self.policy_decision(st, ve, &desc, permission, key)
         })
+    }
+
+    /// Steps 1 to 3: the vault's injected outage, then (not for create-class requests, which
+    /// [`Broker::admit_create`] admits once) the injected errors and the throttling budget.
+    fn admit_request(&self, ve: &VaultEntry, class: OpClass, key: Option<&str>) -> Result<(), BrokerError> {
+        let vault = &ve.vault.name;
+        self.faults.check_outage(vault)?;
+        if class != OpClass::Create {
+            self.faults.inject_error(vault, || self.clock.now())?;
+            if self.throttle.limited() {
+                // Weighed by the newest version of the key the request names.
+                let kind =
+                    key.and_then(|name| ve.key(name)).and_then(|k| k.key.latest()).map(|v| (v.kty, v.bits));
+                self.throttle.admit(vault, class, weight(class, kind), self.clock.now())?;
+            }
+        }
+        Ok(())
+    }
+
+    /// The gate of a vault-level request that needs no key permission (GetRandomBytes): steps 1
+    /// to 3, then the vault's network rules (step 5, uncached). No access policy or role decides
+    /// it: there is no key permission for random bytes.
+    pub(crate) fn gate_vault(&self, st: &State, ve: &VaultEntry, caller: &Caller) -> Result<(), BrokerError> {
+        self.admit_request(ve, OpClass::Other, None)?;
+        self.network_decision(st, ve, caller, &caller.description())
     }
 
     /// Admits a create-class request (create, import, rotate, restore) of a `kty` key on `vault`

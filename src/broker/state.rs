@@ -4,7 +4,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
-use crate::crypto::{RsaPrivateKey, Sealer, Zbytes};
+use crate::crypto::{EcPrivateKey, RsaPrivateKey, Sealer, Zbytes};
 use crate::model::ids::key_index;
 use crate::model::server::{Database, Server};
 use crate::model::{BrokerError, Change, Deletion, Key, KeyType, Principal, RoleAssignment, Vault};
@@ -16,6 +16,8 @@ pub enum Loaded {
     Rsa(RsaPrivateKey),
     /// An AES key.
     Oct(Zbytes),
+    /// An EC key, decoded once.
+    Ec(EcPrivateKey),
 }
 
 /// Sealed private material of one key version. Decoded keys live in the broker's bounded
@@ -37,7 +39,7 @@ impl Material {
         Material { sealed }
     }
 
-    /// Unseals and decodes the key. Runs RSA decoding: call off the async executor.
+    /// Unseals and decodes the key. Runs RSA (EC) decoding: call off the async executor.
     pub fn decode(&self, sealer: &Sealer, aad: &str, kty: KeyType) -> Result<Loaded, BrokerError> {
         let plain = sealer.unseal(aad.as_bytes(), &self.sealed).map_err(|e| {
             tracing::error!(error = %e, aad, "key material does not unseal under the master key");
@@ -46,6 +48,11 @@ impl Material {
         if kty.is_rsa() {
             Ok(Loaded::Rsa(RsaPrivateKey::from_pkcs8(&plain).map_err(|e| {
                 tracing::error!(error = %e, aad, "stored RSA material does not decode");
+                BrokerError::Internal
+            })?))
+        } else if kty.is_ec() {
+            Ok(Loaded::Ec(EcPrivateKey::from_pkcs8(&plain).map_err(|e| {
+                tracing::error!(error = %e, aad, "stored EC material does not decode");
                 BrokerError::Internal
             })?))
         } else {

@@ -9,11 +9,13 @@
 //! | RSA 2048      | 20              | 4,000          | 10         | 2,000     |
 //! | RSA 3072      | 20              | 1,000          | 10         | 500       |
 //! | RSA 4096      | 20              | 500            | 10         | 250       |
+//! | EC (any curve)| 20              | 4,000          | 10         | 2,000     |
 //!
 //! "Thresholds are weighted and summed": every request weighs its share of the vault's RSA-2048
 //! software budget (4,000 other / 20 create), and the weights of one window add up per vault and
 //! class. So a 3072 software op weighs 4 (4,000 / 1,000), a 4096 software op 8, an RSA-2048-HSM
 //! op 2, a 3072-HSM op 8, a 4096-HSM op 16; an HSM create weighs 2 (20 / 10), a software create 1.
+//! EC keys, whatever their curve, weigh as RSA-2048 keys: 1 (EC), 2 (EC-HSM).
 //! The 4,001st RSA-2048 op of a window is refused, and 3,996 RSA-2048 ops leave room for exactly
 //! one 3072 op. A request that is refused (429) does not count.
 
@@ -102,8 +104,8 @@ pub fn weight(class: OpClass, key: Option<(KeyType, u32)>) -> u32 {
     match class {
         // CREATE does not depend on the size: 20 software, 10 HSM.
         OpClass::Create => match kty {
-            KeyType::Rsa => 1,
-            KeyType::RsaHsm | KeyType::OctHsm => 2,
+            KeyType::Rsa | KeyType::Ec => 1,
+            KeyType::RsaHsm | KeyType::EcHsm | KeyType::OctHsm => 2,
         },
         OpClass::Other => {
             // 4,000 / 1,000 / 500 software per 10 s for 2048 / 3072 / 4096 bits.
@@ -119,6 +121,9 @@ pub fn weight(class: OpClass, key: Option<(KeyType, u32)>) -> u32 {
                 // The A6 table has no row for AES keys (Managed HSM has its own limits): oct-HSM
                 // ops count like RSA-2048-HSM ops, the cheapest HSM row (2,000 per 10 s).
                 KeyType::OctHsm => 2,
+                // Every curve has the RSA-2048 row's budgets: 4,000 software, 2,000 HSM.
+                KeyType::Ec => 1,
+                KeyType::EcHsm => 2,
             }
         }
     }
@@ -257,9 +262,14 @@ mod tests {
         assert_eq!(AZURE_ALL_OTHER_PER_10S / w(KeyType::RsaHsm, 3072), 500);
         assert_eq!(AZURE_ALL_OTHER_PER_10S / w(KeyType::RsaHsm, 4096), 250);
         assert_eq!(w(KeyType::OctHsm, 256), w(KeyType::RsaHsm, 2048));
+        for bits in [256, 384, 521] {
+            assert_eq!(w(KeyType::Ec, bits), w(KeyType::Rsa, 2048));
+            assert_eq!(w(KeyType::EcHsm, bits), w(KeyType::RsaHsm, 2048));
+        }
         assert_eq!(weight(OpClass::Other, None), 1);
         let c = |kty| AZURE_CREATE_PER_10S / weight(OpClass::Create, Some((kty, 4096)));
         assert_eq!((c(KeyType::Rsa), c(KeyType::RsaHsm), c(KeyType::OctHsm)), (20, 10, 10));
+        assert_eq!((c(KeyType::Ec), c(KeyType::EcHsm)), (20, 10));
     }
 
     #[test]

@@ -117,9 +117,20 @@ pub enum CliError {
     /// A crypto operation without an input value.
     #[error("give the value: --value-b64, --value-hex or --in")]
     NoValue,
-    /// `--value-hex` is not hexadecimal.
-    #[error("--value-hex is not hex: {0}")]
+    /// A hex flag (`--value-hex`, `--digest-hex`, `--signature-hex`) is not hexadecimal.
+    #[error("the hex value is not hex: {0}")]
     NotHex(#[source] hex::FromHexError),
+    /// `key sign|verify --in` with an algorithm whose hash is unknown.
+    #[error("{0}")]
+    UnknownAlgorithm(String),
+    /// `key verify`: the broker answered that the signature does not verify.
+    #[error("the signature does not verify: {alg} with {key_id} gives valid = false")]
+    SignatureInvalid {
+        /// The key.
+        key_id: String,
+        /// The algorithm.
+        alg: String,
+    },
     /// A base64 flag holds no base64 in any of the accepted alphabets.
     #[error("{flag} is not base64")]
     NotBase64 {

@@ -1,5 +1,5 @@
-//! `key …`: the KeyVault service of the broker (key lifecycle, backup and restore, wrap,
-//! unwrap, encrypt and decrypt), from the command line.
+//! `key …` and `random`: the KeyVault service of the broker (key lifecycle, backup and restore,
+//! wrap, unwrap, encrypt and decrypt, sign and verify, random bytes), from the command line.
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -93,6 +93,80 @@ pub enum KeyCmd {
     Encrypt(CryptoArgs),
     /// Decrypt a value.
     Decrypt(CryptoArgs),
+    /// Sign a digest (or a file, hashed here with the algorithm's hash).
+    Sign(SignArgs),
+    /// Verify a signature of a digest (or of a file); exits 1 when it does not verify.
+    Verify(VerifyArgs),
+}
+
+/// The digest to sign or verify: given, or the hash of a file.
+#[derive(Debug, clap::Args)]
+#[command(group(clap::ArgGroup::new("digest_source").required(true).args(["digest_hex", "digest_b64", "input"])))]
+pub struct DigestArgs {
+    /// The digest, hex (32 bytes for *256, 48 for *384, 64 for *512).
+    #[arg(long, value_name = "HEX")]
+    pub digest_hex: Option<String>,
+    /// The digest, base64.
+    #[arg(long, value_name = "B64")]
+    pub digest_b64: Option<String>,
+    /// A file whose hash (SHA-256, -384 or -512, after the algorithm) is the digest.
+    #[arg(long = "in", value_name = "PATH")]
+    pub input: Option<PathBuf>,
+}
+
+/// `key sign`
+#[derive(Debug, clap::Args)]
+pub struct SignArgs {
+    /// Key URI (unversioned = the newest version).
+    pub key_id: String,
+    /// Algorithm: RS256, RS384, RS512, PS256, PS384, PS512, ES256, ES256K, ES384, ES512.
+    #[arg(long, value_name = "ALG")]
+    pub alg: String,
+    /// The digest.
+    #[command(flatten)]
+    pub digest: DigestArgs,
+    /// Print the signature in hex instead of base64.
+    #[arg(long)]
+    pub hex: bool,
+    /// Write the signature (raw bytes; R||S for EC keys) to this file instead of printing it.
+    #[arg(long = "out", value_name = "PATH")]
+    pub out: Option<PathBuf>,
+}
+
+/// `key verify`
+#[derive(Debug, clap::Args)]
+#[command(group(clap::ArgGroup::new("signature_source").required(true).args(["signature_b64", "signature_hex", "signature_in"])))]
+pub struct VerifyArgs {
+    /// Key URI (unversioned = the newest version).
+    pub key_id: String,
+    /// Algorithm, as for `key sign`.
+    #[arg(long, value_name = "ALG")]
+    pub alg: String,
+    /// The digest.
+    #[command(flatten)]
+    pub digest: DigestArgs,
+    /// The signature, base64.
+    #[arg(long, value_name = "B64")]
+    pub signature_b64: Option<String>,
+    /// The signature, hex.
+    #[arg(long, value_name = "HEX")]
+    pub signature_hex: Option<String>,
+    /// Read the signature (raw bytes, as `key sign --out` writes it) from a file.
+    #[arg(long, value_name = "PATH")]
+    pub signature_in: Option<PathBuf>,
+}
+
+/// `random`
+#[derive(Debug, clap::Args)]
+pub struct RandomArgs {
+    /// Vault name.
+    pub vault: String,
+    /// How many bytes: 1 to 128.
+    #[arg(long, value_name = "N")]
+    pub count: i32,
+    /// Print them in hex instead of base64.
+    #[arg(long)]
+    pub hex: bool,
 }
 
 /// Attributes, operations and tags given when a key is created or imported.
@@ -124,12 +198,15 @@ pub struct CreateKeyArgs {
     pub vault: String,
     /// Key name.
     pub name: String,
-    /// Key type: RSA, RSA-HSM or oct-HSM.
+    /// Key type: RSA, RSA-HSM, EC, EC-HSM or oct-HSM.
     #[arg(long, default_value = "RSA")]
     pub kty: String,
     /// RSA: 2048 (default), 3072, 4096; oct-HSM: 128, 192, 256 (default).
     #[arg(long, value_name = "N")]
     pub size: Option<i32>,
+    /// EC and EC-HSM: the curve, P-256 (default), P-256K, P-384 or P-521.
+    #[arg(long, value_name = "CRV")]
+    pub crv: Option<String>,
     /// Attributes, operations and tags.
     #[command(flatten)]
     pub props: KeyProps,
@@ -143,8 +220,8 @@ pub struct ImportKeyArgs {
     pub vault: String,
     /// Key name.
     pub name: String,
-    /// The private key: PEM ("PRIVATE KEY" or "RSA PRIVATE KEY"), a private JSON Web Key (RSA or
-    /// oct), or PKCS#8 DER; told apart by their content.
+    /// The private key: PEM ("PRIVATE KEY", "RSA PRIVATE KEY" or "EC PRIVATE KEY"), a private
+    /// JSON Web Key (RSA, EC or oct), or PKCS#8 DER; told apart by their content.
     #[arg(long = "in", value_name = "PATH")]
     pub input: Option<PathBuf>,
     /// The private key as PEM (what --in reads when the file is PEM).
@@ -156,7 +233,7 @@ pub struct ImportKeyArgs {
     /// The private key as a JSON Web Key.
     #[arg(long, value_name = "PATH", hide = true)]
     pub jwk_file: Option<PathBuf>,
-    /// Mark the key RSA-HSM instead of RSA.
+    /// Mark the key RSA-HSM (EC-HSM) instead of RSA (EC).
     #[arg(long)]
     pub hsm: bool,
     /// Attributes, operations and tags.
@@ -277,6 +354,7 @@ pub(super) async fn key(s: &Session, cmd: KeyCmd) -> Result<Out, CliError> {
                 key_ops: clean_list(a.props.ops),
                 attributes,
                 tags: a.props.tags.into_iter().collect(),
+                crv: a.crv.unwrap_or_default(),
             };
             Ok(bundle_out(&s.call(s.keys().create_key(request)).await?))
         }
@@ -394,7 +472,69 @@ pub(super) async fn key(s: &Session, cmd: KeyCmd) -> Result<Out, CliError> {
             let shown = Shown::of(&a);
             result_out(&s.call(s.keys().decrypt(crypto_request!(DecryptRequest, a))).await?, shown)
         }
+        KeyCmd::Sign(a) => {
+            let digest = a.digest.read(&a.alg)?;
+            let shown = Shown { hex: a.hex, out: a.out };
+            let request = proto::SignRequest { key_id: a.key_id, algorithm: a.alg, digest };
+            result_out(&s.call(s.keys().sign(request)).await?, shown)
+        }
+        KeyCmd::Verify(a) => Ok(verify(s, a).await?.0),
     }
+}
+
+/// `key verify`: the output, and whether the signature verified.
+pub(super) async fn verify(s: &Session, a: VerifyArgs) -> Result<(Out, bool), CliError> {
+    let digest = a.digest.read(&a.alg)?;
+    let signature = if let Some(b64) = &a.signature_b64 {
+        decode_b64("--signature-b64", b64)?
+    } else if let Some(text) = &a.signature_hex {
+        decode_hex(text)?
+    } else if let Some(path) = &a.signature_in {
+        std::fs::read(path).map_err(CliError::io(path))?
+    } else {
+        return Err(CliError::NoValue);
+    };
+    let request =
+        proto::VerifyRequest { key_id: a.key_id.clone(), algorithm: a.alg.clone(), digest, signature };
+    let valid = s.call(s.keys().verify(request)).await?.valid;
+    let out = Out {
+        json: json!({ "key_id": a.key_id, "algorithm": a.alg, "valid": valid }),
+        table: fields(&[("key", a.key_id), ("algorithm", a.alg), ("valid", valid.to_string())]),
+    };
+    Ok((out, valid))
+}
+
+/// `random VAULT --count N`.
+pub(super) async fn random(s: &Session, a: RandomArgs) -> Result<Out, CliError> {
+    let request = proto::GetRandomBytesRequest { vault_name: a.vault, count: a.count };
+    let value = s.call(s.keys().get_random_bytes(request)).await?.value;
+    let text = if a.hex { hex::encode(&value) } else { B64.encode(&value) };
+    Ok(Out { json: json!({ "value": text, "bytes": value.len() }), table: format!("{text}\n") })
+}
+
+impl DigestArgs {
+    /// The digest: decoded, or the hash of the file with `alg`'s hash.
+    fn read(&self, alg: &str) -> Result<Vec<u8>, CliError> {
+        if let Some(text) = &self.digest_hex {
+            decode_hex(text)
+        } else if let Some(b64) = &self.digest_b64 {
+            decode_b64("--digest-b64", b64)
+        } else if let Some(path) = &self.input {
+            let alg = crate::model::SignatureAlgorithm::parse(alg)
+                .map_err(|e| CliError::UnknownAlgorithm(e.to_string()))?;
+            let data = std::fs::read(path).map_err(CliError::io(path))?;
+            Ok(crate::crypto::hash_for(alg, &data))
+        } else {
+            Err(CliError::NoValue)
+        }
+    }
+}
+
+/// Hex, forgiving about whitespace, colons and a `0x` prefix.
+fn decode_hex(text: &str) -> Result<Vec<u8>, CliError> {
+    let text: String = text.chars().filter(|c| !c.is_whitespace() && *c != ':').collect();
+    let text = text.strip_prefix("0x").unwrap_or(&text);
+    hex::decode(text).map_err(CliError::NotHex)
 }
 
 /// Advances a page token; false when the listing is complete (or the broker repeats itself).
@@ -424,9 +564,7 @@ impl CryptoInput {
         let value = if let Some(b64) = &a.value_b64 {
             decode_b64("--value-b64", b64)?
         } else if let Some(text) = &a.value_hex {
-            let text: String = text.chars().filter(|c| !c.is_whitespace() && *c != ':').collect();
-            let text = text.strip_prefix("0x").unwrap_or(&text);
-            hex::decode(text).map_err(CliError::NotHex)?
+            decode_hex(text)?
         } else if let Some(path) = &a.input {
             std::fs::read(path).map_err(CliError::io(path))?
         } else {
@@ -488,6 +626,9 @@ fn bundle_json(b: &proto::KeyBundle) -> Value {
         "key_ops": key.key_ops,
         "n": B64.encode(&key.n),
         "e": B64.encode(&key.e),
+        "crv": key.crv,
+        "x": B64.encode(&key.x),
+        "y": B64.encode(&key.y),
         "attributes": attributes_json(b.attributes.as_ref()),
         "tags": tags_json(&b.tags),
     })
@@ -514,6 +655,11 @@ fn bundle_rows(b: &proto::KeyBundle) -> Vec<(&'static str, String)> {
         let leading_zeros = key.n.iter().take_while(|b| **b == 0).count();
         rows.push(("modulus", format!("{} bits", (key.n.len() - leading_zeros) * 8)));
         rows.push(("exponent", B64.encode(&key.e)));
+    }
+    if !key.crv.is_empty() {
+        rows.push(("curve", key.crv.clone()));
+        rows.push(("x", B64.encode(&key.x)));
+        rows.push(("y", B64.encode(&key.y)));
     }
     rows
 }

@@ -61,9 +61,11 @@ pub enum Command {
     /// Subnets: the address ranges that VNet rules and private endpoints stand for.
     #[command(subcommand)]
     Subnet(SubnetCmd),
-    /// Keys: lifecycle, backup/restore and crypto.
+    /// Keys: lifecycle, backup/restore, crypto, sign and verify.
     #[command(subcommand)]
     Key(KeyCmd),
+    /// Random bytes from the broker (Key Vault's GetRandomBytes).
+    Random(keyvault::RandomArgs),
     /// Access policies of a vault: who may do which key operations.
     #[command(subcommand)]
     Policy(PolicyCmd),
@@ -248,7 +250,14 @@ async fn run_client(conn: &Connection, command: Command) -> Result<(), CliError>
         Command::Serve(_) | Command::Cert(_) | Command::Loadtest(_) => return Err(CliError::NotAClient),
         Command::Vault(cmd) => vaults::vault(s, cmd).await?,
         Command::Subnet(cmd) => vaults::subnet(s, cmd).await?,
+        Command::Key(KeyCmd::Verify(a)) => {
+            let (key_id, alg) = (a.key_id.clone(), a.alg.clone());
+            let (out, valid) = keyvault::verify(s, a).await?;
+            out.print(conn.output)?;
+            return if valid { Ok(()) } else { Err(CliError::SignatureInvalid { key_id, alg }) };
+        }
         Command::Key(cmd) => keyvault::key(s, cmd).await?,
+        Command::Random(a) => keyvault::random(s, a).await?,
         Command::Policy(cmd) => vaults::policy(s, cmd).await?,
         Command::Role(cmd) => vaults::role(s, cmd).await?,
         Command::Identity(cmd) => identities::identity(s, cmd).await?,

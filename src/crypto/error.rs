@@ -139,7 +139,7 @@ pub enum KeyMaterialError {
     #[error("encrypted PEM is not supported; decrypt the key before importing")]
     EncryptedPem,
     /// A PEM block of another type.
-    #[error("unsupported PEM type; expected PRIVATE KEY or RSA PRIVATE KEY")]
+    #[error("unsupported PEM type; expected PRIVATE KEY, RSA PRIVATE KEY or EC PRIVATE KEY")]
     UnsupportedPemType,
     /// A PEM body that is not base64 (the decoder's error quotes the body, so it is not kept).
     #[error("PEM body is not valid base64")]
@@ -208,11 +208,29 @@ pub enum KeyMaterialError {
         /// The key's length in bytes.
         len: usize,
     },
-    /// An EC JWK.
-    #[error("EC keys are not supported")]
-    EcUnsupported,
-    /// A JWK `kty` other than RSA, RSA-HSM, oct, oct-HSM or EC.
-    #[error("unsupported JWK kty; expected RSA, RSA-HSM, oct or oct-HSM")]
+    /// Not an EC private key on P-256, P-256K (secp256k1), P-384 or P-521 (the refusal for
+    /// P-256 is kept, when the library gave one).
+    #[error("not a valid EC private key on P-256, P-256K, P-384 or P-521")]
+    NotEcKey(#[source] Option<LibraryError>),
+    /// An EC JWK whose `crv` is missing or unknown.
+    #[error("unsupported EC curve; expected P-256, P-256K, P-384 or P-521")]
+    EcCurve,
+    /// An EC JWK member longer than the curve's coordinate length.
+    #[error("JWK member \"{member}\" is too long for curve {curve}")]
+    EcMemberLength {
+        /// The member's name.
+        member: &'static str,
+        /// The curve's name.
+        curve: &'static str,
+    },
+    /// EC JWK members (d, x, y) that do not make a key: the point is not d's.
+    #[error("EC JWK components are inconsistent")]
+    EcInconsistent(#[source] LibraryError),
+    /// An EC key that could not be encoded as PKCS#8.
+    #[error("cannot encode EC key as PKCS#8")]
+    EcEncode(#[source] LibraryError),
+    /// A JWK `kty` other than RSA, RSA-HSM, EC, EC-HSM, oct or oct-HSM.
+    #[error("unsupported JWK kty; expected RSA, RSA-HSM, EC, EC-HSM, oct or oct-HSM")]
     UnsupportedKty,
     /// An RSA public key the library cannot use.
     #[error("unusable RSA public key")]
@@ -308,6 +326,26 @@ pub enum InputError {
     /// The library could not seal with the master key.
     #[error("sealing failed")]
     SealFailed(#[source] LibraryError),
+    /// A digest whose length is not the signature algorithm's hash length.
+    #[error("the digest is {len} bytes long; {alg} needs {expected} bytes")]
+    DigestLength {
+        /// The algorithm's name.
+        alg: &'static str,
+        /// The digest's length in bytes.
+        len: usize,
+        /// The hash length of the algorithm.
+        expected: usize,
+    },
+    /// A signature algorithm the key cannot use (an ES algorithm of another curve, RS/PS on an
+    /// EC key, ES on an RSA key).
+    #[error("{alg} does not fit this key")]
+    NotSignatureAlgorithmOfKey {
+        /// The algorithm's name.
+        alg: &'static str,
+    },
+    /// An ECDSA signature that is not well-formed R||S or DER.
+    #[error("malformed ECDSA signature")]
+    SignatureEncoding,
 }
 
 /// The text of a refused parameter, as the broker sends it in a bad-parameter reply.
@@ -339,7 +377,7 @@ mod tests {
             ),
             (
                 KeyMaterialError::UnsupportedPemType,
-                "unsupported PEM type; expected PRIVATE KEY or RSA PRIVATE KEY",
+                "unsupported PEM type; expected PRIVATE KEY, RSA PRIVATE KEY or EC PRIVATE KEY",
             ),
             (KeyMaterialError::PemBase64, "PEM body is not valid base64"),
             (KeyMaterialError::NotPkcs1Rsa(unspecified()), "not a valid PKCS#1 RSA private key"),
@@ -364,8 +402,18 @@ mod tests {
                 "JWK is not a valid JSON object (line 3, column 14)",
             ),
             (KeyMaterialError::OctKeyLength { len: 20 }, "oct key must be 16, 24 or 32 bytes"),
-            (KeyMaterialError::EcUnsupported, "EC keys are not supported"),
-            (KeyMaterialError::UnsupportedKty, "unsupported JWK kty; expected RSA, RSA-HSM, oct or oct-HSM"),
+            (KeyMaterialError::NotEcKey(None), "not a valid EC private key on P-256, P-256K, P-384 or P-521"),
+            (KeyMaterialError::EcCurve, "unsupported EC curve; expected P-256, P-256K, P-384 or P-521"),
+            (
+                KeyMaterialError::EcMemberLength { member: "x", curve: "P-256" },
+                "JWK member \"x\" is too long for curve P-256",
+            ),
+            (KeyMaterialError::EcInconsistent(unspecified()), "EC JWK components are inconsistent"),
+            (KeyMaterialError::EcEncode(unspecified()), "cannot encode EC key as PKCS#8"),
+            (
+                KeyMaterialError::UnsupportedKty,
+                "unsupported JWK kty; expected RSA, RSA-HSM, EC, EC-HSM, oct or oct-HSM",
+            ),
             (KeyMaterialError::UnusableRsaPublicKey(unspecified()), "unusable RSA public key"),
             (
                 KeyMaterialError::RsaKeySize { bits: 2304 },
@@ -414,6 +462,12 @@ mod tests {
                 "RSA1_5 encryption failed",
             ),
             (InputError::SealFailed(unspecified()), "sealing failed"),
+            (
+                InputError::DigestLength { alg: "PS384", len: 32, expected: 48 },
+                "the digest is 32 bytes long; PS384 needs 48 bytes",
+            ),
+            (InputError::NotSignatureAlgorithmOfKey { alg: "ES256K" }, "ES256K does not fit this key"),
+            (InputError::SignatureEncoding, "malformed ECDSA signature"),
         ];
         for (e, text) in cases {
             assert_eq!(e.to_string(), text);

@@ -1,7 +1,9 @@
-//! Importing customer key material: PKCS#8 DER, PEM (PKCS#8 / PKCS#1) and private JWKs.
+//! Importing customer key material: PKCS#8 DER, PEM (PKCS#8 / PKCS#1 / SEC1) and private JWKs.
 
 use super::rsa_ops::RsaPrivateKey;
+use super::sign::EcPrivateKey;
 use super::{CryptoError, KeyMaterialError as Invalid, Zbytes, caused_by};
+use crate::model::Curve;
 use aws_lc_rs::encoding::AsDer;
 use aws_lc_rs::rsa::PrivateDecryptingKey;
 use base64::Engine as _;
@@ -12,10 +14,12 @@ use rsa::pkcs8::EncodePrivateKey;
 use rsa::traits::PrivateKeyParts;
 use zeroize::{Zeroize, ZeroizeOnDrop, Zeroizing};
 
-/// What an import yields: PKCS#8 DER of an RSA key, or raw AES key bytes.
+/// What an import yields: PKCS#8 DER of an RSA or EC key, or raw AES key bytes.
 pub enum ImportedKey {
     /// Normalized PKCS#8 (v1) DER of a validated RSA private key of a supported size.
     Rsa(Zbytes),
+    /// Normalized PKCS#8 (v1) DER of a validated EC private key, and its curve.
+    Ec(Curve, Zbytes),
     /// Raw AES key bytes (16, 24 or 32).
     Oct(Zbytes),
 }
@@ -24,22 +28,36 @@ impl std::fmt::Debug for ImportedKey {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             Self::Rsa(_) => f.write_str("ImportedKey::Rsa(..)"),
+            Self::Ec(curve, _) => write!(f, "ImportedKey::Ec({curve}, ..)"),
             Self::Oct(k) => write!(f, "ImportedKey::Oct({} bytes)", k.len()),
         }
     }
 }
 
-/// Validates a PKCS#8 DER RSA private key (2048/3072/4096 bits) and returns it re-encoded
-/// as canonical PKCS#8 v1 DER.
+/// Validates a PKCS#8 DER RSA private key (2048/3072/4096 bits) or EC private key (P-256,
+/// P-256K, P-384, P-521) and returns it re-encoded as canonical PKCS#8 v1 DER. Input that is
+/// neither gets the RSA refusal.
 pub fn import_pkcs8_der(der: &[u8]) -> Result<ImportedKey, CryptoError> {
-    let key = PrivateDecryptingKey::from_pkcs8(der).map_err(caused_by(Invalid::NotPkcs8Rsa))?;
+    let key = match PrivateDecryptingKey::from_pkcs8(der) {
+        Ok(key) => key,
+        Err(rsa_refusal) => {
+            return match EcPrivateKey::from_pkcs8(der) {
+                Ok(ec) => ec_imported(&ec),
+                Err(_) => Err(Invalid::NotPkcs8Rsa(rsa_refusal.into()).into()),
+            };
+        }
+    };
     RsaPrivateKey::from_key(key.clone())?; // size and usability checks
     let canonical = key.as_der().map_err(caused_by(Invalid::Reencode))?;
     Ok(ImportedKey::Rsa(Zeroizing::new(canonical.as_ref().to_vec())))
 }
 
-/// PEM: `-----BEGIN PRIVATE KEY-----` (PKCS#8) or `-----BEGIN RSA PRIVATE KEY-----` (PKCS#1,
-/// converted to PKCS#8). Text around the first PEM block and `\r\n`/whitespace inside it are
+fn ec_imported(key: &EcPrivateKey) -> Result<ImportedKey, CryptoError> {
+    Ok(ImportedKey::Ec(key.curve(), key.to_pkcs8()?))
+}
+
+/// PEM: `-----BEGIN PRIVATE KEY-----` (PKCS#8), `-----BEGIN RSA PRIVATE KEY-----` (PKCS#1,
+/// converted to PKCS#8) or `-----BEGIN EC PRIVATE KEY-----` (SEC1, converted to PKCS#8). Text around the first PEM block and `\r\n`/whitespace inside it are
 /// tolerated; encrypted PEM is rejected with a clear message.
 pub fn import_pem(pem: &str) -> Result<ImportedKey, CryptoError> {
     const BEGIN: &str = "-----BEGIN ";
@@ -54,7 +72,7 @@ pub fn import_pem(pem: &str) -> Result<ImportedKey, CryptoError> {
     let body = &body_and_tail[..body_end];
 
     match label {
-        "PRIVATE KEY" | "RSA PRIVATE KEY" => {}
+        "PRIVATE KEY" | "RSA PRIVATE KEY" | "EC PRIVATE KEY" => {}
         "ENCRYPTED PRIVATE KEY" => return Err(Invalid::EncryptedPem.into()),
         _ => return Err(Invalid::UnsupportedPemType.into()),
     }
@@ -66,6 +84,9 @@ pub fn import_pem(pem: &str) -> Result<ImportedKey, CryptoError> {
     let der = Zeroizing::new(STANDARD.decode(b64.as_bytes()).map_err(|_| Invalid::PemBase64)?);
     if label == "PRIVATE KEY" {
         return import_pkcs8_der(&der);
+    }
+    if label == "EC PRIVATE KEY" {
+        return ec_imported(&EcPrivateKey::from_sec1_der(&der)?);
     }
     let key = rsa::PrivateKey::from_pkcs1_der(&der).map_err(caused_by(Invalid::NotPkcs1Rsa))?;
     let pkcs8 = key.to_pkcs8_der().map_err(caused_by(Invalid::Pkcs1ToPkcs8))?;
@@ -85,6 +106,9 @@ struct Jwk {
     dq: Option<String>,
     qi: Option<String>,
     k: Option<String>,
+    crv: Option<String>,
+    x: Option<String>,
+    y: Option<String>,
 }
 
 /// Decodes a base64url JWK member (padding tolerated). Never echoes the value: the decoder's
@@ -158,8 +182,21 @@ fn import_rsa_jwk(jwk: &Jwk) -> Result<ImportedKey, CryptoError> {
     import_pkcs8_der(der.as_bytes())
 }
 
+fn import_ec_jwk(jwk: &Jwk) -> Result<ImportedKey, CryptoError> {
+    let curve = jwk
+        .crv
+        .as_deref()
+        .and_then(|c| Curve::ALL.into_iter().find(|k| k.name() == c))
+        .ok_or(Invalid::EcCurve)?;
+    let d = b64url("d", jwk.d.as_ref())?;
+    let x = b64url("x", jwk.x.as_ref())?;
+    let y = b64url("y", jwk.y.as_ref())?;
+    ec_imported(&EcPrivateKey::from_components(curve, &d, &x, &y)?)
+}
+
 /// A private JWK as JSON text. `{"kty":"RSA"|"RSA-HSM","n","e","d","p","q",(dp,dq,qi)}`
 /// (base64url, padding tolerated) is checked for consistency and returned as PKCS#8 DER;
+/// `{"kty":"EC"|"EC-HSM","crv","x","y","d"}` likewise (the point must be d's);
 /// `{"kty":"oct"|"oct-HSM","k"}` gives the raw 16/24/32-byte key. Anything else is
 /// `InvalidKeyMaterial`; messages never echo member values.
 pub fn import_jwk(json: &str) -> Result<ImportedKey, CryptoError> {
@@ -175,7 +212,7 @@ pub fn import_jwk(json: &str) -> Result<ImportedKey, CryptoError> {
             }
             Ok(ImportedKey::Oct(k))
         }
-        Some("EC" | "EC-HSM") => Err(Invalid::EcUnsupported.into()),
+        Some("EC" | "EC-HSM") => import_ec_jwk(&jwk),
         Some(_) => Err(Invalid::UnsupportedKty.into()),
         None => Err(Invalid::JwkMemberMissing { member: "kty" }.into()),
     }
@@ -379,6 +416,7 @@ mod tests {
             "{",
             r#"{"k":"AAAA"}"#,
             r#"{"kty":"EC","crv":"P-256"}"#,
+            r#"{"kty":"EC","crv":"P-257","d":"AA","x":"AA","y":"AA"}"#,
             r#"{"kty":"rsa"}"#,
             r#"{"kty":"oct"}"#,
             r#"{"kty":"oct","k":12345678901234567890}"#,
@@ -390,6 +428,32 @@ mod tests {
                 }
                 other => panic!("{json}: expected InvalidKeyMaterial, got {other:?}"),
             }
+        }
+    }
+
+    #[test]
+    fn ec_keys_import_from_pkcs8_sec1_pem_and_jwk_alike() {
+        use super::super::sign::generate_ec_pkcs8;
+        for curve in Curve::ALL {
+            let der = generate_ec_pkcs8(curve).unwrap();
+            let key = EcPrivateKey::from_pkcs8(&der).unwrap();
+            let (x, y) = key.public_xy();
+            let ec = |imported: ImportedKey| match imported {
+                ImportedKey::Ec(c, der) => (c, EcPrivateKey::from_pkcs8(&der).unwrap().public_xy()),
+                other => panic!("expected EC, got {other:?}"),
+            };
+            assert_eq!(ec(import_pkcs8_der(&der).unwrap()), (curve, (x.clone(), y.clone())));
+            assert_eq!(ec(import_pem(&pem("PRIVATE KEY", &der, "\n")).unwrap()).1, (x.clone(), y.clone()));
+            // A private JWK with the key's own scalar imports; another scalar with the same point does not.
+            let jwk_of = |d: &[u8]| {
+                serde_json::json!({"kty": "EC", "crv": curve.name(), "x": b64u(&x), "y": b64u(&y), "d": b64u(d)})
+                    .to_string()
+            };
+            assert_eq!(
+                ec(import_jwk(&jwk_of(&key.private_scalar())).unwrap()),
+                (curve, (x.clone(), y.clone()))
+            );
+            assert!(matches!(import_jwk(&jwk_of(&[1u8])), Err(CryptoError::InvalidKeyMaterial(_))));
         }
     }
 }

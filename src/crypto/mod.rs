@@ -1,4 +1,6 @@
-//! All cryptography of the broker, behind one small API.
+//! All cryptography of the broker, behind one small API: RSA and AES encryption and key wrap
+//! (`rsa_ops`, `aes_ops`), signatures over digests and EC keys (`sign`), key import (`import`),
+//! sealing under the master key (`seal`) and the broker's token signatures (`jwt_sig`).
 //!
 //! This module is the only place that touches `aws-lc-rs`, `rsa`, `aes-kw` and `aes`.
 //! Secret material travels as [`Zbytes`] (zeroized on drop); errors never carry secret
@@ -12,6 +14,7 @@ pub mod import;
 pub mod jwt_sig;
 pub mod rsa_ops;
 pub mod seal;
+pub mod sign;
 
 pub use aes_ops::{GcmOutput, aes_gcm_decrypt, aes_gcm_encrypt, aes_kw_unwrap, aes_kw_wrap, generate_oct};
 use error::caused_by;
@@ -20,6 +23,7 @@ pub use import::{ImportedKey, import_jwk, import_pem, import_pkcs8_der};
 pub use jwt_sig::TokenSigningKey;
 pub use rsa_ops::{RsaPrivateKey, generate_rsa_pkcs8, rsa_encrypt_with_public};
 pub use seal::Sealer;
+pub use sign::{EcPrivateKey, ecdsa_der_to_raw, ecdsa_raw_to_der, generate_ec_pkcs8, hash_for};
 
 use aws_lc_rs::rand::{SecureRandom, SystemRandom};
 

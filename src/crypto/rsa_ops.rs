@@ -1,13 +1,14 @@
 //! RSA key generation, encryption and decryption (RSA-OAEP, RSA-OAEP-256, RSA1_5) on aws-lc-rs.
 
 use super::{Algorithm, CryptoError, InputError, KeyMaterialError, Zbytes, caused_by};
+use crate::model::SignatureAlgorithm;
 use aws_lc_rs::encoding::AsDer;
 use aws_lc_rs::rsa::{
     KeySize, OAEP_SHA1_MGF1SHA1, OAEP_SHA256_MGF1SHA256, OaepPrivateDecryptingKey, OaepPublicEncryptingKey,
     Pkcs1PrivateDecryptingKey, Pkcs1PublicEncryptingKey, PrivateDecryptingKey, PublicEncryptingKey,
     PublicKeyComponents,
 };
-use aws_lc_rs::signature::RsaSubjectPublicKey;
+use aws_lc_rs::signature::{RsaKeyPair, RsaSubjectPublicKey};
 use zeroize::Zeroizing;
 
 /// RSA modulus sizes (bits) the broker accepts.
@@ -108,6 +109,8 @@ impl RsaPublic {
 pub struct RsaPrivateKey {
     oaep: OaepPrivateDecryptingKey,
     pkcs1: Pkcs1PrivateDecryptingKey,
+    /// The same key for signatures (RS*, PS*).
+    signing: RsaKeyPair,
     public: RsaPublic,
 }
 
@@ -129,9 +132,13 @@ impl RsaPrivateKey {
     pub(crate) fn from_key(key: PrivateDecryptingKey) -> Result<Self, CryptoError> {
         let public = RsaPublic::new(key.public_key())?;
         let bad = caused_by(KeyMaterialError::UnusableRsaPrivateKey);
+        let der = Zeroizing::new(key.as_der().map_err(&bad)?.as_ref().to_vec());
+        let signing =
+            RsaKeyPair::from_pkcs8(&der).map_err(caused_by(KeyMaterialError::UnusableRsaPrivateKey))?;
         Ok(Self {
             oaep: OaepPrivateDecryptingKey::new(key.clone()).map_err(&bad)?,
             pkcs1: Pkcs1PrivateDecryptingKey::new(key).map_err(&bad)?,
+            signing,
             public,
         })
     }
@@ -177,6 +184,23 @@ impl RsaPrivateKey {
     /// than [`Self::max_plaintext_len`] gives `InvalidInput` naming the limit.
     pub fn encrypt(&self, alg: Algorithm, plaintext: &[u8]) -> Result<Vec<u8>, CryptoError> {
         self.public.encrypt(alg, plaintext)
+    }
+
+    /// Signs a digest with RS256/384/512 (PKCS#1 v1.5) or PS256/384/512 (PSS, MGF1 with the same
+    /// hash, salt as long as the hash). A digest of the wrong length, or an ES algorithm, gives
+    /// `InvalidInput`.
+    pub fn sign_digest(&self, alg: SignatureAlgorithm, digest: &[u8]) -> Result<Vec<u8>, CryptoError> {
+        super::sign::rsa_sign_digest(&self.signing, alg, digest)
+    }
+
+    /// Whether `signature` is `alg`'s signature of `digest` under this key's public key.
+    pub fn verify_digest(
+        &self,
+        alg: SignatureAlgorithm,
+        digest: &[u8],
+        signature: &[u8],
+    ) -> Result<bool, CryptoError> {
+        super::sign::rsa_verify_digest(&self.signing, alg, digest, signature)
     }
 }
 

@@ -24,6 +24,9 @@ fn jwk(kid: String, v: &KeyVersion) -> proto::JsonWebKey {
         key_ops: v.key_ops.iter().map(|o| o.name().to_string()).collect(),
         n: v.n.clone(),
         e: v.e.clone(),
+        crv: v.crv.map(|c| c.name().to_string()).unwrap_or_default(),
+        x: v.x.clone(),
+        y: v.y.clone(),
     }
 }
 

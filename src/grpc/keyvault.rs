@@ -9,9 +9,9 @@ use super::convert::{bundle, deleted_bundle, item};
 use super::proto::{self, key_vault_server::KeyVault};
 use super::{caller, to_status};
 use crate::broker::Broker;
-use crate::broker::keys::{CryptoRequest, KeyUpdate, NewAttributes, NewKey, NewMaterial};
+use crate::broker::keys::{CryptoRequest, KeyUpdate, NewAttributes, NewKey, NewMaterial, SignRequest};
 use crate::crypto;
-use crate::model::{BrokerError, CryptoOp, KeyType};
+use crate::model::{BrokerError, CryptoOp, Curve, KeyType, SignOp};
 
 /// The service implementation.
 pub struct KeyVaultService {
@@ -125,7 +125,9 @@ impl KeyVault for KeyVaultService {
         let caller = caller(&request)?;
         let r = request.into_inner();
         let kty = KeyType::parse(&r.kty).map_err(to_status)?;
-        self.add_key_version(&caller, new_key!(r, NewMaterial::Generate { kty, size: r.key_size })).await
+        let curve = if r.crv.is_empty() { None } else { Some(Curve::parse(&r.crv).map_err(to_status)?) };
+        self.add_key_version(&caller, new_key!(r, NewMaterial::Generate { kty, size: r.key_size, curve }))
+            .await
     }
 
     async fn import_key(
@@ -305,5 +307,54 @@ impl KeyVault for KeyVaultService {
         request: Request<proto::DecryptRequest>,
     ) -> Result<Response<proto::KeyOperationResult>, Status> {
         self.crypto(request).await
+    }
+
+    async fn sign(
+        &self,
+        request: Request<proto::SignRequest>,
+    ) -> Result<Response<proto::KeyOperationResult>, Status> {
+        let caller = caller(&request)?;
+        let r = request.into_inner();
+        let req = SignRequest {
+            op: SignOp::Sign,
+            key_id: r.key_id,
+            algorithm: r.algorithm,
+            digest: r.digest,
+            signature: Vec::new(),
+        };
+        let result = self.broker.sign_or_verify(&caller, req).await.map_err(to_status)?;
+        Ok(Response::new(proto::KeyOperationResult {
+            kid: result.kid,
+            value: result.signature,
+            iv: Vec::new(),
+            tag: Vec::new(),
+        }))
+    }
+
+    async fn verify(
+        &self,
+        request: Request<proto::VerifyRequest>,
+    ) -> Result<Response<proto::VerifyResponse>, Status> {
+        let caller = caller(&request)?;
+        let r = request.into_inner();
+        let req = SignRequest {
+            op: SignOp::Verify,
+            key_id: r.key_id,
+            algorithm: r.algorithm,
+            digest: r.digest,
+            signature: r.signature,
+        };
+        let result = self.broker.sign_or_verify(&caller, req).await.map_err(to_status)?;
+        Ok(Response::new(proto::VerifyResponse { valid: result.valid }))
+    }
+
+    async fn get_random_bytes(
+        &self,
+        request: Request<proto::GetRandomBytesRequest>,
+    ) -> Result<Response<proto::GetRandomBytesResponse>, Status> {
+        let caller = caller(&request)?;
+        let r = request.get_ref();
+        let value = self.broker.random_bytes(&caller, &r.vault_name, r.count).await.map_err(to_status)?;
+        Ok(Response::new(proto::GetRandomBytesResponse { value }))
     }
 }

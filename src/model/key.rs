@@ -8,7 +8,7 @@ use serde::{Deserialize, Serialize};
 use super::error::BrokerError;
 use super::ids::printable;
 
-/// Key types a vault holds (docs/RULES.md, Domain: RSA, RSA-HSM, oct-HSM).
+/// Key types a vault holds (docs/RULES.md, Domain: RSA, RSA-HSM, EC, EC-HSM, oct-HSM).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub enum KeyType {
     /// Software-protected RSA.
@@ -20,6 +20,12 @@ pub enum KeyType {
     /// HSM-protected AES key.
     #[serde(rename = "oct-HSM")]
     OctHsm,
+    /// Software-protected elliptic-curve key (sign and verify only).
+    #[serde(rename = "EC")]
+    Ec,
+    /// HSM-protected elliptic-curve key (same arithmetic here; HSM throttling budget).
+    #[serde(rename = "EC-HSM")]
+    EcHsm,
 }
 
 impl KeyType {
@@ -29,8 +35,10 @@ impl KeyType {
             "RSA" => Ok(KeyType::Rsa),
             "RSA-HSM" => Ok(KeyType::RsaHsm),
             "oct-HSM" => Ok(KeyType::OctHsm),
+            "EC" => Ok(KeyType::Ec),
+            "EC-HSM" => Ok(KeyType::EcHsm),
             other => Err(BrokerError::bad_parameter(format!(
-                "The key type '{}' is not supported. Supported key types are RSA, RSA-HSM and oct-HSM.",
+                "The key type '{}' is not supported. Supported key types are RSA, RSA-HSM, EC, EC-HSM and oct-HSM.",
                 printable(other)
             ))),
         }
@@ -42,6 +50,8 @@ impl KeyType {
             KeyType::Rsa => "RSA",
             KeyType::RsaHsm => "RSA-HSM",
             KeyType::OctHsm => "oct-HSM",
+            KeyType::Ec => "EC",
+            KeyType::EcHsm => "EC-HSM",
         }
     }
 
@@ -50,7 +60,18 @@ impl KeyType {
         matches!(self, KeyType::Rsa | KeyType::RsaHsm)
     }
 
-    /// Validates a size in bits (0 = the default: RSA 2048, oct-HSM 256).
+    /// EC or EC-HSM.
+    pub fn is_ec(self) -> bool {
+        matches!(self, KeyType::Ec | KeyType::EcHsm)
+    }
+
+    /// Whether the key is HSM-protected (RSA-HSM, EC-HSM, oct-HSM).
+    pub fn is_hsm(self) -> bool {
+        matches!(self, KeyType::RsaHsm | KeyType::EcHsm | KeyType::OctHsm)
+    }
+
+    /// Validates a size in bits (0 = the default: RSA 2048, oct-HSM 256). EC keys take their
+    /// size from the curve ([`Curve::bits`]), not from here.
     pub fn size(self, bits: i32) -> Result<u32, BrokerError> {
         let (allowed, default): (&[i32], u32) =
             if self.is_rsa() { (&[2048, 3072, 4096], 2048) } else { (&[128, 192, 256], 256) };
@@ -70,6 +91,8 @@ impl KeyType {
         use KeyOp::*;
         if self.is_rsa() {
             vec![Encrypt, Decrypt, Sign, Verify, WrapKey, UnwrapKey]
+        } else if self.is_ec() {
+            vec![Sign, Verify]
         } else {
             vec![Encrypt, Decrypt, WrapKey, UnwrapKey]
         }
@@ -277,6 +300,225 @@ impl std::fmt::Display for Algorithm {
     }
 }
 
+/// Elliptic curves of EC keys (the cloud's `crv` names).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum Curve {
+    /// NIST P-256 (secp256r1).
+    #[serde(rename = "P-256")]
+    P256,
+    /// secp256k1.
+    #[serde(rename = "P-256K")]
+    P256K,
+    /// NIST P-384.
+    #[serde(rename = "P-384")]
+    P384,
+    /// NIST P-521.
+    #[serde(rename = "P-521")]
+    P521,
+}
+
+impl Curve {
+    /// Every curve.
+    pub const ALL: [Curve; 4] = [Curve::P256, Curve::P256K, Curve::P384, Curve::P521];
+
+    /// Parses the cloud's `crv` name exactly; empty means P-256 (the default for EC keys).
+    pub fn parse(s: &str) -> Result<Self, BrokerError> {
+        if s.is_empty() {
+            return Ok(Curve::P256);
+        }
+        Self::ALL.into_iter().find(|c| c.name() == s).ok_or_else(|| {
+            BrokerError::bad_parameter(format!(
+                "The curve '{}' is not supported. Supported curves are P-256, P-256K, P-384, P-521.",
+                printable(s)
+            ))
+        })
+    }
+
+    /// The cloud's name.
+    pub fn name(self) -> &'static str {
+        match self {
+            Curve::P256 => "P-256",
+            Curve::P256K => "P-256K",
+            Curve::P384 => "P-384",
+            Curve::P521 => "P-521",
+        }
+    }
+
+    /// The size of the curve's field, in bits (the key's size).
+    pub fn bits(self) -> u32 {
+        match self {
+            Curve::P256 | Curve::P256K => 256,
+            Curve::P384 => 384,
+            Curve::P521 => 521,
+        }
+    }
+
+    /// The length of one coordinate (x, y) and of one half (R, S) of a signature, in bytes.
+    pub fn coordinate_len(self) -> usize {
+        (self.bits() as usize).div_ceil(8)
+    }
+
+    /// The one signature algorithm of the curve.
+    pub fn signature_algorithm(self) -> SignatureAlgorithm {
+        match self {
+            Curve::P256 => SignatureAlgorithm::Es256,
+            Curve::P256K => SignatureAlgorithm::Es256K,
+            Curve::P384 => SignatureAlgorithm::Es384,
+            Curve::P521 => SignatureAlgorithm::Es512,
+        }
+    }
+}
+
+impl std::fmt::Display for Curve {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// Signature algorithms, by the cloud's names (JsonWebKeySignatureAlgorithm, without HMAC).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum SignatureAlgorithm {
+    /// RSASSA-PKCS1-v1_5 with SHA-256.
+    Rs256,
+    /// RSASSA-PKCS1-v1_5 with SHA-384.
+    Rs384,
+    /// RSASSA-PKCS1-v1_5 with SHA-512.
+    Rs512,
+    /// RSASSA-PSS with SHA-256, MGF1-SHA-256, salt of 32 bytes.
+    Ps256,
+    /// RSASSA-PSS with SHA-384, MGF1-SHA-384, salt of 48 bytes.
+    Ps384,
+    /// RSASSA-PSS with SHA-512, MGF1-SHA-512, salt of 64 bytes.
+    Ps512,
+    /// ECDSA on P-256 with SHA-256.
+    Es256,
+    /// ECDSA on secp256k1 with SHA-256.
+    Es256K,
+    /// ECDSA on P-384 with SHA-384.
+    Es384,
+    /// ECDSA on P-521 with SHA-512.
+    Es512,
+}
+
+impl SignatureAlgorithm {
+    /// Every algorithm.
+    pub const ALL: [SignatureAlgorithm; 10] = [
+        SignatureAlgorithm::Rs256,
+        SignatureAlgorithm::Rs384,
+        SignatureAlgorithm::Rs512,
+        SignatureAlgorithm::Ps256,
+        SignatureAlgorithm::Ps384,
+        SignatureAlgorithm::Ps512,
+        SignatureAlgorithm::Es256,
+        SignatureAlgorithm::Es256K,
+        SignatureAlgorithm::Es384,
+        SignatureAlgorithm::Es512,
+    ];
+
+    /// Parses the cloud's name exactly (`RS256`, `ES256K`, …).
+    pub fn parse(s: &str) -> Result<Self, BrokerError> {
+        Self::ALL.into_iter().find(|a| a.name() == s).ok_or_else(|| {
+            BrokerError::bad_parameter(format!(
+                "The algorithm '{}' is not supported. Supported algorithms are RS256, RS384, RS512, PS256, PS384, PS512, ES256, ES256K, ES384, ES512.",
+                printable(s)
+            ))
+        })
+    }
+
+    /// The cloud's name.
+    pub fn name(self) -> &'static str {
+        use SignatureAlgorithm::*;
+        match self {
+            Rs256 => "RS256",
+            Rs384 => "RS384",
+            Rs512 => "RS512",
+            Ps256 => "PS256",
+            Ps384 => "PS384",
+            Ps512 => "PS512",
+            Es256 => "ES256",
+            Es256K => "ES256K",
+            Es384 => "ES384",
+            Es512 => "ES512",
+        }
+    }
+
+    /// The length of the digest the algorithm signs: its hash's output, in bytes.
+    pub fn digest_len(self) -> usize {
+        use SignatureAlgorithm::*;
+        match self {
+            Rs256 | Ps256 | Es256 | Es256K => 32,
+            Rs384 | Ps384 | Es384 => 48,
+            Rs512 | Ps512 | Es512 => 64,
+        }
+    }
+
+    /// An RSA algorithm (RS*, PS*).
+    pub fn is_rsa(self) -> bool {
+        !self.is_ec()
+    }
+
+    /// An ECDSA algorithm (ES*).
+    pub fn is_ec(self) -> bool {
+        self.curve().is_some()
+    }
+
+    /// The curve an ECDSA algorithm signs with.
+    pub fn curve(self) -> Option<Curve> {
+        use SignatureAlgorithm::*;
+        match self {
+            Es256 => Some(Curve::P256),
+            Es256K => Some(Curve::P256K),
+            Es384 => Some(Curve::P384),
+            Es512 => Some(Curve::P521),
+            _ => None,
+        }
+    }
+
+    /// Refuses a digest whose length is not the algorithm's hash length.
+    pub fn check_digest(self, digest: &[u8]) -> Result<(), BrokerError> {
+        if digest.len() == self.digest_len() {
+            Ok(())
+        } else {
+            Err(BrokerError::bad_parameter(format!(
+                "The digest is {} bytes long; algorithm {} needs a digest of {} bytes.",
+                digest.len(),
+                self.name(),
+                self.digest_len()
+            )))
+        }
+    }
+}
+
+impl std::fmt::Display for SignatureAlgorithm {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// The two signature operations of the data plane.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum SignOp {
+    /// sign.
+    Sign,
+    /// verify.
+    Verify,
+}
+
+impl SignOp {
+    /// The `key_ops` entry that allows this operation.
+    pub fn key_op(self) -> KeyOp {
+        match self {
+            SignOp::Sign => KeyOp::Sign,
+            SignOp::Verify => KeyOp::Verify,
+        }
+    }
+
+    /// The cloud's spelling in error texts.
+    pub fn name(self) -> &'static str {
+        self.key_op().name()
+    }
+}
+
 /// Mutable attributes of one key version.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct KeyAttributes {
@@ -311,15 +553,30 @@ pub struct KeyVersion {
     pub n: Vec<u8>,
     /// RSA public exponent, big-endian; empty for oct-HSM.
     pub e: Vec<u8>,
+    /// EC keys: the curve.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub crv: Option<Curve>,
+    /// EC keys: the public point's x coordinate, big-endian, the curve's coordinate length.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub x: Vec<u8>,
+    /// EC keys: the public point's y coordinate.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub y: Vec<u8>,
 }
 
 impl KeyVersion {
     /// docs/RULES.md R1.2 and R1.4–R1.6: decides whether `op` with `alg` may run on this version at
     /// `now`. Order: enabled, key_ops, algorithm fits the key, nbf/exp window (decrypt and
     /// unwrapKey still work outside it).
+    ///
+    /// An EC key does no encryption at all: any algorithm is refused (bad parameter) before its
+    /// key_ops are looked at.
     pub fn check_crypto(&self, op: CryptoOp, alg: Algorithm, now: i64) -> Result<(), BrokerError> {
         if !self.attributes.enabled {
             return Err(BrokerError::KeyDisabled { operation: op.name() });
+        }
+        if self.kty.is_ec() {
+            return Err(self.unfit_algorithm(op.name(), alg.name()));
         }
         if !self.key_ops.contains(&op.key_op()) {
             return Err(BrokerError::KeyOperationForbidden { operation: op.name() });
@@ -352,17 +609,56 @@ impl KeyVersion {
             };
             family && alg.aes_bits() == Some(self.bits)
         };
-        if fits {
-            Ok(())
-        } else {
-            Err(BrokerError::bad_parameter(format!(
-                "Algorithm {} is not supported for operation {} on a key of type {} and size {}.",
-                alg.name(),
-                op.name(),
+        if fits { Ok(()) } else { Err(self.unfit_algorithm(op.name(), alg.name())) }
+    }
+
+    /// The refusal of an algorithm that does not fit this key's type, size or curve.
+    fn unfit_algorithm(&self, operation: &str, alg: &str) -> BrokerError {
+        match self.crv {
+            Some(crv) => BrokerError::bad_parameter(format!(
+                "Algorithm {alg} is not supported for operation {operation} on a key of type {} and curve {crv}.",
+                self.kty.name(),
+            )),
+            None => BrokerError::bad_parameter(format!(
+                "Algorithm {alg} is not supported for operation {operation} on a key of type {} and size {}.",
                 self.kty.name(),
                 self.bits
-            )))
+            )),
         }
+    }
+
+    /// docs/RULES.md R1.10: decides whether `op` with `alg` may run on this version at `now`.
+    /// Order: enabled, the key type signs at all (oct-HSM keys do not: bad parameter), key_ops,
+    /// algorithm fits the key (RS/PS on RSA keys, the curve's own ES algorithm on EC keys), then
+    /// the nbf/exp window for sign only (verify works outside it, like unwrapKey).
+    pub fn check_sign(&self, op: SignOp, alg: SignatureAlgorithm, now: i64) -> Result<(), BrokerError> {
+        if !self.attributes.enabled {
+            return Err(BrokerError::KeyDisabled { operation: op.name() });
+        }
+        if !self.kty.is_rsa() && !self.kty.is_ec() {
+            return Err(self.unfit_algorithm(op.name(), alg.name()));
+        }
+        if !self.key_ops.contains(&op.key_op()) {
+            return Err(BrokerError::KeyOperationForbidden { operation: op.name() });
+        }
+        let fits =
+            if self.kty.is_rsa() { alg.is_rsa() } else { alg.curve().is_some() && alg.curve() == self.crv };
+        if !fits {
+            return Err(self.unfit_algorithm(op.name(), alg.name()));
+        }
+        if op == SignOp::Sign {
+            if let Some(nbf) = self.attributes.not_before
+                && now < nbf
+            {
+                return Err(BrokerError::KeyNotYetValid { operation: op.name() });
+            }
+            if let Some(exp) = self.attributes.expires
+                && now >= exp
+            {
+                return Err(BrokerError::KeyExpired { operation: op.name() });
+            }
+        }
+        Ok(())
     }
 }
 
@@ -444,6 +740,9 @@ mod tests {
             tags: BTreeMap::new(),
             n: vec![],
             e: vec![],
+            crv: kty.is_ec().then_some(Curve::P256),
+            x: vec![],
+            y: vec![],
         }
     }
 
@@ -526,5 +825,72 @@ mod tests {
         assert!(KeyType::Rsa.size(1024).is_err());
         assert!(KeyType::OctHsm.size(2048).is_err());
         assert_eq!(KeyType::RsaHsm.size(4096).unwrap(), 4096);
+    }
+
+    #[test]
+    fn sign_follows_enabled_key_ops_algorithm_and_the_window_and_verify_ignores_the_window() {
+        let mut ec = version(KeyType::Ec, 256);
+        assert!(ec.check_sign(SignOp::Sign, SignatureAlgorithm::Es256, 0).is_ok());
+        for alg in [SignatureAlgorithm::Es256K, SignatureAlgorithm::Es384, SignatureAlgorithm::Rs256] {
+            assert_eq!(ec.check_sign(SignOp::Verify, alg, 0).unwrap_err().code(), "BadParameter", "{alg}");
+        }
+        ec.attributes.expires = Some(100);
+        assert_eq!(
+            ec.check_sign(SignOp::Sign, SignatureAlgorithm::Es256, 100).unwrap_err().code(),
+            "KeyExpired"
+        );
+        assert!(ec.check_sign(SignOp::Verify, SignatureAlgorithm::Es256, 100).is_ok());
+        ec.attributes.not_before = Some(50);
+        let e = ec.check_sign(SignOp::Sign, SignatureAlgorithm::Es256, 49).unwrap_err();
+        assert_eq!(e.code(), "KeyNotYetValid");
+        ec.key_ops = vec![KeyOp::Verify];
+        let e = ec.check_sign(SignOp::Sign, SignatureAlgorithm::Es256, 60).unwrap_err();
+        assert_eq!(e.to_string(), "Operation sign is not permitted on this key.");
+        ec.attributes.enabled = false;
+        let e = ec.check_sign(SignOp::Verify, SignatureAlgorithm::Es256, 60).unwrap_err();
+        assert_eq!(e, BrokerError::KeyDisabled { operation: "verify" });
+
+        let rsa = version(KeyType::RsaHsm, 3072);
+        for alg in SignatureAlgorithm::ALL {
+            assert_eq!(rsa.check_sign(SignOp::Sign, alg, 0).is_ok(), alg.is_rsa(), "{alg}");
+        }
+        let oct = version(KeyType::OctHsm, 256);
+        let e = oct.check_sign(SignOp::Sign, SignatureAlgorithm::Ps256, 0).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "Algorithm PS256 is not supported for operation sign on a key of type oct-HSM and size 256."
+        );
+    }
+
+    #[test]
+    fn an_ec_key_refuses_every_encryption_algorithm_as_a_bad_parameter() {
+        let ec = version(KeyType::EcHsm, 256);
+        for op in ALL_OPS {
+            for alg in Algorithm::ALL {
+                let e = ec.check_crypto(op, alg, 0).unwrap_err();
+                assert_eq!(
+                    e.to_string(),
+                    format!(
+                        "Algorithm {alg} is not supported for operation {} on a key of type EC-HSM and curve P-256.",
+                        op.name()
+                    )
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn curves_and_signature_algorithms_parse_by_their_cloud_names() {
+        assert_eq!(Curve::parse("").unwrap(), Curve::P256);
+        for c in Curve::ALL {
+            assert_eq!(Curve::parse(c.name()).unwrap(), c);
+            assert_eq!(c.signature_algorithm().curve(), Some(c));
+        }
+        assert_eq!(Curve::parse("p-256").unwrap_err().code(), "BadParameter");
+        for a in SignatureAlgorithm::ALL {
+            assert_eq!(SignatureAlgorithm::parse(a.name()).unwrap(), a);
+        }
+        assert_eq!(KeyType::parse("EC-HSM").unwrap(), KeyType::EcHsm);
+        assert_eq!(KeyType::Ec.default_ops(), vec![KeyOp::Sign, KeyOp::Verify]);
     }
 }

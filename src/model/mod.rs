@@ -13,7 +13,10 @@ pub mod vault;
 
 pub use change::Change;
 pub use error::{BrokerError, CallerDescription, ErrorClass};
-pub use key::{Algorithm, CryptoOp, Deletion, Key, KeyAttributes, KeyOp, KeyType, KeyVersion};
+pub use key::{
+    Algorithm, CryptoOp, Curve, Deletion, Key, KeyAttributes, KeyOp, KeyType, KeyVersion, SignOp,
+    SignatureAlgorithm,
+};
 pub use principal::{Caller, Principal, PrincipalKind};
 pub use role::{Role, RoleAssignment};
 pub use vault::{KeyPermission, NetworkAcls, Vault};

@@ -30,13 +30,15 @@ pub enum KeyPermission {
     Encrypt,
     UnwrapKey,
     WrapKey,
+    Sign,
+    Verify,
     Purge,
     Rotate,
 }
 
 impl KeyPermission {
     /// Every key permission.
-    pub const ALL: [KeyPermission; 15] = [
+    pub const ALL: [KeyPermission; 17] = [
         KeyPermission::Get,
         KeyPermission::List,
         KeyPermission::Update,
@@ -50,6 +52,8 @@ impl KeyPermission {
         KeyPermission::Encrypt,
         KeyPermission::UnwrapKey,
         KeyPermission::WrapKey,
+        KeyPermission::Sign,
+        KeyPermission::Verify,
         KeyPermission::Purge,
         KeyPermission::Rotate,
     ];
@@ -71,6 +75,8 @@ impl KeyPermission {
             Encrypt => "encrypt",
             UnwrapKey => "unwrapKey",
             WrapKey => "wrapKey",
+            Sign => "sign",
+            Verify => "verify",
             Purge => "purge",
             Rotate => "rotate",
         }
@@ -80,7 +86,7 @@ impl KeyPermission {
     pub fn parse(s: &str) -> Result<Self, BrokerError> {
         Self::ALL.into_iter().find(|p| p.name().eq_ignore_ascii_case(s)).ok_or_else(|| {
             BrokerError::bad_parameter(format!(
-                "The key permission '{}' is invalid. Valid permissions are get, list, update, create, import, delete, recover, backup, restore, decrypt, encrypt, unwrapKey, wrapKey, purge, rotate.",
+                "The key permission '{}' is invalid. Valid permissions are get, list, update, create, import, delete, recover, backup, restore, decrypt, encrypt, unwrapKey, wrapKey, sign, verify, purge, rotate.",
                 printable(s)
             ))
         })
@@ -341,6 +347,8 @@ mod tests {
     #[test]
     fn key_permissions_parse_case_insensitively() {
         assert_eq!(KeyPermission::parse("UnwrapKey").unwrap(), KeyPermission::UnwrapKey);
-        assert!(KeyPermission::parse("sign").is_err());
+        assert_eq!(KeyPermission::parse("SIGN").unwrap(), KeyPermission::Sign);
+        assert_eq!(KeyPermission::parse("verify").unwrap(), KeyPermission::Verify);
+        assert!(KeyPermission::parse("release").is_err());
     }
 }

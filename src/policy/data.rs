@@ -20,6 +20,8 @@ pub fn data_action(permission: KeyPermission) -> &'static str {
         Encrypt => "Microsoft.KeyVault/vaults/keys/encrypt/action",
         UnwrapKey => "Microsoft.KeyVault/vaults/keys/unwrap/action",
         WrapKey => "Microsoft.KeyVault/vaults/keys/wrap/action",
+        Sign => "Microsoft.KeyVault/vaults/keys/sign/action",
+        Verify => "Microsoft.KeyVault/vaults/keys/verify/action",
         Purge => "Microsoft.KeyVault/vaults/deletedKeys/delete",
         Rotate => "Microsoft.KeyVault/vaults/keys/rotate/action",
     }

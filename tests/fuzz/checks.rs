@@ -230,8 +230,8 @@ fn assert_invalid_key_material(what: &str, e: &CryptoError) {
     assert!(e.to_string().starts_with("invalid key material: "), "{e}");
 }
 
-/// An accepted RSA import is canonical PKCS#8 of a supported size that imports again to the
-/// same bytes; an accepted oct key is 16, 24 or 32 bytes.
+/// An accepted RSA or EC import is canonical PKCS#8 (of a supported size, or on its curve) that
+/// imports again to the same bytes; an accepted oct key is 16, 24 or 32 bytes.
 fn assert_imported(what: &str, key: &ImportedKey) {
     match key {
         ImportedKey::Rsa(der) => {
@@ -241,6 +241,15 @@ fn assert_imported(what: &str, key: &ImportedKey) {
             match crypto::import_pkcs8_der(der) {
                 Ok(ImportedKey::Rsa(again)) => assert_eq!(&again[..], &der[..], "{what}: not canonical"),
                 other => panic!("{what}: the canonical DER does not import again: {other:?}"),
+            }
+        }
+        ImportedKey::Ec(curve, der) => {
+            let ec = crypto::EcPrivateKey::from_pkcs8(der)
+                .unwrap_or_else(|e| panic!("{what}: accepted EC DER does not decode: {e}"));
+            assert_eq!(ec.curve(), *curve, "{what}: curve");
+            match crypto::import_pkcs8_der(der) {
+                Ok(ImportedKey::Ec(_, again)) => assert_eq!(&again[..], &der[..], "{what}: not canonical"),
+                other => panic!("{what}: the canonical EC DER does not import again: {other:?}"),
             }
         }
         ImportedKey::Oct(k) => {

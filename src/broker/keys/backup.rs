@@ -9,7 +9,7 @@ use zeroize::Zeroizing;
 use super::{KeyView, blocking, crypto_error};
 use crate::broker::Broker;
 use crate::broker::state::material_aad;
-use crate::crypto::RsaPrivateKey;
+use crate::crypto::{EcPrivateKey, RsaPrivateKey};
 use crate::model::ids::{key_name, key_version, vault_name};
 use crate::model::{BrokerError, Caller, Change, KeyPermission, KeyType, KeyVersion};
 
@@ -156,7 +156,7 @@ impl Broker {
 }
 
 /// Whether `plain` is the key `meta` describes: an RSA private key with its size, modulus and
-/// exponent, or an AES key of its size.
+/// exponent, an EC private key with its curve and public point, or an AES key of its size.
 fn material_matches(meta: &KeyVersion, plain: &[u8]) -> bool {
     fn trimmed(b: &[u8]) -> &[u8] {
         let first = b.iter().position(|x| *x != 0).unwrap_or(b.len());
@@ -167,6 +167,11 @@ fn material_matches(meta: &KeyVersion, plain: &[u8]) -> bool {
         KeyType::OctHsm => matches!(plain.len(), 16 | 24 | 32) && plain.len() * 8 == bits,
         KeyType::Rsa | KeyType::RsaHsm => RsaPrivateKey::from_pkcs8(plain).is_ok_and(|k| {
             k.bits() == bits && trimmed(k.n()) == trimmed(&meta.n) && trimmed(k.e()) == trimmed(&meta.e)
+        }),
+        KeyType::Ec | KeyType::EcHsm => EcPrivateKey::from_pkcs8(plain).is_ok_and(|k| {
+            Some(k.curve()) == meta.crv
+                && k.curve().bits() == meta.bits
+                && k.public_xy() == (meta.x.clone(), meta.y.clone())
         }),
     }
 }

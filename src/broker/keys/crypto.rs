@@ -116,6 +116,8 @@ fn run_crypto(
             let out = crypto::aes_gcm_encrypt(k, iv, aad, value).map_err(crypto_error)?;
             Ok((Zeroizing::new(out.ciphertext), out.iv, out.tag))
         }
+        // The key rules refused every encryption algorithm on EC keys already.
+        (Loaded::Ec(_), _) => Err(BrokerError::Internal),
         (Loaded::Oct(k), CryptoOp::Decrypt) => {
             if iv.is_empty() || tag.is_empty() {
                 return Err(BrokerError::bad_parameter(

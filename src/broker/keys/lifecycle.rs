@@ -1,14 +1,14 @@
 //! Creating, importing, reading, listing, updating and rotating keys.
 
-use super::{
-    KeyItemView, KeyUpdate, KeyView, NewKey, NewMaterial, blocking, crypto_error, new_version_id, paginate,
-};
+use super::{KeyItemView, KeyUpdate, KeyView, Made, NewKey, NewMaterial, blocking, crypto_error, paginate};
 use crate::broker::Broker;
 use crate::broker::state::material_aad;
-use crate::crypto::{self, ImportedKey, Zbytes};
+use crate::crypto::{ImportedKey, Zbytes};
 use crate::model::ids::{key_name, key_uri, vault_name};
 use crate::model::key::{validate_tags, validate_window};
-use crate::model::{BrokerError, Caller, Change, KeyAttributes, KeyOp, KeyPermission, KeyType, KeyVersion};
+use crate::model::{
+    BrokerError, Caller, Change, Curve, KeyAttributes, KeyOp, KeyPermission, KeyType, KeyVersion,
+};
 
 impl Broker {
     /// CreateKey and ImportKey: a new key, or a new version of an existing one.
@@ -34,58 +34,59 @@ impl Broker {
         validate_tags(&req.tags)?;
         validate_window(req.attributes.not_before, req.attributes.expires)?;
         // Material first (RSA generation takes up to seconds), outside every lock.
-        let (kty, bits, plain, n, e) = match req.material {
-            NewMaterial::Generate { kty, size } => {
-                let bits = kty.size(size)?;
-                blocking(move || {
-                    if kty.is_rsa() {
-                        let der = crypto::generate_rsa_pkcs8(bits as usize).map_err(crypto_error)?;
-                        let k = crypto::RsaPrivateKey::from_pkcs8(&der).map_err(crypto_error)?;
-                        Ok((kty, bits, der, k.n().to_vec(), k.e().to_vec()))
-                    } else {
-                        Ok((
-                            kty,
-                            bits,
-                            crypto::generate_oct(bits as usize).map_err(crypto_error)?,
-                            vec![],
-                            vec![],
-                        ))
+        let made = match req.material {
+            NewMaterial::Generate { kty, size, curve } => {
+                let (bits, curve) = if kty.is_ec() {
+                    if size != 0 {
+                        return Err(BrokerError::bad_parameter(format!(
+                            "The key size applies to RSA and oct-HSM keys; a key of type {} takes its size from its curve (crv).",
+                            kty.name()
+                        )));
                     }
-                })
-                .await?
+                    let curve = curve.unwrap_or(Curve::P256);
+                    (curve.bits(), curve)
+                } else if curve.is_some() {
+                    return Err(BrokerError::bad_parameter(format!(
+                        "The curve (crv) applies to EC and EC-HSM keys only, not to key type {}.",
+                        kty.name()
+                    )));
+                } else {
+                    (kty.size(size)?, Curve::P256)
+                };
+                blocking(move || Made::generate(kty, bits, curve)).await?
             }
             NewMaterial::Import { key: ImportedKey::Rsa(der), hsm } => {
-                blocking(move || {
-                    let k = crypto::RsaPrivateKey::from_pkcs8(&der).map_err(crypto_error)?;
-                    let kty = if hsm { KeyType::RsaHsm } else { KeyType::Rsa };
-                    let (bits, n, e) = (k.bits() as u32, k.n().to_vec(), k.e().to_vec());
-                    Ok((kty, bits, der, n, e))
-                })
-                .await?
+                let kty = if hsm { KeyType::RsaHsm } else { KeyType::Rsa };
+                blocking(move || Made::rsa(kty, der)).await?
+            }
+            NewMaterial::Import { key: ImportedKey::Ec(_, der), hsm } => {
+                let kty = if hsm { KeyType::EcHsm } else { KeyType::Ec };
+                blocking(move || Made::ec(kty, der)).await?
             }
             NewMaterial::Import { key: ImportedKey::Oct(raw), .. } => {
                 let bits = (raw.len() * 8) as u32;
-                (KeyType::OctHsm, bits, raw, vec![], vec![])
+                Made {
+                    kty: KeyType::OctHsm,
+                    bits,
+                    plain: raw,
+                    n: vec![],
+                    e: vec![],
+                    crv: None,
+                    x: vec![],
+                    y: vec![],
+                }
             }
         };
-        let key_ops = KeyOp::parse_list(&req.key_ops, kty)?;
+        let key_ops = KeyOp::parse_list(&req.key_ops, made.kty)?;
         let now = self.clock.now();
-        let meta = KeyVersion {
-            version: new_version_id(),
-            kty,
-            bits,
-            key_ops,
-            attributes: KeyAttributes {
-                enabled: req.attributes.enabled.unwrap_or(true),
-                not_before: req.attributes.not_before,
-                expires: req.attributes.expires,
-                created: now,
-                updated: now,
-            },
-            tags: req.tags,
-            n,
-            e,
+        let attributes = KeyAttributes {
+            enabled: req.attributes.enabled.unwrap_or(true),
+            not_before: req.attributes.not_before,
+            expires: req.attributes.expires,
+            created: now,
+            updated: now,
         };
+        let (meta, plain) = made.version(key_ops, attributes, req.tags);
         self.commit_new_version(caller, &vault, &name, meta, plain, permission).await
     }
 
@@ -268,35 +269,12 @@ impl Broker {
             self.admit_create(&id.vault, v.kty)?;
             v.clone()
         };
-        let kty = latest.kty;
-        let bits = latest.bits;
-        let (plain, n, e) = blocking(move || {
-            if kty.is_rsa() {
-                let der = crypto::generate_rsa_pkcs8(bits as usize).map_err(crypto_error)?;
-                let k = crypto::RsaPrivateKey::from_pkcs8(&der).map_err(crypto_error)?;
-                Ok((der, k.n().to_vec(), k.e().to_vec()))
-            } else {
-                Ok((crypto::generate_oct(bits as usize).map_err(crypto_error)?, vec![], vec![]))
-            }
-        })
-        .await?;
+        let (kty, bits, curve) = (latest.kty, latest.bits, latest.crv.unwrap_or(Curve::P256));
+        let made = blocking(move || Made::generate(kty, bits, curve)).await?;
         let now = self.clock.now();
-        let meta = KeyVersion {
-            version: new_version_id(),
-            kty,
-            bits,
-            key_ops: latest.key_ops,
-            attributes: KeyAttributes {
-                enabled: true,
-                not_before: None,
-                expires: None,
-                created: now,
-                updated: now,
-            },
-            tags: latest.tags,
-            n,
-            e,
-        };
+        let attributes =
+            KeyAttributes { enabled: true, not_before: None, expires: None, created: now, updated: now };
+        let (meta, plain) = made.version(latest.key_ops, attributes, latest.tags);
         self.commit_new_version(caller, &id.vault, id.name, meta, plain, KeyPermission::Rotate).await
     }
 }

@@ -6,12 +6,16 @@
 //! - [`lifecycle`]: create, import, get, list, list versions, update, rotate;
 //! - [`deleted`]: delete, get/list deleted, recover, purge, and the purge sweeper;
 //! - [`backup`]: backup and restore blobs sealed under the master key;
-//! - [`crypto`]: wrap, unwrap, encrypt, decrypt (the hot path).
+//! - [`crypto`]: wrap, unwrap, encrypt, decrypt (the hot path);
+//! - [`sign`]: sign and verify digests, random bytes.
 
 mod backup;
 mod crypto;
 mod deleted;
 mod lifecycle;
+mod sign;
+
+pub use sign::{MAX_RANDOM_BYTES, SignRequest, SignResult};
 
 use std::collections::BTreeMap;
 
@@ -19,7 +23,7 @@ use super::Broker;
 use super::state::{KeyEntry, VaultEntry};
 use crate::crypto::{CryptoError, ImportedKey, Zbytes};
 use crate::model::ids::{KeyIdRef, key_uri};
-use crate::model::{BrokerError, CryptoOp, Deletion, KeyType, KeyVersion};
+use crate::model::{BrokerError, CryptoOp, Curve, Deletion, KeyAttributes, KeyType, KeyVersion};
 
 /// Largest `value` a crypto request may carry.
 pub const MAX_VALUE_BYTES: usize = 64 * 1024;
@@ -39,18 +43,20 @@ pub struct NewAttributes {
 
 /// Where a new version's material comes from.
 pub enum NewMaterial {
-    /// Generate a key of this type and size (0 = default size).
+    /// Generate a key of this type and size (0 = default size), or of this curve (EC).
     Generate {
         /// Key type.
         kty: KeyType,
         /// Size in bits.
         size: i32,
+        /// EC and EC-HSM: the curve (`None` = P-256); refused for other types.
+        curve: Option<Curve>,
     },
     /// Imported material.
     Import {
         /// The key.
         key: ImportedKey,
-        /// RSA-HSM rather than RSA.
+        /// RSA-HSM (EC-HSM) rather than RSA (EC).
         hsm: bool,
     },
 }
@@ -164,8 +170,72 @@ impl NewMaterial {
             NewMaterial::Generate { kty, .. } => *kty,
             NewMaterial::Import { key: ImportedKey::Rsa(_), hsm: true } => KeyType::RsaHsm,
             NewMaterial::Import { key: ImportedKey::Rsa(_), hsm: false } => KeyType::Rsa,
+            NewMaterial::Import { key: ImportedKey::Ec(..), hsm: true } => KeyType::EcHsm,
+            NewMaterial::Import { key: ImportedKey::Ec(..), hsm: false } => KeyType::Ec,
             NewMaterial::Import { key: ImportedKey::Oct(_), .. } => KeyType::OctHsm,
         }
+    }
+}
+
+/// New private material and the public parts a version's metadata carries.
+struct Made {
+    kty: KeyType,
+    bits: u32,
+    plain: Zbytes,
+    n: Vec<u8>,
+    e: Vec<u8>,
+    crv: Option<Curve>,
+    x: Vec<u8>,
+    y: Vec<u8>,
+}
+
+impl Made {
+    fn rsa(kty: KeyType, der: Zbytes) -> Result<Self, BrokerError> {
+        let k = crate::crypto::RsaPrivateKey::from_pkcs8(&der).map_err(crypto_error)?;
+        let (bits, n, e) = (k.bits() as u32, k.n().to_vec(), k.e().to_vec());
+        Ok(Made { kty, bits, plain: der, n, e, crv: None, x: vec![], y: vec![] })
+    }
+
+    fn ec(kty: KeyType, der: Zbytes) -> Result<Self, BrokerError> {
+        let k = crate::crypto::EcPrivateKey::from_pkcs8(&der).map_err(crypto_error)?;
+        let (x, y) = k.public_xy();
+        let curve = k.curve();
+        Ok(Made { kty, bits: curve.bits(), plain: der, n: vec![], e: vec![], crv: Some(curve), x, y })
+    }
+
+    /// Generates a key of `kty` with `bits` (RSA, oct-HSM) or on `curve` (EC). Blocking.
+    fn generate(kty: KeyType, bits: u32, curve: Curve) -> Result<Self, BrokerError> {
+        if kty.is_rsa() {
+            Made::rsa(kty, crate::crypto::generate_rsa_pkcs8(bits as usize).map_err(crypto_error)?)
+        } else if kty.is_ec() {
+            Made::ec(kty, crate::crypto::generate_ec_pkcs8(curve).map_err(crypto_error)?)
+        } else {
+            let plain = crate::crypto::generate_oct(bits as usize).map_err(crypto_error)?;
+            Ok(Made { kty, bits, plain, n: vec![], e: vec![], crv: None, x: vec![], y: vec![] })
+        }
+    }
+
+    /// The metadata of a new version of this material.
+    fn version(
+        self,
+        key_ops: Vec<crate::model::KeyOp>,
+        attributes: KeyAttributes,
+        tags: BTreeMap<String, String>,
+    ) -> (KeyVersion, Zbytes) {
+        let meta = KeyVersion {
+            version: new_version_id(),
+            kty: self.kty,
+            bits: self.bits,
+            key_ops,
+            attributes,
+            tags,
+            n: self.n,
+            e: self.e,
+            crv: self.crv,
+            x: self.x,
+            y: self.y,
+        };
+        (meta, self.plain)
     }
 }
 

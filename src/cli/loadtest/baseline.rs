@@ -88,6 +88,7 @@ impl Baseline {
                     key_ops: ops.map(String::from).to_vec(),
                     n: vec![0xc3; WRAPPED_BYTES],
                     e: vec![1, 0, 1],
+                    ..Default::default()
                 }),
                 attributes: Some(proto::KeyAttributes {
                     enabled: Some(true),
@@ -164,6 +165,9 @@ baseline_service! {
         restore_key(RestoreKeyRequest) -> KeyBundle;
         encrypt(EncryptRequest) -> KeyOperationResult;
         decrypt(DecryptRequest) -> KeyOperationResult;
+        sign(SignRequest) -> KeyOperationResult;
+        verify(VerifyRequest) -> VerifyResponse;
+        get_random_bytes(GetRandomBytesRequest) -> GetRandomBytesResponse;
     }
 }
 

@@ -6,8 +6,8 @@ use std::collections::{BTreeMap, BTreeSet};
 use crate::model::server::{Database, DbState, Protector, Reason, Server, ServerIdentity, ServerKind};
 use crate::model::vault::Subnet;
 use crate::model::{
-    Change, Deletion, KeyAttributes, KeyOp, KeyPermission, KeyType, KeyVersion, NetworkAcls, Principal,
-    PrincipalKind, Role, RoleAssignment, Vault,
+    Change, Curve, Deletion, KeyAttributes, KeyOp, KeyPermission, KeyType, KeyVersion, NetworkAcls,
+    Principal, PrincipalKind, Role, RoleAssignment, Vault,
 };
 use crate::store::{Rejection, Snapshot, Store, StoreError, StoredKey};
 
@@ -73,6 +73,32 @@ pub(super) fn version(id: &str, n: i64) -> KeyVersion {
         tags: BTreeMap::from([(format!("tag{n}"), format!("value {n}")), ("env".into(), format!("e{n}"))]),
         n: vec![0xC0 | byte, 1, 2, byte],
         e: vec![1, 0, byte],
+        crv: None,
+        x: vec![],
+        y: vec![],
+    }
+}
+
+/// An EC-HSM version: a curve and a public point, no RSA parts.
+pub(super) fn ec_version(id: &str) -> KeyVersion {
+    KeyVersion {
+        version: id.into(),
+        kty: KeyType::EcHsm,
+        bits: 384,
+        key_ops: KeyType::EcHsm.default_ops(),
+        attributes: KeyAttributes {
+            enabled: true,
+            not_before: None,
+            expires: Some(50),
+            created: 5,
+            updated: 6,
+        },
+        tags: BTreeMap::from([("curve".into(), "p384".into())]),
+        n: vec![],
+        e: vec![],
+        crv: Some(Curve::P384),
+        x: (0..48).collect(),
+        y: (48..96).collect(),
     }
 }
 
@@ -87,6 +113,9 @@ pub(super) fn oct_version(id: &str) -> KeyVersion {
         tags: BTreeMap::new(),
         n: vec![],
         e: vec![],
+        crv: None,
+        x: vec![],
+        y: vec![],
     }
 }
 

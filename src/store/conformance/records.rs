@@ -130,7 +130,7 @@ pub(crate) fn delete_vault_removes_its_deletion_record(store: &dyn Store) -> Res
 // ---------------------------------------------------------------------------------------------
 
 /// `PutKeyVersion` with material stores every field of the version and the material byte for
-/// byte, for RSA and oct-HSM versions.
+/// byte, for RSA, EC and oct-HSM versions.
 pub(crate) fn put_key_version_round_trips_every_field_and_the_material(
     store: &dyn Store,
 ) -> Result<(), StoreError> {
@@ -138,8 +138,10 @@ pub(crate) fn put_key_version_round_trips_every_field_and_the_material(
         ("rsa", version("a", 1), 1),
         ("rsa", version("b", 2), 2),
         ("oct", oct_version("c"), 3),
+        ("ec", ec_version("d"), 4),
     ]))?;
     let expected = vec![
+        v1_key("ec", [(ec_version("d"), 4)]),
         v1_key("oct", [(oct_version("c"), 3)]),
         v1_key("rsa", [(version("a", 1), 1), (version("b", 2), 2)]),
     ];
