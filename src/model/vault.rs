@@ -32,11 +32,15 @@ pub enum KeyPermission {
     WrapKey,
     Purge,
     Rotate,
+    /// Read a key's rotation policy.
+    GetRotationPolicy,
+    /// Set a key's rotation policy.
+    SetRotationPolicy,
 }
 
 impl KeyPermission {
     /// Every key permission.
-    pub const ALL: [KeyPermission; 15] = [
+    pub const ALL: [KeyPermission; 17] = [
         KeyPermission::Get,
         KeyPermission::List,
         KeyPermission::Update,
@@ -52,6 +56,8 @@ impl KeyPermission {
         KeyPermission::WrapKey,
         KeyPermission::Purge,
         KeyPermission::Rotate,
+        KeyPermission::GetRotationPolicy,
+        KeyPermission::SetRotationPolicy,
     ];
 
     /// The cloud's spelling (`unwrapKey`, …), as in denial texts.
@@ -73,6 +79,8 @@ impl KeyPermission {
             WrapKey => "wrapKey",
             Purge => "purge",
             Rotate => "rotate",
+            GetRotationPolicy => "getrotationpolicy",
+            SetRotationPolicy => "setrotationpolicy",
         }
     }
 
@@ -80,7 +88,7 @@ impl KeyPermission {
     pub fn parse(s: &str) -> Result<Self, BrokerError> {
         Self::ALL.into_iter().find(|p| p.name().eq_ignore_ascii_case(s)).ok_or_else(|| {
             BrokerError::bad_parameter(format!(
-                "The key permission '{}' is invalid. Valid permissions are get, list, update, create, import, delete, recover, backup, restore, decrypt, encrypt, unwrapKey, wrapKey, purge, rotate.",
+                "The key permission '{}' is invalid. Valid permissions are get, list, update, create, import, delete, recover, backup, restore, decrypt, encrypt, unwrapKey, wrapKey, purge, rotate, getrotationpolicy, setrotationpolicy.",
                 printable(s)
             ))
         })
