@@ -152,6 +152,19 @@ pub struct Snapshot {
     pub servers: Vec<crate::model::server::Server>,
     /// Databases.
     pub databases: Vec<crate::model::server::Database>,
+    /// Key rotation policies, in (vault, lower-cased key name) order.
+    pub rotation_policies: Vec<StoredRotationPolicy>,
+}
+
+/// A key's rotation policy as stored.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredRotationPolicy {
+    /// Vault name.
+    pub vault: String,
+    /// Key name as the change gave it.
+    pub name: String,
+    /// The policy.
+    pub policy: crate::model::KeyRotationPolicy,
 }
 
 /// Durable state. Methods block: async callers run them on the blocking pool; one store is shared
@@ -171,7 +184,8 @@ pub struct Snapshot {
 ///   metadata, keeping its material and place, and refuses a version that is not stored. Both
 ///   refusals are [`StoreError::Rejected`].
 /// - `DeleteVault` removes the vault's keys too, `DeleteServer` the server's databases, and
-///   `PurgeKey` every version and its material. Deleting, purging or setting the deletion record
+///   `PurgeKey` every version and its material; both remove the key's rotation policy.
+///   `PutKeyRotationPolicy` sets the policy of a key (by vault and key index), replacing it. Deleting, purging or setting the deletion record
 ///   of something that is not stored changes nothing.
 /// - Meta values live apart from the [`Snapshot`]: commits do not touch them.
 pub trait Store: Send + Sync + 'static {

@@ -9,7 +9,7 @@ use rusqlite::{Connection, OptionalExtension, params};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
-use super::{Rejection, Snapshot, Store, StoreError, StoredKey};
+use super::{Rejection, Snapshot, Store, StoreError, StoredKey, StoredRotationPolicy};
 use crate::model::ids::key_index;
 use crate::model::{Change, KeyVersion};
 
@@ -31,6 +31,9 @@ CREATE TABLE IF NOT EXISTS servers (id TEXT PRIMARY KEY, doc TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS subnets (id TEXT PRIMARY KEY, doc TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS databases (
     server_id TEXT NOT NULL, name TEXT NOT NULL, doc TEXT NOT NULL, PRIMARY KEY (server_id, name));
+CREATE TABLE IF NOT EXISTS key_rotation_policies (
+    vault TEXT NOT NULL, idx TEXT NOT NULL, name TEXT NOT NULL, doc TEXT NOT NULL,
+    PRIMARY KEY (vault, idx));
 ";
 
 /// How thoroughly the database is checked when it is opened (`--store-check`).
@@ -102,6 +105,7 @@ impl SqliteStore {
             "servers",
             "subnets",
             "databases",
+            "key_rotation_policies",
         ];
         let mut sql =
             String::from("SELECT NOT EXISTS (SELECT 1 FROM meta WHERE k NOT IN ('schema_version', ?1))");
@@ -232,7 +236,26 @@ impl Store for SqliteStore {
                 .collect::<Result<Vec<_>, StoreError>>()?;
             keys.push(StoredKey { vault, name, deleted, versions });
         }
-        Ok(Snapshot { vaults, keys, principals, role_assignments, subnets, servers, databases })
+        let mut pstmt =
+            conn.prepare("SELECT vault, name, doc FROM key_rotation_policies ORDER BY vault, idx")?;
+        let rotation_policies = pstmt
+            .query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?, r.get::<_, String>(2)?)))?
+            .collect::<Result<Vec<_>, _>>()?
+            .into_iter()
+            .map(|(vault, name, doc)| {
+                Ok(StoredRotationPolicy { vault, name, policy: from_doc(&doc, "key_rotation_policies")? })
+            })
+            .collect::<Result<Vec<_>, StoreError>>()?;
+        Ok(Snapshot {
+            vaults,
+            keys,
+            principals,
+            role_assignments,
+            subnets,
+            servers,
+            databases,
+            rotation_policies,
+        })
     }
 
     fn commit(&self, changes: &[Change]) -> Result<(), StoreError> {
@@ -250,6 +273,7 @@ impl Store for SqliteStore {
                 Change::DeleteVault { vault } => {
                     tx.execute("DELETE FROM key_versions WHERE vault = ?1", params![vault])?;
                     tx.execute("DELETE FROM keys WHERE vault = ?1", params![vault])?;
+                    tx.execute("DELETE FROM key_rotation_policies WHERE vault = ?1", params![vault])?;
                     tx.execute("DELETE FROM vaults WHERE name = ?1", params![vault])?;
                 }
                 Change::PutKeyVersion { vault, name, version, sealed } => {
@@ -296,6 +320,10 @@ impl Store for SqliteStore {
                         params![vault, idx],
                     )?;
                     tx.execute("DELETE FROM keys WHERE vault = ?1 AND idx = ?2", params![vault, idx])?;
+                    tx.execute(
+                        "DELETE FROM key_rotation_policies WHERE vault = ?1 AND idx = ?2",
+                        params![vault, idx],
+                    )?;
                 }
                 Change::PutPrincipal(p) => {
                     tx.execute(
@@ -350,6 +378,13 @@ impl Store for SqliteStore {
                 }
                 Change::DeleteRoleAssignment { id } => {
                     tx.execute("DELETE FROM role_assignments WHERE id = ?1", params![id])?;
+                }
+                Change::PutKeyRotationPolicy { vault, name, policy } => {
+                    tx.execute(
+                        "INSERT INTO key_rotation_policies (vault, idx, name, doc) VALUES (?1, ?2, ?3, ?4)
+                         ON CONFLICT(vault, idx) DO UPDATE SET name = excluded.name, doc = excluded.doc",
+                        params![vault, key_index(name), name, to_doc(policy, "key_rotation_policies")?],
+                    )?;
                 }
             }
         }

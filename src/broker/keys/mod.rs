@@ -6,12 +6,16 @@
 //! - [`lifecycle`]: create, import, get, list, list versions, update, rotate;
 //! - [`deleted`]: delete, get/list deleted, recover, purge, and the purge sweeper;
 //! - [`backup`]: backup and restore blobs sealed under the master key;
-//! - [`crypto`]: wrap, unwrap, encrypt, decrypt (the hot path).
+//! - [`crypto`]: wrap, unwrap, encrypt, decrypt (the hot path);
+//! - [`rotation`]: rotation policies and the rotations and notifications they make due.
 
 mod backup;
 mod crypto;
 mod deleted;
 mod lifecycle;
+mod rotation;
+
+pub use rotation::RotationPolicyView;
 
 use std::collections::BTreeMap;
 

@@ -248,6 +248,7 @@ pub(crate) fn removals_survive_reopening(backend: &impl Backend) -> Result<(), S
         subnets: vec![subnet(&subnet_id("s1"), 1)],
         servers: vec![server(&server_id("srv2"), 2)],
         databases: vec![],
+        rotation_policies: vec![],
     };
     assert_eq!(before, expected);
     assert_eq!(load(backend.open()?.as_ref())?, expected);
