@@ -1,4 +1,4 @@
-//! docs/RULES.md R1.9 over real gRPC: key rotation policies — the default policy, validation
+//! docs/RULES.md R1.10 over real gRPC: key rotation policies — the default policy, validation
 //! with Key Vault's limits, permissions on both permission models, rotation on the broker's
 //! clock, the TDE protector following under auto-rotation, durability, purge and backup.
 

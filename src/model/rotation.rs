@@ -1,4 +1,4 @@
-//! Key rotation policies (docs/RULES.md R1.9): ISO 8601 durations, the policy a key carries, its
+//! Key rotation policies (docs/RULES.md R1.10): ISO 8601 durations, the policy a key carries, its
 //! validation with Key Vault's limits, and what a policy makes due at a given time. Pure: `now`
 //! is an argument.
 
