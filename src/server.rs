@@ -369,7 +369,8 @@ impl App {
             control,
         );
 
-        // Soft-deleted keys are purged when their retention ends, also while nobody calls.
+        // Soft-deleted keys are purged when their retention ends, and rotation policies carried
+        // out when their time comes, also while nobody calls.
         let sweeper_broker = self.broker.clone();
         // The TDE prober evaluates every server each `probe_interval` of the broker's clock.
         let sweeper = tokio::spawn(async move {
@@ -386,6 +387,9 @@ impl App {
                     tokio::task::spawn_blocking(move || housekeeping.caches.run_pending_tasks()).await
                 {
                     tracing::warn!(error = %e, "cache housekeeping failed; will retry");
+                }
+                if let Err(e) = sweeper_broker.run_rotation_policies().await {
+                    tracing::warn!(error = %e, "running key rotation policies failed; will retry");
                 }
                 if let Err(e) = sweeper_broker.probe_if_due().await {
                     tracing::warn!(error = %e, "TDE probe failed; will retry");

@@ -642,3 +642,72 @@ async fn role_assignments_validate_scope_role_and_principal() {
     );
     b.stop().await;
 }
+
+/// docs/RULES.md R2.5. Managed Identity Operator lists
+/// `Microsoft.ManagedIdentity/userAssignedIdentities/*/assign/action`, and ARM checks
+/// `.../userAssignedIdentities/assign/action` at the identity: the role's `*/` must stand for no
+/// segment at all, or an operator holding exactly the two documented roles is refused.
+#[tokio::test]
+async fn sql_server_contributor_with_managed_identity_operator_on_each_umi_may_assign_them() {
+    let b = start().await;
+    let server = b
+        .servers()
+        .create_server(proto::CreateServerRequest {
+            resource_group: "sql-rg".into(),
+            name: "ops-sql".into(),
+            kind: proto::ServerKind::SqlServer as i32,
+            identity: Some(proto::ServerIdentity { system_assigned: true, ..Default::default() }),
+            ..Default::default()
+        })
+        .await
+        .expect("server")
+        .into_inner();
+    let (umi1, _) = b.identity("id-rg", "ops-umi-1").await;
+    let (umi2, _) = b.identity("id-rg", "ops-umi-2").await;
+    let (umi3, _) = b.identity("id-rg", "ops-umi-3").await;
+    let op = b.user("operator").await;
+    b.assign(&server.id, &op.object_id, "SQL Server Contributor").await;
+    b.assign(&umi1.resource_id, &op.object_id, "Managed Identity Operator").await;
+    b.assign(&umi2.resource_id, &op.object_id, "Managed Identity Operator").await;
+    let mut srv = tde_broker::grpc::proto::servers_client::ServersClient::with_interceptor(
+        b.channel.clone(),
+        bearer(&op.token),
+    );
+    let block = |umis: &[&str]| proto::ServerIdentity {
+        system_assigned: true,
+        user_assigned_identity_ids: umis.iter().map(|s| s.to_string()).collect(),
+        primary_user_assigned_identity_id: umis[0].to_string(),
+        ..Default::default()
+    };
+
+    let updated = srv
+        .update_server_identity(proto::UpdateServerIdentityRequest {
+            server_id: server.id.clone(),
+            identity: Some(block(&[&umi1.resource_id, &umi2.resource_id])),
+        })
+        .await
+        .expect("SQL Server Contributor + Managed Identity Operator on each UMI assigns them")
+        .into_inner();
+    let ident = updated.identity.expect("identity block");
+    assert_eq!(ident.primary_user_assigned_identity_id, umi1.resource_id);
+    assert_eq!(ident.user_assigned_identity_ids.len(), 2);
+
+    // An identity the operator holds no role on is still refused, naming the action and scope.
+    let msg = assert_status(
+        srv.update_server_identity(proto::UpdateServerIdentityRequest {
+            server_id: server.id.clone(),
+            identity: Some(block(&[&umi1.resource_id, &umi2.resource_id, &umi3.resource_id])),
+        })
+        .await,
+        Code::PermissionDenied,
+        "AuthorizationFailed",
+    );
+    assert!(
+        msg.contains(&format!(
+            "'Microsoft.ManagedIdentity/userAssignedIdentities/assign/action' over scope '{}'",
+            umi3.resource_id
+        )),
+        "{msg}"
+    );
+    b.stop().await;
+}

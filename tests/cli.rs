@@ -1045,3 +1045,64 @@ async fn key_sign_and_verify_take_digests_or_files_and_random_prints_bytes() {
     let stderr = b.fails(&["random", "sig-vault", "--count", "129"]).await;
     assert!(stderr.contains("The count 129 is invalid. It must be between 1 and 128."), "{stderr}");
 }
+
+/// docs/RULES.md R1.12 from the command line: the default policy, `set` with each kind of
+/// action, a refusal with the rule's text, and `clock advance` rotating at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn key_rotation_policy_show_set_and_clock_advance_rotates() {
+    let b = start_broker().await;
+    b.json(&["vault", "create", "cli-rot"]).await;
+    let key = b.json(&["key", "create", "cli-rot", "k"]).await;
+    let kid = str_of(&key, "kid").to_string();
+    let key_id = kid.rsplit_once('/').map(|(k, _)| k.to_string()).expect("versioned kid");
+
+    let default = b.json(&["key", "rotation-policy", "show", &key_id]).await;
+    assert_eq!(str_of(&default, "id"), format!("{key_id}/rotationpolicy"));
+    assert_eq!(default["lifetime_actions"][0]["action"], "Notify");
+    assert_eq!(default["lifetime_actions"][0]["time_before_expiry"], "P30D");
+    let table = b.run(&["key", "rotation-policy", "show", &key_id]).await;
+    let text = String::from_utf8_lossy(&table.stdout);
+    assert!(
+        text.lines().any(|l| l.starts_with("lifetime action") && l.ends_with("Notify P30D before expiry")),
+        "{text}"
+    );
+
+    let set = b
+        .json(&[
+            "key",
+            "rotation-policy",
+            "set",
+            &key_id,
+            "--expiry-time",
+            "P90D",
+            "--rotate-after-create",
+            "P30D",
+            "--notify-before-expiry",
+            "P30D",
+        ])
+        .await;
+    assert_eq!(set["expiry_time"], "P90D");
+    assert_eq!(set["lifetime_actions"][0]["action"], "Rotate");
+    assert_eq!(set["lifetime_actions"][0]["time_after_create"], "P30D");
+    assert_eq!(set["lifetime_actions"][1]["action"], "Notify");
+
+    let err = b.fails(&["key", "rotation-policy", "set", &key_id, "--rotate-after-create", "P3D"]).await;
+    assert!(err.contains("(BadParameter)") && err.contains("the minimum is 7 days from creation"), "{err}");
+    let err = b
+        .fails(&[
+            "key",
+            "rotation-policy",
+            "set",
+            &key_id,
+            "--rotate-after-create",
+            "P30D",
+            "--rotate-before-expiry",
+            "P7D",
+        ])
+        .await;
+    assert!(err.contains("cannot be used with"), "{err}");
+
+    b.json(&["clock", "advance", "30d"]).await;
+    let versions = b.json(&["key", "versions", &key_id]).await;
+    assert_eq!(versions.as_array().map(Vec::len), Some(2), "{versions}");
+}

@@ -1161,3 +1161,40 @@ fn the_allocation_bound_fails_a_target_that_allocates_past_it() {
     let text = message.downcast_ref::<String>().cloned().unwrap_or_default();
     assert!(text.contains("one allocation of"), "{text}");
 }
+
+// ---- Rotation policies --------------------------------------------------------------------
+
+/// ISO 8601 durations and rotation policies as a request gives them: never a panic; a duration
+/// read is a `P…` text of a non-negative length; a policy's error text quotes at most a bounded,
+/// printable piece of the input.
+#[test]
+fn fuzz_rotation_policy_durations() {
+    use tde_broker::model::rotation::{IsoDuration, KeyRotationPolicy, LifetimeActionSpec};
+    let n = cases(2000, 1);
+    let check = |s: &str| {
+        if let Ok(d) = IsoDuration::parse(s) {
+            assert!(d.as_str().starts_with('P') && d.seconds() >= 0, "{s:?}");
+        }
+    };
+    fuzz("duration (arbitrary)", n, any_text(40), |s| check(&s));
+    fuzz("duration (shaped)", n, "P([0-9]{0,11}[YMWD]){0,4}(T([0-9]{0,11}[HMS]){0,3})?", |s| check(&s));
+    let text = prop_oneof![any_text(24), "P[0-9]{1,3}[DMYW]", Just(String::new())];
+    let action = (
+        prop_oneof![any_text(10), Just("Rotate".to_string()), Just("Notify".to_string())],
+        text.clone(),
+        text.clone(),
+    );
+    fuzz("rotation policy", n, (text, prop::collection::vec(action, 0..4)), |(expiry, actions)| {
+        let specs: Vec<LifetimeActionSpec> = actions
+            .into_iter()
+            .map(|(action, after, before)| LifetimeActionSpec {
+                action,
+                time_after_create: after,
+                time_before_expiry: before,
+            })
+            .collect();
+        if let Err(e) = KeyRotationPolicy::from_spec(&expiry, &specs) {
+            assert!(e.to_string().chars().count() < 600, "{e}");
+        }
+    });
+}

@@ -79,6 +79,33 @@ enum Step {
     /// Purges the deleted vault, then creates it again (empty, with a new key) as the world needs.
     PurgeVault,
     Call(usize, usize, Perm),
+    /// Key rotation: see [`rotation_step`].
+    Rotation(RotationStep),
+}
+
+/// Key rotation steps (docs/RULES.md R1.12), driven by the admin. Calls keep using the first
+/// version's kid, so rotation must not change their answers; `Check` compares the key's
+/// versions with the model.
+#[derive(Clone, Debug)]
+enum RotationStep {
+    /// RotateKey.
+    Rotate,
+    /// A policy that rotates this many days after the newest version's creation.
+    SetPolicy(i64),
+    /// Moves the clock this many days forward (rotating what the policy makes due), then back,
+    /// so tokens and key dates of the other steps keep their meaning.
+    AdvanceAndBack(i64),
+    /// ListKeyVersions and GetKey (unversioned) against the model.
+    Check,
+}
+
+fn rotation_step() -> impl Strategy<Value = RotationStep> {
+    prop_oneof![
+        1 => Just(RotationStep::Rotate),
+        1 => (7i64..40).prop_map(RotationStep::SetPolicy),
+        2 => (1i64..60).prop_map(RotationStep::AdvanceAndBack),
+        2 => Just(RotationStep::Check),
+    ]
 }
 
 fn step() -> impl Strategy<Value = Step> {
@@ -100,6 +127,7 @@ fn step() -> impl Strategy<Value = Step> {
         1 => Just(Step::RecoverVault),
         1 => Just(Step::PurgeVault),
         8 => call.prop_map(|(w, s, p)| Step::Call(w, s, p)),
+        2 => rotation_step().prop_map(Step::Rotation),
     ]
 }
 
@@ -116,6 +144,31 @@ struct Model {
     identity_deleted: bool,
     /// The vault is soft-deleted: it and its key answer as not found, its settings wait.
     vault_deleted: bool,
+    rotation: RotationModel,
+}
+
+/// The model of the key's versions under RotateKey and a rotation policy (no expiry time: new
+/// versions have no exp).
+#[derive(Default)]
+struct RotationModel {
+    /// Versions beyond the first.
+    rotations: usize,
+    /// Broker-clock creation time of the newest version.
+    newest_created: i64,
+    /// The policy's Rotate timeAfterCreate, in days.
+    after_days: Option<i64>,
+}
+
+const DAY: i64 = 86_400;
+
+impl RotationModel {
+    /// A clock move to `at`: the policy rotates once when its time has come.
+    fn clock_reaches(&mut self, at: i64) {
+        if self.after_days.is_some_and(|d| at >= self.newest_created + d * DAY) {
+            self.rotations += 1;
+            self.newest_created = at;
+        }
+    }
 }
 
 /// What the control-plane and key-changing calls on a soft-deleted vault answer.
@@ -385,7 +438,13 @@ impl World {
                 self.key = key;
                 self.wrapped = wrapped;
                 m.purged();
+                // The new key has one version and no rotation policy.
+                m.rotation.newest_created = b.now().await;
             }
+            // Rotation is not modelled while the vault is soft-deleted (its key answers as not found
+            // and its clock-driven rotation waits): those steps are left out.
+            Step::Rotation(_) if m.vault_deleted => {}
+            Step::Rotation(r) => self.rotation(r, &mut m.rotation).await?,
             Step::Call(w, s, p) => {
                 let expected = m.expect(*w, *s, *p);
                 let (key, wrapped) = (self.key.clone(), self.wrapped.clone());
@@ -413,6 +472,64 @@ impl World {
     }
 }
 
+impl World {
+    async fn rotation(&mut self, step: &RotationStep, m: &mut RotationModel) -> Result<(), TestCaseError> {
+        let b = &self.b;
+        let key = b.key_uri(VAULT, "k");
+        match step {
+            RotationStep::Rotate => {
+                b.kv().rotate_key(proto::RotateKeyRequest { key_id: key }).await.expect("rotate");
+                m.rotations += 1;
+                m.newest_created = b.now().await;
+            }
+            RotationStep::SetPolicy(days) => {
+                b.kv()
+                    .update_key_rotation_policy(proto::UpdateKeyRotationPolicyRequest {
+                        key_id: key,
+                        policy: Some(proto::KeyRotationPolicy {
+                            lifetime_actions: vec![proto::LifetimeAction {
+                                action: "Rotate".into(),
+                                time_after_create: format!("P{days}D"),
+                                ..Default::default()
+                            }],
+                            ..Default::default()
+                        }),
+                    })
+                    .await
+                    .expect("set rotation policy");
+                m.after_days = Some(*days);
+            }
+            RotationStep::AdvanceAndBack(days) => {
+                let at = b.advance(days * DAY).await;
+                m.clock_reaches(at);
+                b.advance(-days * DAY).await;
+            }
+            RotationStep::Check => {
+                let listed = b
+                    .kv()
+                    .list_key_versions(proto::ListKeyVersionsRequest {
+                        key_id: key.clone(),
+                        ..Default::default()
+                    })
+                    .await
+                    .expect("versions")
+                    .into_inner()
+                    .keys;
+                prop_assert_eq!(listed.len(), 1 + m.rotations, "versions of the key");
+                let newest =
+                    b.kv().get_key(proto::GetKeyRequest { key_id: key }).await.expect("get").into_inner();
+                let newest_kid = kid(&newest);
+                prop_assert_eq!(newest_kid == self.key, m.rotations == 0, "the newest version");
+                if m.rotations > 0 {
+                    let a = newest.attributes.unwrap_or_default();
+                    prop_assert_eq!((a.created, a.expires, a.enabled), (m.newest_created, None, Some(true)));
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
 fn cases() -> u32 {
     std::env::var("TDE_BROKER_PROPTEST_CASES").ok().and_then(|v| v.parse().ok()).unwrap_or(12)
 }
@@ -426,6 +543,7 @@ proptest! {
         rt.block_on(async {
             let mut w = world().await;
             let mut m = Model::default();
+            m.rotation.newest_created = w.b.now().await;
             for s in &steps {
                 w.apply(s, &mut m).await?;
             }

@@ -1,4 +1,4 @@
-//! docs/RULES.md R1.10: Sign and Verify over digests, EC and EC-HSM keys, GetRandomBytes — over
+//! docs/RULES.md R1.11: Sign and Verify over digests, EC and EC-HSM keys, GetRandomBytes — over
 //! real gRPC, with the texts callers see; and interop: EC and RSA-PSS signatures made by the
 //! broker verify with `openssl`, and those made by `openssl` verify in the broker; RSA
 //! signatures agree with the RustCrypto `rsa` crate both ways.

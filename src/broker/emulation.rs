@@ -42,6 +42,8 @@ impl Broker {
         };
         tracing::info!(now, "the manual clock moved");
         self.purge_expired().await?;
+        // Rotations first, so a protector that follows its key moves in the probe just after.
+        self.run_rotation_policies().await?;
         self.probe_if_due().await?;
         Ok(now)
     }

@@ -156,6 +156,8 @@ pub struct Broker {
     transient_since: std::sync::Mutex<std::collections::HashMap<String, i64>>,
     /// Broker-clock time of the last full TDE probe.
     last_probe: std::sync::atomic::AtomicI64,
+    /// Key versions whose rotation policy's Notify action was given (`vault/key/version`).
+    notified: std::sync::Mutex<std::collections::HashSet<String>>,
     /// Flips to true when the server starts shutting down: long-lived streams end then, so a
     /// graceful shutdown does not wait for watchers forever.
     shutting_down: tokio::sync::watch::Sender<bool>,
@@ -190,6 +192,7 @@ impl Broker {
             throttle,
             caches,
             transient_since: std::sync::Mutex::new(std::collections::HashMap::new()),
+            notified: std::sync::Mutex::new(std::collections::HashSet::new()),
         }))
     }
 

@@ -68,13 +68,15 @@ pub struct KeyEntry {
     /// Material of each version, in the order of `key.versions` (versions are only ever added,
     /// and a key leaves with all of them): no per-key map or copied version ids.
     material: Vec<Arc<Material>>,
+    /// The key's rotation policy, once set (`None`: Key Vault's default applies).
+    pub rotation_policy: Option<crate::model::KeyRotationPolicy>,
 }
 
 impl KeyEntry {
     /// A key without versions yet.
     fn new(key: Key) -> Self {
         let material = Vec::with_capacity(key.versions.capacity());
-        KeyEntry { key, material }
+        KeyEntry { key, material, rotation_policy: None }
     }
 
     /// Adds a version with its sealed material (exact capacities: 10,000 keys of one version each
@@ -164,6 +166,14 @@ impl State {
                 entry.push_version(meta, sealed);
             }
             ve.keys.insert(key_index(&k.name), entry);
+        }
+        for p in snap.rotation_policies {
+            match st.vaults.get_mut(&p.vault).and_then(|ve| ve.keys.get_mut(&key_index(&p.name))) {
+                Some(k) => k.rotation_policy = Some(p.policy),
+                None => {
+                    tracing::warn!(vault = %p.vault, key = %p.name, "stored rotation policy belongs to no key; ignored")
+                }
+            }
         }
         for (name, deletion) in snap.vault_deletions {
             if let Some(entry) = st.vaults.remove(&name) {
@@ -281,6 +291,12 @@ impl State {
             }
             Change::DeleteRoleAssignment { id } => {
                 self.role_assignments.retain(|x| x.id != id);
+            }
+            Change::PutKeyRotationPolicy { vault, name, policy } => {
+                if let Some(k) = self.vaults.get_mut(&vault).and_then(|ve| ve.keys.get_mut(&key_index(&name)))
+                {
+                    k.rotation_policy = Some(policy);
+                }
             }
         }
     }

@@ -192,6 +192,23 @@ impl Broker {
         self.probe(None).await.map(drop)
     }
 
+    /// Moves every auto-rotating protector to its key's newest version now (as a probe would),
+    /// without evaluating access: run after the broker itself rotated keys by their policies.
+    pub(crate) async fn follow_newest_versions(&self) -> Result<(), BrokerError> {
+        let plan = |st: &State| -> Vec<Change> {
+            st.servers.values().filter_map(|s| self.auto_rotated(st, s)).map(Change::PutServer).collect()
+        };
+        if plan(&self.read()).is_empty() {
+            return Ok(());
+        }
+        let txn = self.begin().await;
+        let changes = plan(&self.read());
+        if changes.is_empty() {
+            return Ok(());
+        }
+        self.commit(txn, changes).await
+    }
+
     /// A protector set without version and with auto-rotation moves to the key's newest version.
     fn auto_rotated(&self, st: &State, server: &Server) -> Option<Server> {
         let Protector::AzureKeyVault { key_id, kid, auto_rotation: true } = &server.protector else {

@@ -45,6 +45,9 @@ pub enum KeyCmd {
         /// Key URI.
         key_id: String,
     },
+    /// Show or set a key's rotation policy.
+    #[command(subcommand)]
+    RotationPolicy(RotationPolicyCmd),
     /// Soft-delete every version of a key.
     Delete {
         /// Key URI.
@@ -167,6 +170,37 @@ pub struct RandomArgs {
     /// Print them in hex instead of base64.
     #[arg(long)]
     pub hex: bool,
+}
+
+/// `tde-broker key rotation-policy …`
+#[derive(Debug, clap::Subcommand)]
+pub enum RotationPolicyCmd {
+    /// Show the key's rotation policy (Key Vault's default when none was set).
+    Show {
+        /// Key URI (unversioned).
+        key_id: String,
+    },
+    /// Set (replace) the key's rotation policy. Durations are ISO 8601: P90D, P3M, P1Y, PT12H.
+    Set(SetRotationPolicyArgs),
+}
+
+/// `key rotation-policy set`
+#[derive(Debug, clap::Args)]
+pub struct SetRotationPolicyArgs {
+    /// Key URI (unversioned).
+    pub key_id: String,
+    /// A version the policy rotates in expires this long after its creation (at least P28D).
+    #[arg(long, value_name = "DURATION")]
+    pub expiry_time: Option<String>,
+    /// Rotate this long after the newest version was created (at least P7D).
+    #[arg(long, value_name = "DURATION", conflicts_with = "rotate_before_expiry")]
+    pub rotate_after_create: Option<String>,
+    /// Rotate this long before the newest version expires (at least P7D).
+    #[arg(long, value_name = "DURATION")]
+    pub rotate_before_expiry: Option<String>,
+    /// Notify this long before the newest version expires (at least P7D).
+    #[arg(long, value_name = "DURATION")]
+    pub notify_before_expiry: Option<String>,
 }
 
 /// Attributes, operations and tags given when a key is created or imported.
@@ -422,6 +456,34 @@ pub(super) async fn key(s: &Session, cmd: KeyCmd) -> Result<Out, CliError> {
         KeyCmd::Rotate { key_id } => {
             Ok(bundle_out(&s.call(s.keys().rotate_key(proto::RotateKeyRequest { key_id })).await?))
         }
+        KeyCmd::RotationPolicy(RotationPolicyCmd::Show { key_id }) => {
+            let request = proto::GetKeyRotationPolicyRequest { key_id };
+            Ok(rotation_policy_out(&s.call(s.keys().get_key_rotation_policy(request)).await?))
+        }
+        KeyCmd::RotationPolicy(RotationPolicyCmd::Set(a)) => {
+            let action =
+                |action: &str, after: Option<String>, before: Option<String>| proto::LifetimeAction {
+                    action: action.to_string(),
+                    time_after_create: after.unwrap_or_default(),
+                    time_before_expiry: before.unwrap_or_default(),
+                };
+            let mut lifetime_actions = Vec::new();
+            if a.rotate_after_create.is_some() || a.rotate_before_expiry.is_some() {
+                lifetime_actions.push(action("Rotate", a.rotate_after_create, a.rotate_before_expiry));
+            }
+            if a.notify_before_expiry.is_some() {
+                lifetime_actions.push(action("Notify", None, a.notify_before_expiry));
+            }
+            let request = proto::UpdateKeyRotationPolicyRequest {
+                key_id: a.key_id,
+                policy: Some(proto::KeyRotationPolicy {
+                    expiry_time: a.expiry_time.unwrap_or_default(),
+                    lifetime_actions,
+                    ..Default::default()
+                }),
+            };
+            Ok(rotation_policy_out(&s.call(s.keys().update_key_rotation_policy(request)).await?))
+        }
         KeyCmd::Delete { key_id } => {
             Ok(deleted_out(&s.call(s.keys().delete_key(proto::DeleteKeyRequest { key_id })).await?))
         }
@@ -613,6 +675,44 @@ fn parse_tag(text: &str) -> Result<(String, String), ArgError> {
 }
 
 /// A key version's fields.
+/// A rotation policy: its id, times and lifetime actions.
+fn rotation_policy_out(p: &proto::KeyRotationPolicy) -> Out {
+    let actions: Vec<Value> = p
+        .lifetime_actions
+        .iter()
+        .map(|a| {
+            json!({
+                "action": a.action,
+                "time_after_create": a.time_after_create,
+                "time_before_expiry": a.time_before_expiry,
+            })
+        })
+        .collect();
+    let json = json!({
+        "id": p.id,
+        "expiry_time": p.expiry_time,
+        "lifetime_actions": actions,
+        "created": p.created,
+        "updated": p.updated,
+    });
+    let dash = |s: &str| if s.is_empty() { "-".to_string() } else { s.to_string() };
+    let mut rows = vec![
+        ("id", p.id.clone()),
+        ("expiry time", dash(&p.expiry_time)),
+        ("created", if p.created == 0 { "- (default policy)".to_string() } else { when(p.created) }),
+        ("updated", if p.updated == 0 { "-".to_string() } else { when(p.updated) }),
+    ];
+    for a in &p.lifetime_actions {
+        let trigger = if a.time_after_create.is_empty() {
+            format!("{} before expiry", a.time_before_expiry)
+        } else {
+            format!("{} after creation", a.time_after_create)
+        };
+        rows.push(("lifetime action", format!("{} {trigger}", a.action)));
+    }
+    Out { json, table: fields(&rows) }
+}
+
 fn bundle_out(b: &proto::KeyBundle) -> Out {
     Out { json: bundle_json(b), table: fields(&bundle_rows(b)) }
 }

@@ -162,3 +162,30 @@ pub fn database(d: &crate::model::server::Database) -> proto::Database {
         state_since: d.state_since,
     }
 }
+
+/// A key's rotation policy.
+pub fn rotation_policy(v: crate::broker::keys::RotationPolicyView) -> proto::KeyRotationPolicy {
+    use crate::model::rotation::Trigger;
+    proto::KeyRotationPolicy {
+        expiry_time: v.policy.expiry_time.as_ref().map(|d| d.as_str().to_string()).unwrap_or_default(),
+        lifetime_actions: v
+            .policy
+            .lifetime_actions
+            .iter()
+            .map(|a| {
+                let (after, before) = match &a.trigger {
+                    Trigger::AfterCreate(d) => (d.as_str().to_string(), String::new()),
+                    Trigger::BeforeExpiry(d) => (String::new(), d.as_str().to_string()),
+                };
+                proto::LifetimeAction {
+                    action: a.action.name().to_string(),
+                    time_after_create: after,
+                    time_before_expiry: before,
+                }
+            })
+            .collect(),
+        id: v.id,
+        created: v.policy.created,
+        updated: v.policy.updated,
+    }
+}

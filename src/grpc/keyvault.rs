@@ -5,12 +5,13 @@ use std::sync::Arc;
 
 use tonic::{Request, Response, Status};
 
-use super::convert::{bundle, deleted_bundle, item};
+use super::convert::{bundle, deleted_bundle, item, rotation_policy};
 use super::proto::{self, key_vault_server::KeyVault};
 use super::{caller, to_status};
 use crate::broker::Broker;
 use crate::broker::keys::{CryptoRequest, KeyUpdate, NewAttributes, NewKey, NewMaterial, SignRequest};
 use crate::crypto;
+use crate::model::rotation::LifetimeActionSpec;
 use crate::model::{BrokerError, CryptoOp, Curve, KeyType, SignOp};
 
 /// The service implementation.
@@ -205,6 +206,39 @@ impl KeyVault for KeyVaultService {
         let caller = caller(&request)?;
         let v = self.broker.rotate_key(&caller, &request.get_ref().key_id).await.map_err(to_status)?;
         Ok(Response::new(bundle(v)))
+    }
+
+    async fn get_key_rotation_policy(
+        &self,
+        request: Request<proto::GetKeyRotationPolicyRequest>,
+    ) -> Result<Response<proto::KeyRotationPolicy>, Status> {
+        let caller = caller(&request)?;
+        let v = self.broker.get_key_rotation_policy(&caller, &request.get_ref().key_id).map_err(to_status)?;
+        Ok(Response::new(rotation_policy(v)))
+    }
+
+    async fn update_key_rotation_policy(
+        &self,
+        request: Request<proto::UpdateKeyRotationPolicyRequest>,
+    ) -> Result<Response<proto::KeyRotationPolicy>, Status> {
+        let caller = caller(&request)?;
+        let r = request.get_ref();
+        let policy = r.policy.clone().unwrap_or_default();
+        let actions: Vec<LifetimeActionSpec> = policy
+            .lifetime_actions
+            .into_iter()
+            .map(|a| LifetimeActionSpec {
+                action: a.action,
+                time_after_create: a.time_after_create,
+                time_before_expiry: a.time_before_expiry,
+            })
+            .collect();
+        let v = self
+            .broker
+            .update_key_rotation_policy(&caller, &r.key_id, &policy.expiry_time, &actions)
+            .await
+            .map_err(to_status)?;
+        Ok(Response::new(rotation_policy(v)))
     }
 
     async fn delete_key(

@@ -84,4 +84,14 @@ pub enum Change {
         /// Assignment id.
         id: String,
     },
+    /// Set (create or replace) a key's rotation policy. Removed with the key's purge or its
+    /// vault's deletion.
+    PutKeyRotationPolicy {
+        /// Vault name.
+        vault: String,
+        /// Key name (any case; the key is found by its index).
+        name: String,
+        /// The policy.
+        policy: super::rotation::KeyRotationPolicy,
+    },
 }

@@ -446,6 +446,9 @@ pub enum BrokerError {
         /// Server name.
         server: String,
     },
+    /// A key rotation policy Key Vault would refuse (code `BadParameter`).
+    #[error("{0}")]
+    InvalidRotationPolicy(super::rotation::RotationPolicyError),
     /// A request field with a bad value (code `BadParameter`).
     #[error("{message}")]
     BadParameter {
@@ -548,7 +551,7 @@ impl BrokerError {
             VaultDeletedButRecoverable { .. } => "ConflictError",
             DeletedVaultNotFound { .. } => "ResourceNotFound",
             PurgeProtectionIrreversible => "BadRequest",
-            BadParameter { .. } | DecryptionFailed => "BadParameter",
+            BadParameter { .. } | InvalidRotationPolicy(_) | DecryptionFailed => "BadParameter",
             ClockNotManual => "ClockNotManual",
             StoreUnavailable | VaultUnavailable { .. } => "ServiceUnavailable",
             StoreCorrupt => "StoreCorrupt",
@@ -612,6 +615,7 @@ impl BrokerError {
             | InaccessibleDatabaseBlocksChange { .. } => ErrorClass::FailedPrecondition,
             PurgeProtectionIrreversible
             | BadParameter { .. }
+            | InvalidRotationPolicy(_)
             | DecryptionFailed
             | PrincipalNotFound { .. } => ErrorClass::InvalidArgument,
             StoreUnavailable | VaultUnavailable { .. } => ErrorClass::Unavailable,

@@ -627,7 +627,7 @@ impl KeyVersion {
         }
     }
 
-    /// docs/RULES.md R1.10: decides whether `op` with `alg` may run on this version at `now`.
+    /// docs/RULES.md R1.11: decides whether `op` with `alg` may run on this version at `now`.
     /// Order: enabled, the key type signs at all (oct-HSM keys do not: bad parameter), key_ops,
     /// algorithm fits the key (RS/PS on RSA keys, the curve's own ES algorithm on EC keys), then
     /// the nbf/exp window for sign only (verify works outside it, like unwrapKey).

@@ -7,6 +7,7 @@ pub mod ids;
 pub mod key;
 pub mod principal;
 pub mod role;
+pub mod rotation;
 pub mod server;
 pub mod time;
 pub mod vault;
@@ -19,4 +20,5 @@ pub use key::{
 };
 pub use principal::{Caller, Principal, PrincipalKind};
 pub use role::{Role, RoleAssignment};
+pub use rotation::{KeyRotationPolicy, RotationPolicyError};
 pub use vault::{KeyPermission, NetworkAcls, Vault};

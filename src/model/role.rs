@@ -121,7 +121,15 @@ impl Role {
                 &[],
             ),
             Reader => (&["*/read"], &[], &[]),
-            KeyVaultContributor => (&["Microsoft.Authorization/*/read", "Microsoft.KeyVault/*"], &[], &[]),
+            KeyVaultContributor => (
+                &["Microsoft.Authorization/*/read", "Microsoft.KeyVault/*"],
+                &[
+                    "Microsoft.KeyVault/locations/deletedVaults/purge/action",
+                    "Microsoft.KeyVault/hsmPools/*",
+                    "Microsoft.KeyVault/managedHsms/*",
+                ],
+                &[],
+            ),
             ManagedIdentityContributor => (
                 &[
                     "Microsoft.ManagedIdentity/userAssignedIdentities/read",
@@ -151,7 +159,11 @@ impl Role {
             KeyVaultCryptoOfficer => (
                 KEY_VAULT_READS,
                 &[],
-                &["Microsoft.KeyVault/vaults/keys/*", "Microsoft.KeyVault/vaults/deletedKeys/*"],
+                &[
+                    "Microsoft.KeyVault/vaults/keys/*",
+                    "Microsoft.KeyVault/vaults/deletedKeys/*",
+                    "Microsoft.KeyVault/vaults/keyrotationpolicies/*",
+                ],
             ),
             KeyVaultCryptoUser => (
                 &[],
@@ -195,26 +207,33 @@ impl Role {
     }
 }
 
-/// ARM-style wildcard match: `*` stands for any run of characters; case-insensitive.
+/// ARM-style wildcard match, the one evaluator for `actions`, `notActions` and `dataActions`;
+/// case-insensitive.
+///
+/// `*` stands for any run of characters, `/` included (`*/read` grants every provider's reads).
+/// A `*` that fills a whole segment (`a/*/b`) may also stand for no segment at all, so the
+/// pattern matches `a/b` too. That is how ARM reads the built-in roles: Managed Identity
+/// Operator lists `Microsoft.ManagedIdentity/userAssignedIdentities/*/assign/action` and
+/// `.../userAssignedIdentities/*/read`, is documented to read and assign user-assigned
+/// identities, and ARM checks exactly `Microsoft.ManagedIdentity/userAssignedIdentities/assign/action`
+/// (and `.../userAssignedIdentities/read`) at the identity's scope. Reading `*` as "one or more
+/// characters between the two slashes" would make the role grant nothing it is meant for.
 pub fn wildcard_match(pattern: &str, text: &str) -> bool {
-    let p = pattern.to_ascii_lowercase();
-    let t = text.to_ascii_lowercase();
-    let parts: Vec<&str> = p.split('*').collect();
-    if parts.len() == 1 {
-        return p == t;
-    }
-    let (first, last) = (parts[0], parts[parts.len() - 1]);
-    if !t.starts_with(first) || t.len() < first.len() + last.len() || !t.ends_with(last) {
-        return false;
-    }
-    let mut rest = &t[first.len()..t.len() - last.len()];
-    for middle in &parts[1..parts.len() - 1] {
-        match rest.find(middle) {
-            Some(i) => rest = &rest[i + middle.len()..],
-            None => return false,
+    glob(pattern.as_bytes(), text.as_bytes())
+}
+
+fn glob(pattern: &[u8], text: &[u8]) -> bool {
+    match pattern.split_first() {
+        None => text.is_empty(),
+        Some((b'*', rest)) => (0..=text.len()).any(|i| glob(rest, &text[i..])),
+        Some((c, rest)) => {
+            // `/*/` standing for an empty segment: skip the `*` and its trailing `/`.
+            if *c == b'/' && rest.starts_with(b"*/") && glob(&rest[1..], text) {
+                return true;
+            }
+            text.first().is_some_and(|t| t.eq_ignore_ascii_case(c)) && glob(rest, &text[1..])
         }
     }
-    true
 }
 
 /// A role assignment: a principal holds a role at a scope and everything beneath it.
@@ -250,6 +269,27 @@ mod tests {
             "Microsoft.KeyVault/vaults/keys/read",
             "Microsoft.KeyVault/vaults/keys/readx"
         ));
+    }
+
+    #[test]
+    fn a_wildcard_segment_also_stands_for_no_segment() {
+        let assign = "Microsoft.ManagedIdentity/userAssignedIdentities/*/assign/action";
+        assert!(wildcard_match(assign, "Microsoft.ManagedIdentity/userAssignedIdentities/assign/action"));
+        assert!(wildcard_match(assign, "microsoft.managedidentity/userassignedidentities/x/y/assign/action"));
+        assert!(!wildcard_match(assign, "Microsoft.ManagedIdentity/userAssignedIdentitiesassign/action"));
+        assert!(!wildcard_match(assign, "Microsoft.ManagedIdentity/userAssignedIdentities/assign/actions"));
+        assert!(!wildcard_match(assign, "Microsoft.ManagedIdentity/assign/action"));
+        assert!(wildcard_match("Microsoft.KeyVault/*/read", "Microsoft.KeyVault/read"));
+        assert!(!wildcard_match("Microsoft.KeyVault/*", "Microsoft.KeyVaultX/vaults/read"));
+    }
+
+    #[test]
+    fn managed_identity_operator_grants_the_assign_action_arm_checks_on_an_identity() {
+        let r = Role::ManagedIdentityOperator;
+        assert!(r.allows_action("Microsoft.ManagedIdentity/userAssignedIdentities/assign/action"));
+        assert!(r.allows_action("Microsoft.ManagedIdentity/userAssignedIdentities/read"));
+        assert!(!r.allows_action("Microsoft.ManagedIdentity/userAssignedIdentities/write"));
+        assert!(!r.allows_action("Microsoft.ManagedIdentity/userAssignedIdentities/delete"));
     }
 
     #[test]

@@ -34,11 +34,15 @@ pub enum KeyPermission {
     Verify,
     Purge,
     Rotate,
+    /// Read a key's rotation policy.
+    GetRotationPolicy,
+    /// Set a key's rotation policy.
+    SetRotationPolicy,
 }
 
 impl KeyPermission {
     /// Every key permission.
-    pub const ALL: [KeyPermission; 17] = [
+    pub const ALL: [KeyPermission; 19] = [
         KeyPermission::Get,
         KeyPermission::List,
         KeyPermission::Update,
@@ -56,6 +60,8 @@ impl KeyPermission {
         KeyPermission::Verify,
         KeyPermission::Purge,
         KeyPermission::Rotate,
+        KeyPermission::GetRotationPolicy,
+        KeyPermission::SetRotationPolicy,
     ];
 
     /// The cloud's spelling (`unwrapKey`, …), as in denial texts.
@@ -79,6 +85,8 @@ impl KeyPermission {
             Verify => "verify",
             Purge => "purge",
             Rotate => "rotate",
+            GetRotationPolicy => "getrotationpolicy",
+            SetRotationPolicy => "setrotationpolicy",
         }
     }
 
@@ -86,7 +94,7 @@ impl KeyPermission {
     pub fn parse(s: &str) -> Result<Self, BrokerError> {
         Self::ALL.into_iter().find(|p| p.name().eq_ignore_ascii_case(s)).ok_or_else(|| {
             BrokerError::bad_parameter(format!(
-                "The key permission '{}' is invalid. Valid permissions are get, list, update, create, import, delete, recover, backup, restore, decrypt, encrypt, unwrapKey, wrapKey, sign, verify, purge, rotate.",
+                "The key permission '{}' is invalid. Valid permissions are get, list, update, create, import, delete, recover, backup, restore, decrypt, encrypt, unwrapKey, wrapKey, sign, verify, purge, rotate, getrotationpolicy, setrotationpolicy.",
                 printable(s)
             ))
         })

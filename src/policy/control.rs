@@ -90,4 +90,158 @@ mod tests {
         assert!(!scope_contains("/subscriptions/s", "/subscriptions/s2"));
         assert!(scope_contains("/", "/anything"));
     }
+
+    const RG: &str = "/subscriptions/s/resourceGroups/rg";
+    const VAULT: &str = "/subscriptions/s/resourceGroups/rg/providers/Microsoft.KeyVault/vaults/kv";
+    const UMI: &str =
+        "/subscriptions/s/resourceGroups/rg/providers/Microsoft.ManagedIdentity/userAssignedIdentities/u";
+    const SQL: &str = "/subscriptions/s/resourceGroups/rg/providers/Microsoft.Sql/servers/sql";
+    const MI: &str = "/subscriptions/s/resourceGroups/rg/providers/Microsoft.Sql/managedInstances/mi";
+
+    /// Where a built-in role is assigned in practice, the control-plane actions its definition
+    /// documents (as the broker checks them) and the ones it must not grant: its `notActions`
+    /// where it has any, else neighbouring actions of another resource type.
+    fn documented(role: Role) -> (&'static str, &'static [&'static str], &'static [&'static str]) {
+        use Role::*;
+        match role {
+            Owner => (
+                RG,
+                &[
+                    "Microsoft.Authorization/roleAssignments/write",
+                    "Microsoft.Authorization/roleAssignments/delete",
+                    "Microsoft.KeyVault/vaults/write",
+                    "Microsoft.Sql/servers/write",
+                ],
+                &[],
+            ),
+            Contributor => (
+                RG,
+                &[
+                    "Microsoft.KeyVault/vaults/write",
+                    "Microsoft.KeyVault/vaults/delete",
+                    "Microsoft.ManagedIdentity/userAssignedIdentities/write",
+                    "Microsoft.ManagedIdentity/userAssignedIdentities/assign/action",
+                    "Microsoft.Sql/servers/write",
+                    "Microsoft.Authorization/roleAssignments/read",
+                ],
+                // notActions: Microsoft.Authorization/*/Delete, */Write, elevateAccess/Action,
+                // Microsoft.Directory/*.
+                &[
+                    "Microsoft.Authorization/roleAssignments/delete",
+                    "Microsoft.Authorization/roleAssignments/write",
+                    "Microsoft.Authorization/elevateAccess/Action",
+                    "Microsoft.Directory/users/create",
+                ],
+            ),
+            Reader => (
+                RG,
+                &[
+                    "Microsoft.KeyVault/vaults/read",
+                    "Microsoft.ManagedIdentity/userAssignedIdentities/read",
+                    "Microsoft.Sql/servers/read",
+                    "Microsoft.Authorization/roleAssignments/read",
+                    "Microsoft.TdeBroker/emulation/read",
+                ],
+                &["Microsoft.KeyVault/vaults/write", "Microsoft.Sql/servers/write"],
+            ),
+            KeyVaultContributor => (
+                VAULT,
+                &[
+                    "Microsoft.KeyVault/vaults/read",
+                    "Microsoft.KeyVault/vaults/write",
+                    "Microsoft.KeyVault/vaults/delete",
+                    "Microsoft.KeyVault/vaults/accessPolicies/write",
+                    "Microsoft.Authorization/roleAssignments/read",
+                ],
+                // notActions, then actions it never had.
+                &[
+                    "Microsoft.KeyVault/locations/deletedVaults/purge/action",
+                    "Microsoft.KeyVault/managedHsms/write",
+                    "Microsoft.KeyVault/hsmPools/write",
+                    "Microsoft.Authorization/roleAssignments/write",
+                    "Microsoft.Sql/servers/write",
+                ],
+            ),
+            ManagedIdentityContributor => (
+                UMI,
+                &[
+                    "Microsoft.ManagedIdentity/userAssignedIdentities/read",
+                    "Microsoft.ManagedIdentity/userAssignedIdentities/write",
+                    "Microsoft.ManagedIdentity/userAssignedIdentities/delete",
+                    "Microsoft.Authorization/roleAssignments/read",
+                ],
+                &[
+                    "Microsoft.ManagedIdentity/userAssignedIdentities/assign/action",
+                    "Microsoft.KeyVault/vaults/write",
+                ],
+            ),
+            ManagedIdentityOperator => (
+                UMI,
+                &[
+                    "Microsoft.ManagedIdentity/userAssignedIdentities/read",
+                    "Microsoft.ManagedIdentity/userAssignedIdentities/assign/action",
+                    "Microsoft.Authorization/roleAssignments/read",
+                ],
+                &[
+                    "Microsoft.ManagedIdentity/userAssignedIdentities/write",
+                    "Microsoft.ManagedIdentity/userAssignedIdentities/delete",
+                ],
+            ),
+            SqlServerContributor => (
+                SQL,
+                &[
+                    "Microsoft.Sql/servers/read",
+                    "Microsoft.Sql/servers/write",
+                    "Microsoft.Sql/servers/delete",
+                    "Microsoft.Sql/servers/databases/write",
+                    "Microsoft.Authorization/roleAssignments/read",
+                ],
+                &[
+                    "Microsoft.ManagedIdentity/userAssignedIdentities/assign/action",
+                    "Microsoft.Sql/managedInstances/write",
+                    "Microsoft.KeyVault/vaults/write",
+                ],
+            ),
+            SqlManagedInstanceContributor => (
+                MI,
+                &[
+                    "Microsoft.Sql/managedInstances/read",
+                    "Microsoft.Sql/managedInstances/write",
+                    "Microsoft.Sql/managedInstances/delete",
+                    "Microsoft.Authorization/roleAssignments/read",
+                ],
+                &["Microsoft.Sql/servers/write", "Microsoft.KeyVault/vaults/write"],
+            ),
+            KeyVaultAdministrator | KeyVaultCryptoOfficer | KeyVaultReader => (
+                VAULT,
+                &["Microsoft.KeyVault/vaults/read", "Microsoft.Authorization/roleAssignments/read"],
+                &["Microsoft.KeyVault/vaults/write", "Microsoft.KeyVault/vaults/accessPolicies/write"],
+            ),
+            // Data-plane roles without control-plane actions.
+            KeyVaultCryptoUser | KeyVaultCryptoServiceEncryptionUser => {
+                (VAULT, &[], &["Microsoft.KeyVault/vaults/read", "Microsoft.KeyVault/vaults/write"])
+            }
+        }
+    }
+
+    #[test]
+    fn every_built_in_role_grants_its_documented_actions_where_it_is_assigned_and_nowhere_else() {
+        for role in Role::ALL {
+            let (scope, granted, refused) = documented(role);
+            let a = [assignment(scope, role)];
+            let beneath = format!("{scope}/child/c");
+            let sibling = format!("{scope}-other");
+            for action in granted {
+                assert!(allows(&a, "p", action, scope), "{} at its scope: {action}", role.name());
+                assert!(allows(&a, "p", action, &beneath), "{} beneath its scope: {action}", role.name());
+                assert!(!allows(&a, "p", action, &sibling), "{} at a sibling: {action}", role.name());
+                assert!(!allows(&a, "p", action, "/subscriptions/s"), "{} above: {action}", role.name());
+                assert!(!allows(&a, "someone-else", action, scope), "{}: another principal", role.name());
+            }
+            for action in refused {
+                let e = authorize(&a, "p", action, scope).unwrap_err();
+                assert_eq!(e.code(), "AuthorizationFailed", "{}: {action}", role.name());
+            }
+        }
+    }
 }

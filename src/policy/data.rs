@@ -24,6 +24,8 @@ pub fn data_action(permission: KeyPermission) -> &'static str {
         Verify => "Microsoft.KeyVault/vaults/keys/verify/action",
         Purge => "Microsoft.KeyVault/vaults/deletedKeys/delete",
         Rotate => "Microsoft.KeyVault/vaults/keys/rotate/action",
+        GetRotationPolicy => "Microsoft.KeyVault/vaults/keyrotationpolicies/read",
+        SetRotationPolicy => "Microsoft.KeyVault/vaults/keyrotationpolicies/write",
     }
 }
 
@@ -170,5 +172,63 @@ mod tests {
         }
         assert!(authorize(&v, &a, &on("/x/keys/k", KeyPermission::Decrypt)).is_err());
         assert!(authorize(&v, &a, &on("/x", KeyPermission::List)).is_err());
+    }
+
+    /// The key permissions each built-in role's `dataActions` grant on an RBAC vault (none of
+    /// them has `notDataActions`). Control-plane-only roles grant none: Owner is no data-plane
+    /// reader.
+    fn documented_data(role: crate::model::Role) -> Vec<KeyPermission> {
+        use crate::model::Role::*;
+        use KeyPermission::*;
+        match role {
+            KeyVaultAdministrator | KeyVaultCryptoOfficer => KeyPermission::ALL.to_vec(),
+            KeyVaultCryptoUser => {
+                vec![Get, List, Update, Backup, Encrypt, Decrypt, WrapKey, UnwrapKey]
+            }
+            KeyVaultCryptoServiceEncryptionUser => vec![Get, List, WrapKey, UnwrapKey],
+            KeyVaultReader => vec![Get, List, GetRotationPolicy],
+            Owner
+            | Contributor
+            | Reader
+            | KeyVaultContributor
+            | ManagedIdentityContributor
+            | ManagedIdentityOperator
+            | SqlServerContributor
+            | SqlManagedInstanceContributor => vec![],
+        }
+    }
+
+    #[test]
+    fn every_built_in_role_grants_its_documented_data_actions_at_the_vault_and_its_keys_only() {
+        let c = caller();
+        let mut v = vault(&[]);
+        v.rbac = true;
+        let on =
+            |resource: &'static str, p| DataRequest { caller: &c, permission: p, resource, location: "l" };
+        for role in crate::model::Role::ALL {
+            let a = [RoleAssignment {
+                id: "1".into(),
+                scope: "/x/vaults/v1".into(),
+                display_scope: String::new(),
+                principal_id: "oid-1".into(),
+                role,
+            }];
+            let granted = documented_data(role);
+            for p in KeyPermission::ALL {
+                let want = granted.contains(&p);
+                assert_eq!(
+                    authorize(&v, &a, &on("/x/vaults/v1/keys/k", p)).is_ok(),
+                    want,
+                    "{} {p:?}",
+                    role.name()
+                );
+                assert_eq!(authorize(&v, &a, &on("/x/vaults/v1", p)).is_ok(), want, "{} {p:?}", role.name());
+                assert!(authorize(&v, &a, &on("/x/vaults/v2/keys/k", p)).is_err(), "{} {p:?}", role.name());
+                if !want {
+                    let e = authorize(&v, &a, &on("/x/vaults/v1/keys/k", p)).unwrap_err();
+                    assert_eq!(e.code(), "ForbiddenByRbac");
+                }
+            }
+        }
     }
 }

@@ -4,7 +4,7 @@
 use std::collections::BTreeMap;
 use std::sync::{Mutex, MutexGuard};
 
-use super::{Rejection, Snapshot, Store, StoreError, StoredKey};
+use super::{Rejection, Snapshot, Store, StoreError, StoredKey, StoredRotationPolicy};
 use crate::model::ids::key_index;
 use crate::model::server::{Database, Server};
 use crate::model::vault::Subnet;
@@ -35,6 +35,7 @@ struct Records {
     servers: BTreeMap<String, Server>,
     /// By (lower-cased server id, lower-cased name).
     databases: BTreeMap<(String, String), Database>,
+    rotation_policies: BTreeMap<(String, String), StoredRotationPolicy>,
 }
 
 impl MemoryStore {
@@ -59,6 +60,7 @@ impl Records {
             Change::DeleteVault { vault } => {
                 self.keys.retain(|(v, _), _| v != vault);
                 self.vault_deletions.remove(vault);
+                self.rotation_policies.retain(|(v, _), _| v != vault);
                 self.vaults.remove(vault);
             }
             Change::SetVaultDeletion { vault, deleted } => match deleted {
@@ -103,6 +105,7 @@ impl Records {
             }
             Change::PurgeKey { vault, name } => {
                 self.keys.remove(&(vault.clone(), key_index(name)));
+                self.rotation_policies.remove(&(vault.clone(), key_index(name)));
             }
             Change::PutPrincipal(p) => {
                 self.principals.insert(p.object_id.clone(), p.clone());
@@ -115,6 +118,12 @@ impl Records {
             }
             Change::DeleteRoleAssignment { id } => {
                 self.role_assignments.remove(id);
+            }
+            Change::PutKeyRotationPolicy { vault, name, policy } => {
+                self.rotation_policies.insert(
+                    (vault.clone(), key_index(name)),
+                    StoredRotationPolicy { vault: vault.clone(), name: name.clone(), policy: policy.clone() },
+                );
             }
             Change::PutSubnet(sn) => {
                 self.subnets.insert(sn.id.to_ascii_lowercase(), sn.clone());
@@ -151,6 +160,7 @@ impl Store for MemoryStore {
             subnets: r.subnets.values().cloned().collect(),
             servers: r.servers.values().cloned().collect(),
             databases: r.databases.values().cloned().collect(),
+            rotation_policies: r.rotation_policies.values().cloned().collect(),
         })
     }
 

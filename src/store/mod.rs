@@ -154,6 +154,19 @@ pub struct Snapshot {
     pub servers: Vec<crate::model::server::Server>,
     /// Databases.
     pub databases: Vec<crate::model::server::Database>,
+    /// Key rotation policies, in (vault, lower-cased key name) order.
+    pub rotation_policies: Vec<StoredRotationPolicy>,
+}
+
+/// A key's rotation policy as stored.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredRotationPolicy {
+    /// Vault name.
+    pub vault: String,
+    /// Key name as the change gave it.
+    pub name: String,
+    /// The policy.
+    pub policy: crate::model::KeyRotationPolicy,
 }
 
 /// Durable state. Methods block: async callers run them on the blocking pool; one store is shared
@@ -174,9 +187,11 @@ pub struct Snapshot {
 ///   refusals are [`StoreError::Rejected`].
 /// - `SetVaultDeletion` records (`Some`, replacing an earlier record) or clears (`None`) a
 ///   vault's deletion record and leaves the vault and its keys alone.
-/// - `DeleteVault` removes the vault's keys and its deletion record too, `DeleteServer` the
-///   server's databases, and `PurgeKey` every version and its material. Deleting, purging or
-///   setting the deletion record of something that is not stored changes nothing.
+/// - `DeleteVault` removes the vault's keys, their rotation policies and its deletion record too,
+///   `DeleteServer` the server's databases, and `PurgeKey` every version, its material and the
+///   key's rotation policy. `PutKeyRotationPolicy` sets the policy of a key (by vault and key
+///   index), replacing it. Deleting, purging or setting the deletion record of something that is
+///   not stored changes nothing.
 /// - Meta values live apart from the [`Snapshot`]: commits do not touch them.
 pub trait Store: Send + Sync + 'static {
     /// Reads everything.

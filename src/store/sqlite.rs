@@ -9,7 +9,7 @@ use rusqlite::{Connection, OptionalExtension, params};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
-use super::{Rejection, Snapshot, Store, StoreError, StoredKey};
+use super::{Rejection, Snapshot, Store, StoreError, StoredKey, StoredRotationPolicy};
 use crate::model::ids::key_index;
 use crate::model::{Change, KeyVersion};
 
@@ -33,6 +33,9 @@ CREATE TABLE IF NOT EXISTS servers (id TEXT PRIMARY KEY, doc TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS subnets (id TEXT PRIMARY KEY, doc TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS databases (
     server_id TEXT NOT NULL, name TEXT NOT NULL, doc TEXT NOT NULL, PRIMARY KEY (server_id, name));
+CREATE TABLE IF NOT EXISTS key_rotation_policies (
+    vault TEXT NOT NULL, idx TEXT NOT NULL, name TEXT NOT NULL, doc TEXT NOT NULL,
+    PRIMARY KEY (vault, idx));
 ";
 
 /// How thoroughly the database is checked when it is opened (`--store-check`).
@@ -105,6 +108,7 @@ impl SqliteStore {
             "servers",
             "subnets",
             "databases",
+            "key_rotation_policies",
         ];
         let mut sql =
             String::from("SELECT NOT EXISTS (SELECT 1 FROM meta WHERE k NOT IN ('schema_version', ?1))");
@@ -259,6 +263,16 @@ impl Store for SqliteStore {
                 .collect::<Result<Vec<_>, StoreError>>()?;
             keys.push(StoredKey { vault, name, deleted, versions });
         }
+        let mut pstmt =
+            conn.prepare("SELECT vault, name, doc FROM key_rotation_policies ORDER BY vault, idx")?;
+        let rotation_policies = pstmt
+            .query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?, r.get::<_, String>(2)?)))?
+            .collect::<Result<Vec<_>, _>>()?
+            .into_iter()
+            .map(|(vault, name, doc)| {
+                Ok(StoredRotationPolicy { vault, name, policy: from_doc(&doc, "key_rotation_policies")? })
+            })
+            .collect::<Result<Vec<_>, StoreError>>()?;
         Ok(Snapshot {
             vaults,
             vault_deletions,
@@ -268,6 +282,7 @@ impl Store for SqliteStore {
             subnets,
             servers,
             databases,
+            rotation_policies,
         })
     }
 
@@ -287,6 +302,7 @@ impl Store for SqliteStore {
                     tx.execute("DELETE FROM key_versions WHERE vault = ?1", params![vault])?;
                     tx.execute("DELETE FROM keys WHERE vault = ?1", params![vault])?;
                     tx.execute("DELETE FROM vault_deletions WHERE name = ?1", params![vault])?;
+                    tx.execute("DELETE FROM key_rotation_policies WHERE vault = ?1", params![vault])?;
                     tx.execute("DELETE FROM vaults WHERE name = ?1", params![vault])?;
                 }
                 Change::SetVaultDeletion { vault, deleted } => match deleted {
@@ -346,6 +362,10 @@ impl Store for SqliteStore {
                         params![vault, idx],
                     )?;
                     tx.execute("DELETE FROM keys WHERE vault = ?1 AND idx = ?2", params![vault, idx])?;
+                    tx.execute(
+                        "DELETE FROM key_rotation_policies WHERE vault = ?1 AND idx = ?2",
+                        params![vault, idx],
+                    )?;
                 }
                 Change::PutPrincipal(p) => {
                     tx.execute(
@@ -400,6 +420,13 @@ impl Store for SqliteStore {
                 }
                 Change::DeleteRoleAssignment { id } => {
                     tx.execute("DELETE FROM role_assignments WHERE id = ?1", params![id])?;
+                }
+                Change::PutKeyRotationPolicy { vault, name, policy } => {
+                    tx.execute(
+                        "INSERT INTO key_rotation_policies (vault, idx, name, doc) VALUES (?1, ?2, ?3, ?4)
+                         ON CONFLICT(vault, idx) DO UPDATE SET name = excluded.name, doc = excluded.doc",
+                        params![vault, key_index(name), name, to_doc(policy, "key_rotation_policies")?],
+                    )?;
                 }
             }
         }

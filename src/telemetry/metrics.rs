@@ -96,6 +96,7 @@ pub struct Metrics {
     cache_hits: Counters,
     cache_misses: Counters,
     rsa_operations: Counters,
+    rotation_policy_actions: Counters,
     audit_failures: AtomicU64,
 }
 
@@ -109,6 +110,7 @@ impl Default for Metrics {
             cache_hits: Counters::default(),
             cache_misses: Counters::default(),
             rsa_operations: Counters::default(),
+            rotation_policy_actions: Counters::default(),
             audit_failures: AtomicU64::new(0),
         }
     }
@@ -286,6 +288,11 @@ impl Metrics {
         self.rsa_operations.add(op, 1);
     }
 
+    /// One lifetime action of a key rotation policy carried out (`action`: `Rotate`, `Notify`).
+    pub fn rotation_policy_action(&self, action: &str) {
+        self.rotation_policy_actions.add(action, 1);
+    }
+
     /// One RPC: counted by service, method and outcome, timed by service and method.
     pub fn record_request(&self, service: &str, method: &str, outcome: &str, elapsed: Duration) {
         // Each thread remembers the series it counted last: a run of the same RPC and outcome
@@ -378,6 +385,15 @@ impl Metrics {
         header(&mut out, "tdebroker_rsa_operations_total", "counter", "RSA operations by kind.");
         for (op, v) in self.rsa_operations.snapshot() {
             series(&mut out, "tdebroker_rsa_operations_total", &[("op", &op)], v);
+        }
+        header(
+            &mut out,
+            "tdebroker_key_rotation_policy_actions_total",
+            "counter",
+            "Lifetime actions of key rotation policies carried out, by action.",
+        );
+        for (action, v) in self.rotation_policy_actions.snapshot() {
+            series(&mut out, "tdebroker_key_rotation_policy_actions_total", &[("action", &action)], v);
         }
         header(&mut out, "tdebroker_databases", "gauge", "Databases by TDE state, at scrape time.");
         for (state, v) in databases {

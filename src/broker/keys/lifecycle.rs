@@ -10,6 +10,18 @@ use crate::model::{
     BrokerError, Caller, Change, Curve, KeyAttributes, KeyOp, KeyPermission, KeyType, KeyVersion,
 };
 
+/// Who makes a new key version.
+pub(super) enum Authority<'a> {
+    /// A caller, checked at the data-plane gate for this permission.
+    Caller(&'a Caller, KeyPermission),
+    /// The key's rotation policy, carried out by the service itself (no caller to check): the
+    /// newest version must still be `after`.
+    Policy {
+        /// The version id that was found due.
+        after: &'a str,
+    },
+}
+
 impl Broker {
     /// CreateKey and ImportKey: a new key, or a new version of an existing one.
     pub async fn add_key_version(&self, caller: &Caller, req: NewKey) -> Result<KeyView, BrokerError> {
@@ -87,25 +99,37 @@ impl Broker {
             updated: now,
         };
         let (meta, plain) = made.version(key_ops, attributes, req.tags);
-        self.commit_new_version(caller, &vault, &name, meta, plain, permission).await
+        self.commit_new_version(Authority::Caller(caller, permission), &vault, &name, meta, plain).await
     }
 
     /// Seals and commits a new version, re-checking under the writer lock what may have changed
     /// while the material was being made.
-    async fn commit_new_version(
+    pub(super) async fn commit_new_version(
         &self,
-        caller: &Caller,
+        authority: Authority<'_>,
         vault: &str,
         name: &str,
         meta: KeyVersion,
         plain: Zbytes,
-        permission: KeyPermission,
     ) -> Result<KeyView, BrokerError> {
         let txn = self.begin().await;
         let (stored_name, view) = {
             let st = self.read();
             let ve = st.vault(vault)?;
-            self.gate(&st, ve, caller, permission, Some(name))?;
+            match authority {
+                Authority::Caller(caller, permission) => {
+                    self.gate(&st, ve, caller, permission, Some(name))?
+                }
+                Authority::Policy { after } => {
+                    // The service's own rotation: only if the newest version is still the one
+                    // found due (a concurrent rotation, delete or purge wins).
+                    let current =
+                        ve.key(name).filter(|k| k.key.deleted.is_none()).and_then(|k| k.key.latest());
+                    if current.is_none_or(|v| v.version != after) {
+                        return Err(BrokerError::KeyNotFound { name_or_id: name.to_string() });
+                    }
+                }
+            }
             let stored_name = match ve.key(name) {
                 Some(k) if k.key.deleted.is_some() => {
                     return Err(BrokerError::KeyDeletedButRecoverable { name: k.key.name.clone() });
@@ -254,27 +278,50 @@ impl Broker {
     }
 
     /// RotateKey: a new version of the same type and size, with the newest version's key_ops
-    /// and tags, enabled, without nbf/exp.
+    /// and tags, enabled, without nbf, and with `exp` = now + the rotation policy's expiry time
+    /// when the key's policy has one (else without exp).
     pub async fn rotate_key(&self, caller: &Caller, key_id: &str) -> Result<KeyView, BrokerError> {
         let id = self.parse_key_id(key_id)?;
         if id.version.is_some() {
             return Err(BrokerError::bad_parameter("RotateKey takes a key identifier without a version."));
         }
         self.fault_delay(&id.vault).await;
-        let latest = {
+        let (latest, policy) = {
             let st = self.read();
             let ve = st.vault(&id.vault)?;
             self.gate(&st, ve, caller, KeyPermission::Rotate, Some(id.name))?;
-            let (_, v) = Self::active_version(ve, &id)?;
+            let (k, v) = Self::active_version(ve, &id)?;
             self.admit_create(&id.vault, v.kty)?;
-            v.clone()
+            (v.clone(), k.rotation_policy.clone())
         };
+        let (meta, plain) = self.rotated_version(latest, policy.as_ref()).await?;
+        self.commit_new_version(
+            Authority::Caller(caller, KeyPermission::Rotate),
+            &id.vault,
+            id.name,
+            meta,
+            plain,
+        )
+        .await
+    }
+
+    /// A new version to follow `latest`: same type, size, key_ops and tags, fresh material,
+    /// enabled, created now, `exp` from the rotation policy's expiry time.
+    pub(super) async fn rotated_version(
+        &self,
+        latest: KeyVersion,
+        policy: Option<&crate::model::KeyRotationPolicy>,
+    ) -> Result<(KeyVersion, Zbytes), BrokerError> {
         let (kty, bits, curve) = (latest.kty, latest.bits, latest.crv.unwrap_or(Curve::P256));
         let made = blocking(move || Made::generate(kty, bits, curve)).await?;
         let now = self.clock.now();
-        let attributes =
-            KeyAttributes { enabled: true, not_before: None, expires: None, created: now, updated: now };
-        let (meta, plain) = made.version(latest.key_ops, attributes, latest.tags);
-        self.commit_new_version(caller, &id.vault, id.name, meta, plain, KeyPermission::Rotate).await
+        let attributes = KeyAttributes {
+            enabled: true,
+            not_before: None,
+            expires: policy.and_then(|p| p.expiry_from(now)),
+            created: now,
+            updated: now,
+        };
+        Ok(made.version(latest.key_ops, attributes, latest.tags))
     }
 }

@@ -7,14 +7,17 @@
 //! - [`deleted`]: delete, get/list deleted, recover, purge, and the purge sweeper;
 //! - [`backup`]: backup and restore blobs sealed under the master key;
 //! - [`crypto`]: wrap, unwrap, encrypt, decrypt (the hot path);
-//! - [`sign`]: sign and verify digests, random bytes.
+//! - [`sign`]: sign and verify digests, random bytes;
+//! - [`rotation`]: rotation policies and the rotations and notifications they make due.
 
 mod backup;
 mod crypto;
 mod deleted;
 mod lifecycle;
+mod rotation;
 mod sign;
 
+pub use rotation::RotationPolicyView;
 pub use sign::{MAX_RANDOM_BYTES, SignRequest, SignResult};
 
 use std::collections::BTreeMap;

@@ -41,7 +41,7 @@ pub struct SignResult {
 const MAX_SIGNATURE_BYTES: usize = 512;
 
 impl Broker {
-    /// Sign or Verify: docs/RULES.md R1.10. A signature that does not verify is `valid = false`,
+    /// Sign or Verify: docs/RULES.md R1.11. A signature that does not verify is `valid = false`,
     /// not an error.
     pub async fn sign_or_verify(&self, caller: &Caller, req: SignRequest) -> Result<SignResult, BrokerError> {
         let id = self.parse_key_id(&req.key_id)?;

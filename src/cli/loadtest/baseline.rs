@@ -156,6 +156,8 @@ baseline_service! {
         list_key_versions(ListKeyVersionsRequest) -> ListKeyVersionsResponse;
         update_key(UpdateKeyRequest) -> KeyBundle;
         rotate_key(RotateKeyRequest) -> KeyBundle;
+        get_key_rotation_policy(GetKeyRotationPolicyRequest) -> KeyRotationPolicy;
+        update_key_rotation_policy(UpdateKeyRotationPolicyRequest) -> KeyRotationPolicy;
         delete_key(DeleteKeyRequest) -> DeletedKeyBundle;
         get_deleted_key(GetDeletedKeyRequest) -> DeletedKeyBundle;
         list_deleted_keys(ListDeletedKeysRequest) -> ListDeletedKeysResponse;

@@ -249,6 +249,7 @@ pub(crate) fn removals_survive_reopening(backend: &impl Backend) -> Result<(), S
         servers: vec![server(&server_id("srv2"), 2)],
         databases: vec![],
         vault_deletions: vec![],
+        rotation_policies: vec![],
     };
     assert_eq!(before, expected);
     assert_eq!(load(backend.open()?.as_ref())?, expected);

@@ -28,9 +28,11 @@
 mod commits;
 mod fixtures;
 mod records;
+mod rotation;
 
 pub(crate) use commits::*;
 pub(crate) use records::*;
+pub(crate) use rotation::*;
 
 use super::{Store, StoreError};
 
@@ -107,6 +109,10 @@ macro_rules! store_conformance_tests {
             meta_stays_apart_from_commits_and_the_snapshot,
             concurrent_commits_from_several_threads_all_land,
         );
+        $crate::store::conformance::store_conformance_tests!(@with_store $backend:
+            put_key_rotation_policy_round_trips_and_replaces_by_key,
+            purge_and_vault_deletion_remove_rotation_policies,
+        );
     };
     ($backend:ty, durable) => {
         $crate::store::conformance::store_conformance_tests!($backend);
@@ -116,6 +122,9 @@ macro_rules! store_conformance_tests {
             removals_survive_reopening,
             meta_survives_reopening,
             a_refused_commit_leaves_nothing_after_reopening,
+        );
+        $crate::store::conformance::store_conformance_tests!(@with_backend $backend:
+            rotation_policies_survive_reopening,
         );
     };
 }
