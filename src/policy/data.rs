@@ -183,7 +183,7 @@ mod tests {
         match role {
             KeyVaultAdministrator | KeyVaultCryptoOfficer => KeyPermission::ALL.to_vec(),
             KeyVaultCryptoUser => {
-                vec![Get, List, Update, Backup, Encrypt, Decrypt, WrapKey, UnwrapKey]
+                vec![Get, List, Update, Backup, Encrypt, Decrypt, WrapKey, UnwrapKey, Sign, Verify]
             }
             KeyVaultCryptoServiceEncryptionUser => vec![Get, List, WrapKey, UnwrapKey],
             KeyVaultReader => vec![Get, List, GetRotationPolicy],
