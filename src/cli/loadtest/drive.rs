@@ -412,6 +412,19 @@ pub(super) async fn drive(
     }
 }
 
+/// `--report-every`: prints the line of the interval from `*reported_to` to `to` (unless it is
+/// empty in time) and moves `*reported_to` there.
+fn report_interval(label: &str, shared: &Shared, reported_to: &mut Instant, to: Instant) {
+    if let Some(interval) = &shared.interval
+        && to > *reported_to
+    {
+        let secs = |t: Instant| t.saturating_duration_since(shared.measure_from).as_secs_f64();
+        let mut interval = interval.lock().unwrap_or_else(|p| p.into_inner());
+        eprintln!("{}", interval.take_line(label, secs(*reported_to), secs(to)));
+        *reported_to = to;
+    }
+}
+
 /// Prints a progress line each second until `end` (false) or Ctrl-C (true).
 async fn progress(label: &str, plan: &Plan, shared: &Shared, end: Instant) -> bool {
     let second = Duration::from_secs(1);
@@ -422,22 +435,13 @@ async fn progress(label: &str, plan: &Plan, shared: &Shared, end: Instant) -> bo
     let interrupt = crate::cli::interrupted();
     tokio::pin!(interrupt);
     let (mut last_ok, mut last_at) = (0u64, shared.start);
-    // `--report-every`: the next interval ends here.
-    let mut report_at = plan.report_every.map(|every| shared.measure_from + every);
-    let interval_line = |to: Instant| {
-        let interval = shared.interval.as_ref()?;
-        let every = plan.report_every?.as_secs_f64();
-        let to = to.saturating_duration_since(shared.measure_from).as_secs_f64();
-        // Intervals end on multiples of `every`; the last one ends where the run does.
-        let from = ((to / every).ceil() - 1.0).max(0.0) * every;
-        Some(interval.lock().unwrap_or_else(|p| p.into_inner()).take_line(label, from, to))
-    };
+    // `--report-every`: the end of the last interval reported (the intervals end every
+    // `report_every` of the measurement; the last one where the run ends).
+    let mut reported_to = shared.measure_from;
     loop {
         tokio::select! {
             _ = &mut finished => {
-                if let Some(line) = interval_line(Instant::now().min(end)) {
-                    eprintln!("{line}");
-                }
+                report_interval(label, shared, &mut reported_to, end);
                 return false;
             }
             _ = &mut interrupt => {
@@ -446,13 +450,11 @@ async fn progress(label: &str, plan: &Plan, shared: &Shared, end: Instant) -> bo
             }
             _ = tick.tick() => {
                 let now = Instant::now();
-                if let (Some(at), Some(every)) = (report_at, plan.report_every)
-                    && now >= at
+                if let Some(every) = plan.report_every
+                    && now >= reported_to + every
                 {
-                    if let Some(line) = interval_line(at) {
-                        eprintln!("{line}");
-                    }
-                    report_at = Some(at + every);
+                    let to = reported_to + every;
+                    report_interval(label, shared, &mut reported_to, to);
                 }
                 let ok = shared.ok.load(Ordering::Relaxed);
                 let per_second = (ok - last_ok) as f64 / now.saturating_duration_since(last_at).as_secs_f64();
