@@ -3,7 +3,8 @@
 //! `StoreFull` ("out of disk space") and leaves nothing behind in memory (the epoch stays, the key
 //! is not listed, the access policy is not in force); reads and wrap/unwrap with existing keys go
 //! on working; once space is freed the same write succeeds; after a SIGKILL and a restart every
-//! acknowledged write is there and the refused one that was not retried is not.
+//! acknowledged write is there and the refused one that was not retried is not; and a broker
+//! restarted on a full disk comes up and serves what it holds.
 //!
 //! Mounting needs root with CAP_SYS_ADMIN. Without it the test says so loudly and returns.
 
@@ -266,5 +267,20 @@ async fn a_full_disk_refuses_writes_cleanly_keeps_serving_and_recovers_when_spac
     assert_eq!(out.value, DEK);
     let mut user_kv = KeyVaultClient::with_interceptor(ch, bearer(&user.token));
     assert_eq!(kid(&user_kv.get_key(get_k1()).await.unwrap().into_inner()), kid(&k1));
+
+    // A restart on a full disk: start-up writes nothing it does not have to, so the broker
+    // comes up and serves what it holds; writes are refused as before.
+    fill(&filler);
+    drop(broker);
+    let mut broker = Broker::spawn(&data, &log);
+    let (ch, admin) = broker.connect(&data).await;
+    let mut kv = KeyVaultClient::with_interceptor(ch, admin);
+    assert_eq!(listed(&mut kv).await, ["k1", "k2"]);
+    let out = kv.unwrap_key(unwrap_req(&kid(&k1), "RSA-OAEP-256", &wrapped)).await.unwrap().into_inner();
+    assert_eq!(out.value, DEK);
+    assert_full(kv.create_key(create("never")).await);
+    std::fs::remove_file(&filler).unwrap();
+    kv.create_key(create("k3")).await.unwrap();
+    assert_eq!(listed(&mut kv).await, ["k1", "k2", "k3"]);
     drop(broker);
 }
