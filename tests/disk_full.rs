@@ -42,7 +42,8 @@ impl Tmpfs {
             .output()
             .map_err(|e| format!("mount: {e}"))?;
         if !out.status.success() {
-            return Err(String::from_utf8_lossy(&out.stderr).trim().to_string());
+            let said = String::from_utf8_lossy(&out.stderr);
+            return Err(said.split_whitespace().collect::<Vec<_>>().join(" "));
         }
         Ok(Tmpfs { dir: dir.to_path_buf() })
     }
