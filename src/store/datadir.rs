@@ -471,3 +471,31 @@ fn read_store_id(path: &Path) -> Result<Option<String>, DataDirError> {
         Err(e) => Err(io_err(path)(e)),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_write_that_finds_no_room_is_out_of_disk_space_and_other_failures_are_not() {
+        const ENOSPC: i32 = 28;
+        const EDQUOT: i32 = 122;
+        const EACCES: i32 = 13;
+        let path = PathBuf::from("/data/admin.token");
+        for errno in [ENOSPC, EDQUOT] {
+            let e = file_err(path.clone(), std::io::Error::from_raw_os_error(errno));
+            assert!(matches!(e, DataDirError::Full { .. }) && e.is_full(), "{e:?}");
+            let text = e.to_string();
+            assert!(
+                text.starts_with("/data/admin.token: out of disk space (") && text.contains("free space"),
+                "{text}"
+            );
+        }
+        let denied = file_err(path.clone(), std::io::Error::from_raw_os_error(EACCES));
+        assert!(matches!(denied, DataDirError::Io { .. }) && !denied.is_full(), "{denied:?}");
+        // The store's own file errors say the same.
+        let store = StoreError::Io { path: path.clone(), source: std::io::Error::from_raw_os_error(ENOSPC) };
+        assert!(store.is_full() && !store.is_damage());
+        assert!(DataDirError::Store { path, source: store }.is_full());
+    }
+}
