@@ -218,7 +218,8 @@ impl App {
         let loaded = async {
             let holds_data = !store.is_blank()?;
             if !holds_data {
-                // A new master key may be written: not beside a store that is damaged.
+                // A new master key may be written: not beside a store that is damaged. (A store
+                // without data is a few pages: its check is over at once.)
                 check.wait()?;
             }
             let master = load_master_key(dir, holds_data)?;
@@ -227,7 +228,8 @@ impl App {
             Ok::<_, StartError>((broker, sealer))
         }
         .await;
-        check.wait()?;
+        // Joining the check's thread blocks: on the blocking pool.
+        tokio::task::spawn_blocking(move || check.wait()).await.map_err(|_| BrokerError::Internal)??;
         let (broker, sealer) = loaded?;
         check_master_key(store.as_ref(), &sealer)?;
         let _ = admin_http.state.broker.set(broker.clone());
