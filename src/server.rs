@@ -209,10 +209,8 @@ impl App {
         // The admin listener answers /healthz from here on; /readyz once serving.
         let admin_http = crate::http::Admin::start(&config).map_err(StartError::Http)?;
 
-        let store = Arc::new(open_store(&config)?);
-        let master = load_master_key(dir, !store.is_blank()?)?;
-        let sealer = Arc::new(Sealer::new(&master).map_err(MasterKeyError::Unusable)?);
-        check_master_key(store.as_ref(), &sealer)?;
+        let crate::store::datadir::OpenedStore { store, mut check } = open_store(&config)?;
+        let store = Arc::new(store);
 
         let clock = match config.clock {
             ClockKind::System => Clock::System,
@@ -243,7 +241,26 @@ impl App {
             caches: config.caches.clone(),
             throttling: config.throttling,
         };
-        let broker = Broker::open(store.clone(), sealer.clone(), clock, settings).await?;
+        // The store's integrity check reads the file on a thread of its own while the store is
+        // loaded here; until it has passed, the store is only read. Any failure meanwhile is
+        // reported as damage when the check finds damage, as it is when the check runs first.
+        let loaded = async {
+            let holds_data = !store.is_blank()?;
+            if !holds_data {
+                // A new master key may be written: not beside a store that is damaged. (A store
+                // without data is a few pages: its check is over at once.)
+                check.wait()?;
+            }
+            let master = load_master_key(dir, holds_data)?;
+            let sealer = Arc::new(Sealer::new(&master).map_err(MasterKeyError::Unusable)?);
+            let broker = Broker::open(store.clone(), sealer.clone(), clock, settings).await?;
+            Ok::<_, StartError>((broker, sealer))
+        }
+        .await;
+        // Joining the check's thread blocks: on the blocking pool.
+        tokio::task::spawn_blocking(move || check.wait()).await.map_err(|_| BrokerError::Internal)??;
+        let (broker, sealer) = loaded?;
+        check_master_key(store.as_ref(), &sealer)?;
         let _ = admin_http.state.broker.set(broker.clone());
         let (signing_key, kid) = load_signing_key(store.as_ref(), &sealer)?;
         let auth = Arc::new(Authenticator::new(signing_key, kid, broker.clone()));
@@ -464,7 +481,7 @@ async fn set_not_serving(reporter: &tonic_health::server::HealthReporter) {
 
 /// Opens the data directory's store, refusing one that is missing, empty, damaged or another
 /// directory's unless `--reinitialize` asks to start afresh (`store::datadir`).
-fn open_store(config: &Config) -> Result<SqliteStore, StartError> {
+fn open_store(config: &Config) -> Result<crate::store::datadir::OpenedStore, StartError> {
     let dir = &config.data_dir;
     let first_start_files = [dir.join(MASTER_KEY_FILE), dir.join(ADMIN_TOKEN_FILE)];
     if config.reinitialize {

@@ -109,12 +109,15 @@ impl Settings {
 }
 
 /// Logs a store failure and says what the caller is told: a damaged store is
-/// [`BrokerError::StoreCorrupt`] (retrying cannot help), anything else
-/// [`BrokerError::StoreUnavailable`].
+/// [`BrokerError::StoreCorrupt`] (retrying cannot help), a full disk [`BrokerError::StoreFull`]
+/// (retrying helps once space is freed), anything else [`BrokerError::StoreUnavailable`].
 fn store_failed(e: &crate::store::StoreError, what: &str) -> BrokerError {
     if e.is_damage() {
         tracing::error!(error = %e, "{what}: the store is damaged; stop the broker and restore the store from a backup");
         BrokerError::StoreCorrupt
+    } else if e.is_full() {
+        tracing::error!(error = %e, "{what}: out of disk space; free space on the file system that holds the data directory");
+        BrokerError::StoreFull
     } else {
         tracing::error!(error = %e, "{what}");
         BrokerError::StoreUnavailable

@@ -104,6 +104,16 @@ mod tests {
     use super::*;
 
     #[test]
+    fn a_full_store_is_resource_exhausted_store_full_without_a_retry_hint() {
+        let status = to_status(BrokerError::StoreFull);
+        assert_eq!(status.code(), Code::ResourceExhausted);
+        assert_eq!(reason(&status).as_deref(), Some("StoreFull"));
+        assert!(status.message().contains("out of disk space"), "{}", status.message());
+        // Unlike throttling, no time is known after which a retry succeeds.
+        assert_eq!(retry_after(&status), None);
+    }
+
+    #[test]
     fn only_the_codecs_refusals_are_rewritten() {
         let too_large =
             "Error, decoded message length too large: found 5242885 bytes, the limit is: 4194304 bytes";

@@ -491,6 +491,12 @@ pub enum BrokerError {
         "The broker's store is damaged; the request was not carried out and retrying will not help. An operator must restore the store from a backup (the broker's log names the damage)."
     )]
     StoreCorrupt,
+    /// The file system that holds the store is out of space; the change was not made. Retrying
+    /// succeeds once space has been freed.
+    #[error(
+        "The broker's store is out of disk space; the request was not carried out. Retry once space has been freed on the file system that holds the broker's data directory."
+    )]
+    StoreFull,
     /// A bug or an inconsistency; details are logged, never returned.
     #[error("An internal error occurred.")]
     Internal,
@@ -555,6 +561,7 @@ impl BrokerError {
             ClockNotManual => "ClockNotManual",
             StoreUnavailable | VaultUnavailable { .. } => "ServiceUnavailable",
             StoreCorrupt => "StoreCorrupt",
+            StoreFull => "StoreFull",
             Throttled { .. } => "Throttled",
             InjectedForbidden { .. } => "Forbidden",
             Internal => "InternalError",
@@ -619,7 +626,7 @@ impl BrokerError {
             | DecryptionFailed
             | PrincipalNotFound { .. } => ErrorClass::InvalidArgument,
             StoreUnavailable | VaultUnavailable { .. } => ErrorClass::Unavailable,
-            Throttled { .. } => ErrorClass::ResourceExhausted,
+            Throttled { .. } | StoreFull => ErrorClass::ResourceExhausted,
             InjectedForbidden { .. } => ErrorClass::Forbidden,
             StoreCorrupt | Internal => ErrorClass::Internal,
         }

@@ -12,8 +12,8 @@ use std::io::{Read, Write};
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
-use super::sqlite::{SqliteStore, StoreCheck};
-use super::{Store, StoreError};
+use super::sqlite::{BackgroundCheck, SqliteStore, StoreCheck};
+use super::{Store, StoreError, is_out_of_space};
 
 /// The lock file inside the data directory; it holds the PID of the broker that has it.
 pub const LOCK_FILE: &str = "lock";
@@ -43,6 +43,17 @@ pub enum DataDirError {
         dir: PathBuf,
         /// The holder's PID as its lock file says, when it could be read.
         pid: Option<u32>,
+    },
+    /// A file of the data directory could not be written for want of space (`ENOSPC`, `EDQUOT`).
+    #[error(
+        "{}: out of disk space ({source}): free space on the file system that holds the data directory, then start again",
+        path.display()
+    )]
+    Full {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
     },
     /// A file of the data directory could not be read, written, renamed or locked.
     #[error("{}: {source}", path.display())]
@@ -149,7 +160,29 @@ impl std::fmt::Display for Held {
 }
 
 fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> DataDirError + '_ {
-    move |source| DataDirError::Io { path: path.to_path_buf(), source }
+    move |source| file_err(path.to_path_buf(), source)
+}
+
+/// A failure of a file of the data directory: [`DataDirError::Full`] when the file system is out
+/// of space, [`DataDirError::Io`] otherwise.
+fn file_err(path: PathBuf, source: std::io::Error) -> DataDirError {
+    if is_out_of_space(&source) {
+        DataDirError::Full { path, source }
+    } else {
+        DataDirError::Io { path, source }
+    }
+}
+
+impl DataDirError {
+    /// Whether the file system that holds the data directory is out of space, so that starting
+    /// again can succeed once space is freed.
+    pub fn is_full(&self) -> bool {
+        match self {
+            DataDirError::Full { .. } => true,
+            DataDirError::Store { source, .. } => source.is_full(),
+            _ => false,
+        }
+    }
 }
 
 /// The data directory's exclusive lock (an `flock` on `<data-dir>/lock`, which holds the PID of
@@ -203,7 +236,7 @@ pub fn make_private(path: &Path) -> std::io::Result<()> {
 
 /// Writes a file private to the broker (0600) durably ([`write_durably`]).
 pub fn write_private(path: &Path, contents: &[u8]) -> Result<(), DataDirError> {
-    write_durably(path, contents, 0o600).map_err(|(path, source)| DataDirError::Io { path, source })
+    write_durably(path, contents, 0o600).map_err(|(path, source)| file_err(path, source))
 }
 
 /// Writes `path` with `mode` durably: a temporary file beside it (`<name>.tmp`) is written and
@@ -246,9 +279,52 @@ pub struct OpenStore<'a> {
     pub first_start_files: &'a [PathBuf],
 }
 
+/// A store opened by [`open_store`], and its integrity check, which may still be running.
+pub struct OpenedStore {
+    /// The store. Until [`PendingCheck::wait`] has returned `Ok`, only read it.
+    pub store: SqliteStore,
+    /// The integrity check of the store.
+    pub check: PendingCheck,
+}
+
+/// The integrity check of a store [`open_store`] opened: on a thread of its own when the store
+/// was the directory's own and nothing had to be written to it, done already otherwise.
+#[derive(Debug)]
+pub struct PendingCheck {
+    running: Option<BackgroundCheck>,
+    db: PathBuf,
+}
+
+impl PendingCheck {
+    fn done(db: &Path) -> PendingCheck {
+        PendingCheck { running: None, db: db.to_path_buf() }
+    }
+
+    /// Waits for the check. A damaged store is refused as it is at open
+    /// ([`DataDirError::Damaged`], which says how to restore it). Later calls return `Ok` at once.
+    pub fn wait(&mut self) -> Result<(), DataDirError> {
+        let Some(mut running) = self.running.take() else { return Ok(()) };
+        match running.wait() {
+            Ok(()) => Ok(()),
+            Err(source) if source.is_damage() => Err(DataDirError::Damaged { path: self.db.clone(), source }),
+            Err(source) => Err(DataDirError::Store { path: self.db.clone(), source }),
+        }
+    }
+
+    /// `refusal`, unless the check finds the store damaged: then that, as at open (damage is
+    /// what the operator has to act on first, and the earlier refusal may be its symptom).
+    pub fn or_damage(&mut self, refusal: DataDirError) -> DataDirError {
+        self.wait().err().unwrap_or(refusal)
+    }
+}
+
 /// Opens the data directory's store if it is the one the directory held (or the directory never
 /// held one), records its identity, and returns it. See the module documentation.
-pub fn open_store(o: &OpenStore<'_>) -> Result<SqliteStore, DataDirError> {
+///
+/// When the store found is the directory's own, its integrity check still runs when this
+/// returns ([`OpenedStore::check`]), so that the caller loads the store meanwhile; every other
+/// case (a new store, an id to record, `--reinitialize`) waits for the check before it writes.
+pub fn open_store(o: &OpenStore<'_>) -> Result<OpenedStore, DataDirError> {
     let id_file = o.dir.join(STORE_ID_FILE);
     let recorded = read_store_id(&id_file)?;
     let held = match &recorded {
@@ -271,46 +347,63 @@ pub fn open_store(o: &OpenStore<'_>) -> Result<SqliteStore, DataDirError> {
         set_aside(o.db)?;
         afresh = true;
     }
-    let store = match SqliteStore::open_checked(o.db, o.check) {
-        Ok(store) => store,
+    // With --reinitialize a damaged store is set aside before anything else, so the check runs
+    // first; otherwise it runs beside the caller's work.
+    let opened = if o.reinitialize {
+        SqliteStore::open_checked(o.db, o.check).map(|store| (store, PendingCheck::done(o.db)))
+    } else {
+        SqliteStore::open_checking_in_background(o.db, o.check)
+            .map(|(store, check)| (store, PendingCheck { running: Some(check), db: o.db.to_path_buf() }))
+    };
+    let (store, mut check) = match opened {
+        Ok(opened) => opened,
         Err(source) if source.is_damage() => {
             allow_afresh(o, DataDirError::Damaged { path: o.db.to_path_buf(), source })?;
             set_aside(o.db)?;
             afresh = true;
-            open(o)?
+            (open(o)?, PendingCheck::done(o.db))
         }
         Err(source) => return Err(store_err(o, source)),
     };
-    let found = store.get_meta(META_STORE_ID).map_err(|e| store_err(o, e))?;
+    let found = match store.get_meta(META_STORE_ID) {
+        Ok(found) => found,
+        Err(e) => return Err(check.or_damage(store_err(o, e))),
+    };
     match (found.map(|id| String::from_utf8_lossy(&id).into_owned()), recorded) {
-        (Some(found), Some(expected)) if found == expected => Ok(store),
+        (Some(found), Some(expected)) if found == expected => Ok(OpenedStore { store, check }),
         (Some(found), Some(expected)) => {
             drop(store);
             let path = o.db.to_path_buf();
-            allow_afresh(o, DataDirError::StoreMismatch { path, found, id_file, expected })?;
+            let refusal = DataDirError::StoreMismatch { path, found, id_file, expected };
+            if !o.reinitialize {
+                return Err(check.or_damage(refusal));
+            }
+            allow_afresh(o, refusal)?;
             set_aside(o.db)?;
             let store = open(o)?;
             claim(o, &store, None)?;
-            Ok(store)
+            Ok(OpenedStore { store, check: PendingCheck::done(o.db) })
         }
         (Some(found), None) => {
+            check.wait()?;
             write_private(&id_file, found.as_bytes())?;
             tracing::info!(file = %id_file.display(), store_id = %found, "recorded the store's id");
-            Ok(store)
+            Ok(OpenedStore { store, check })
         }
         (None, recorded) => {
+            check.wait()?;
             if !store.is_blank().map_err(|e| store_err(o, e))? {
                 // Data from a broker that predates store ids: the directory's own store.
                 tracing::warn!(path = %o.db.display(), "the store holds data but no id (it predates store ids); recording one");
                 claim(o, &store, recorded)?;
-                return Ok(store);
+                return Ok(OpenedStore { store, check });
             }
             if let (Some(held), false) = (held, afresh) {
                 let path = o.db.to_path_buf();
                 allow_afresh(o, DataDirError::StoreLost { path, state: Lost::Blank, held })?;
             }
             claim(o, &store, None)?;
-            Ok(store)
+            Ok(OpenedStore { store, check })
         }
     }
 }
@@ -376,5 +469,33 @@ fn read_store_id(path: &Path) -> Result<Option<String>, DataDirError> {
         Ok(text) => Ok(Some(text.trim().to_string())),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
         Err(e) => Err(io_err(path)(e)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_write_that_finds_no_room_is_out_of_disk_space_and_other_failures_are_not() {
+        const ENOSPC: i32 = 28;
+        const EDQUOT: i32 = 122;
+        const EACCES: i32 = 13;
+        let path = PathBuf::from("/data/admin.token");
+        for errno in [ENOSPC, EDQUOT] {
+            let e = file_err(path.clone(), std::io::Error::from_raw_os_error(errno));
+            assert!(matches!(e, DataDirError::Full { .. }) && e.is_full(), "{e:?}");
+            let text = e.to_string();
+            assert!(
+                text.starts_with("/data/admin.token: out of disk space (") && text.contains("free space"),
+                "{text}"
+            );
+        }
+        let denied = file_err(path.clone(), std::io::Error::from_raw_os_error(EACCES));
+        assert!(matches!(denied, DataDirError::Io { .. }) && !denied.is_full(), "{denied:?}");
+        // The store's own file errors say the same.
+        let store = StoreError::Io { path: path.clone(), source: std::io::Error::from_raw_os_error(ENOSPC) };
+        assert!(store.is_full() && !store.is_damage());
+        assert!(DataDirError::Store { path, source: store }.is_full());
     }
 }

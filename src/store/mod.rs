@@ -14,15 +14,22 @@ pub mod sqlite;
 
 use crate::model::{Change, Deletion, KeyVersion, Principal, RoleAssignment, Vault};
 
-/// A failure of the storage backend. Reported to callers as "store unavailable", or as a damaged
-/// store when [`StoreError::is_damage`] says so; the detail is logged, never returned.
+/// A failure of the storage backend. Reported to callers as "store unavailable", as a damaged
+/// store when [`StoreError::is_damage`] says so, or as "out of disk space" when
+/// [`StoreError::is_full`] does; the detail is logged, never returned.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum StoreError {
     /// The database refused or failed an operation (SQLite's corruption errors become
-    /// [`StoreError::Damaged`] instead).
+    /// [`StoreError::Damaged`] instead, and its disk-full error [`StoreError::Full`]).
     #[error("database error: {0}")]
     Database(#[source] rusqlite::Error),
+    /// The file system that holds the store is out of space (`SQLITE_FULL`: a write to the
+    /// database, its write-ahead log or a journal failed with `ENOSPC` or `EDQUOT`). Nothing of
+    /// the operation was written: the transaction was rolled back. Neither damage nor the
+    /// caller's fault: the same write succeeds once space is freed.
+    #[error("out of disk space: {0}")]
+    Full(#[source] rusqlite::Error),
     /// The database file is damaged: SQLite reported corruption (`SQLITE_CORRUPT`), found that the
     /// file is not a database (`SQLITE_NOTADB`), or its integrity check at open listed faults.
     /// Retrying cannot help: the store has to be restored from a backup.
@@ -65,17 +72,35 @@ impl StoreError {
     pub fn is_damage(&self) -> bool {
         matches!(self, StoreError::Damaged { .. } | StoreError::Corrupt { .. })
     }
+
+    /// Whether the file system that holds the store is out of space, so that the operation can
+    /// succeed once space is freed: [`StoreError::Full`], or a file of the store that could not
+    /// be written for want of space ([`is_out_of_space`]).
+    pub fn is_full(&self) -> bool {
+        match self {
+            StoreError::Full(_) => true,
+            StoreError::Io { source, .. } => is_out_of_space(source),
+            _ => false,
+        }
+    }
+}
+
+/// Whether an I/O error says the file system (or the user's quota on it) has no room left:
+/// `ENOSPC` or `EDQUOT`.
+pub fn is_out_of_space(e: &std::io::Error) -> bool {
+    matches!(e.kind(), std::io::ErrorKind::StorageFull | std::io::ErrorKind::QuotaExceeded)
 }
 
 impl From<rusqlite::Error> for StoreError {
-    /// SQLite's `SQLITE_CORRUPT` and `SQLITE_NOTADB` (with their extended codes) are damage;
-    /// every other SQLite error is a failed operation.
+    /// SQLite's `SQLITE_CORRUPT` and `SQLITE_NOTADB` (with their extended codes) are damage,
+    /// `SQLITE_FULL` is a full disk; every other SQLite error is a failed operation.
     fn from(e: rusqlite::Error) -> Self {
-        use rusqlite::ErrorCode::{DatabaseCorrupt, NotADatabase};
+        use rusqlite::ErrorCode::{DatabaseCorrupt, DiskFull, NotADatabase};
         match e.sqlite_error_code() {
             Some(DatabaseCorrupt | NotADatabase) => {
                 StoreError::Damaged { detail: e.to_string(), source: Some(e) }
             }
+            Some(DiskFull) => StoreError::Full(e),
             _ => StoreError::Database(e),
         }
     }

@@ -83,6 +83,33 @@ impl SqliteStore {
         Ok(SqliteStore { conn: Mutex::new(with_schema(conn)?) })
     }
 
+    /// Opens the database file at `path` as [`SqliteStore::open_checked`] does, but runs the
+    /// check on a thread of its own, over a second, read-only connection: the caller reads the
+    /// store (the snapshot load) while SQLite reads the file for the check, and must
+    /// [`wait`](BackgroundCheck::wait) for the check before it writes to the store or serves.
+    /// Damage found while opening (a file that is not a database) is reported here, as by
+    /// [`SqliteStore::open_checked`].
+    pub fn open_checking_in_background(
+        path: &Path,
+        check: StoreCheck,
+    ) -> Result<(Self, BackgroundCheck), StoreError> {
+        let store = SqliteStore { conn: Mutex::new(with_schema(connect(path)?)?) };
+        let db = path.to_path_buf();
+        let path = db.clone();
+        let handle = std::thread::Builder::new()
+            .name("store-check".into())
+            .spawn(move || {
+                let flags =
+                    rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY | rusqlite::OpenFlags::SQLITE_OPEN_NO_MUTEX;
+                let conn = Connection::open_with_flags(&path, flags)?;
+                conn.pragma_update(None, "cache_size", -512)?;
+                conn.busy_timeout(std::time::Duration::from_secs(5))?;
+                verify(&conn, check)
+            })
+            .map_err(|source| StoreError::Io { path: db.clone(), source })?;
+        Ok((store, BackgroundCheck { handle: Some(handle), db }))
+    }
+
     /// The files SQLite keeps for the database at `path`: the file itself, its write-ahead log
     /// and its shared-memory index.
     pub fn files(path: &Path) -> [PathBuf; 3] {
@@ -123,6 +150,39 @@ impl SqliteStore {
         // unfinished one), so the poisoned connection is still sound to use.
         self.conn.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
     }
+}
+
+/// An integrity check running on a thread of its own ([`SqliteStore::open_checking_in_background`]).
+#[derive(Debug)]
+pub struct BackgroundCheck {
+    handle: Option<std::thread::JoinHandle<Result<(), StoreError>>>,
+    db: PathBuf,
+}
+
+impl BackgroundCheck {
+    /// Waits for the check: `Ok` when SQLite found the file sound, [`StoreError::Damaged`] with
+    /// its report when not. The first call waits and reports; later calls return `Ok` at once
+    /// (a caller stops at the first error).
+    pub fn wait(&mut self) -> Result<(), StoreError> {
+        match self.handle.take() {
+            None => Ok(()),
+            // A panic is a bug, not damage: reported as a failure to open the file.
+            Some(handle) => handle.join().unwrap_or_else(|_| {
+                let source = std::io::Error::other("the integrity check's thread panicked");
+                Err(StoreError::Io { path: self.db.clone(), source })
+            }),
+        }
+    }
+}
+
+/// Ends a transaction a failed write left open (a rollback SQLite did not do, or one that
+/// failed): afterwards the connection is in autocommit mode, so the next write starts a fresh
+/// transaction instead of failing with "cannot start a transaction within a transaction".
+fn settle(conn: &Connection) -> Result<(), StoreError> {
+    if !conn.is_autocommit() {
+        conn.execute_batch("ROLLBACK")?;
+    }
+    Ok(())
 }
 
 /// Opens a connection in WAL mode with full sync. The database file is created 0600 before
@@ -220,6 +280,155 @@ fn all_docs<T: DeserializeOwned>(
     docs.iter().map(|d| from_doc(d, table)).collect()
 }
 
+/// Writes `changes` in one transaction and commits it. On an error the transaction is dropped,
+/// which rolls it back.
+fn write_changes(conn: &mut Connection, changes: &[Change]) -> Result<(), StoreError> {
+    let tx = conn.transaction()?;
+    for change in changes {
+        match change {
+            Change::PutVault(v) => {
+                tx.execute(
+                    "INSERT INTO vaults (name, doc) VALUES (?1, ?2)
+                     ON CONFLICT(name) DO UPDATE SET doc = excluded.doc",
+                    params![v.name, to_doc(v, "vaults")?],
+                )?;
+            }
+            Change::DeleteVault { vault } => {
+                tx.execute("DELETE FROM key_versions WHERE vault = ?1", params![vault])?;
+                tx.execute("DELETE FROM keys WHERE vault = ?1", params![vault])?;
+                tx.execute("DELETE FROM vault_deletions WHERE name = ?1", params![vault])?;
+                tx.execute("DELETE FROM key_rotation_policies WHERE vault = ?1", params![vault])?;
+                tx.execute("DELETE FROM vaults WHERE name = ?1", params![vault])?;
+            }
+            Change::SetVaultDeletion { vault, deleted } => match deleted {
+                Some(d) => {
+                    tx.execute(
+                        "INSERT INTO vault_deletions (name, doc)
+                         SELECT ?1, ?2 WHERE EXISTS (SELECT 1 FROM vaults WHERE name = ?1)
+                         ON CONFLICT(name) DO UPDATE SET doc = excluded.doc",
+                        params![vault, to_doc(d, "vault_deletions")?],
+                    )?;
+                }
+                None => {
+                    tx.execute("DELETE FROM vault_deletions WHERE name = ?1", params![vault])?;
+                }
+            },
+            Change::PutKeyVersion { vault, name, version, sealed } => {
+                let idx = key_index(name);
+                let doc = to_doc(version, "key_versions")?;
+                match sealed {
+                    Some(sealed) => {
+                        tx.execute(
+                            "INSERT OR IGNORE INTO keys (vault, idx, name, deleted) VALUES (?1, ?2, ?3, NULL)",
+                            params![vault, idx, name],
+                        )?;
+                        let n = tx.execute(
+                            "INSERT INTO key_versions (vault, idx, version, seq, doc, sealed)
+                             VALUES (?1, ?2, ?3, (SELECT IFNULL(MAX(seq), 0) + 1 FROM key_versions), ?4, ?5)
+                             ON CONFLICT(vault, idx, version) DO NOTHING",
+                            params![vault, idx, version.version, doc, sealed],
+                        )?;
+                        if n != 1 {
+                            return Err(Rejection::key_version(vault, name, version, true).into());
+                        }
+                    }
+                    None => {
+                        let n = tx.execute(
+                            "UPDATE key_versions SET doc = ?4 WHERE vault = ?1 AND idx = ?2 AND version = ?3",
+                            params![vault, idx, version.version, doc],
+                        )?;
+                        if n != 1 {
+                            return Err(Rejection::key_version(vault, name, version, false).into());
+                        }
+                    }
+                }
+            }
+            Change::SetKeyDeletion { vault, name, deleted } => {
+                let doc = deleted.as_ref().map(|d| to_doc(d, "keys")).transpose()?;
+                tx.execute(
+                    "UPDATE keys SET deleted = ?3 WHERE vault = ?1 AND idx = ?2",
+                    params![vault, key_index(name), doc],
+                )?;
+            }
+            Change::PurgeKey { vault, name } => {
+                let idx = key_index(name);
+                tx.execute(
+                    "DELETE FROM key_versions WHERE vault = ?1 AND idx = ?2",
+                    params![vault, idx],
+                )?;
+                tx.execute("DELETE FROM keys WHERE vault = ?1 AND idx = ?2", params![vault, idx])?;
+                tx.execute(
+                    "DELETE FROM key_rotation_policies WHERE vault = ?1 AND idx = ?2",
+                    params![vault, idx],
+                )?;
+            }
+            Change::PutPrincipal(p) => {
+                tx.execute(
+                    "INSERT INTO principals (object_id, doc) VALUES (?1, ?2)
+                     ON CONFLICT(object_id) DO UPDATE SET doc = excluded.doc",
+                    params![p.object_id, to_doc(p, "principals")?],
+                )?;
+            }
+            Change::PutSubnet(sn) => {
+                tx.execute(
+                    "INSERT INTO subnets (id, doc) VALUES (?1, ?2) ON CONFLICT(id) DO UPDATE SET doc = excluded.doc",
+                    params![sn.id.to_ascii_lowercase(), to_doc(sn, "subnets")?],
+                )?;
+            }
+            Change::PutServer(srv) => {
+                tx.execute(
+                    "INSERT INTO servers (id, doc) VALUES (?1, ?2) ON CONFLICT(id) DO UPDATE SET doc = excluded.doc",
+                    params![srv.id.to_ascii_lowercase(), to_doc(srv, "servers")?],
+                )?;
+            }
+            Change::DeleteServer { id } => {
+                let id = id.to_ascii_lowercase();
+                tx.execute("DELETE FROM databases WHERE server_id = ?1", params![id])?;
+                tx.execute("DELETE FROM servers WHERE id = ?1", params![id])?;
+            }
+            Change::PutDatabase(db) => {
+                tx.execute(
+                    "INSERT INTO databases (server_id, name, doc) VALUES (?1, ?2, ?3)
+                     ON CONFLICT(server_id, name) DO UPDATE SET doc = excluded.doc",
+                    params![
+                        db.server_id.to_ascii_lowercase(),
+                        db.name.to_ascii_lowercase(),
+                        to_doc(db, "databases")?
+                    ],
+                )?;
+            }
+            Change::DeleteDatabase { server_id, name } => {
+                tx.execute(
+                    "DELETE FROM databases WHERE server_id = ?1 AND name = ?2",
+                    params![server_id.to_ascii_lowercase(), name.to_ascii_lowercase()],
+                )?;
+            }
+            Change::DeletePrincipal { object_id } => {
+                tx.execute("DELETE FROM principals WHERE object_id = ?1", params![object_id])?;
+            }
+            Change::PutRoleAssignment(a) => {
+                tx.execute(
+                    "INSERT INTO role_assignments (id, doc) VALUES (?1, ?2)
+                     ON CONFLICT(id) DO UPDATE SET doc = excluded.doc",
+                    params![a.id, to_doc(a, "role_assignments")?],
+                )?;
+            }
+            Change::DeleteRoleAssignment { id } => {
+                tx.execute("DELETE FROM role_assignments WHERE id = ?1", params![id])?;
+            }
+            Change::PutKeyRotationPolicy { vault, name, policy } => {
+                tx.execute(
+                    "INSERT INTO key_rotation_policies (vault, idx, name, doc) VALUES (?1, ?2, ?3, ?4)
+                     ON CONFLICT(vault, idx) DO UPDATE SET name = excluded.name, doc = excluded.doc",
+                    params![vault, key_index(name), name, to_doc(policy, "key_rotation_policies")?],
+                )?;
+            }
+        }
+    }
+    tx.commit()?;
+    Ok(())
+}
+
 impl Store for SqliteStore {
     fn load(&self) -> Result<Snapshot, StoreError> {
         let conn = self.conn();
@@ -288,150 +497,16 @@ impl Store for SqliteStore {
 
     fn commit(&self, changes: &[Change]) -> Result<(), StoreError> {
         let mut conn = self.conn();
-        let tx = conn.transaction()?;
-        for change in changes {
-            match change {
-                Change::PutVault(v) => {
-                    tx.execute(
-                        "INSERT INTO vaults (name, doc) VALUES (?1, ?2)
-                         ON CONFLICT(name) DO UPDATE SET doc = excluded.doc",
-                        params![v.name, to_doc(v, "vaults")?],
-                    )?;
-                }
-                Change::DeleteVault { vault } => {
-                    tx.execute("DELETE FROM key_versions WHERE vault = ?1", params![vault])?;
-                    tx.execute("DELETE FROM keys WHERE vault = ?1", params![vault])?;
-                    tx.execute("DELETE FROM vault_deletions WHERE name = ?1", params![vault])?;
-                    tx.execute("DELETE FROM key_rotation_policies WHERE vault = ?1", params![vault])?;
-                    tx.execute("DELETE FROM vaults WHERE name = ?1", params![vault])?;
-                }
-                Change::SetVaultDeletion { vault, deleted } => match deleted {
-                    Some(d) => {
-                        tx.execute(
-                            "INSERT INTO vault_deletions (name, doc)
-                             SELECT ?1, ?2 WHERE EXISTS (SELECT 1 FROM vaults WHERE name = ?1)
-                             ON CONFLICT(name) DO UPDATE SET doc = excluded.doc",
-                            params![vault, to_doc(d, "vault_deletions")?],
-                        )?;
-                    }
-                    None => {
-                        tx.execute("DELETE FROM vault_deletions WHERE name = ?1", params![vault])?;
-                    }
-                },
-                Change::PutKeyVersion { vault, name, version, sealed } => {
-                    let idx = key_index(name);
-                    let doc = to_doc(version, "key_versions")?;
-                    match sealed {
-                        Some(sealed) => {
-                            tx.execute(
-                                "INSERT OR IGNORE INTO keys (vault, idx, name, deleted) VALUES (?1, ?2, ?3, NULL)",
-                                params![vault, idx, name],
-                            )?;
-                            let n = tx.execute(
-                                "INSERT INTO key_versions (vault, idx, version, seq, doc, sealed)
-                                 VALUES (?1, ?2, ?3, (SELECT IFNULL(MAX(seq), 0) + 1 FROM key_versions), ?4, ?5)
-                                 ON CONFLICT(vault, idx, version) DO NOTHING",
-                                params![vault, idx, version.version, doc, sealed],
-                            )?;
-                            if n != 1 {
-                                return Err(Rejection::key_version(vault, name, version, true).into());
-                            }
-                        }
-                        None => {
-                            let n = tx.execute(
-                                "UPDATE key_versions SET doc = ?4 WHERE vault = ?1 AND idx = ?2 AND version = ?3",
-                                params![vault, idx, version.version, doc],
-                            )?;
-                            if n != 1 {
-                                return Err(Rejection::key_version(vault, name, version, false).into());
-                            }
-                        }
-                    }
-                }
-                Change::SetKeyDeletion { vault, name, deleted } => {
-                    let doc = deleted.as_ref().map(|d| to_doc(d, "keys")).transpose()?;
-                    tx.execute(
-                        "UPDATE keys SET deleted = ?3 WHERE vault = ?1 AND idx = ?2",
-                        params![vault, key_index(name), doc],
-                    )?;
-                }
-                Change::PurgeKey { vault, name } => {
-                    let idx = key_index(name);
-                    tx.execute(
-                        "DELETE FROM key_versions WHERE vault = ?1 AND idx = ?2",
-                        params![vault, idx],
-                    )?;
-                    tx.execute("DELETE FROM keys WHERE vault = ?1 AND idx = ?2", params![vault, idx])?;
-                    tx.execute(
-                        "DELETE FROM key_rotation_policies WHERE vault = ?1 AND idx = ?2",
-                        params![vault, idx],
-                    )?;
-                }
-                Change::PutPrincipal(p) => {
-                    tx.execute(
-                        "INSERT INTO principals (object_id, doc) VALUES (?1, ?2)
-                         ON CONFLICT(object_id) DO UPDATE SET doc = excluded.doc",
-                        params![p.object_id, to_doc(p, "principals")?],
-                    )?;
-                }
-                Change::PutSubnet(sn) => {
-                    tx.execute(
-                        "INSERT INTO subnets (id, doc) VALUES (?1, ?2) ON CONFLICT(id) DO UPDATE SET doc = excluded.doc",
-                        params![sn.id.to_ascii_lowercase(), to_doc(sn, "subnets")?],
-                    )?;
-                }
-                Change::PutServer(srv) => {
-                    tx.execute(
-                        "INSERT INTO servers (id, doc) VALUES (?1, ?2) ON CONFLICT(id) DO UPDATE SET doc = excluded.doc",
-                        params![srv.id.to_ascii_lowercase(), to_doc(srv, "servers")?],
-                    )?;
-                }
-                Change::DeleteServer { id } => {
-                    let id = id.to_ascii_lowercase();
-                    tx.execute("DELETE FROM databases WHERE server_id = ?1", params![id])?;
-                    tx.execute("DELETE FROM servers WHERE id = ?1", params![id])?;
-                }
-                Change::PutDatabase(db) => {
-                    tx.execute(
-                        "INSERT INTO databases (server_id, name, doc) VALUES (?1, ?2, ?3)
-                         ON CONFLICT(server_id, name) DO UPDATE SET doc = excluded.doc",
-                        params![
-                            db.server_id.to_ascii_lowercase(),
-                            db.name.to_ascii_lowercase(),
-                            to_doc(db, "databases")?
-                        ],
-                    )?;
-                }
-                Change::DeleteDatabase { server_id, name } => {
-                    tx.execute(
-                        "DELETE FROM databases WHERE server_id = ?1 AND name = ?2",
-                        params![server_id.to_ascii_lowercase(), name.to_ascii_lowercase()],
-                    )?;
-                }
-                Change::DeletePrincipal { object_id } => {
-                    tx.execute("DELETE FROM principals WHERE object_id = ?1", params![object_id])?;
-                }
-                Change::PutRoleAssignment(a) => {
-                    tx.execute(
-                        "INSERT INTO role_assignments (id, doc) VALUES (?1, ?2)
-                         ON CONFLICT(id) DO UPDATE SET doc = excluded.doc",
-                        params![a.id, to_doc(a, "role_assignments")?],
-                    )?;
-                }
-                Change::DeleteRoleAssignment { id } => {
-                    tx.execute("DELETE FROM role_assignments WHERE id = ?1", params![id])?;
-                }
-                Change::PutKeyRotationPolicy { vault, name, policy } => {
-                    tx.execute(
-                        "INSERT INTO key_rotation_policies (vault, idx, name, doc) VALUES (?1, ?2, ?3, ?4)
-                         ON CONFLICT(vault, idx) DO UPDATE SET name = excluded.name, doc = excluded.doc",
-                        params![vault, key_index(name), name, to_doc(policy, "key_rotation_policies")?],
-                    )?;
-                }
+        settle(&conn)?;
+        let result = write_changes(&mut conn, changes);
+        if result.is_err() {
+            // Dropping the transaction rolled it back (or SQLite did, on SQLITE_FULL or an I/O
+            // error); a rollback that failed is retried here, so the next commit starts clean.
+            if let Err(e) = settle(&conn) {
+                tracing::error!(error = %e, "rolling back a failed commit failed; the next write retries it");
             }
         }
-        tx.commit()?;
-        Ok(())
+        result
     }
 
     fn get_meta(&self, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
@@ -441,6 +516,7 @@ impl Store for SqliteStore {
 
     fn put_meta(&self, key: &str, value: &[u8]) -> Result<(), StoreError> {
         let conn = self.conn();
+        settle(&conn)?;
         conn.execute(
             "INSERT INTO meta (k, v) VALUES (?1, ?2) ON CONFLICT(k) DO UPDATE SET v = excluded.v",
             params![key, value],
@@ -520,6 +596,79 @@ mod tests {
             matches!(&refused, Some(StoreError::Damaged { detail, source: None }) if detail.starts_with("PRAGMA quick_check found: ")),
             "{refused:?}"
         );
+        Ok(())
+    }
+
+    fn principal(object_id: &str, name: String) -> crate::model::Principal {
+        crate::model::Principal {
+            object_id: object_id.into(),
+            app_id: "app".into(),
+            name,
+            kind: crate::model::PrincipalKind::User,
+            resource_id: None,
+            created: 0,
+        }
+    }
+
+    #[test]
+    fn a_commit_that_runs_out_of_space_is_full_leaves_nothing_and_succeeds_once_space_returns()
+    -> Result<(), StoreError> {
+        let file = SqliteFile::create()?;
+        let store = SqliteStore::open(&file.path())?;
+        store.commit(&[Change::PutPrincipal(principal("p1", "small".into()))])?;
+        // SQLite answers SQLITE_FULL when a write needs more pages than it may have, as when
+        // the file system refuses to grow the file (ENOSPC): the database may not grow now.
+        let pages: i64 = store.conn().query_row("PRAGMA page_count", [], |r| r.get(0))?;
+        store.conn().pragma_update(None, "max_page_count", pages)?;
+        let big = [
+            Change::PutPrincipal(principal("p2", "x".repeat(64 * 1024))),
+            Change::DeletePrincipal { object_id: "p1".into() },
+        ];
+        let err = store.commit(&big).expect_err("no room for 64 KiB");
+        assert!(matches!(err, StoreError::Full(_)) && err.is_full() && !err.is_damage(), "{err:?}");
+        assert!(err.to_string().starts_with("out of disk space"), "{err}");
+        assert!(store.conn().is_autocommit(), "the failed commit left a transaction open");
+        let ids: Vec<String> = store.load()?.principals.into_iter().map(|p| p.object_id).collect();
+        assert_eq!(ids, ["p1"], "a part of the refused commit is visible");
+        // Space returns: the same commit succeeds on the same connection.
+        store.conn().pragma_update(None, "max_page_count", 1_073_741_823)?;
+        store.commit(&big)?;
+        let ids: Vec<String> = store.load()?.principals.into_iter().map(|p| p.object_id).collect();
+        assert_eq!(ids, ["p2"]);
+        Ok(())
+    }
+
+    #[test]
+    fn a_transaction_left_open_does_not_block_the_next_commit() -> Result<(), StoreError> {
+        let file = SqliteFile::create()?;
+        let store = SqliteStore::open(&file.path())?;
+        // As after a rollback that failed: the connection is still inside a transaction.
+        store.conn().execute_batch("BEGIN; DELETE FROM meta WHERE k = 'nothing';")?;
+        store.commit(&[Change::PutPrincipal(principal("p1", "a".into()))])?;
+        store.conn().execute_batch("BEGIN;")?;
+        store.put_meta("m", b"v")?;
+        drop(store);
+        let store = SqliteStore::open(&file.path())?;
+        assert_eq!(store.load()?.principals.len(), 1, "the commit did not survive reopening");
+        assert_eq!(store.get_meta("m")?.as_deref(), Some(&b"v"[..]));
+        Ok(())
+    }
+
+    #[test]
+    fn the_background_check_finds_the_damage_the_check_at_open_finds() -> Result<(), StoreError> {
+        let file = SqliteFile::create()?;
+        let (store, mut check) = SqliteStore::open_checking_in_background(&file.path(), StoreCheck::Quick)?;
+        check.wait()?;
+        store.commit(&[Change::PutPrincipal(principal("p1", "a".into()))])?;
+        drop(store);
+        wreck_principals_index(&file.path())?;
+        let (_store, mut check) = SqliteStore::open_checking_in_background(&file.path(), StoreCheck::Quick)?;
+        let err = check.wait().expect_err("the index is wrecked");
+        assert!(
+            matches!(&err, StoreError::Damaged { detail, source: None } if detail.starts_with("PRAGMA quick_check found: ")),
+            "{err:?}"
+        );
+        assert!(check.wait().is_ok(), "a second wait reports nothing new");
         Ok(())
     }
 

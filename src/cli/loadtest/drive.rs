@@ -126,6 +126,55 @@ struct Shared {
     ok: AtomicU64,
     /// Failed requests, warm-up included, for the progress line.
     failed: AtomicU64,
+    /// `--report-every`: what the measured requests of the current interval did.
+    interval: Option<std::sync::Mutex<Interval>>,
+}
+
+/// The measured requests that completed in one interval of `--report-every`.
+struct Interval {
+    /// Latency of OK requests, µs.
+    hist: Histogram<u64>,
+    /// Failed requests by gRPC code name (or MISMATCH).
+    errors: BTreeMap<String, u64>,
+}
+
+impl Interval {
+    fn new() -> Self {
+        Interval { hist: microseconds(), errors: BTreeMap::new() }
+    }
+
+    /// Counts one request: its latency when it succeeded, its code when not.
+    fn record(&mut self, failed: Option<&str>, latency: Duration) {
+        match failed {
+            None => {
+                let us = u64::try_from(latency.as_micros()).unwrap_or(u64::MAX);
+                self.hist.saturating_record(us.clamp(1, MAX_LATENCY_US));
+            }
+            Some(code) => *self.errors.entry(code.to_string()).or_default() += 1,
+        }
+    }
+
+    /// The report line of the interval from `from` to `to` (seconds into the measurement), and
+    /// an empty interval in this one's place.
+    fn take_line(&mut self, label: &str, from: f64, to: f64) -> String {
+        let done = std::mem::replace(self, Interval::new());
+        let ok = done.hist.len();
+        let failed: u64 = done.errors.values().sum();
+        let by_code: Vec<String> = done.errors.iter().map(|(c, n)| format!("{c}={n}")).collect();
+        let p = |q: f64| if ok == 0 { 0 } else { done.hist.value_at_quantile(q) };
+        let rate = if to > from { ok as f64 / (to - from) } else { 0.0 };
+        format!(
+            "loadtest {label} interval {from:.0}s-{to:.0}s ok {ok} ({rate:.0}/s) errors {failed}{}{} \
+             p50 {} p90 {} p99 {} p99.9 {} max {} us",
+            if by_code.is_empty() { "" } else { " " },
+            by_code.join(","),
+            p(0.5),
+            p(0.9),
+            p(0.99),
+            p(0.999),
+            if ok == 0 { 0 } else { done.hist.max() },
+        )
+    }
 }
 
 /// What one worker measured.
@@ -251,7 +300,16 @@ async fn worker(shared: Arc<Shared>, mut clients: Vec<Clients>) -> Tally {
                     u64::try_from(sent.saturating_duration_since(intended).as_micros()).unwrap_or(u64::MAX);
                 tally.lag.saturating_record(lag.clamp(1, MAX_LATENCY_US));
             }
-            tally.record(outcome, done.saturating_duration_since(intended), seq < cycle, done);
+            let latency = done.saturating_duration_since(intended);
+            if let Some(interval) = &shared.interval {
+                let failed = match &outcome {
+                    Ok(()) => None,
+                    Err(Failure::Status(code, _)) => Some(code_name(*code)),
+                    Err(Failure::Mismatch(_)) => Some("MISMATCH"),
+                };
+                interval.lock().unwrap_or_else(|p| p.into_inner()).record(failed, latency);
+            }
+            tally.record(outcome, latency, seq < cycle, done);
         }
     }
     tally
@@ -312,6 +370,7 @@ pub(super) async fn drive(
         stop: AtomicBool::new(false),
         ok: AtomicU64::new(0),
         failed: AtomicU64::new(0),
+        interval: plan.report_every.map(|_| std::sync::Mutex::new(Interval::new())),
     });
     let pacer = plan.rate.map(|rate| {
         let shared = shared.clone();
@@ -353,6 +412,19 @@ pub(super) async fn drive(
     }
 }
 
+/// `--report-every`: prints the line of the interval from `*reported_to` to `to` (unless it is
+/// empty in time) and moves `*reported_to` there.
+fn report_interval(label: &str, shared: &Shared, reported_to: &mut Instant, to: Instant) {
+    if let Some(interval) = &shared.interval
+        && to > *reported_to
+    {
+        let secs = |t: Instant| t.saturating_duration_since(shared.measure_from).as_secs_f64();
+        let mut interval = interval.lock().unwrap_or_else(|p| p.into_inner());
+        eprintln!("{}", interval.take_line(label, secs(*reported_to), secs(to)));
+        *reported_to = to;
+    }
+}
+
 /// Prints a progress line each second until `end` (false) or Ctrl-C (true).
 async fn progress(label: &str, plan: &Plan, shared: &Shared, end: Instant) -> bool {
     let second = Duration::from_secs(1);
@@ -363,15 +435,27 @@ async fn progress(label: &str, plan: &Plan, shared: &Shared, end: Instant) -> bo
     let interrupt = crate::cli::interrupted();
     tokio::pin!(interrupt);
     let (mut last_ok, mut last_at) = (0u64, shared.start);
+    // `--report-every`: the end of the last interval reported (the intervals end every
+    // `report_every` of the measurement; the last one where the run ends).
+    let mut reported_to = shared.measure_from;
     loop {
         tokio::select! {
-            _ = &mut finished => return false,
+            _ = &mut finished => {
+                report_interval(label, shared, &mut reported_to, end);
+                return false;
+            }
             _ = &mut interrupt => {
                 eprintln!("loadtest: interrupted; reporting what was measured");
                 return true;
             }
             _ = tick.tick() => {
                 let now = Instant::now();
+                if let Some(every) = plan.report_every
+                    && now >= reported_to + every
+                {
+                    let to = reported_to + every;
+                    report_interval(label, shared, &mut reported_to, to);
+                }
                 let ok = shared.ok.load(Ordering::Relaxed);
                 let per_second = (ok - last_ok) as f64 / now.saturating_duration_since(last_at).as_secs_f64();
                 let phase = if last_at < shared.measure_from { "warm-up" } else { "measuring" };
@@ -397,6 +481,23 @@ async fn progress(label: &str, plan: &Plan, shared: &Shared, end: Instant) -> bo
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_interval_reports_its_own_requests_and_starts_the_next_empty() {
+        let mut interval = Interval::new();
+        for us in 1..=1000 {
+            interval.record(None, Duration::from_micros(us));
+        }
+        interval.record(Some("UNAVAILABLE"), Duration::ZERO);
+        interval.record(Some("UNAVAILABLE"), Duration::ZERO);
+        interval.record(Some("MISMATCH"), Duration::ZERO);
+        let line = interval.take_line("broker", 60.0, 120.0);
+        assert!(line.starts_with("loadtest broker interval 60s-120s ok 1000 (17/s) "), "{line}");
+        assert!(line.contains(" errors 3 MISMATCH=1,UNAVAILABLE=2 "), "{line}");
+        assert!(line.contains(" p50 500 p90 900 p99 990 p99.9 999 max 1000 us"), "{line}");
+        let next = interval.take_line("broker", 120.0, 180.0);
+        assert!(next.ends_with("ok 0 (0/s) errors 0 p50 0 p90 0 p99 0 p99.9 0 max 0 us"), "{next}");
+    }
 
     #[test]
     fn tallies_merge_counts_and_latencies() {

@@ -98,6 +98,10 @@ pub struct LoadtestArgs {
     /// Leave the vault, keys, servers and identity the run created.
     #[arg(long)]
     pub keep: bool,
+    /// Also print, every TIME of the measurement, a line on stderr with the requests that
+    /// completed in that interval: counts (errors by code) and latency percentiles.
+    #[arg(long, value_name = "TIME", value_parser = parse_time)]
+    pub report_every: Option<Duration>,
 }
 
 /// What each request does.
@@ -281,6 +285,8 @@ struct Plan {
     warmup: Duration,
     /// Open loop: requests per second.
     rate: Option<f64>,
+    /// Per-interval report lines (`--report-every`).
+    report_every: Option<Duration>,
 }
 
 impl Plan {
@@ -293,6 +299,7 @@ impl Plan {
             duration: args.duration,
             warmup: args.warmup,
             rate: args.rate,
+            report_every: args.report_every.filter(|every| !every.is_zero()),
         }
     }
 }
