@@ -79,23 +79,6 @@ fn status_kib(pid: u32, field: &str) -> u64 {
     line.split_whitespace().nth(1).and_then(|v| v.parse().ok()).unwrap_or_else(|| panic!("{line}"))
 }
 
-/// CPU seconds (user + system) the process has used, from `/proc/<pid>/stat`.
-fn cpu_seconds(pid: u32) -> f64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("/proc/<pid>/stat");
-    let after_name = stat.rsplit_once(')').expect("stat format").1;
-    let fields: Vec<&str> = after_name.split_whitespace().collect();
-    // After the name, field 3 of stat(5) (state) comes first; utime and stime are 14 and 15.
-    let ticks: u64 = fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap();
-    let per_second = Command::new("getconf")
-        .arg("CLK_TCK")
-        .output()
-        .ok()
-        .and_then(|o| String::from_utf8(o.stdout).ok())
-        .and_then(|s| s.trim().parse::<f64>().ok())
-        .unwrap_or(100.0);
-    ticks as f64 / per_second
-}
-
 impl Broker {
     async fn start() -> Broker {
         let dir = tempfile::tempdir().unwrap();
@@ -315,6 +298,34 @@ async fn abusive_connection(
 }
 
 /// Client stream ids: 1, 3, 5, ...
+/// Streams a flood opens, and how many go in one write.
+const FLOOD_STREAMS: usize = 20_000;
+const FLOOD_BATCH: usize = 50;
+
+/// Opens up to [`FLOOD_STREAMS`] GetKey streams on one abusive connection, each HEADERS followed
+/// at once by the frames `then` makes for its id, until the server stops reading; returns how
+/// many were sent and what the connection received.
+async fn stream_flood(broker: &Broker, name: &str, then: fn(u32) -> Vec<u8>) -> (usize, rawh2::Drained) {
+    broker
+        .under(name, async {
+            let (mut write, stop, drain) = abusive_connection(broker.addr, &[]).await;
+            let block = broker.get_key_block();
+            let (batches, _) = send_until_stopped(&mut write, &stop, FLOOD_STREAMS / FLOOD_BATCH, |b| {
+                let mut buf = Vec::new();
+                for i in b * FLOOD_BATCH..(b + 1) * FLOOD_BATCH {
+                    let id = stream_id(i);
+                    buf.extend(rawh2::headers(id, &block, false, true));
+                    buf.extend(then(id));
+                }
+                buf
+            })
+            .await;
+            drop(write);
+            (batches * FLOOD_BATCH, drain.await.unwrap())
+        })
+        .await
+}
+
 fn stream_id(i: usize) -> u32 {
     u32::try_from(2 * i + 1).expect("stream id")
 }
@@ -327,31 +338,13 @@ fn stream_id(i: usize) -> u32 {
 async fn rapid_reset_ends_the_connection_with_enhance_your_calm() {
     let _serial = SERIAL.lock().await;
     let broker = Broker::start().await;
-    const STREAMS: usize = 20_000;
-    const PER_BATCH: usize = 50;
-    let (sent, drained) = broker
-        .under("rapid reset", async {
-            let (mut write, stop, drain) = abusive_connection(broker.addr, &[]).await;
-            let block = broker.get_key_block();
-            let (batches, _) = send_until_stopped(&mut write, &stop, STREAMS / PER_BATCH, |b| {
-                let mut buf = Vec::new();
-                for i in b * PER_BATCH..(b + 1) * PER_BATCH {
-                    let id = stream_id(i);
-                    buf.extend(rawh2::headers(id, &block, false, true));
-                    buf.extend(rawh2::rst_stream(id, code::CANCEL));
-                }
-                buf
-            })
-            .await;
-            drop(write);
-            (batches * PER_BATCH, drain.await.unwrap())
-        })
-        .await;
-    println!("rapid reset: {sent} of {STREAMS} HEADERS+RST_STREAM pairs sent; {}", drained.summary());
+    let (sent, drained) =
+        stream_flood(&broker, "rapid reset", |id| rawh2::rst_stream(id, code::CANCEL)).await;
+    println!("rapid reset: {sent} of {FLOOD_STREAMS} HEADERS+RST_STREAM pairs sent; {}", drained.summary());
     // h2 allows few streams reset by the client before the server accepted them
     // (`max_pending_accept_reset_streams`); past that it sends GOAWAY ENHANCE_YOUR_CALM.
     assert_eq!(drained.goaway_code(), Some(code::ENHANCE_YOUR_CALM), "{}", drained.summary());
-    assert!(sent < STREAMS, "the server ended the connection before the flood ended");
+    assert!(sent < FLOOD_STREAMS, "the server ended the connection before the flood ended");
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -582,29 +575,13 @@ async fn a_stream_window_update_past_2_31_minus_1_resets_that_stream_alone() {
 async fn made_you_reset_streams_reset_by_the_server_are_bounded_per_connection() {
     let _serial = SERIAL.lock().await;
     let broker = Broker::start().await;
-    const STREAMS: usize = 20_000;
-    const PER_BATCH: usize = 50;
-    let (sent, drained) = broker
-        .under("MadeYouReset (stream WINDOW_UPDATE overflow)", async {
-            let (mut write, stop, drain) = abusive_connection(broker.addr, &[]).await;
-            let block = broker.get_key_block();
-            let (batches, _) = send_until_stopped(&mut write, &stop, STREAMS / PER_BATCH, |b| {
-                let mut buf = Vec::new();
-                for i in b * PER_BATCH..(b + 1) * PER_BATCH {
-                    let id = stream_id(i);
-                    buf.extend(rawh2::headers(id, &block, false, true));
-                    buf.extend(rawh2::window_update(id, rawh2::MAX_WINDOW));
-                }
-                buf
-            })
-            .await;
-            drop(write);
-            (batches * PER_BATCH, drain.await.unwrap())
-        })
-        .await;
-    println!("MadeYouReset: {sent} of {STREAMS} streams opened; {}", drained.summary());
+    let (sent, drained) = stream_flood(&broker, "MadeYouReset (stream WINDOW_UPDATE overflow)", |id| {
+        rawh2::window_update(id, rawh2::MAX_WINDOW)
+    })
+    .await;
+    println!("MadeYouReset: {sent} of {FLOOD_STREAMS} streams opened; {}", drained.summary());
     assert_eq!(drained.goaway_code(), Some(code::ENHANCE_YOUR_CALM), "{}", drained.summary());
-    assert!(sent < STREAMS, "the server ended the connection before the flood ended");
+    assert!(sent < FLOOD_STREAMS, "the server ended the connection before the flood ended");
 }
 
 /// A client that advertises a zero stream window and never reads: every answer must wait in the

@@ -191,23 +191,6 @@ async fn a_tls_connection_that_sends_no_preface_after_its_handshake_is_closed_af
     b.stop().await;
 }
 
-/// CPU seconds (user + system) the process has used, from `/proc/<pid>/stat`.
-fn cpu_seconds(pid: u32) -> f64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("/proc/<pid>/stat");
-    let after_name = stat.rsplit_once(')').expect("stat format").1;
-    let fields: Vec<&str> = after_name.split_whitespace().collect();
-    // After the name: state is field 3 of stat(5); utime and stime are fields 14 and 15.
-    let ticks: u64 = fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap();
-    let per_second = Command::new("getconf")
-        .arg("CLK_TCK")
-        .output()
-        .ok()
-        .and_then(|o| String::from_utf8(o.stdout).ok())
-        .and_then(|s| s.trim().parse::<f64>().ok())
-        .unwrap_or(100.0);
-    ticks as f64 / per_second
-}
-
 struct Killed(Child);
 
 impl Drop for Killed {

@@ -245,12 +245,7 @@ impl Algorithm {
 
     /// Parses the cloud's name exactly (`RSA-OAEP-256`, `A256KW`, …).
     pub fn parse(s: &str) -> Result<Self, BrokerError> {
-        Self::ALL.into_iter().find(|a| a.name() == s).ok_or_else(|| {
-            BrokerError::bad_parameter(format!(
-                "The algorithm '{}' is not supported. Supported algorithms are RSA-OAEP, RSA-OAEP-256, RSA1_5, A128KW, A192KW, A256KW, A128GCM, A192GCM, A256GCM.",
-                printable(s)
-            ))
-        })
+        parse_algorithm(&Self::ALL, Self::name, s)
     }
 
     /// The cloud's name.
@@ -417,12 +412,7 @@ impl SignatureAlgorithm {
 
     /// Parses the cloud's name exactly (`RS256`, `ES256K`, …).
     pub fn parse(s: &str) -> Result<Self, BrokerError> {
-        Self::ALL.into_iter().find(|a| a.name() == s).ok_or_else(|| {
-            BrokerError::bad_parameter(format!(
-                "The algorithm '{}' is not supported. Supported algorithms are RS256, RS384, RS512, PS256, PS384, PS512, ES256, ES256K, ES384, ES512.",
-                printable(s)
-            ))
-        })
+        parse_algorithm(&Self::ALL, Self::name, s)
     }
 
     /// The cloud's name.
@@ -718,6 +708,19 @@ impl Key {
             Some(v) => self.versions.iter().find(|kv| kv.version == v),
         }
     }
+}
+
+/// The algorithm of `all` whose cloud name is exactly `s`, or BadParameter listing them all:
+/// "The algorithm 'X' is not supported. Supported algorithms are A, B, …".
+fn parse_algorithm<A: Copy>(all: &[A], name: fn(A) -> &'static str, s: &str) -> Result<A, BrokerError> {
+    all.iter().copied().find(|a| name(*a) == s).ok_or_else(|| {
+        let supported: Vec<&str> = all.iter().map(|a| name(*a)).collect();
+        BrokerError::bad_parameter(format!(
+            "The algorithm '{}' is not supported. Supported algorithms are {}.",
+            printable(s),
+            supported.join(", ")
+        ))
+    })
 }
 
 #[cfg(test)]

@@ -352,10 +352,7 @@ fn write_changes(conn: &mut Connection, changes: &[Change]) -> Result<(), StoreE
             }
             Change::PurgeKey { vault, name } => {
                 let idx = key_index(name);
-                tx.execute(
-                    "DELETE FROM key_versions WHERE vault = ?1 AND idx = ?2",
-                    params![vault, idx],
-                )?;
+                tx.execute("DELETE FROM key_versions WHERE vault = ?1 AND idx = ?2", params![vault, idx])?;
                 tx.execute("DELETE FROM keys WHERE vault = ?1 AND idx = ?2", params![vault, idx])?;
                 tx.execute(
                     "DELETE FROM key_rotation_policies WHERE vault = ?1 AND idx = ?2",
