@@ -70,11 +70,11 @@ pub fn aes_kw_unwrap(key: &[u8], wrapped: &[u8]) -> Result<Zbytes, CryptoError> 
     let mut out = Zeroizing::new(vec![0u8; wrapped.len() - KW_OVERHEAD]);
     if key.len() == 24 {
         let kek = aes_kw::KekAes192::try_from(key).map_err(aes_key_refused(key))?;
-        kek.unwrap(wrapped, &mut out).map_err(|_| CryptoError::DecryptionFailed)?;
+        kek.unwrap(wrapped, &mut out).map_err(|_| CryptoError::DecryptionFailed)?; // ok: RFC 3394 key unwrap, not Option::unwrap; its error is mapped
     } else {
         let cipher = if key.len() == 16 { &AES_128 } else { &AES_256 };
         let kek = AesKek::new(cipher, key).map_err(aes_key_refused(key))?;
-        kek.unwrap(wrapped, &mut out).map_err(|_| CryptoError::DecryptionFailed)?;
+        kek.unwrap(wrapped, &mut out).map_err(|_| CryptoError::DecryptionFailed)?; // ok: RFC 3394 key unwrap, not Option::unwrap; its error is mapped
     }
     Ok(out)
 }

@@ -44,8 +44,7 @@ pub(crate) fn fill_random(buf: &mut [u8]) -> Result<(), CryptoError> {
 /// Only if the operating system's random source fails, which aws-lc itself treats as fatal.
 pub fn random_bytes(n: usize) -> Vec<u8> {
     let mut out = vec![0u8; n];
-    // ok: RAND_bytes failing means the OS CSPRNG is broken; no input can cause it.
-    fill_random(&mut out).expect("system random number generator failed");
+    fill_random(&mut out).expect("system random number generator failed"); // ok: only a broken OS CSPRNG fails here; no input reaches it
     out
 }
 

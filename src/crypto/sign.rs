@@ -186,7 +186,7 @@ impl EcPrivateKey {
     #[cfg(test)]
     pub(crate) fn private_scalar(&self) -> Zbytes {
         use aws_lc_rs::encoding::{AsBigEndian, EcPrivateKeyBin};
-        let bin: EcPrivateKeyBin<'_> = self.pair.private_key().as_be_bytes().expect("private scalar");
+        let bin: EcPrivateKeyBin<'_> = self.pair.private_key().as_be_bytes().expect("private scalar"); // ok: #[cfg(test)] only
         Zeroizing::new(bin.as_ref().to_vec())
     }
 

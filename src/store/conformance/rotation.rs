@@ -24,7 +24,7 @@ fn policy(n: i64) -> KeyRotationPolicy {
             },
         ],
     )
-    .expect("a valid policy");
+    .expect("a valid policy"); // ok: the conformance suite is #[cfg(test)]; a fixed, valid policy
     p.created = n;
     p.updated = n + 1;
     p
