@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use zeroize::Zeroizing;
 
-use super::{CryptoRequest, CryptoResult, MAX_VALUE_BYTES, blocking, crypto_error};
+use super::{CryptoRequest, CryptoResult, MAX_VALUE_BYTES, blocking, crypto_error, decoded_or_decode};
 use crate::broker::Broker;
 use crate::broker::cache::UnwrapKey;
 use crate::broker::state::{Loaded, Material, material_aad};
@@ -64,20 +64,12 @@ impl Broker {
         let sealer = self.sealer().clone();
         let decoded = self.caches.decoded_key(&aad);
         let (result, fresh) = blocking(move || {
-            let (loaded, fresh) = match decoded {
-                Some(loaded) => (loaded, None),
-                None => {
-                    let loaded = Arc::new(material.decode(&sealer, &aad, kty)?);
-                    (loaded.clone(), Some((aad, loaded)))
-                }
-            };
+            let (loaded, fresh) = decoded_or_decode(decoded, &material, &sealer, aad, kty)?;
             let (value, iv, tag) = run_crypto(&loaded, req.op, alg, &req.value, &req.iv, &req.aad, &req.tag)?;
             Ok((CryptoResult { kid, value, iv, tag }, fresh))
         })
         .await?;
-        if let Some((aad, loaded)) = fresh {
-            self.caches.remember_decoded_key(aad, loaded);
-        }
+        self.remember_decoded(fresh);
         if let Some(k) = cache_key {
             self.caches.remember_unwrap(k, &result.value);
         }

@@ -21,9 +21,10 @@ pub use rotation::RotationPolicyView;
 pub use sign::{MAX_RANDOM_BYTES, SignRequest, SignResult};
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
 use super::Broker;
-use super::state::{KeyEntry, VaultEntry};
+use super::state::{KeyEntry, Loaded, Material, VaultEntry};
 use crate::crypto::{CryptoError, ImportedKey, Zbytes};
 use crate::model::ids::{KeyIdRef, key_uri};
 use crate::model::{BrokerError, CryptoOp, Curve, Deletion, KeyAttributes, KeyType, KeyVersion};
@@ -261,6 +262,38 @@ fn new_version_id() -> String {
 }
 
 /// Runs blocking crypto on the blocking pool.
+/// A key decoded on the blocking pool, to remember in the decoded-key cache: its material AAD
+/// and the decoded key.
+type DecodedNow = Option<(String, Arc<Loaded>)>;
+
+/// The decoded key of a crypto or signature operation (run on the blocking pool): the
+/// decoded-key cache's entry when there was one, else `material` unsealed and decoded now, which
+/// is also returned to be remembered ([`Broker::remember_decoded`]).
+fn decoded_or_decode(
+    cached: Option<Arc<Loaded>>,
+    material: &Material,
+    sealer: &crate::crypto::Sealer,
+    aad: String,
+    kty: KeyType,
+) -> Result<(Arc<Loaded>, DecodedNow), BrokerError> {
+    match cached {
+        Some(loaded) => Ok((loaded, None)),
+        None => {
+            let loaded = Arc::new(material.decode(sealer, &aad, kty)?);
+            Ok((loaded.clone(), Some((aad, loaded))))
+        }
+    }
+}
+
+impl Broker {
+    /// Remembers a key [`decoded_or_decode`] decoded.
+    fn remember_decoded(&self, fresh: DecodedNow) {
+        if let Some((aad, loaded)) = fresh {
+            self.caches.remember_decoded_key(aad, loaded);
+        }
+    }
+}
+
 async fn blocking<T: Send + 'static>(
     f: impl FnOnce() -> Result<T, BrokerError> + Send + 'static,
 ) -> Result<T, BrokerError> {

@@ -4,7 +4,7 @@
 
 use std::sync::Arc;
 
-use super::{blocking, crypto_error};
+use super::{blocking, crypto_error, decoded_or_decode};
 use crate::broker::Broker;
 use crate::broker::state::{Loaded, Material, material_aad};
 use crate::model::ids::{key_uri, vault_name};
@@ -73,13 +73,7 @@ impl Broker {
         let sealer = self.sealer().clone();
         let decoded = self.caches.decoded_key(&aad);
         let (result, fresh) = blocking(move || {
-            let (loaded, fresh) = match decoded {
-                Some(loaded) => (loaded, None),
-                None => {
-                    let loaded = Arc::new(material.decode(&sealer, &aad, kty)?);
-                    (loaded.clone(), Some((aad, loaded)))
-                }
-            };
+            let (loaded, fresh) = decoded_or_decode(decoded, &material, &sealer, aad, kty)?;
             let result = match (&*loaded, req.op) {
                 (Loaded::Rsa(k), SignOp::Sign) => {
                     crate::telemetry::metrics().rsa_operation("sign");
@@ -105,9 +99,7 @@ impl Broker {
             Ok((result, fresh))
         })
         .await?;
-        if let Some((aad, loaded)) = fresh {
-            self.caches.remember_decoded_key(aad, loaded);
-        }
+        self.remember_decoded(fresh);
         Ok(result)
     }
 
