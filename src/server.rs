@@ -189,6 +189,8 @@ pub struct App {
     admin_http: crate::http::Admin,
     /// The audit log.
     audit: Arc<crate::audit::AuditLog>,
+    /// The server's TLS configuration, built (and checked) once at open; `None` for plaintext.
+    tls: Option<Arc<tokio_rustls::rustls::ServerConfig>>,
     /// The data directory's lock: no other broker opens the directory while the app lives.
     /// Last, so it is let go after everything else of the app.
     _lock: crate::store::datadir::DataDirLock,
@@ -205,7 +207,7 @@ impl App {
         // TLS is checked (and `--tls auto`'s dev CA created) before anything else, so a bad
         // certificate fails the start and the CA exists once `open` returns.
         crate::tls::install_crypto_provider();
-        crate::tls::server_tls(&config)?;
+        let tls = crate::tls::server_tls(&config)?;
         // The admin listener answers /healthz from here on; /readyz once serving.
         let admin_http = crate::http::Admin::start(&config).map_err(StartError::Http)?;
 
@@ -278,7 +280,7 @@ impl App {
             crate::store::datadir::make_private(path).map_err(io_err(path))?;
         }
         let audit = Arc::new(crate::audit::AuditLog::open(&config.audit_log, config.audit_required));
-        Ok(App { broker, auth, admin, admin_token_path, config, admin_http, audit, _lock: lock })
+        Ok(App { broker, auth, admin, admin_token_path, config, tls, admin_http, audit, _lock: lock })
     }
 
     /// The admin HTTP listener's bound address, when it runs.
@@ -318,7 +320,7 @@ impl App {
             .http2_max_pending_accept_reset_streams(Some(MAX_PENDING_ACCEPT_RESET_STREAMS));
         // TLS is the listener's (`listener::with_tls`), so the HTTP/2 preface is timed after the
         // handshake as well.
-        let tls = crate::tls::server_tls(&self.config)?;
+        let tls = self.tls.clone();
         let tls_on = tls.is_some();
         // Per-RPC metrics, audit records and spans (OTLP export when configured).
         let weak = Arc::downgrade(&self.broker);
