@@ -22,6 +22,8 @@
 //! - [`grpc`]: the gRPC adapter — tonic services, the error → status mapping, the per-RPC
 //!   observation layer; the only code that sees prost types.
 //! - [`http`]: the admin HTTP listener (`/metrics`, `/healthz`, `/readyz`).
+//! - [`rest`]: the HTTPS surfaces — Key Vault's REST API for the Azure SDKs, the token
+//!   endpoints their credentials call, the Vault-KV endpoint MariaDB reads its keys from.
 //! - [`seed`]: vaults and keys declared in a TOML file, created at start.
 //! - [`server`]: start-up (data dir, master key, store, bootstrap admin, seed) and serving.
 //! - [`cli`]: the `tde-broker` command line (`serve`, the client commands, `loadtest`).
@@ -38,6 +40,7 @@ pub mod http;
 pub mod listener;
 pub mod model;
 pub mod policy;
+pub mod rest;
 pub mod seed;
 pub mod server;
 pub mod store;

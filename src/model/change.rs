@@ -6,8 +6,11 @@ use super::principal::Principal;
 use super::role::RoleAssignment;
 use super::vault::Vault;
 
-/// One durable state change.
-#[derive(Clone, Debug)]
+/// One durable state change. Serializable, so a store can carry committed changes to other
+/// brokers (the PostgreSQL store's change feed, [`crate::store::ChangeFeed`] — named here only in
+/// documentation).
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
+#[serde(tag = "change", rename_all = "snake_case")]
 pub enum Change {
     /// Create or replace a vault's settings and policies.
     PutVault(Vault),

@@ -60,6 +60,16 @@ pub enum StoreError {
     /// The database was written by an incompatible version of the broker.
     #[error("unsupported schema version {0}")]
     Schema(i64),
+    /// Another broker committed first ([`ChangeFeed::commit_after`]): the caller's memory is
+    /// behind the feed's head, so its changes might rest on stale state. Nothing was written; the
+    /// caller catches up and may retry.
+    #[error("another broker committed first (feed head {head}, expected {expected})")]
+    Conflict {
+        /// The feed's head when the commit was refused.
+        head: u64,
+        /// The head the caller expected.
+        expected: u64,
+    },
     /// A change contradicts what is stored; the whole commit was refused. Every backend reports
     /// these the same way.
     #[error("change refused: {0}")]
@@ -227,4 +237,43 @@ pub trait Store: Send + Sync + 'static {
     fn get_meta(&self, key: &str) -> Result<Option<Vec<u8>>, StoreError>;
     /// Writes a broker-internal value durably.
     fn put_meta(&self, key: &str, value: &[u8]) -> Result<(), StoreError>;
+    /// The change feed, for a store that several brokers share (PostgreSQL). `None` for a store
+    /// that one broker owns (SQLite, memory): that broker's memory is the only copy to keep fresh.
+    fn feed(&self) -> Option<&dyn ChangeFeed> {
+        None
+    }
+}
+
+/// One committed batch as the change feed delivers it: what one [`Store::commit`] (or
+/// [`ChangeFeed::commit_after`]) wrote, with its place in the order of all commits.
+#[derive(Debug, Clone)]
+pub struct FeedEntry {
+    /// Its sequence number: 1, 2, 3, … in commit order, with no gaps.
+    pub seq: u64,
+    /// The broker instance that committed it ([`ChangeFeed::commit_after`]'s `origin`).
+    pub origin: String,
+    /// The changes, in order.
+    pub changes: Vec<Change>,
+}
+
+/// The change feed of a store shared by several brokers. Every commit gets the next sequence
+/// number in the same transaction, so the feed holds every committed batch, in commit order, and
+/// nothing that was rolled back. Methods block, like [`Store`]'s.
+pub trait ChangeFeed: Send + Sync {
+    /// The sequence number of the last committed batch (0 when nothing was committed).
+    fn head(&self) -> Result<u64, StoreError>;
+    /// The batches after `after`, in order, at most `limit` of them.
+    fn read_after(&self, after: u64, limit: usize) -> Result<Vec<FeedEntry>, StoreError>;
+    /// Waits until another commit may have happened (a notification) or `timeout` passed; `true`
+    /// when notified. Spurious wake-ups are allowed: callers read from their last sequence number.
+    fn wait(&self, timeout: std::time::Duration) -> Result<bool, StoreError>;
+    /// Commits `changes` as [`Store::commit`] does, but only if the feed's head is still `after`
+    /// (the caller's memory holds every batch up to it): [`StoreError::Conflict`] otherwise, with
+    /// nothing written. Returns the batch's sequence number.
+    fn commit_after(&self, after: u64, origin: &str, changes: &[Change]) -> Result<u64, StoreError>;
+    /// Takes or renews the lease `name` for `holder` for `ttl`; `true` when `holder` holds it
+    /// now. A lease another holder let lapse can be taken.
+    fn lease(&self, name: &str, holder: &str, ttl: std::time::Duration) -> Result<bool, StoreError>;
+    /// Gives up the lease `name` if `holder` holds it.
+    fn release(&self, name: &str, holder: &str) -> Result<(), StoreError>;
 }
