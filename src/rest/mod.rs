@@ -19,3 +19,43 @@ pub enum Reply {
     /// Close the connection without answering.
     Drop,
 }
+
+/// A request as a surface sees it: the head, the whole body (read up to the listener's bound) and
+/// the connection's peer address (the real one: network rules are decided on it).
+#[derive(Debug)]
+pub struct RestRequest {
+    /// Method, URI, headers.
+    pub parts: http::request::Parts,
+    /// The body.
+    pub body: bytes::Bytes,
+    /// The TCP peer.
+    pub peer: std::net::SocketAddr,
+}
+
+/// A handled request: the reply, and what the listener observes of it (metrics, the audit record,
+/// the span), so that every surface is observed the same way.
+#[derive(Debug)]
+pub struct Handled {
+    /// The answer.
+    pub reply: Reply,
+    /// The operation, `<surface>/<operation>`: `KeyVault/UnwrapKey`, `Identity/AppServiceToken`,
+    /// `VaultKv/ReadKey`, …
+    pub operation: &'static str,
+    /// `OK`, or the reason of the refusal: the `ErrorInfo` reason the gRPC twin would carry (for
+    /// the Vault-KV surface, the TDE reason).
+    pub outcome: String,
+    /// The principal the request was made as, once known.
+    pub principal: Option<String>,
+    /// The key id, vault, server or mount the request names, once known.
+    pub resource: Option<String>,
+}
+
+/// A boxed future, as [`Surface::handle`] returns.
+pub type BoxFuture<'a, T> = std::pin::Pin<Box<dyn std::future::Future<Output = T> + Send + 'a>>;
+
+/// One of the surfaces that share the HTTPS listener. The listener offers each request to the
+/// surfaces in turn; the first that recognises its path answers.
+pub trait Surface: Send + Sync + 'static {
+    /// Handles the request, or `None` when its path is not this surface's.
+    fn handle<'a>(&'a self, request: &'a RestRequest) -> BoxFuture<'a, Option<Handled>>;
+}
