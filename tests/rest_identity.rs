@@ -35,6 +35,7 @@ struct Env {
     admin_oid: String,
     channel: Channel,
     tenant: String,
+    addr: std::net::SocketAddr,
     _dir: tempfile::TempDir,
     _stop: tokio::sync::oneshot::Sender<()>,
 }
@@ -56,7 +57,19 @@ async fn env() -> Env {
     let channel =
         Channel::from_shared(format!("http://{addr}")).expect("uri").connect().await.expect("connect");
     let tenant = broker.settings.tenant_id.clone();
-    Env { broker, auth, endpoints, header_secret, token, admin_oid, channel, tenant, _dir: dir, _stop: stop }
+    Env {
+        broker,
+        auth,
+        endpoints,
+        header_secret,
+        token,
+        admin_oid,
+        channel,
+        tenant,
+        addr,
+        _dir: dir,
+        _stop: stop,
+    }
 }
 
 /// What an endpoint answered.
@@ -682,4 +695,47 @@ fn the_identity_header_file_is_private_random_and_kept_across_restarts() {
     std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).expect("chmod");
     assert_eq!(ensure_identity_header(dir.path()).expect("kept").as_str(), first.as_str());
     assert_eq!(std::fs::metadata(&path).expect("file").permissions().mode() & 0o777, 0o600);
+}
+
+/// Runs the `tde-broker` binary against the test's broker (as its admin, from the data directory).
+async fn cli(e: &Env, args: &[&str]) -> std::process::Output {
+    let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_tde-broker"));
+    command
+        .env_remove("TDE_BROKER_TOKEN")
+        .env_remove("TDE_BROKER_SERVER")
+        .env_remove("TDE_BROKER_DATA_DIR")
+        .env("RUST_LOG", "off")
+        .arg("--server")
+        .arg(format!("http://{}", e.addr))
+        .arg("--data-dir")
+        .arg(e._dir.path())
+        .args(args);
+    let out =
+        tokio::task::spawn_blocking(move || command.output().expect("run tde-broker")).await.expect("join");
+    assert!(out.status.success(), "{args:?} failed: {}", String::from_utf8_lossy(&out.stderr));
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_client_secret_the_cli_prints_once_works_at_the_token_endpoint() {
+    let e = env().await;
+    let out = cli(&e, &["user", "create", "ci-from-cli", "--output", "json"]).await;
+    let user: Value = serde_json::from_slice(&out.stdout).expect("JSON");
+    let (client_id, secret) = (
+        user["client_id"].as_str().expect("client_id"),
+        user["client_secret"].as_str().expect("client_secret"),
+    );
+    let a = e
+        .client_credentials(&[
+            ("grant_type", "client_credentials"),
+            ("client_id", client_id),
+            ("client_secret", secret),
+            ("scope", "https://vault.azure.net/.default"),
+        ])
+        .await;
+    assert_eq!(a.status, StatusCode::OK, "{}", a.body);
+    assert_eq!(claims(a.str("access_token"))["oid"], user["principal_id"]);
+    let table = cli(&e, &["user", "create", "ci-table"]).await;
+    let table = String::from_utf8_lossy(&table.stdout);
+    assert!(table.contains("client id") && table.contains("client secret"), "{table}");
 }
