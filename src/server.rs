@@ -582,6 +582,7 @@ async fn bootstrap_admin(broker: &Arc<Broker>) -> Result<Principal, StartError> 
         kind: PrincipalKind::User,
         resource_id: None,
         created: broker.clock.now(),
+        client_secret_hash: None,
     };
     let owner = RoleAssignment {
         id: new_guid(),

@@ -33,6 +33,11 @@ pub struct Principal {
     pub resource_id: Option<String>,
     /// Creation time.
     pub created: i64,
+    /// A service principal's client secret, hashed (`auth::secret`): the secret itself is shown
+    /// once, when the user is created, and never stored. Absent for principals without one
+    /// (identities, engine hosts, users created before service principals existed).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub client_secret_hash: Option<String>,
 }
 
 /// The authenticated caller of one request, as the auth layer established it.
@@ -95,5 +100,22 @@ impl Caller {
             object_id: self.object_id.to_string(),
             issuer: self.issuer.to_string(),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn principals_stored_before_client_secrets_existed_still_load() {
+        let stored = r#"{"object_id":"o","app_id":"a","name":"n","kind":"User","created":1}"#;
+        let p: Principal = serde_json::from_str(stored).expect("an older principal document");
+        assert_eq!(p.client_secret_hash, None);
+        // And a principal without a secret is written as before (no new field).
+        assert_eq!(serde_json::to_string(&p).expect("json"), stored);
+        let with = Principal { client_secret_hash: Some("ab".repeat(32)), ..p };
+        let doc = serde_json::to_string(&with).expect("json");
+        assert_eq!(serde_json::from_str::<Principal>(&doc).expect("round trip"), with);
     }
 }
