@@ -53,6 +53,14 @@ async fn requests_without_a_bearer_token_get_key_vaults_challenge_over_http1_and
         assert!(r.header("x-ms-request-id").is_some_and(|id| !id.is_empty()));
         assert_eq!(r.header("content-type"), Some("application/json; charset=utf-8"));
     }
+    // The token is checked before the body is read: a body over the size limit is not looked at.
+    let mut c = b.client("chal-kv", None, Proto::Http1).await;
+    let big = json!({"kty": "RSA", "padding": "x".repeat(300 * 1024)});
+    assert_eq!(c.call("POST", "/keys/k/create", Some(big.clone())).await.status, 401);
+    // With a token, the same body is refused for its size.
+    let mut admin = b.client("chal-kv", Some(&b.b.token.clone()), Proto::Http1).await;
+    let r = admin.call("POST", "/keys/k/create", Some(big)).await;
+    assert_eq!((r.status, r.error_codes().0.as_str()), (413, "RequestTooLarge"));
     // A token that does not verify is refused the same way, with the challenge.
     let mut c = b.client("chal-kv", Some("not.a.token"), Proto::Http1).await;
     let r = c.call("GET", "/keys", None).await;
@@ -375,6 +383,32 @@ async fn paths_match_case_insensitively_with_a_trailing_slash_and_without_a_vers
         )
         .await;
     assert_eq!(u.json()["value"], "AAEC");
+    b.b.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn vaults_are_reached_under_the_configured_dns_suffix_too_and_other_hosts_are_not_key_vault() {
+    let b = start_rest(|_| {}).await;
+    vault(&b, "sfx-kv").await;
+    let host = format!("sfx-kv.vault.azure.net:{}", b.rest.port());
+    let token = Some(b.b.token.as_str());
+    // The certificate covers *.vault.azure.net as well; kids follow the host called.
+    let mut c = common::https::connect(b.rest, &b.ca, &host, token, Proto::H2, None).await;
+    let k = create_rsa(&mut c, "s").await;
+    assert!(k["key"]["kid"].as_str().unwrap().starts_with(&format!("https://{host}/keys/s/")));
+    // A host that names no vault is not Key Vault's: with no other surface, 404.
+    let mut plain = common::https::connect(
+        b.rest,
+        &b.ca,
+        &format!("localhost:{}", b.rest.port()),
+        token,
+        Proto::Http1,
+        None,
+    )
+    .await;
+    let r = plain.call("GET", "/keys", None).await;
+    assert_eq!(r.status, 404);
+    assert!(r.header("x-ms-request-id").is_some());
     b.b.stop().await;
 }
 
