@@ -159,10 +159,11 @@ fn is_version(segment: &str) -> bool {
 }
 
 /// Matches a method and path to a Key Vault operation (case-insensitive, trailing slash
-/// tolerated, version segment optional where Key Vault allows it). `None`: not a route.
+/// tolerated, version segment optional or empty where Key Vault allows it). `None`: not a route.
 pub fn route(method: &Method, path: &str) -> Option<Route> {
-    let path = path.trim_end_matches('/');
-    let segments: Vec<&str> = path.trim_start_matches('/').split('/').collect();
+    // Empty segments are dropped: a trailing slash, and the empty version the SDKs put in
+    // `/keys/{name}//wrapkey` when a key id has none, both mean "the newest version".
+    let segments: Vec<&str> = path.split('/').filter(|s| !s.is_empty()).collect();
     let lower: Vec<String> = segments.iter().map(|s| s.to_ascii_lowercase()).collect();
     let l: Vec<&str> = lower.iter().map(String::as_str).collect();
     let named = |op: Op, name: &str, version: Option<&str>| {
@@ -833,6 +834,8 @@ mod tests {
         let r = route(&Method::POST, &format!("/KEYS/k/{v}/UnwrapKey/")).unwrap();
         assert_eq!((r.op, r.version.as_deref()), (Op::UnwrapKey, Some(v)));
         assert_eq!(route(&Method::GET, "/keys/k/").unwrap().op, Op::GetKey);
+        let r = route(&Method::POST, "/keys/k//encrypt").unwrap();
+        assert_eq!((r.op, r.version), (Op::Encrypt, None));
         assert_eq!(route(&Method::GET, "/keys/").unwrap().op, Op::ListKeys);
         assert_eq!(route(&Method::DELETE, "/deletedkeys/k").unwrap().op, Op::PurgeDeletedKey);
         assert_eq!(route(&Method::POST, "/keys/k/create").unwrap().op, Op::CreateKey);
