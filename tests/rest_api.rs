@@ -580,3 +580,20 @@ async fn rest_requests_are_counted_in_metrics_and_written_to_the_audit_log() {
     assert!(kid.starts_with("https://obs-kv.vault.localhost:"));
     b.b.stop().await;
 }
+
+#[test]
+fn the_rest_listener_defaults_to_loopback_8443_and_is_set_by_flag_file_or_off() {
+    use tde_broker::config::{Config, ServeArgs};
+    let dir = tempfile::tempdir().unwrap();
+    let args = || ServeArgs { data_dir: Some(dir.path().to_path_buf()), ..Default::default() };
+    let cfg = Config::resolve(args()).unwrap();
+    assert_eq!((cfg.rest_listen, cfg.rest_listen_explicit), (Some("127.0.0.1:8443".parse().unwrap()), false));
+    let cfg = Config::resolve(ServeArgs { rest_listen: Some("off".into()), ..args() }).unwrap();
+    assert_eq!(cfg.rest_listen, None);
+    let file = dir.path().join("c.toml");
+    std::fs::write(&file, "rest_listen = \"127.0.0.1:9443\"\n").unwrap();
+    let cfg = Config::resolve(ServeArgs { config: Some(file), ..args() }).unwrap();
+    assert_eq!((cfg.rest_listen, cfg.rest_listen_explicit), (Some("127.0.0.1:9443".parse().unwrap()), true));
+    let err = Config::resolve(ServeArgs { rest_listen: Some("nowhere".into()), ..args() }).unwrap_err();
+    assert!(err.to_string().contains("rest_listen 'nowhere' is not IP:PORT or `off`"), "{err}");
+}
