@@ -163,7 +163,13 @@ fn is_version(segment: &str) -> bool {
 pub fn route(method: &Method, path: &str) -> Option<Route> {
     // Empty segments are dropped: a trailing slash, and the empty version the SDKs put in
     // `/keys/{name}//wrapkey` when a key id has none, both mean "the newest version".
-    let segments: Vec<&str> = path.split('/').filter(|s| !s.is_empty()).collect();
+    // Percent-encoded segments are decoded (`%2D` is a hyphen in a key name).
+    let decoded: Vec<std::borrow::Cow<'_, str>> = path
+        .split('/')
+        .filter(|s| !s.is_empty())
+        .map(|s| if s.contains('%') { percent_decode(s, false).into() } else { s.into() })
+        .collect();
+    let segments: Vec<&str> = decoded.iter().map(|s| s.as_ref()).collect();
     let lower: Vec<String> = segments.iter().map(|s| s.to_ascii_lowercase()).collect();
     let l: Vec<&str> = lower.iter().map(String::as_str).collect();
     let named = |op: Op, name: &str, version: Option<&str>| {
@@ -230,11 +236,18 @@ pub fn route(method: &Method, path: &str) -> Option<Route> {
 pub fn query_value(query: Option<&str>, name: &str) -> Option<String> {
     query?.split('&').find_map(|pair| {
         let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
-        k.eq_ignore_ascii_case(name).then(|| percent_decode(v))
+        // Names are percent-decoded too: the JavaScript SDK sends `api%2Dversion`.
+        let matches = if k.contains('%') {
+            percent_decode(k, true).eq_ignore_ascii_case(name)
+        } else {
+            k.eq_ignore_ascii_case(name)
+        };
+        matches.then(|| percent_decode(v, true))
     })
 }
 
-fn percent_decode(s: &str) -> String {
+/// Decodes `%XX` escapes (and, in a query, `+` as a space); a malformed escape stays as it is.
+fn percent_decode(s: &str, query: bool) -> String {
     let bytes = s.as_bytes();
     let mut out = Vec::with_capacity(bytes.len());
     let mut i = 0;
@@ -252,7 +265,7 @@ fn percent_decode(s: &str) -> String {
                     }
                 }
             }
-            b'+' => {
+            b'+' if query => {
                 out.push(b' ');
                 i += 1;
             }
@@ -841,6 +854,7 @@ mod tests {
         assert_eq!(route(&Method::POST, "/keys/k/create").unwrap().op, Op::CreateKey);
         assert_eq!(route(&Method::GET, "/keys/k/create"), None);
         assert_eq!(route(&Method::GET, "/secrets/s"), None);
+        assert_eq!(route(&Method::GET, "/keys/my%2Dkey").unwrap().name.as_deref(), Some("my-key"));
     }
 
     #[test]
@@ -854,6 +868,8 @@ mod tests {
             "The specified version (9.9) is not recognized. Consider using the latest supported version (2025-07-01)."
         );
         assert!(check_api_version(None).is_err());
+        // As the JavaScript SDK sends it.
+        assert!(check_api_version(Some("api%2Dversion=7.6")).is_ok());
     }
 
     #[test]
