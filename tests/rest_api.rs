@@ -383,6 +383,8 @@ async fn paths_match_case_insensitively_with_a_trailing_slash_and_without_a_vers
         )
         .await;
     assert_eq!(u.json()["value"], "AAEC");
+    // Percent-encoded query names and path segments, as the JavaScript SDK sends them.
+    assert_eq!(c.send("GET", "/keys/C%61se?api%2Dversion=7.6", None).await.status, 200);
     // An empty version segment, as the SDKs write a key id without a version, means the newest.
     let e = c.call("POST", "/keys/case//encrypt", Some(json!({"alg": "RSA-OAEP", "value": "AAEC"}))).await;
     assert_eq!((e.status, e.json()["kid"].as_str()), (200, Some(kid.as_str())));
