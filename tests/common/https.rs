@@ -236,6 +236,21 @@ impl Client {
         Answer { status: parts.status.as_u16(), headers: parts.headers, body }
     }
 
+    /// A bodiless request whose failure (no response: the connection closed) is returned.
+    pub async fn try_send(&mut self, method: &str, path: &str) -> Result<u16, String> {
+        let mut req = http::Request::builder().method(method);
+        req = match &self.sender {
+            Sender::H1(_) => req.uri(path).header(http::header::HOST, &self.host),
+            Sender::H2(_) => req.uri(format!("https://{}{path}", self.host)),
+        };
+        let req = req.body(Full::new(Bytes::new())).expect("request");
+        let response = match &mut self.sender {
+            Sender::H1(s) => s.send_request(req).await,
+            Sender::H2(s) => s.send_request(req).await,
+        };
+        response.map(|r| r.status().as_u16()).map_err(|e| e.to_string())
+    }
+
     /// `send` with `api-version` appended.
     pub async fn call(&mut self, method: &str, path: &str, body: Option<serde_json::Value>) -> Answer {
         let sep = if path.contains('?') { '&' } else { '?' };
