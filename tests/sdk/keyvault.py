@@ -21,6 +21,7 @@ import base64
 import json
 import os
 import sys
+from datetime import datetime, timezone
 
 from azure.core.exceptions import HttpResponseError
 from azure.identity import ClientSecretCredential, ManagedIdentityCredential
@@ -88,7 +89,8 @@ def props(p):
         "version": p.version,
         "enabled": p.enabled,
         "tags": p.tags or {},
-        "expires_on": p.expires_on.isoformat() if p.expires_on else None,
+        "expires_on": int(p.expires_on.timestamp()) if p.expires_on else None,
+        "not_before": int(p.not_before.timestamp()) if p.not_before else None,
         "recovery_level": p.recovery_level,
     }
 
@@ -135,7 +137,9 @@ def op_versions(s):
 
 
 def op_update(s):
-    return props(KEYS.update_key_properties(s["name"], enabled=s.get("enabled"), tags=s.get("tags")))
+    """Updates enabled, tags and (Unix seconds) not_before / expires_on; absent = unchanged."""
+    when = {k: datetime.fromtimestamp(s[k], timezone.utc) for k in ("not_before", "expires_on") if s.get(k) is not None}
+    return props(KEYS.update_key_properties(s["name"], enabled=s.get("enabled"), tags=s.get("tags"), **when))
 
 
 def op_delete(s):
