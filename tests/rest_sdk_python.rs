@@ -516,3 +516,12 @@ async fn client_secret_credential_authenticates_a_service_principal_with_its_per
     assert!(message.contains("does not have keys unwrapKey permission"), "{message}");
     r.broker.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_readmes_python_example_runs_as_written() {
+    let r = sdk::start(|_| {}).await;
+    let printed = r.readme_example("python", "contoso-kv").await;
+    let prefix = format!("{}/keys/app-key-py/", r.vault_url("contoso-kv"));
+    assert!(printed.starts_with(&prefix) && printed.trim_end().ends_with(" unwrapped"), "{printed}");
+    r.broker.stop().await;
+}

@@ -176,11 +176,27 @@ impl Rest {
 
     async fn run(
         &self,
-        mut command: tokio::process::Command,
+        command: tokio::process::Command,
         vault: &str,
         credential: &[(String, String)],
         what: &str,
     ) -> Vec<Value> {
+        let stdout = self.output(command, vault, credential, what).await;
+        let results: Value = serde_json::from_str(stdout.trim())
+            .unwrap_or_else(|e| panic!("{what} printed no JSON ({e}):\n{stdout}"));
+        results.as_array().expect("a list of step results").clone()
+    }
+
+    /// Runs a program with the SDK environment for `vault` and `credential` (the dev CA trusted,
+    /// nothing of the caller's Azure, CA or proxy settings); its standard output. Panics with
+    /// both outputs when it fails.
+    pub async fn output(
+        &self,
+        mut command: tokio::process::Command,
+        vault: &str,
+        credential: &[(String, String)],
+        what: &str,
+    ) -> String {
         // Only what this test sets reaches the SDKs: no credential, CA or proxy of the caller's.
         for (name, _) in std::env::vars_os().filter_map(|(k, v)| Some((k.into_string().ok()?, v))) {
             let upper = name.to_ascii_uppercase();
@@ -204,11 +220,64 @@ impl Rest {
         let stdout = String::from_utf8_lossy(&out.stdout);
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert!(out.status.success(), "{what} failed ({}):\n{stdout}\n{stderr}", out.status);
-        let results: Value = serde_json::from_str(stdout.trim())
-            .unwrap_or_else(|e| panic!("{what} printed no JSON ({e}):\n{stdout}\n{stderr}"));
-        results.as_array().expect("a list of step results").clone()
+        stdout.into_owned()
+    }
+
+    /// Runs the README's example program in `language` (`python`, `js`) as written, with the
+    /// environment the README's shell block exports, for a user-assigned identity allowed to
+    /// create and use keys in `vault`; what it prints.
+    pub async fn readme_example(&self, language: &str, vault: &str) -> String {
+        let section = readme_section();
+        let exports = readme_block(section, "sh");
+        let program = readme_block(section, language);
+        self.broker.vault(vault, false).await;
+        let (identity, _) = self.broker.identity("rg", "app-umi").await;
+        self.broker.policy(vault, &identity.principal_id, &["get", "create", "wrapKey", "unwrapKey"]).await;
+        let mut env = self.app_service(&identity.client_id);
+        env.retain(|(k, _)| k.starts_with("IDENTITY_"));
+        env.push(("AZURE_CLIENT_ID".into(), identity.client_id.clone()));
+        // What the test sets is what the README tells the reader to export.
+        for name in ["VAULT_URL", "IDENTITY_ENDPOINT", "IDENTITY_HEADER", "AZURE_CLIENT_ID", "REQUESTS_CA_BUNDLE", "NODE_EXTRA_CA_CERTS"] {
+            assert!(exports.contains(&format!(" {name}=")), "the README's shell block exports {name}");
+        }
+        assert!(exports.contains(&format!("tb vault create {vault}")), "the README's vault is {vault}");
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (file, mut command) = match language {
+            "python" => {
+                let interpreter =
+                    python::python_venv("pyenv-sdk", PYTHON_PACKAGES, "azure.keyvault.keys, azure.identity");
+                (dir.path().join("wrap.py"), tokio::process::Command::new(interpreter))
+            }
+            _ => {
+                let mut node = tokio::process::Command::new("node");
+                node.env("NODE_PATH", node::node_modules());
+                (dir.path().join("wrap.js"), node)
+            }
+        };
+        std::fs::write(&file, program).expect("write the example");
+        command.arg(&file).current_dir(dir.path());
+        self.output(command, vault, &env, &format!("the README's {language} example")).await
     }
 }
+
+/// The README's section on the Azure SDKs.
+fn readme_section() -> &'static str {
+    const README: &str = include_str!("../../README.md");
+    let heading = "\n## The Azure SDKs against the broker\n";
+    let start = README.find(heading).expect("README has a section on the Azure SDKs") + heading.len();
+    let body = &README[start..];
+    &body[..body.find("\n## ").unwrap_or(body.len())]
+}
+
+/// The one fenced block of `language` in `text`.
+fn readme_block<'a>(text: &'a str, language: &str) -> &'a str {
+    let open = format!("```{language}\n");
+    let start = text.find(&open).unwrap_or_else(|| panic!("a ```{language} block")) + open.len();
+    assert!(text[start..].find(&open).is_none(), "one ```{language} block");
+    let body = &text[start..];
+    &body[..body.find("\n```").expect("a closed block")]
+}
+
 
 fn vars(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
     pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
