@@ -22,15 +22,23 @@ async fn core_flow(protocol: &str) {
     let r = sdk::start(|_| {}).await;
     let vault = format!("js-{protocol}");
     let operator = r.vault_with_operator(&vault).await;
-    let created = r.node("keyvault.js", &vault, &operator, json!([{"op": "create_rsa", "name": "tde"}])).await;
+    let created =
+        r.node("keyvault.js", &vault, &operator, json!([{"op": "create_rsa", "name": "tde"}])).await;
     let created = ok(&created[0]);
     assert_eq!(created["kty"], "RSA");
     let kid = created["id"].as_str().unwrap().to_string();
-    assert!(kid.starts_with(&format!("{}/keys/tde/", r.vault_url(&vault))), "key id on the URL called: {kid}");
+    assert!(
+        kid.starts_with(&format!("{}/keys/tde/", r.vault_url(&vault))),
+        "key id on the URL called: {kid}"
+    );
 
     let (identity, who) = r.broker.identity("rg", &format!("{vault}-mi")).await;
     r.broker.policy(&vault, &identity.principal_id, &["wrapKey", "unwrapKey"]).await;
-    let cred = if protocol == "appservice" { r.app_service(&identity.client_id) } else { r.imds(&identity.client_id) };
+    let cred = if protocol == "appservice" {
+        r.app_service(&identity.client_id)
+    } else {
+        r.imds(&identity.client_id)
+    };
     let out = r
         .node(
             "keyvault.js",
@@ -43,7 +51,14 @@ async fn core_flow(protocol: &str) {
         )
         .await;
     let wrapped = ok(&out[0])["value"].clone();
-    let back = r.node("keyvault.js", &vault, &cred, json!([{"op": "unwrap", "kid": kid, "alg": "RSA-OAEP-256", "value": wrapped}])).await;
+    let back = r
+        .node(
+            "keyvault.js",
+            &vault,
+            &cred,
+            json!([{"op": "unwrap", "kid": kid, "alg": "RSA-OAEP-256", "value": wrapped}]),
+        )
+        .await;
     assert_eq!(unb64(&ok(&back[0])["value"]), DEK, "wrapped and unwrapped by the broker");
 
     // The same wrapped key unwraps over gRPC: one key behind both surfaces.
@@ -59,14 +74,22 @@ async fn core_flow(protocol: &str) {
 
     let refused = err(&out[1]);
     assert_eq!(refused["type"], "RestError", "{refused}");
-    assert_eq!((refused["status"].clone(), refused["code"].clone()), (json!(403), json!("Forbidden")), "{refused}");
+    assert_eq!(
+        (refused["status"].clone(), refused["code"].clone()),
+        (json!(403), json!("Forbidden")),
+        "{refused}"
+    );
     let grpc = r
         .broker
         .kv_with(bearer(&who.token))
         .get_key(proto::GetKeyRequest { key_id: r.broker.key_uri(&vault, "tde") })
         .await
         .expect_err("refused over gRPC");
-    assert_eq!(refused["message"], json!(grpc.message()), "the SDK's 403 carries Key Vault's text, as gRPC does");
+    assert_eq!(
+        refused["message"],
+        json!(grpc.message()),
+        "the SDK's 403 carries Key Vault's text, as gRPC does"
+    );
     assert!(grpc.message().contains("does not have keys get permission on key vault"), "{}", grpc.message());
     r.broker.stop().await;
 }

@@ -58,18 +58,21 @@ async fn key_client_creates_gets_updates_and_lists_rsa_and_ec_keys_across_pages(
     assert_eq!((read["enabled"].clone(), read["tags"].clone()), (json!(false), json!({"purpose": "tde"})));
 
     // The same key seen over gRPC: the update made through the SDK is the key's state.
-    let got = r.broker.kv().get_key(proto::GetKeyRequest { key_id: r.broker.key_uri("sdk-keys", "rsa-key") }).await;
+    let got =
+        r.broker.kv().get_key(proto::GetKeyRequest { key_id: r.broker.key_uri("sdk-keys", "rsa-key") }).await;
     let got = got.expect("get over gRPC").into_inner();
     assert_eq!(got.attributes.expect("attributes").enabled, Some(false));
 
     let listing = ok(step(&out, out.len() - 1));
-    let mut names: Vec<&str> = listing["names"].as_array().unwrap().iter().map(|n| n.as_str().unwrap()).collect();
+    let mut names: Vec<&str> =
+        listing["names"].as_array().unwrap().iter().map(|n| n.as_str().unwrap()).collect();
     names.sort_unstable();
     let mut expected: Vec<String> = (0..33).map(|i| format!("many-{i:02}")).collect();
     expected.extend(["ec-key".to_string(), "rsa-key".to_string()]);
     expected.sort_unstable();
     assert_eq!(names, expected, "every key listed exactly once across the pages");
-    let pages: Vec<u64> = listing["page_sizes"].as_array().unwrap().iter().map(|n| n.as_u64().unwrap()).collect();
+    let pages: Vec<u64> =
+        listing["page_sizes"].as_array().unwrap().iter().map(|n| n.as_u64().unwrap()).collect();
     assert!(pages.len() >= 4, "35 keys in pages of at most 10: {pages:?}");
     assert!(pages.iter().all(|&n| n <= 10), "maxresults honoured: {pages:?}");
     r.broker.stop().await;
@@ -101,7 +104,10 @@ async fn key_client_deletes_recovers_deletes_again_and_purges_through_the_poller
     let deleted = ok(step(&out, 1));
     assert_eq!(deleted["name"], "k");
     assert!(deleted["recovery_id"].as_str().is_some_and(|id| id.contains("/deletedkeys/k")), "{deleted}");
-    assert_eq!((deleted["deleted_on"].clone(), deleted["scheduled_purge"].clone()), (json!(true), json!(true)));
+    assert_eq!(
+        (deleted["deleted_on"].clone(), deleted["scheduled_purge"].clone()),
+        (json!(true), json!(true))
+    );
     assert_eq!(ok(step(&out, 2)), &json!(["k"]));
     let gone = err(step(&out, 3));
     assert_eq!((gone["status"].clone(), gone["code"].clone()), (json!(404), json!("KeyNotFound")), "{gone}");
@@ -206,7 +212,8 @@ async fn crypto_setup(r: &sdk::Rest, vault: &str) -> (String, String, Vec<(Strin
     let perms = ["wrapKey", "unwrapKey", "encrypt", "decrypt", "sign", "verify"];
     let sp = r.service_principal(&format!("{vault}-crypto"), vault, &perms).await;
     // The key ids over REST are the vault URL's.
-    let rest_id = |grpc_id: &str| grpc_id.replace(&format!("https://{vault}.vault.azure.net"), &r.vault_url(vault));
+    let rest_id =
+        |grpc_id: &str| grpc_id.replace(&format!("https://{vault}.vault.azure.net"), &r.vault_url(vault));
     (rest_id(&rsa), rest_id(&ec), r.secret(&sp))
 }
 
@@ -249,7 +256,8 @@ async fn cryptography_client_wraps_encrypts_and_signs_over_rest() {
     // Every operation above was answered by the broker: the SDK's key read was refused (403) and
     // each cryptographic call got its 200.
     for s in first.iter().chain(&second) {
-        let statuses: Vec<i64> = s["responses"].as_array().unwrap().iter().map(|p| p[0].as_i64().unwrap()).collect();
+        let statuses: Vec<i64> =
+            s["responses"].as_array().unwrap().iter().map(|p| p[0].as_i64().unwrap()).collect();
         assert!(statuses.contains(&403) && statuses.last() == Some(&200), "{statuses:?}");
     }
     r.broker.stop().await;
@@ -308,7 +316,9 @@ async fn wrap_only_identity(r: &sdk::Rest, vault: &str) -> (proto::Identity, Who
 }
 
 /// The message gRPC gives `who` for a refused operation.
-async fn grpc_refusal<T: std::fmt::Debug>(result: Result<tonic::Response<T>, tonic::Status>) -> (Code, String) {
+async fn grpc_refusal<T: std::fmt::Debug>(
+    result: Result<tonic::Response<T>, tonic::Status>,
+) -> (Code, String) {
     let status = result.expect_err("refused over gRPC");
     (status.code(), status.message().to_string())
 }
@@ -317,7 +327,11 @@ async fn managed_identity_wraps_and_is_refused_get_key(protocol: &str) {
     let r = sdk::start(|_| {}).await;
     let vault = format!("sdk-{protocol}");
     let (identity, who, key) = wrap_only_identity(&r, &vault).await;
-    let cred = if protocol == "appservice" { r.app_service(&identity.client_id) } else { r.imds(&identity.client_id) };
+    let cred = if protocol == "appservice" {
+        r.app_service(&identity.client_id)
+    } else {
+        r.imds(&identity.client_id)
+    };
     let out = r
         .python(
             &vault,
@@ -329,12 +343,18 @@ async fn managed_identity_wraps_and_is_refused_get_key(protocol: &str) {
         )
         .await;
     let wrapped = ok(&out[0])["value"].clone();
-    let back = r.python(&vault, &cred, json!([{"op": "unwrap", "kid": key, "alg": "RSA-OAEP-256", "value": wrapped}])).await;
+    let back = r
+        .python(&vault, &cred, json!([{"op": "unwrap", "kid": key, "alg": "RSA-OAEP-256", "value": wrapped}]))
+        .await;
     assert_eq!(unb64(&ok(&back[0])["value"]), DEK);
 
     let refused = err(&out[1]);
     assert_eq!(refused["type"], "HttpResponseError", "{refused}");
-    assert_eq!((refused["status"].clone(), refused["code"].clone()), (json!(403), json!("Forbidden")), "{refused}");
+    assert_eq!(
+        (refused["status"].clone(), refused["code"].clone()),
+        (json!(403), json!("Forbidden")),
+        "{refused}"
+    );
     assert_eq!(refused["inner"], "AccessDenied", "{refused}");
     let (code, message) = grpc_refusal(
         r.broker
@@ -365,8 +385,13 @@ async fn a_disabled_key_refuses_the_sdk_with_the_grpc_text_and_an_enabled_one_se
     let (identity, who, key) = wrap_only_identity(&r, "sdk-disabled").await;
     let cred = r.app_service(&identity.client_id);
     let grpc_id = r.broker.key_uri("sdk-disabled", "tde");
-    let wrapped = r.broker.kv().wrap_key(crypto_req(&grpc_id, "RSA-OAEP-256", &DEK)).await.unwrap().into_inner().value;
-    let set_enabled = |enabled: bool| proto::UpdateKeyRequest { key_id: grpc_id.clone(), enabled: Some(enabled), ..Default::default() };
+    let wrapped =
+        r.broker.kv().wrap_key(crypto_req(&grpc_id, "RSA-OAEP-256", &DEK)).await.unwrap().into_inner().value;
+    let set_enabled = |enabled: bool| proto::UpdateKeyRequest {
+        key_id: grpc_id.clone(),
+        enabled: Some(enabled),
+        ..Default::default()
+    };
     r.broker.kv().update_key(set_enabled(false)).await.expect("disable");
 
     let out = r
@@ -393,7 +418,13 @@ async fn a_disabled_key_refuses_the_sdk_with_the_grpc_text_and_an_enabled_one_se
     }
 
     r.broker.kv().update_key(set_enabled(true)).await.expect("enable");
-    let out = r.python("sdk-disabled", &cred, json!([{"op": "unwrap", "kid": key, "alg": "RSA-OAEP-256", "value": b64(&wrapped)}])).await;
+    let out = r
+        .python(
+            "sdk-disabled",
+            &cred,
+            json!([{"op": "unwrap", "kid": key, "alg": "RSA-OAEP-256", "value": b64(&wrapped)}]),
+        )
+        .await;
     assert_eq!(unb64(&ok(&out[0])["value"]), DEK, "enabled again: unwraps");
     r.broker.stop().await;
 }
@@ -404,9 +435,11 @@ async fn an_expired_key_refuses_wrap_and_still_unwraps_for_the_sdk_as_over_grpc(
     let (identity, who, key) = wrap_only_identity(&r, "sdk-expired").await;
     let cred = r.imds(&identity.client_id);
     let grpc_id = r.broker.key_uri("sdk-expired", "tde");
-    let wrapped = r.broker.kv().wrap_key(crypto_req(&grpc_id, "RSA-OAEP-256", &DEK)).await.unwrap().into_inner().value;
+    let wrapped =
+        r.broker.kv().wrap_key(crypto_req(&grpc_id, "RSA-OAEP-256", &DEK)).await.unwrap().into_inner().value;
     let now = r.broker.now().await;
-    let expire = proto::UpdateKeyRequest { key_id: grpc_id.clone(), expires: Some(now + 60), ..Default::default() };
+    let expire =
+        proto::UpdateKeyRequest { key_id: grpc_id.clone(), expires: Some(now + 60), ..Default::default() };
     r.broker.kv().update_key(expire).await.expect("set expiry");
     r.broker.advance(120).await;
 
@@ -420,8 +453,10 @@ async fn an_expired_key_refuses_wrap_and_still_unwraps_for_the_sdk_as_over_grpc(
             ]),
         )
         .await;
-    let (code, message) =
-        grpc_refusal(r.broker.kv_with(bearer(&who.token)).wrap_key(crypto_req(&grpc_id, "RSA-OAEP-256", &DEK)).await).await;
+    let (code, message) = grpc_refusal(
+        r.broker.kv_with(bearer(&who.token)).wrap_key(crypto_req(&grpc_id, "RSA-OAEP-256", &DEK)).await,
+    )
+    .await;
     assert_eq!(code, Code::PermissionDenied);
     let e = err(&out[0]);
     assert_eq!((e["status"].clone(), e["message"].clone()), (json!(403), json!(message)), "{e}");
@@ -444,8 +479,10 @@ async fn the_vault_firewall_refuses_the_sdk_with_the_grpc_text_until_its_address
     let wrap = json!([{"op": "wrap", "kid": key, "alg": "RSA-OAEP-256", "value": b64(&DEK)}]);
     let out = r.python("sdk-fw", &cred, wrap.clone()).await;
     let grpc_id = r.broker.key_uri("sdk-fw", "tde");
-    let (code, message) =
-        grpc_refusal(r.broker.kv_with(bearer(&who.token)).wrap_key(crypto_req(&grpc_id, "RSA-OAEP-256", &DEK)).await).await;
+    let (code, message) = grpc_refusal(
+        r.broker.kv_with(bearer(&who.token)).wrap_key(crypto_req(&grpc_id, "RSA-OAEP-256", &DEK)).await,
+    )
+    .await;
     assert_eq!(code, Code::PermissionDenied);
     let e = err(&out[0]);
     assert_eq!((e["status"].clone(), e["inner"].clone()), (json!(403), json!("ForbiddenByFirewall")), "{e}");
@@ -474,8 +511,9 @@ async fn a_throttled_sdk_waits_out_retry_after_and_succeeds() {
         })
         .await
         .expect("throttling");
-    let steps: Vec<Value> =
-        (0..5).map(|_| json!({"op": "wrap", "kid": key, "alg": "RSA-OAEP-256", "value": b64(&DEK)})).collect();
+    let steps: Vec<Value> = (0..5)
+        .map(|_| json!({"op": "wrap", "kid": key, "alg": "RSA-OAEP-256", "value": b64(&DEK)}))
+        .collect();
     let out = r.python("sdk-throttle", &cred, Value::Array(steps)).await;
     for s in &out {
         ok(s);
@@ -484,7 +522,10 @@ async fn a_throttled_sdk_waits_out_retry_after_and_succeeds() {
     let throttled: Vec<&&Value> = responses.iter().filter(|p| p[0] == 429).collect();
     assert!(!throttled.is_empty(), "the vault throttled the SDK: {responses:?}");
     for p in &throttled {
-        let after: u64 = p[1].as_str().and_then(|s| s.parse().ok()).unwrap_or_else(|| panic!("429 without Retry-After: {p}"));
+        let after: u64 = p[1]
+            .as_str()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or_else(|| panic!("429 without Retry-After: {p}"));
         assert!((1..=10).contains(&after), "Retry-After within the 10-second window: {after}");
     }
     r.broker.stop().await;

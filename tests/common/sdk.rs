@@ -6,15 +6,16 @@
 //!
 //! A script gets a list of steps (JSON) and prints, per step, `{"ok": …}` or `{"error": {"type",
 //! "status", "code", "inner", "message"}}` with the HTTP responses the SDK received for it.
+#![allow(dead_code)]
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
 
+use crate::common::{TestBroker, claims, node, python, serve_opened};
 use serde_json::Value;
 use tde_broker::config::{ClockKind, Config};
 use tde_broker::grpc::proto;
 use tde_broker::server::App;
-use crate::common::{TestBroker, claims, node, python, serve_opened};
 
 /// The Python packages, pinned with their dependencies (`pip freeze` of the virtualenv).
 pub const PYTHON_PACKAGES: &[&str] = &[
@@ -83,7 +84,9 @@ fn check_localhost_resolves() {
     use std::net::ToSocketAddrs;
     let resolved: Vec<SocketAddr> = ("resolver-check.vault.localhost", 443)
         .to_socket_addrs()
-        .unwrap_or_else(|e| panic!("resolver-check.vault.localhost does not resolve ({e}): {INSTALL_RESOLVER}"))
+        .unwrap_or_else(|e| {
+            panic!("resolver-check.vault.localhost does not resolve ({e}): {INSTALL_RESOLVER}")
+        })
         .collect();
     assert!(
         resolved.iter().any(|a| a.ip() == std::net::IpAddr::from([127, 0, 0, 1])),
@@ -143,7 +146,10 @@ impl Rest {
             .await
             .expect("user")
             .into_inner();
-        assert!(!r.client_id.is_empty() && !r.client_secret.is_empty(), "CreateUser returns client credentials");
+        assert!(
+            !r.client_id.is_empty() && !r.client_secret.is_empty(),
+            "CreateUser returns client credentials"
+        );
         self.broker.policy(vault, &r.principal_id, perms).await;
         ServicePrincipal { object_id: r.principal_id, client_id: r.client_id, client_secret: r.client_secret }
     }
@@ -158,7 +164,8 @@ impl Rest {
 
     /// Runs `tests/sdk/keyvault.py` with the Azure SDK for Python against `vault`.
     pub async fn python(&self, vault: &str, credential: &[(String, String)], steps: Value) -> Vec<Value> {
-        let interpreter = python::python_venv("pyenv-sdk", PYTHON_PACKAGES, "azure.keyvault.keys, azure.identity");
+        let interpreter =
+            python::python_venv("pyenv-sdk", PYTHON_PACKAGES, "azure.keyvault.keys, azure.identity");
         let script = node::sdk_dir().join("keyvault.py");
         let mut command = tokio::process::Command::new(interpreter);
         command.arg(script).arg(steps.to_string());
@@ -167,7 +174,13 @@ impl Rest {
     }
 
     /// Runs `tests/sdk/<script>` with the Azure SDK for JavaScript against `vault`.
-    pub async fn node(&self, script: &str, vault: &str, credential: &[(String, String)], steps: Value) -> Vec<Value> {
+    pub async fn node(
+        &self,
+        script: &str,
+        vault: &str,
+        credential: &[(String, String)],
+        steps: Value,
+    ) -> Vec<Value> {
         let modules = node::node_modules();
         let mut command = tokio::process::Command::new("node");
         command.arg(node::sdk_dir().join(script)).arg(steps.to_string()).env("NODE_PATH", modules);
@@ -237,7 +250,14 @@ impl Rest {
         env.retain(|(k, _)| k.starts_with("IDENTITY_"));
         env.push(("AZURE_CLIENT_ID".into(), identity.client_id.clone()));
         // What the test sets is what the README tells the reader to export.
-        for name in ["VAULT_URL", "IDENTITY_ENDPOINT", "IDENTITY_HEADER", "AZURE_CLIENT_ID", "REQUESTS_CA_BUNDLE", "NODE_EXTRA_CA_CERTS"] {
+        for name in [
+            "VAULT_URL",
+            "IDENTITY_ENDPOINT",
+            "IDENTITY_HEADER",
+            "AZURE_CLIENT_ID",
+            "REQUESTS_CA_BUNDLE",
+            "NODE_EXTRA_CA_CERTS",
+        ] {
             assert!(exports.contains(&format!(" {name}=")), "the README's shell block exports {name}");
         }
         assert!(exports.contains(&format!("tb vault create {vault}")), "the README's vault is {vault}");
@@ -277,7 +297,6 @@ fn readme_block<'a>(text: &'a str, language: &str) -> &'a str {
     let body = &text[start..];
     &body[..body.find("\n```").expect("a closed block")]
 }
-
 
 fn vars(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
     pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
