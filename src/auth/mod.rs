@@ -4,6 +4,7 @@
 //! into the request's extensions; a request without one never reaches a handler.
 
 pub mod jwt;
+pub mod secret;
 
 use std::collections::HashMap;
 use std::sync::{Arc, PoisonError, RwLock};
@@ -22,18 +23,50 @@ pub const MANAGEMENT_AUDIENCE: &str = "https://management.azure.com/";
 /// Tolerated clock skew, seconds (the cloud's token libraries allow five minutes).
 pub const CLOCK_SKEW: i64 = 300;
 
+/// The local Key Vault resource: the audience SDKs ask for when a vault's URL is
+/// `https://<vault>.vault.localhost[:port]` (they take the resource from the bearer challenge).
+pub const VAULT_LOCAL_AUDIENCE: &str = "https://vault.localhost";
+
+/// Whether `aud` names the local Key Vault resource: `https://vault.localhost`, optionally with
+/// a port (1-65535), a trailing slash or `/.default`, in any case.
+pub fn is_local_vault_audience(aud: &str) -> bool {
+    let a = aud.trim();
+    let a = a.strip_suffix("/.default").unwrap_or(a).trim_end_matches('/');
+    let Some(prefix) = a.get(..VAULT_LOCAL_AUDIENCE.len()) else {
+        return false;
+    };
+    if !prefix.eq_ignore_ascii_case(VAULT_LOCAL_AUDIENCE) {
+        return false;
+    }
+    match &a[VAULT_LOCAL_AUDIENCE.len()..] {
+        "" => true,
+        rest => rest.strip_prefix(':').is_some_and(|port| {
+            !port.is_empty()
+                && port.len() <= 5
+                && port.bytes().all(|b| b.is_ascii_digit())
+                && port.parse::<u16>().is_ok_and(|p| p > 0)
+        }),
+    }
+}
+
 /// The canonical audience for a requested resource: the Key Vault or ARM resource, with or
-/// without a trailing slash or `/.default` (an empty request means Key Vault).
+/// without a trailing slash or `/.default` (an empty request means Key Vault). The local vault
+/// resource (`https://vault.localhost[:port]`, see [`is_local_vault_audience`]) is Key Vault:
+/// its tokens carry the cloud's audience, which every vault URL accepts.
 pub fn canonical_audience(requested: &str) -> Result<&'static str, BrokerError> {
     let r = requested.trim();
     let r = r.strip_suffix("/.default").unwrap_or(r).trim_end_matches('/');
-    if r.is_empty() || r.eq_ignore_ascii_case(VAULT_AUDIENCE) || r.eq_ignore_ascii_case(VAULT_APP_ID) {
+    if r.is_empty()
+        || r.eq_ignore_ascii_case(VAULT_AUDIENCE)
+        || r.eq_ignore_ascii_case(VAULT_APP_ID)
+        || is_local_vault_audience(r)
+    {
         Ok(VAULT_AUDIENCE)
     } else if r.eq_ignore_ascii_case(MANAGEMENT_AUDIENCE.trim_end_matches('/')) {
         Ok(MANAGEMENT_AUDIENCE)
     } else {
         Err(BrokerError::bad_parameter(format!(
-            "The audience '{}' is not served here. Use {VAULT_AUDIENCE} or {MANAGEMENT_AUDIENCE}.",
+            "The audience '{}' is not served here. Use {VAULT_AUDIENCE}, {VAULT_LOCAL_AUDIENCE}[:port] or {MANAGEMENT_AUDIENCE}.",
             crate::model::ids::printable(requested)
         )))
     }
@@ -51,7 +84,11 @@ pub enum Plane {
 impl Plane {
     fn accepts(self, aud: &str) -> bool {
         match self {
-            Plane::Data => aud.trim_end_matches('/') == VAULT_AUDIENCE || aud == VAULT_APP_ID,
+            Plane::Data => {
+                aud.trim_end_matches('/') == VAULT_AUDIENCE
+                    || aud == VAULT_APP_ID
+                    || is_local_vault_audience(aud)
+            }
             Plane::Control => aud.trim_end_matches('/') == MANAGEMENT_AUDIENCE.trim_end_matches('/'),
         }
     }
@@ -137,7 +174,8 @@ impl Authenticator {
         Ok((token, claims.exp))
     }
 
-    /// Issues a managed identity's token for one audience, with `xms_mirid` naming the resource.
+    /// Issues an application's token for one audience: a managed identity's (with `xms_mirid`
+    /// naming its resource) or a service principal's (client credentials; no `xms_mirid`).
     pub fn issue_identity_token(
         &self,
         identity: &Principal,
@@ -162,6 +200,29 @@ impl Authenticator {
         };
         let token = jwt::encode(&claims, &self.kid, &self.key)?;
         Ok((token, claims.exp))
+    }
+
+    /// The `kid` of the signing key (the header of every issued token).
+    pub fn kid(&self) -> &str {
+        &self.kid
+    }
+
+    /// The JSON Web Key Set of the signing key (an OpenID authority's `jwks_uri`): one RSA
+    /// key, `use` `sig`, `alg` RS256, named by the tokens' `kid`.
+    pub fn jwks(&self) -> Result<serde_json::Value, BrokerError> {
+        use base64::Engine as _;
+        let b64 = |b: &[u8]| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(b);
+        let (n, e) = rsa_public_key_parts(self.key.public_key_der()).ok_or(BrokerError::Internal)?;
+        Ok(serde_json::json!({
+            "keys": [{
+                "kty": "RSA",
+                "use": "sig",
+                "alg": "RS256",
+                "kid": self.kid,
+                "n": b64(n),
+                "e": b64(e),
+            }]
+        }))
     }
 
     /// Validates a bearer token for `plane` and names its caller.
@@ -216,6 +277,39 @@ impl Authenticator {
         let issuer = self.broker.settings.issuer();
         Ok(Caller { peer, ..Caller::new(&principal.object_id, &principal.app_id, &issuer) })
     }
+}
+
+/// The modulus and exponent of a PKCS#1 `RSAPublicKey` (DER: `SEQUENCE { INTEGER n, INTEGER e }`),
+/// big-endian without leading zero bytes, as a JWK carries them.
+fn rsa_public_key_parts(der: &[u8]) -> Option<(&[u8], &[u8])> {
+    /// One DER element of `tag` at the start of `input`: its contents and what follows.
+    fn element(input: &[u8], tag: u8) -> Option<(&[u8], &[u8])> {
+        let (&t, rest) = input.split_first()?;
+        if t != tag {
+            return None;
+        }
+        let (&first, rest) = rest.split_first()?;
+        let (len, rest) = if first < 0x80 {
+            (usize::from(first), rest)
+        } else {
+            let count = usize::from(first & 0x7f);
+            if count == 0 || count > 4 || rest.len() < count {
+                return None;
+            }
+            let len = rest[..count].iter().fold(0usize, |acc, &b| (acc << 8) | usize::from(b));
+            (len, &rest[count..])
+        };
+        (rest.len() >= len).then(|| rest.split_at(len))
+    }
+    fn unsigned(int: &[u8]) -> &[u8] {
+        let start = int.iter().position(|&b| b != 0).unwrap_or(int.len().saturating_sub(1));
+        &int[start..]
+    }
+    let (seq, trailing) = element(der, 0x30)?;
+    let (n, rest) = element(seq, 0x02)?;
+    let (e, rest) = element(rest, 0x02)?;
+    (trailing.is_empty() && rest.is_empty() && !n.is_empty() && !e.is_empty())
+        .then(|| (unsigned(n), unsigned(e)))
 }
 
 /// Most verified tokens remembered (a few hundred bytes of claims each).
@@ -337,6 +431,59 @@ mod tests {
             nbf: 0,
             exp,
         }))
+    }
+
+    #[test]
+    fn local_vault_audiences_with_or_without_a_port_are_key_vault() {
+        for aud in [
+            "https://vault.localhost",
+            "https://vault.localhost/",
+            "https://vault.localhost:8443",
+            "https://vault.localhost:8443/.default",
+            "HTTPS://Vault.LocalHost:1",
+            "https://vault.azure.net/.default",
+            "https://vault.azure.net",
+            "",
+        ] {
+            assert_eq!(canonical_audience(aud).ok(), Some(VAULT_AUDIENCE), "{aud}");
+        }
+        for aud in ["https://management.azure.com/.default", "https://management.azure.com"] {
+            assert_eq!(canonical_audience(aud).ok(), Some(MANAGEMENT_AUDIENCE), "{aud}");
+        }
+        for aud in [
+            "https://vault.localhost:0",
+            "https://vault.localhost:65536",
+            "https://vault.localhost:",
+            "https://vault.localhost:84a3",
+            "https://vault.localhost.evil.example",
+            "https://vault.localhostx",
+            "http://vault.localhost",
+            "https://storage.azure.com",
+        ] {
+            assert!(canonical_audience(aud).is_err(), "{aud} must be refused");
+            assert!(!Plane::Data.accepts(aud), "{aud} must not pass the data plane");
+        }
+    }
+
+    #[test]
+    fn data_tokens_pass_the_data_plane_whichever_vault_audience_they_carry() {
+        for aud in [VAULT_AUDIENCE, VAULT_APP_ID, "https://vault.localhost", "https://vault.localhost:8443"] {
+            assert!(Plane::Data.accepts(aud), "{aud}");
+            assert!(!Plane::Control.accepts(aud), "{aud} is not a control-plane audience");
+        }
+        assert!(Plane::Control.accepts(MANAGEMENT_AUDIENCE));
+        assert!(!Plane::Data.accepts(MANAGEMENT_AUDIENCE));
+    }
+
+    #[test]
+    fn the_jwks_publishes_the_signing_keys_modulus_and_exponent() {
+        let (key, _) = TokenSigningKey::generate().unwrap();
+        let (n, e) = rsa_public_key_parts(key.public_key_der()).expect("PKCS#1 public key");
+        assert_eq!(n.len(), 256, "RSA-2048 modulus without a leading zero");
+        assert_eq!(e, [1, 0, 1]);
+        assert!(rsa_public_key_parts(&key.public_key_der()[1..]).is_none());
+        assert!(rsa_public_key_parts(&[]).is_none());
+        assert!(rsa_public_key_parts(&[0x30, 0x84, 0xff, 0xff, 0xff, 0xff]).is_none());
     }
 
     #[test]

@@ -80,6 +80,7 @@ impl Broker {
             kind: PrincipalKind::UserAssignedIdentity,
             resource_id: Some(resource_id),
             created: self.clock.now(),
+            client_secret_hash: None,
         };
         self.commit(txn, vec![Change::PutPrincipal(identity.clone())]).await?;
         Ok(identity)
@@ -170,8 +171,14 @@ impl Broker {
         Ok(())
     }
 
-    /// CreateUser: a new user principal (directory write, an Owner's or Contributor's right).
-    pub async fn create_user(&self, caller: &Caller, name: &str) -> Result<Principal, BrokerError> {
+    /// CreateUser: a new user principal (directory write, an Owner's or Contributor's right),
+    /// a service principal when `client_secret_hash` is given (its secret's stored form).
+    pub async fn create_user(
+        &self,
+        caller: &Caller,
+        name: &str,
+        client_secret_hash: Option<String>,
+    ) -> Result<Principal, BrokerError> {
         let name = name.trim();
         if name.is_empty() || name.chars().count() > 64 || name.chars().any(char::is_control) {
             return Err(BrokerError::bad_parameter("A user name is 1-64 printable characters."));
@@ -184,6 +191,7 @@ impl Broker {
             kind: PrincipalKind::User,
             resource_id: None,
             created: self.clock.now(),
+            client_secret_hash,
         };
         let txn = self.begin().await;
         self.commit(txn, vec![Change::PutPrincipal(user.clone())]).await?;

@@ -237,6 +237,7 @@ impl Broker {
             kind: PrincipalKind::ServerHost,
             resource_id: Some(server_id.to_string()),
             created: now,
+            client_secret_hash: None,
         }
     }
 
@@ -248,6 +249,7 @@ impl Broker {
             kind: PrincipalKind::SystemAssignedIdentity,
             resource_id: Some(server_id.to_string()),
             created: now,
+            client_secret_hash: None,
         }
     }
 

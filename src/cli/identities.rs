@@ -122,12 +122,15 @@ pub(super) async fn user(s: &Session, cmd: UserCmd) -> Result<Out, CliError> {
         UserCmd::Create { name } => {
             let u = s.call(s.identities().create_user(proto::CreateUserRequest { name })).await?;
             Ok(Out {
-                json: json_fields!(u; principal_id, name, token, expires_on),
+                json: json_fields!(u; principal_id, name, token, expires_on, client_id, client_secret),
                 table: fields(&[
                     ("principal id", u.principal_id.clone()),
                     ("name", u.name.clone()),
                     ("token", u.token.clone()),
                     ("expires on", when(u.expires_on)),
+                    ("client id", u.client_id.clone()),
+                    // Shown once: the broker keeps only its hash.
+                    ("client secret", u.client_secret.clone()),
                 ]),
             })
         }

@@ -85,7 +85,10 @@ impl Identities for IdentitiesService {
         request: Request<proto::CreateUserRequest>,
     ) -> Result<Response<proto::CreateUserResponse>, Status> {
         let caller = caller(&request)?;
-        let user = self.broker.create_user(&caller, &request.get_ref().name).await.map_err(to_status)?;
+        // The secret is answered once; only its hash is stored.
+        let (client_secret, hash) = crate::auth::secret::new_client_secret();
+        let user =
+            self.broker.create_user(&caller, &request.get_ref().name, Some(hash)).await.map_err(to_status)?;
         let (token, expires_on) = self
             .auth
             .issue_user_token(&user, &[MANAGEMENT_AUDIENCE, VAULT_AUDIENCE], self.token_lifetime)
@@ -95,6 +98,8 @@ impl Identities for IdentitiesService {
             name: user.name,
             token,
             expires_on,
+            client_id: user.app_id,
+            client_secret: client_secret.to_string(),
         }))
     }
 

@@ -33,6 +33,11 @@ pub struct Principal {
     pub resource_id: Option<String>,
     /// Creation time.
     pub created: i64,
+    /// A service principal's client secret, hashed (`auth::secret`): the secret itself is shown
+    /// once, when the user is created, and never stored. Absent for principals without one
+    /// (identities, engine hosts, users created before service principals existed).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub client_secret_hash: Option<String>,
 }
 
 /// The authenticated caller of one request, as the auth layer established it.

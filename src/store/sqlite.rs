@@ -604,6 +604,7 @@ mod tests {
             kind: crate::model::PrincipalKind::User,
             resource_id: None,
             created: 0,
+            client_secret_hash: None,
         }
     }
 

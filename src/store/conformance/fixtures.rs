@@ -156,6 +156,7 @@ pub(super) fn principal(object_id: &str, n: i64) -> Principal {
         kind: if odd(n) { PrincipalKind::UserAssignedIdentity } else { PrincipalKind::ServerHost },
         resource_id: odd(n).then(|| format!("/subscriptions/s/resourceGroups/rg/providers/Microsoft.ManagedIdentity/userAssignedIdentities/id{n}")),
         created: 50 + n,
+        client_secret_hash: (!odd(n)).then(|| format!("{n:064x}")),
     }
 }
 
