@@ -5,7 +5,8 @@ Run by tests/rest_sdk_python.rs:  python keyvault.py '<steps as JSON>'
 Every input comes from the environment, as it would for an application:
   VAULT_URL                    https://<vault>.vault.localhost:<port>
   REQUESTS_CA_BUNDLE           the broker's dev CA (the SDK's documented way to trust a CA)
-  SDK_CREDENTIAL               "appservice" | "imds" | "secret": which credential to build
+  SDK_CREDENTIAL               "appservice" | "imds" | "secret" | "token": which credential to build
+  SDK_TOKEN                    for "token": a bearer token the broker issued
   MI_CLIENT_ID                 the user-assigned identity a managed-identity credential asks for
   IDENTITY_ENDPOINT, IDENTITY_HEADER          App Service protocol (read by the SDK itself)
   AZURE_POD_IDENTITY_AUTHORITY_HOST           IMDS protocol (read by the SDK itself)
@@ -21,8 +22,10 @@ import base64
 import json
 import os
 import sys
+import time
 from datetime import datetime, timezone
 
+from azure.core.credentials import AccessToken
 from azure.core.exceptions import HttpResponseError
 from azure.identity import ClientSecretCredential, ManagedIdentityCredential
 from azure.keyvault.keys import (
@@ -62,7 +65,20 @@ def credential():
             os.environ["AZURE_CLIENT_SECRET"],
             disable_instance_discovery=True,
         )
+    if kind == "token":
+        return StaticToken(os.environ["SDK_TOKEN"])
     raise SystemExit(f"unknown SDK_CREDENTIAL {kind!r}")
+
+
+class StaticToken:
+    """A bearer token issued by the broker (`tb token get`), as a TokenCredential: azure-core's
+    documented protocol for credentials of one's own."""
+
+    def __init__(self, token):
+        self.token = token
+
+    def get_token(self, *scopes, **kwargs):
+        return AccessToken(self.token, int(time.time()) + 3600)
 
 
 RESPONSES = []
