@@ -155,7 +155,7 @@ def op_versions(s):
 def op_update(s):
     """Updates enabled, tags and (Unix seconds) not_before / expires_on; absent = unchanged."""
     when = {k: datetime.fromtimestamp(s[k], timezone.utc) for k in ("not_before", "expires_on") if s.get(k) is not None}
-    return props(KEYS.update_key_properties(s["name"], enabled=s.get("enabled"), tags=s.get("tags"), **when))
+    return key(KEYS.update_key_properties(s["name"], enabled=s.get("enabled"), tags=s.get("tags"), **when))
 
 
 def op_delete(s):
