@@ -229,7 +229,8 @@ pub fn route(method: &Method, path: &str) -> Option<Route> {
 pub fn query_value(query: Option<&str>, name: &str) -> Option<String> {
     query?.split('&').find_map(|pair| {
         let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
-        k.eq_ignore_ascii_case(name).then(|| percent_decode(v))
+        // Names are percent-decoded too: the JavaScript SDK sends `api%2Dversion`.
+        percent_decode(k).eq_ignore_ascii_case(name).then(|| percent_decode(v))
     })
 }
 
@@ -838,6 +839,7 @@ mod tests {
         assert!(check_api_version(Some("api-version=7.6")).is_ok());
         assert!(check_api_version(Some("x=1&api-version=2025-07-01")).is_ok());
         assert!(check_api_version(Some("api-version=7.6-preview.2")).is_ok());
+        assert!(check_api_version(Some("api%2Dversion=7.6")).is_ok(), "as the JavaScript SDK sends it");
         let e = check_api_version(Some("api-version=9.9")).unwrap_err();
         assert_eq!(
             e.message,
