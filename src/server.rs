@@ -204,8 +204,8 @@ async fn bind_rest(config: &Config) -> Result<Option<RestListener>, StartError> 
             let addr = listener.local_addr().map_err(|source| StartError::RestListen { addr, source })?;
             // Made here, so `<data-dir>/identity.header` exists once `open` returns.
             let header_path = config.data_dir.join(crate::rest::identity::IDENTITY_HEADER_FILE);
-            let identity_header =
-                crate::rest::identity::ensure_identity_header(&config.data_dir).map_err(io_err(&header_path))?;
+            let identity_header = crate::rest::identity::ensure_identity_header(&config.data_dir)
+                .map_err(io_err(&header_path))?;
             Ok(Some(RestListener { listener, addr, tls, identity_header }))
         }
         Err(source) if source.kind() == std::io::ErrorKind::AddrInUse && !config.rest_listen_explicit => {
