@@ -107,8 +107,8 @@ async fn javascript_sdk_imds_identity_wraps_unwraps_and_gets_key_vaults_403_text
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_readmes_javascript_example_runs_as_written() {
     let r = sdk::start(|_| {}).await;
-    let printed = r.readme_example("js", "contoso-kv").await;
-    let prefix = format!("{}/keys/app-key-js/", r.vault_url("contoso-kv"));
+    let printed = r.readme_example("js", "app-kv").await;
+    let prefix = format!("{}/keys/app-key-js/", r.vault_url("app-kv"));
     assert!(printed.starts_with(&prefix) && printed.trim_end().ends_with(" unwrapped"), "{printed}");
     r.broker.stop().await;
 }

@@ -561,8 +561,8 @@ async fn client_secret_credential_authenticates_a_service_principal_with_its_per
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_readmes_python_example_runs_as_written() {
     let r = sdk::start(|_| {}).await;
-    let printed = r.readme_example("python", "contoso-kv").await;
-    let prefix = format!("{}/keys/app-key-py/", r.vault_url("contoso-kv"));
+    let printed = r.readme_example("python", "app-kv").await;
+    let prefix = format!("{}/keys/app-key-py/", r.vault_url("app-kv"));
     assert!(printed.starts_with(&prefix) && printed.trim_end().ends_with(" unwrapped"), "{printed}");
     r.broker.stop().await;
 }
