@@ -566,3 +566,37 @@ async fn the_readmes_python_example_runs_as_written() {
     assert!(printed.starts_with(&prefix) && printed.trim_end().ends_with(" unwrapped"), "{printed}");
     r.broker.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn managed_identity_credentials_name_their_identity_by_object_id_or_resource_id_on_both_protocols() {
+    let r = sdk::start(|_| {}).await;
+    let (identity, _, key) = wrap_only_identity(&r, "sdk-select").await;
+    // A second identity with no access: naming the wrong one would be refused.
+    r.broker.identity("rg", "bystander").await;
+    let wrap = json!([{"op": "wrap", "kid": key, "alg": "RSA-OAEP-256", "value": b64(&DEK)}]);
+    for protocol in ["appservice", "imds"] {
+        for (selector, value) in
+            [("MI_OBJECT_ID", &identity.principal_id), ("MI_RESOURCE_ID", &identity.resource_id)]
+        {
+            let mut cred = if protocol == "appservice" { r.app_service("") } else { r.imds("") };
+            cred.retain(|(k, _)| k != "MI_CLIENT_ID");
+            cred.push((selector.to_string(), value.clone()));
+            let out = r.python("sdk-select", &cred, wrap.clone()).await;
+            let wrapped = ok(&out[0])["value"].clone();
+            let plain = r
+                .broker
+                .kv()
+                .unwrap_key(unwrap_req(
+                    &r.broker.key_uri("sdk-select", "tde"),
+                    "RSA-OAEP-256",
+                    &unb64(&wrapped),
+                ))
+                .await
+                .unwrap_or_else(|e| panic!("{protocol} by {selector}: {e:?}"))
+                .into_inner()
+                .value;
+            assert_eq!(plain, DEK, "{protocol} by {selector}");
+        }
+    }
+    r.broker.stop().await;
+}

@@ -137,11 +137,6 @@ impl Rest {
         ])
     }
 
-    /// A credential environment: a token the broker issued, as the SDK's `TokenCredential`.
-    pub fn token(&self, token: &str) -> Vec<(String, String)> {
-        vars(&[("SDK_CREDENTIAL", "token"), ("SDK_TOKEN", token)])
-    }
-
     /// A service principal made through `CreateUser`, holding `perms` on `vault`.
     pub async fn service_principal(&self, name: &str, vault: &str, perms: &[&str]) -> ServicePrincipal {
         let r = self

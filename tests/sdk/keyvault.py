@@ -5,9 +5,9 @@ Run by tests/rest_sdk_python.rs:  python keyvault.py '<steps as JSON>'
 Every input comes from the environment, as it would for an application:
   VAULT_URL                    https://<vault>.vault.localhost:<port>
   REQUESTS_CA_BUNDLE           the broker's dev CA (the SDK's documented way to trust a CA)
-  SDK_CREDENTIAL               "appservice" | "imds" | "secret" | "token": which credential to build
-  SDK_TOKEN                    for "token": a bearer token the broker issued
-  MI_CLIENT_ID                 the user-assigned identity a managed-identity credential asks for
+  SDK_CREDENTIAL               "appservice" | "imds" | "secret": which credential to build
+  MI_CLIENT_ID | MI_OBJECT_ID | MI_RESOURCE_ID   the user-assigned identity a managed-identity
+                               credential asks for
   IDENTITY_ENDPOINT, IDENTITY_HEADER          App Service protocol (read by the SDK itself)
   AZURE_POD_IDENTITY_AUTHORITY_HOST           IMDS protocol (read by the SDK itself)
   AZURE_AUTHORITY_HOST, AZURE_TENANT_ID, AZURE_CLIENT_ID, AZURE_CLIENT_SECRET   service principal
@@ -22,10 +22,8 @@ import base64
 import json
 import os
 import sys
-import time
 from datetime import datetime, timezone
 
-from azure.core.credentials import AccessToken
 from azure.core.exceptions import HttpResponseError
 from azure.identity import ClientSecretCredential, ManagedIdentityCredential
 from azure.keyvault.keys import (
@@ -54,7 +52,12 @@ def unb64(text):
 def credential():
     kind = os.environ["SDK_CREDENTIAL"]
     if kind in ("appservice", "imds"):
-        # Which protocol the credential speaks is decided by the environment alone.
+        # Which protocol the credential speaks is decided by the environment alone; the identity
+        # is named by client id, or through identity_config by object id or resource id.
+        if "MI_OBJECT_ID" in os.environ:
+            return ManagedIdentityCredential(identity_config={"object_id": os.environ["MI_OBJECT_ID"]})
+        if "MI_RESOURCE_ID" in os.environ:
+            return ManagedIdentityCredential(identity_config={"resource_id": os.environ["MI_RESOURCE_ID"]})
         return ManagedIdentityCredential(client_id=os.environ["MI_CLIENT_ID"])
     if kind == "secret":
         # The authority host comes from AZURE_AUTHORITY_HOST; a local authority is not one of the
@@ -65,20 +68,7 @@ def credential():
             os.environ["AZURE_CLIENT_SECRET"],
             disable_instance_discovery=True,
         )
-    if kind == "token":
-        return StaticToken(os.environ["SDK_TOKEN"])
     raise SystemExit(f"unknown SDK_CREDENTIAL {kind!r}")
-
-
-class StaticToken:
-    """A bearer token issued by the broker (`tb token get`), as a TokenCredential: azure-core's
-    documented protocol for credentials of one's own."""
-
-    def __init__(self, token):
-        self.token = token
-
-    def get_token(self, *scopes, **kwargs):
-        return AccessToken(self.token, int(time.time()) + 3600)
 
 
 RESPONSES = []
