@@ -509,9 +509,7 @@ impl App {
         // preface in time is closed; under TLS the handshake is timed first, then the preface.
         let incoming = crate::listener::Incoming::new(listener, limits, !tls_on);
         let _ = self.admin_http.state.listener.set(incoming.stats());
-        for line in self.endpoints(addr) {
-            tracing::info!("{line}");
-        }
+        tracing::info!(endpoints = %self.endpoints(addr).join("; "), "how to reach the broker");
         // The REST listener serves beside gRPC and stops with it: the same shutdown starts its
         // drain, and `serve` returns once its connections have finished.
         let (rest_stop, mut rest_stopping) = tokio::sync::watch::channel(false);

@@ -376,8 +376,15 @@ impl KeyVaultApi {
             }
             Op::ImportKey => {
                 let r: ImportBody = parse_body(call.body)?;
-                let jwk = serde_json::to_string(&r.key)
-                    .map_err(|_| RestError::bad_parameter("Property key has invalid value\r\n"))?;
+                // The JWK's own key_ops, when it has them, are the new version's.
+                let key_ops: Vec<String> = r.key["key_ops"]
+                    .as_array()
+                    .map(|ops| ops.iter().filter_map(|o| o.as_str().map(str::to_string)).collect())
+                    .unwrap_or_default();
+                let jwk = zeroize::Zeroizing::new(
+                    serde_json::to_string(&r.key)
+                        .map_err(|_| RestError::bad_parameter("Property key has invalid value\r\n"))?,
+                );
                 let key = crate::crypto::import_jwk(&jwk).map_err(|e| {
                     to_rest(BrokerError::bad_parameter(format!("The key to import is invalid: {e}.")))
                 })?;
@@ -385,7 +392,7 @@ impl KeyVaultApi {
                     vault: call.vault.to_string(),
                     name: name.to_string(),
                     material: NewMaterial::Import { key, hsm: r.hsm.unwrap_or(false) },
-                    key_ops: Vec::new(),
+                    key_ops,
                     attributes: r.attributes.map(AttributesBody::new_attributes).unwrap_or_default(),
                     tags: r.tags.unwrap_or_default(),
                 };

@@ -4,6 +4,7 @@
 //! JavaScript SDK checks (`sdk.rs`, included by the SDK tests themselves, drives them).
 #![allow(dead_code)]
 
+pub mod https;
 pub mod node;
 pub mod observed;
 pub mod python;
