@@ -102,3 +102,20 @@ impl Caller {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn principals_stored_before_client_secrets_existed_still_load() {
+        let stored = r#"{"object_id":"o","app_id":"a","name":"n","kind":"User","created":1}"#;
+        let p: Principal = serde_json::from_str(stored).expect("an older principal document");
+        assert_eq!(p.client_secret_hash, None);
+        // And a principal without a secret is written as before (no new field).
+        assert_eq!(serde_json::to_string(&p).expect("json"), stored);
+        let with = Principal { client_secret_hash: Some("ab".repeat(32)), ..p };
+        let doc = serde_json::to_string(&with).expect("json");
+        assert_eq!(serde_json::from_str::<Principal>(&doc).expect("round trip"), with);
+    }
+}
