@@ -460,6 +460,8 @@ async fn an_expired_key_refuses_wrap_and_still_unwraps_for_the_sdk_as_over_grpc(
     assert_eq!(code, Code::PermissionDenied);
     let e = err(&out[0]);
     assert_eq!((e["status"].clone(), e["message"].clone()), (json!(403), json!(message)), "{e}");
+    assert_eq!(e["inner"], "KeyExpired", "{e}");
+    assert!(message.contains("is not allowed on an expired key"), "{message}");
     assert_eq!(unb64(&ok(&out[1])["value"]), DEK, "an expired key still unwraps (no crypto-lock)");
     r.broker.stop().await;
 }
