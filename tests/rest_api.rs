@@ -53,6 +53,14 @@ async fn requests_without_a_bearer_token_get_key_vaults_challenge_over_http1_and
         assert!(r.header("x-ms-request-id").is_some_and(|id| !id.is_empty()));
         assert_eq!(r.header("content-type"), Some("application/json; charset=utf-8"));
     }
+    // The token is checked before the body is read: a body over the size limit is not looked at.
+    let mut c = b.client("chal-kv", None, Proto::Http1).await;
+    let big = json!({"kty": "RSA", "padding": "x".repeat(300 * 1024)});
+    assert_eq!(c.call("POST", "/keys/k/create", Some(big.clone())).await.status, 401);
+    // With a token, the same body is refused for its size.
+    let mut admin = b.client("chal-kv", Some(&b.b.token.clone()), Proto::Http1).await;
+    let r = admin.call("POST", "/keys/k/create", Some(big)).await;
+    assert_eq!((r.status, r.error_codes().0.as_str()), (413, "RequestTooLarge"));
     // A token that does not verify is refused the same way, with the challenge.
     let mut c = b.client("chal-kv", Some("not.a.token"), Proto::Http1).await;
     let r = c.call("GET", "/keys", None).await;
@@ -375,6 +383,37 @@ async fn paths_match_case_insensitively_with_a_trailing_slash_and_without_a_vers
         )
         .await;
     assert_eq!(u.json()["value"], "AAEC");
+    // Percent-encoded query names and path segments, as the JavaScript SDK sends them.
+    assert_eq!(c.send("GET", "/keys/C%61se?api%2Dversion=7.6", None).await.status, 200);
+    // An empty version segment, as the SDKs write a key id without a version, means the newest.
+    let e = c.call("POST", "/keys/case//encrypt", Some(json!({"alg": "RSA-OAEP", "value": "AAEC"}))).await;
+    assert_eq!((e.status, e.json()["kid"].as_str()), (200, Some(kid.as_str())));
+    b.b.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn vaults_are_reached_under_the_configured_dns_suffix_too_and_other_hosts_are_not_key_vault() {
+    let b = start_rest(|_| {}).await;
+    vault(&b, "sfx-kv").await;
+    let host = format!("sfx-kv.vault.azure.net:{}", b.rest.port());
+    let token = Some(b.b.token.as_str());
+    // The certificate covers *.vault.azure.net as well; kids follow the host called.
+    let mut c = common::https::connect(b.rest, &b.ca, &host, token, Proto::H2, None).await;
+    let k = create_rsa(&mut c, "s").await;
+    assert!(k["key"]["kid"].as_str().unwrap().starts_with(&format!("https://{host}/keys/s/")));
+    // A host that names no vault is not Key Vault's: with no other surface, 404.
+    let mut plain = common::https::connect(
+        b.rest,
+        &b.ca,
+        &format!("localhost:{}", b.rest.port()),
+        token,
+        Proto::Http1,
+        None,
+    )
+    .await;
+    let r = plain.call("GET", "/keys", None).await;
+    assert_eq!(r.status, 404);
+    assert!(r.header("x-ms-request-id").is_some());
     b.b.stop().await;
 }
 
@@ -542,4 +581,21 @@ async fn rest_requests_are_counted_in_metrics_and_written_to_the_audit_log() {
     assert!(records.iter().any(|r| r["operation"] == "tdebroker.v1.Vaults/CreateVault"));
     assert!(kid.starts_with("https://obs-kv.vault.localhost:"));
     b.b.stop().await;
+}
+
+#[test]
+fn the_rest_listener_defaults_to_loopback_8443_and_is_set_by_flag_file_or_off() {
+    use tde_broker::config::{Config, ServeArgs};
+    let dir = tempfile::tempdir().unwrap();
+    let args = || ServeArgs { data_dir: Some(dir.path().to_path_buf()), ..Default::default() };
+    let cfg = Config::resolve(args()).unwrap();
+    assert_eq!((cfg.rest_listen, cfg.rest_listen_explicit), (Some("127.0.0.1:8443".parse().unwrap()), false));
+    let cfg = Config::resolve(ServeArgs { rest_listen: Some("off".into()), ..args() }).unwrap();
+    assert_eq!(cfg.rest_listen, None);
+    let file = dir.path().join("c.toml");
+    std::fs::write(&file, "rest_listen = \"127.0.0.1:9443\"\n").unwrap();
+    let cfg = Config::resolve(ServeArgs { config: Some(file), ..args() }).unwrap();
+    assert_eq!((cfg.rest_listen, cfg.rest_listen_explicit), (Some("127.0.0.1:9443".parse().unwrap()), true));
+    let err = Config::resolve(ServeArgs { rest_listen: Some("nowhere".into()), ..args() }).unwrap_err();
+    assert!(err.to_string().contains("rest_listen 'nowhere' is not IP:PORT or `off`"), "{err}");
 }

@@ -159,10 +159,17 @@ fn is_version(segment: &str) -> bool {
 }
 
 /// Matches a method and path to a Key Vault operation (case-insensitive, trailing slash
-/// tolerated, version segment optional where Key Vault allows it). `None`: not a route.
+/// tolerated, version segment optional or empty where Key Vault allows it). `None`: not a route.
 pub fn route(method: &Method, path: &str) -> Option<Route> {
-    let path = path.trim_end_matches('/');
-    let segments: Vec<&str> = path.trim_start_matches('/').split('/').collect();
+    // Empty segments are dropped: a trailing slash, and the empty version the SDKs put in
+    // `/keys/{name}//wrapkey` when a key id has none, both mean "the newest version".
+    // Percent-encoded segments are decoded (`%2D` is a hyphen in a key name).
+    let decoded: Vec<std::borrow::Cow<'_, str>> = path
+        .split('/')
+        .filter(|s| !s.is_empty())
+        .map(|s| if s.contains('%') { percent_decode(s, false).into() } else { s.into() })
+        .collect();
+    let segments: Vec<&str> = decoded.iter().map(|s| s.as_ref()).collect();
     let lower: Vec<String> = segments.iter().map(|s| s.to_ascii_lowercase()).collect();
     let l: Vec<&str> = lower.iter().map(String::as_str).collect();
     let named = |op: Op, name: &str, version: Option<&str>| {
@@ -230,11 +237,17 @@ pub fn query_value(query: Option<&str>, name: &str) -> Option<String> {
     query?.split('&').find_map(|pair| {
         let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
         // Names are percent-decoded too: the JavaScript SDK sends `api%2Dversion`.
-        percent_decode(k).eq_ignore_ascii_case(name).then(|| percent_decode(v))
+        let matches = if k.contains('%') {
+            percent_decode(k, true).eq_ignore_ascii_case(name)
+        } else {
+            k.eq_ignore_ascii_case(name)
+        };
+        matches.then(|| percent_decode(v, true))
     })
 }
 
-fn percent_decode(s: &str) -> String {
+/// Decodes `%XX` escapes (and, in a query, `+` as a space); a malformed escape stays as it is.
+fn percent_decode(s: &str, query: bool) -> String {
     let bytes = s.as_bytes();
     let mut out = Vec::with_capacity(bytes.len());
     let mut i = 0;
@@ -252,7 +265,7 @@ fn percent_decode(s: &str) -> String {
                     }
                 }
             }
-            b'+' => {
+            b'+' if query => {
                 out.push(b' ');
                 i += 1;
             }
@@ -834,11 +847,14 @@ mod tests {
         let r = route(&Method::POST, &format!("/KEYS/k/{v}/UnwrapKey/")).unwrap();
         assert_eq!((r.op, r.version.as_deref()), (Op::UnwrapKey, Some(v)));
         assert_eq!(route(&Method::GET, "/keys/k/").unwrap().op, Op::GetKey);
+        let r = route(&Method::POST, "/keys/k//encrypt").unwrap();
+        assert_eq!((r.op, r.version), (Op::Encrypt, None));
         assert_eq!(route(&Method::GET, "/keys/").unwrap().op, Op::ListKeys);
         assert_eq!(route(&Method::DELETE, "/deletedkeys/k").unwrap().op, Op::PurgeDeletedKey);
         assert_eq!(route(&Method::POST, "/keys/k/create").unwrap().op, Op::CreateKey);
         assert_eq!(route(&Method::GET, "/keys/k/create"), None);
         assert_eq!(route(&Method::GET, "/secrets/s"), None);
+        assert_eq!(route(&Method::GET, "/keys/my%2Dkey").unwrap().name.as_deref(), Some("my-key"));
     }
 
     #[test]
@@ -846,13 +862,14 @@ mod tests {
         assert!(check_api_version(Some("api-version=7.6")).is_ok());
         assert!(check_api_version(Some("x=1&api-version=2025-07-01")).is_ok());
         assert!(check_api_version(Some("api-version=7.6-preview.2")).is_ok());
-        assert!(check_api_version(Some("api%2Dversion=7.6")).is_ok(), "as the JavaScript SDK sends it");
         let e = check_api_version(Some("api-version=9.9")).unwrap_err();
         assert_eq!(
             e.message,
             "The specified version (9.9) is not recognized. Consider using the latest supported version (2025-07-01)."
         );
         assert!(check_api_version(None).is_err());
+        // As the JavaScript SDK sends it.
+        assert!(check_api_version(Some("api%2Dversion=7.6")).is_ok());
     }
 
     #[test]
