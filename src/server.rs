@@ -189,6 +189,8 @@ struct RestListener {
     listener: TcpListener,
     addr: std::net::SocketAddr,
     tls: Arc<tokio_rustls::rustls::ServerConfig>,
+    /// The App Service protocol's header secret (`<data-dir>/identity.header`).
+    identity_header: zeroize::Zeroizing<String>,
 }
 
 /// Binds the REST listener `config` asks for. The dev CA and certificate are made first, so
@@ -200,7 +202,11 @@ async fn bind_rest(config: &Config) -> Result<Option<RestListener>, StartError> 
     match TcpListener::bind(addr).await {
         Ok(listener) => {
             let addr = listener.local_addr().map_err(|source| StartError::RestListen { addr, source })?;
-            Ok(Some(RestListener { listener, addr, tls }))
+            // Made here, so `<data-dir>/identity.header` exists once `open` returns.
+            let header_path = config.data_dir.join(crate::rest::identity::IDENTITY_HEADER_FILE);
+            let identity_header = crate::rest::identity::ensure_identity_header(&config.data_dir)
+                .map_err(io_err(&header_path))?;
+            Ok(Some(RestListener { listener, addr, tls, identity_header }))
         }
         Err(source) if source.kind() == std::io::ErrorKind::AddrInUse && !config.rest_listen_explicit => {
             tracing::warn!(%addr, "the default REST address is taken: Key Vault's REST API and the token endpoints are off (set --rest-listen)");
@@ -511,9 +517,14 @@ impl App {
         let rest_stop_on_signal = rest_stop.clone();
         let rest_task = self.rest.take().map(|rest| {
             // The surfaces beside Key Vault's API, offered every request that names no vault.
-            // MERGE POINT: the token endpoints (`rest::identity`) and the Vault KV surface
-            // (`rest::vault_kv`) are registered here.
-            let surfaces: Vec<Arc<dyn crate::rest::Surface>> = Vec::new();
+            // MERGE POINT: the Vault KV surface (`rest::vault_kv`) is registered here too.
+            let surfaces: Vec<Arc<dyn crate::rest::Surface>> =
+                vec![Arc::new(crate::rest::identity::IdentityEndpoints::new(
+                    self.auth.clone(),
+                    self.broker.clone(),
+                    rest.identity_header,
+                    self.config.token_lifetime,
+                ))];
             let service = Arc::new(crate::rest::serve::RestService::new(
                 self.broker.clone(),
                 self.auth.clone(),

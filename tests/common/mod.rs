@@ -1,9 +1,11 @@
 //! Test harness: a real broker serving gRPC on an ephemeral loopback port, and authenticated
 //! clients for it; `observed`: a broker with its admin listener and a strict `/metrics` parser;
-//! `python`: the virtualenvs of the checks against Python tools.
+//! `python`: the virtualenvs of the checks against Python tools; `node`: the npm packages of the
+//! JavaScript SDK checks (`sdk.rs`, included by the SDK tests themselves, drives them).
 #![allow(dead_code)]
 
 pub mod https;
+pub mod node;
 pub mod observed;
 pub mod python;
 pub mod rawh2;
@@ -82,6 +84,16 @@ pub async fn start_cfg(cfg: Config) -> TestBroker {
 async fn serve_app(cfg: Config, trusted_ca: Option<PathBuf>, dir: Option<tempfile::TempDir>) -> TestBroker {
     let data_dir = cfg.data_dir.clone();
     let app = App::open(cfg).await.expect("broker starts");
+    serve_opened(app, data_dir, trusted_ca, dir).await
+}
+
+/// Serves an opened broker as [`serve_app`] does (for tests that read the app before it serves).
+pub async fn serve_opened(
+    app: App,
+    data_dir: PathBuf,
+    trusted_ca: Option<PathBuf>,
+    dir: Option<tempfile::TempDir>,
+) -> TestBroker {
     let token = app.admin_token().expect("admin token");
     let auth = app.auth.clone();
     let admin = app.admin.clone();

@@ -121,13 +121,13 @@ fn make_venv(name: &str, packages: &[&str], imports: &str) -> PathBuf {
 /// An exclusive lock (`flock`) on a file, held for as long as this value lives. The kernel lets
 /// go when the file is closed: when this is dropped, and also when the test process dies, so a
 /// killed run leaves no stale lock.
-struct FileLock(
+pub(crate) struct FileLock(
     #[expect(dead_code, reason = "held, never read: the lock lasts as long as the file is open")]
     std::fs::File,
 );
 
 impl FileLock {
-    fn acquire(path: &Path) -> FileLock {
+    pub(crate) fn acquire(path: &Path) -> FileLock {
         if let Some(dir) = path.parent() {
             std::fs::create_dir_all(dir).unwrap_or_else(|e| panic!("{}: {e}", dir.display()));
         }
