@@ -1023,3 +1023,162 @@ mod tests {
     store_conformance_tests!(PgBackend, durable);
     change_feed_conformance_tests!(PgBackend);
 }
+
+#[cfg(test)]
+mod postgres_only {
+    use std::sync::Arc;
+
+    use super::pg::{PgDatabase, PgServer};
+    use super::*;
+    use crate::model::{Principal, PrincipalKind};
+
+    fn url(db: &PgDatabase) -> PostgresUrl {
+        db.url().parse().expect("the harness's URL is valid")
+    }
+
+    fn principal(object_id: &str) -> Change {
+        Change::PutPrincipal(Principal {
+            object_id: object_id.into(),
+            app_id: "app".into(),
+            name: object_id.into(),
+            kind: PrincipalKind::User,
+            resource_id: None,
+            created: 1,
+        })
+    }
+
+    #[test]
+    fn several_brokers_opening_a_new_database_at_once_migrate_it_once() -> Result<(), StoreError> {
+        let db = PgServer::shared().create_database();
+        let url = url(&db);
+        let stores = std::thread::scope(|s| {
+            let openers: Vec<_> = (0..4).map(|_| s.spawn(|| PostgresStore::open(&url))).collect();
+            openers
+                .into_iter()
+                .map(|o| o.join().unwrap_or_else(|panic| std::panic::resume_unwind(panic)))
+                .collect::<Result<Vec<_>, _>>()
+        })?;
+        let applied =
+            db.server().psql(db.name(), "SELECT string_agg(version::text, ',') FROM schema_migrations");
+        assert_eq!(applied, SCHEMA_VERSION.to_string());
+        // All of them work on the one schema.
+        for (i, store) in stores.iter().enumerate() {
+            store.commit(&[principal(&format!("p{i}"))])?;
+        }
+        assert_eq!(stores[0].load()?.principals.len(), 4);
+        assert_eq!(stores[3].head()?, 4);
+        Ok(())
+    }
+
+    #[test]
+    fn a_database_migrated_by_a_newer_broker_is_refused() -> Result<(), StoreError> {
+        let db = PgServer::shared().create_database();
+        drop(PostgresStore::open(&url(&db))?);
+        db.server().psql(db.name(), "INSERT INTO schema_migrations (version) VALUES (99)");
+        match PostgresStore::open(&url(&db)) {
+            Err(StoreError::Schema(99)) => Ok(()),
+            Err(e) => panic!("expected the schema to be refused, got {e:?}"),
+            Ok(_) => panic!("a database of a newer schema was opened"),
+        }
+    }
+
+    #[test]
+    fn a_lost_listening_connection_is_an_error_and_the_next_wait_listens_again() -> Result<(), StoreError> {
+        let db = PgServer::shared().create_database();
+        let (a, b) = (PostgresStore::open(&url(&db))?, PostgresStore::open(&url(&db))?);
+        b.wait(Duration::ZERO)?;
+        let killed = db.server().psql(
+            db.name(),
+            &format!(
+                "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity
+                 WHERE datname = current_database() AND query = 'LISTEN {FEED_CHANNEL}'"
+            ),
+        );
+        assert_eq!(killed, "1");
+        // Bounded so a loss that is never noticed fails the test instead of hanging it.
+        match b.wait(Duration::from_secs(60)) {
+            Err(StoreError::Unavailable(why)) => assert!(why.contains("change feed"), "{why}"),
+            other => panic!("the lost connection was not reported: {other:?}"),
+        }
+        // Listening again, it reports a wake-up (batches may have been missed meanwhile)...
+        assert!(b.wait(Duration::from_secs(60))?);
+        // ...and hears the next commit.
+        std::thread::scope(|s| {
+            let waiter = s.spawn(|| b.wait(Duration::from_secs(60)));
+            a.commit(&[principal("p1")])?;
+            assert!(waiter.join().unwrap_or_else(|panic| std::panic::resume_unwind(panic))?);
+            Ok(())
+        })
+    }
+
+    #[test]
+    fn a_follower_whose_position_was_pruned_is_told_to_reload() -> Result<(), StoreError> {
+        let db = PgServer::shared().create_database();
+        let store = PostgresStore::open(&url(&db))?;
+        for i in 0..5 {
+            store.commit(&[principal(&format!("p{i}"))])?;
+        }
+        // Nothing is younger than zero seconds: only the newest two are kept.
+        assert_eq!(store.prune_feed(2, Duration::ZERO)?, 3);
+        match store.read_after(1, 10) {
+            Err(StoreError::FeedPruned { after: 1, oldest: Some(4) }) => {}
+            other => panic!("expected the position to be pruned, got {other:?}"),
+        }
+        let kept: Vec<u64> = store.read_after(3, 10)?.into_iter().map(|e| e.seq).collect();
+        assert_eq!(kept, [4, 5]);
+        // The young batches are kept whatever their number.
+        assert_eq!(store.prune_feed(0, Duration::from_secs(3600))?, 0);
+        // Reloading gives the whole state and the head to follow from.
+        let (snapshot, head) = store.load_at_head()?;
+        assert_eq!((snapshot.principals.len(), head), (5, 5));
+        Ok(())
+    }
+
+    #[test]
+    fn a_stopped_server_makes_the_store_unavailable_and_it_recovers_when_the_server_returns()
+    -> Result<(), StoreError> {
+        let server = Arc::new(PgServer::start());
+        let db = server.create_database();
+        let store = PostgresStore::open(&url(&db))?;
+        store.commit(&[principal("before")])?;
+        store.wait(Duration::ZERO)?;
+        server.stop();
+        let err = store.commit(&[principal("during")]).expect_err("the server is stopped");
+        assert!(matches!(err, StoreError::Unavailable(_)), "{err:?}");
+        assert!(!err.is_damage() && !err.is_full());
+        assert!(matches!(store.get_meta("m"), Err(StoreError::Unavailable(_))));
+        assert!(matches!(store.wait(Duration::from_secs(60)), Err(StoreError::Unavailable(_))));
+        match PostgresStore::open(&url(&db)) {
+            Err(StoreError::Unavailable(_)) => {}
+            Err(e) => panic!("expected the server to be unavailable, got {e:?}"),
+            Ok(_) => panic!("opened a store on a stopped server"),
+        }
+        server.restart();
+        store.commit(&[principal("after")])?;
+        let ids: Vec<String> = store.load()?.principals.into_iter().map(|p| p.object_id).collect();
+        assert_eq!(ids.len(), 2);
+        assert!(ids.contains(&"before".to_string()) && ids.contains(&"after".to_string()), "{ids:?}");
+        assert_eq!(store.head()?, 2, "the refused commit took a sequence number");
+        assert!(store.wait(Duration::from_secs(60))?, "the feed did not listen again");
+        Ok(())
+    }
+
+    #[test]
+    fn a_store_url_never_shows_its_password_and_must_name_host_user_and_database() {
+        let url: PostgresUrl = "postgres://broker:s3cret@db.example:6543/tde".parse().expect("valid");
+        assert_eq!(url.to_string(), "postgres://broker@db.example:6543/tde");
+        assert!(!format!("{url:?}").contains("s3cret"));
+        assert_eq!(url.expose(), "postgres://broker:s3cret@db.example:6543/tde");
+        for bad in [
+            "mysql://u@h/db",
+            "postgres://u@h",
+            "postgres://h/db",
+            "postgres://u:s3cret@h:notaport/db",
+            "sqlite",
+        ] {
+            let err = bad.parse::<PostgresUrl>().expect_err(bad).to_string();
+            assert!(!err.contains("s3cret"), "{err}");
+            assert!(err.contains("postgres://user"), "{err}");
+        }
+    }
+}
