@@ -55,6 +55,15 @@ const PRUNE_EVERY: i64 = 500;
 /// The advisory lock key under which one broker at a time migrates the schema.
 const MIGRATION_LOCK: i64 = 0x7464_655f_6272_6b01;
 
+/// The advisory lock key under which one broker at a time starts up
+/// ([`PostgresStore::start_up_lock`]).
+const START_UP_LOCK: i64 = 0x7464_655f_6272_6b02;
+
+/// Held while a broker starts up on a shared database ([`PostgresStore::start_up_lock`]).
+pub struct StartUpLock {
+    _client: tokio_postgres::Client,
+}
+
 /// The newest schema this broker knows; a database migrated further is refused
 /// ([`StoreError::Schema`]).
 pub const SCHEMA_VERSION: i64 = 1;
@@ -473,6 +482,24 @@ impl PostgresStore {
             tx.commit().await.map_err(pg_err)?;
             Ok(from_seq(seq))
         })
+    }
+
+    /// Waits until no other broker starts up on this database and holds that until the returned
+    /// lock is dropped: brokers that start at once on a new database make its bootstrap values
+    /// (master-key check, token signing key, bootstrap admin) once, and every later one reads
+    /// them. A session advisory lock on a connection of its own, which closes when the lock is
+    /// dropped (so a broker that dies lets go of it too).
+    pub fn start_up_lock(&self) -> Result<StartUpLock, StoreError> {
+        let pg = self.pg.clone();
+        let client = self.run(async move {
+            let (client, conn) = pg.connect(NoTls).await.map_err(pg_err)?;
+            tokio::spawn(async move {
+                let _ = conn.await;
+            });
+            client.execute("SELECT pg_advisory_lock($1)", &[&START_UP_LOCK]).await.map_err(pg_err)?;
+            Ok(client)
+        })?;
+        Ok(StartUpLock { _client: client })
     }
 
     /// Opens the listening connection (a new generation) and `LISTEN`s on [`FEED_CHANNEL`].
