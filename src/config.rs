@@ -70,7 +70,7 @@ pub enum StoreSetting {
     Sqlite,
     /// A PostgreSQL database that several brokers may share. Its URL's password is never shown
     /// ([`PostgresUrl`]'s `Display` and `Debug` leave it out).
-    Postgres(PostgresUrl),
+    Postgres(Box<PostgresUrl>),
 }
 
 /// The `--store` value as given, until [`Config::resolve`] checks it. Its `Debug` shows no URL:
@@ -107,7 +107,7 @@ fn resolve_store(given: Option<StoreArg>, errors: &mut Vec<String>) -> StoreSett
     }
     if text.starts_with("postgres://") || text.starts_with("postgresql://") {
         return match text.parse::<PostgresUrl>() {
-            Ok(url) => StoreSetting::Postgres(url),
+            Ok(url) => StoreSetting::Postgres(Box::new(url)),
             Err(e) => {
                 errors.push(format!("store: {e}"));
                 StoreSetting::Sqlite

@@ -503,7 +503,7 @@ fn open_store(
         tracing::info!(store = %url, "opening the shared PostgreSQL store");
         let store = crate::store::datadir::open_shared_store(dir, url, config.reinitialize)?;
         let lock = store.start_up_lock()?;
-        return Ok((DataStore::Postgres(store), PendingCheck::none(), Some(lock)));
+        return Ok((DataStore::Postgres(Box::new(store)), PendingCheck::none(), Some(lock)));
     }
     let first_start_files = [dir.join(MASTER_KEY_FILE), dir.join(ADMIN_TOKEN_FILE)];
     if config.reinitialize {

@@ -14,7 +14,7 @@ fn config(data_dir: &std::path::Path, db: &PgDatabase) -> Config {
     let mut cfg = Config::for_data_dir(data_dir);
     cfg.clock = ClockKind::Manual;
     cfg.clock_start = Some(1_800_000_000);
-    cfg.store = StoreSetting::Postgres(db.url().parse().expect("the harness's URL is valid"));
+    cfg.store = StoreSetting::Postgres(Box::new(db.url().parse().expect("the harness's URL is valid")));
     cfg
 }
 

@@ -524,7 +524,7 @@ pub enum DataStore {
     /// The data directory's own SQLite file.
     Sqlite(SqliteStore),
     /// A shared PostgreSQL database (with a change feed).
-    Postgres(PostgresStore),
+    Postgres(Box<PostgresStore>),
 }
 
 impl DataStore {
