@@ -451,11 +451,12 @@ impl PostgresStore {
         self.run(async move {
             let mut client = pool.get().await.map_err(pool_err)?;
             let tx = client.transaction().await.map_err(pg_err)?;
-            let head: i64 = tx
-                .query_one("SELECT seq FROM feed_head WHERE id = 1 FOR UPDATE", &[])
+            // The row lock serialises commits: it is held until this transaction ends.
+            let lock_head = tx
+                .prepare_cached("SELECT seq FROM feed_head WHERE id = 1 FOR UPDATE")
                 .await
-                .map_err(pg_err)?
-                .get(0);
+                .map_err(pg_err)?;
+            let head: i64 = tx.query_one(&lock_head, &[]).await.map_err(pg_err)?.get(0);
             if let Some(expected) = expected
                 && from_seq(head) != expected
             {
@@ -466,16 +467,15 @@ impl PostgresStore {
                 apply(&tx, change).await?;
             }
             let seq = head + 1;
-            tx.execute(
-                "INSERT INTO change_log (seq, origin, changes) VALUES ($1, $2, $3)",
-                &[&seq, &origin, &json],
+            // The batch, the new head and the notification (sent at commit), in one round trip.
+            exec(
+                &tx,
+                "WITH logged AS (INSERT INTO change_log (seq, origin, changes) VALUES ($1, $2, $3)),
+                      moved AS (UPDATE feed_head SET seq = $1 WHERE id = 1)
+                 SELECT pg_notify($4, $5)",
+                &[&seq, &origin, &json, &FEED_CHANNEL, &seq.to_string()],
             )
-            .await
-            .map_err(pg_err)?;
-            tx.execute("UPDATE feed_head SET seq = $1 WHERE id = 1", &[&seq]).await.map_err(pg_err)?;
-            tx.execute("SELECT pg_notify($1, $2)", &[&FEED_CHANNEL, &seq.to_string()])
-                .await
-                .map_err(pg_err)?;
+            .await?;
             if seq % PRUNE_EVERY == 0 {
                 prune(&*tx, FEED_KEEP_ROWS, FEED_KEEP_FOR).await?;
             }
@@ -565,15 +565,17 @@ async fn prune<C: tokio_postgres::GenericClient>(
 
 /// Runs one statement of a commit; returns the rows it touched.
 async fn exec(
-    tx: &tokio_postgres::Transaction<'_>,
+    tx: &deadpool_postgres::Transaction<'_>,
     sql: &str,
     params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
 ) -> Result<u64, StoreError> {
-    tx.execute(sql, params).await.map_err(pg_err)
+    // Prepared once per connection (the pool keeps each connection's statements).
+    let statement = tx.prepare_cached(sql).await.map_err(pg_err)?;
+    tx.execute(&statement, params).await.map_err(pg_err)
 }
 
 /// Writes one change inside the commit's transaction.
-async fn apply(tx: &tokio_postgres::Transaction<'_>, change: &Change) -> Result<(), StoreError> {
+async fn apply(tx: &deadpool_postgres::Transaction<'_>, change: &Change) -> Result<(), StoreError> {
     match change {
         Change::PutVault(v) => {
             exec(
