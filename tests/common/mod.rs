@@ -1,12 +1,15 @@
 //! Test harness: a real broker serving gRPC on an ephemeral loopback port, and authenticated
 //! clients for it; `observed`: a broker with its admin listener and a strict `/metrics` parser;
 //! `python`: the virtualenvs of the checks against Python tools; `node`: the npm packages of the
-//! JavaScript SDK checks (`sdk.rs`, included by the SDK tests themselves, drives them).
+//! JavaScript SDK checks (`sdk.rs`, included by the SDK tests themselves, drives them); `pg`: a
+//! throwaway PostgreSQL.
 #![allow(dead_code)]
 
 pub mod https;
 pub mod node;
 pub mod observed;
+#[path = "../support/pg.rs"]
+pub mod pg;
 pub mod python;
 pub mod rawh2;
 
