@@ -1102,6 +1102,7 @@ mod postgres_only {
             kind: PrincipalKind::User,
             resource_id: None,
             created: 1,
+            client_secret_hash: None,
         })
     }
 
