@@ -56,6 +56,53 @@ fn baseline_unwrap_reports_throughput_and_ordered_percentiles() {
     assert_eq!(r["load"]["concurrency"], 4);
 }
 
+#[test]
+fn rest_baseline_answers_unwrap_over_http1_and_h2_with_every_plaintext_checked() {
+    for (http, connections) in [("1", 4), ("2", 2)] {
+        let r = loadtest(&[
+            "--protocol",
+            "rest",
+            "--http",
+            http,
+            "--baseline",
+            "--op",
+            "unwrap",
+            "--duration",
+            "1s",
+            "--concurrency",
+            "4",
+            "--connections",
+            "2",
+        ]);
+        assert_clean_report(&r);
+        assert_eq!(r["target"], "baseline");
+        assert_eq!(r["protocol"], format!("rest-h{http}"));
+        assert!(r["server"].as_str().is_some_and(|s| s.starts_with("https://127.0.0.1:")), "{r:#}");
+        // HTTP/1.1 holds one keep-alive connection per request in flight; h2 multiplexes.
+        assert_eq!(r["load"]["connections"], connections, "{r:#}");
+    }
+}
+
+#[test]
+fn rest_baseline_answers_wrap_and_get() {
+    for op in ["wrap", "get"] {
+        let r = loadtest(&["--protocol", "rest", "--baseline", "--op", op, "--duration", "500ms"]);
+        assert_clean_report(&r);
+        assert_eq!(r["op"], op);
+    }
+}
+
+#[test]
+fn engine_unwrap_over_rest_is_refused_as_grpc_only() {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_tde-broker"))
+        .args(["loadtest", "--protocol", "rest", "--op", "engine-unwrap", "--baseline"])
+        .output()
+        .expect("run tde-broker loadtest");
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("--op engine-unwrap is a gRPC-only operation"), "{stderr}");
+}
+
 /// The names of the vaults (soft-deleted ones too) and servers a load test could leave behind.
 async fn leftovers(b: &common::TestBroker) -> Vec<String> {
     let vaults = b.vaults().list_vaults(proto::ListVaultsRequest {}).await.expect("list vaults").into_inner();
