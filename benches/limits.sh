@@ -46,9 +46,11 @@ SINGLE_DURATION="${SINGLE_DURATION:-3s}"
 CORES="$(nproc)"
 MODE="${1:-all}"
 case "$MODE" in all|rest) ;; *) echo "usage: benches/limits.sh [rest]" >&2; exit 2 ;; esac
-command -v openssl >/dev/null || { echo "limits.sh needs openssl (apt-get install openssl)" >&2; exit 1; }
 command -v python3 >/dev/null || { echo "limits.sh needs python3 (apt-get install python3)" >&2; exit 1; }
-command -v h2load >/dev/null || { echo "limits.sh needs h2load (apt-get install nghttp2-client)" >&2; exit 1; }
+if [ "$MODE" = all ]; then
+  command -v openssl >/dev/null || { echo "limits.sh needs openssl (apt-get install openssl)" >&2; exit 1; }
+  command -v h2load >/dev/null || { echo "limits.sh needs h2load (apt-get install nghttp2-client)" >&2; exit 1; }
+fi
 
 cargo build --release --quiet
 BIN="$PWD/target/release/tde-broker"
