@@ -3,8 +3,9 @@
 # as a Markdown table with their ratios to the limits (issue 6). Every ratio compares two figures
 # measured here, one right after the other; nothing is compared with a number from elsewhere.
 #
-#   benches/limits.sh            # ~9 minutes on 2 cores after the build; needs openssl, python3, h2load
+#   benches/limits.sh            # ~13 minutes on 2 cores after the build; needs openssl, python3, h2load
 #   ROUNDS=5 benches/limits.sh   # more rounds per comparison (the median is reported)
+#   benches/limits.sh rest       # the REST figures only (~4 minutes): see below
 #
 # The single-client comparison runs three times as many rounds, each shorter (SINGLE_ROUNDS,
 # SINGLE_DURATION): with one request in flight the round trip depends on where the scheduler
@@ -24,6 +25,14 @@
 # broker is checked against the broker's own request counters: every request h2load counted must be
 # an UnwrapKey that answered OK, and the plaintext is checked once through the CLI before.
 #
+# The REST figures (issue 20): cache-hit UnwrapKey over Key Vault's REST API (`loadtest --protocol
+# rest`: HTTPS on the broker's --rest-listen, a hyper client on tokio-rustls), over HTTP/1.1 (64
+# keep-alive connections, one per request in flight, as the Azure SDKs' pools hold them) and over
+# h2 (4 connections, 64 streams in flight). Each round is one invocation that measures the broker
+# over REST, then the same broker over gRPC with the same load (`--with-grpc`), then the bare
+# hyper+rustls baseline that answers the same JSON (`--compare-baseline`), so both ratios compare
+# figures taken one right after the other.
+#
 # The uncached figures are paired with `openssl speed -multi <cores> rsa2048` round by round
 # (openssl, then both uncached runs), because openssl's own figure moves by 10-20% between
 # runs on a shared machine; each round's ratio divides by the openssl figure measured beside it.
@@ -35,27 +44,33 @@ DURATION="${DURATION:-8s}"
 SINGLE_ROUNDS="${SINGLE_ROUNDS:-$((3 * ROUNDS))}"
 SINGLE_DURATION="${SINGLE_DURATION:-3s}"
 CORES="$(nproc)"
-command -v openssl >/dev/null || { echo "limits.sh needs openssl (apt-get install openssl)" >&2; exit 1; }
+MODE="${1:-all}"
+case "$MODE" in all|rest) ;; *) echo "usage: benches/limits.sh [rest]" >&2; exit 2 ;; esac
 command -v python3 >/dev/null || { echo "limits.sh needs python3 (apt-get install python3)" >&2; exit 1; }
-command -v h2load >/dev/null || { echo "limits.sh needs h2load (apt-get install nghttp2-client)" >&2; exit 1; }
+if [ "$MODE" = all ]; then
+  command -v openssl >/dev/null || { echo "limits.sh needs openssl (apt-get install openssl)" >&2; exit 1; }
+  command -v h2load >/dev/null || { echo "limits.sh needs h2load (apt-get install nghttp2-client)" >&2; exit 1; }
+fi
 
 cargo build --release --quiet
 BIN="$PWD/target/release/tde-broker"
 # shellcheck source=benches/common.sh
 source benches/common.sh
 
-# start NAME [config lines...]: a broker on a free port; sets ADDR_<NAME> and DATA_<NAME>.
+# start NAME [config lines...]: a broker on a free port, its REST listener on another; sets
+# ADDR_<NAME>, REST_<NAME> and DATA_<NAME>.
 start() {
   local name="$1"; shift
-  local data="$WORK/$name" p; p="$(port)"
+  local data="$WORK/$name" p r; p="$(port)"; r="$(port)"
   mkdir -p "$data"
   printf '%s\n' "$@" > "$WORK/$name.toml"
   RUST_LOG=warn "$BIN" serve --data-dir "$data" --listen "127.0.0.1:$p" --http-listen off \
-    --config "$WORK/$name.toml" > "$WORK/$name.log" 2>&1 &
+    --rest-listen "127.0.0.1:$r" --config "$WORK/$name.toml" > "$WORK/$name.log" 2>&1 &
   PIDS+=("$!")
   for _ in $(seq 200); do [ -s "$data/admin.token" ] && break; sleep 0.05; done
   sleep 0.3
   printf -v "ADDR_$name" "%s" "http://127.0.0.1:$p"
+  printf -v "REST_$name" "%s" "https://127.0.0.1:$r"
   printf -v "DATA_$name" '%s' "$data"
 }
 
@@ -144,7 +159,53 @@ if ok < int(m.group(2)) or other > 4 * 32:
 EOF
 }
 
+# rest_figures: the REST rounds (HTTP/1.1, then h2) against the hot broker.
+rest_figures() {
+  echo "== cache-hit unwrapkey over REST, HTTP/1.1, 64 in flight: broker, the same over gRPC, bare hyper+rustls baseline" >&2
+  compare rest1 "$ADDR_hot" "$DATA_hot" --protocol rest --http 1 --rest-server "$REST_hot" --with-grpc \
+    --op unwrap --concurrency 64 --connections 4 --keys 4 --distinct-ciphertexts 4
+  echo "== cache-hit unwrapkey over REST, h2 over 4 connections, 64 in flight: the same three" >&2
+  compare rest2 "$ADDR_hot" "$DATA_hot" --protocol rest --http 2 --rest-server "$REST_hot" --with-grpc \
+    --op unwrap --concurrency 64 --connections 4 --keys 4 --distinct-ciphertexts 4
+}
+
+# rest_table: the REST rows, from $WORK/rest{1,2}.*.json.
+rest_table() {
+  python3 - "$WORK" "$ROUNDS" "$CORES" "$(cut -d' ' -f1-3 /proc/loadavg)" <<'EOF'
+import json, statistics, sys
+w, n, cores, load = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4]
+def runs(name):
+    return [json.load(open(f"{w}/{name}.{i}.json")) for i in range(1, n + 1)]
+def get(r, path):
+    for p in path.split("."):
+        r = r[p]
+    return r
+def fmt(xs, f="{:.3f}"):
+    xs = [x for x in xs if x is not None]
+    if not xs:
+        return "-"
+    return f.format(statistics.median(xs)) + (" (" + ", ".join(f.format(x) for x in xs) + ")" if len(xs) > 1 else "")
+print(f"\nREST rounds: {n} (median, then every round in brackets). Cores: {cores}; load average after the runs: {load}.\n")
+print("| figure | REST broker | other | ratio | limit |")
+print("|---|---|---|---|---|")
+for name, http in (("rest1", "HTTP/1.1, 64 keep-alive connections"), ("rest2", "h2, 4 connections")):
+    rs = runs(name)
+    b = lambda path: [get(r, "broker." + path) for r in rs]
+    o = lambda who, path: [get(r, who + "." + path) for r in rs]
+    ratio = lambda who, key: [r[who][key] for r in rs]
+    what = f"cache-hit unwrapkey over REST, {http}, 64 in flight"
+    print(f"| {what}, ok/s vs bare hyper+rustls | {fmt(b('throughput_ok_per_s'),'{:.0f}')} | {fmt(o('baseline','throughput_ok_per_s'),'{:.0f}')} | {fmt(ratio('ratio','throughput'))} | ≥ 0.85 |")
+    print(f"| … p50 / p99 µs, broker vs baseline | {fmt(b('latency_us.p50'),'{:.0f}')} / {fmt(b('latency_us.p99'),'{:.0f}')} | {fmt(o('baseline','latency_us.p50'),'{:.0f}')} / {fmt(o('baseline','latency_us.p99'),'{:.0f}')} | p50 {fmt(ratio('ratio','p50'))}, p99 {fmt(ratio('ratio','p99'))} | — |")
+    print(f"| … vs the same broker over gRPC (same load), ok/s | {fmt(b('throughput_ok_per_s'),'{:.0f}')} | gRPC {fmt(o('grpc','throughput_ok_per_s'),'{:.0f}')} | {fmt(ratio('rest_vs_grpc','throughput'))} | — |")
+EOF
+}
+
 start hot
+if [ "$MODE" = rest ]; then
+  rest_figures
+  rest_table
+  exit 0
+fi
 start cold 'cache_enabled = false'
 
 echo "== cache-hit UnwrapKey, 64 in flight over 4 connections" >&2
@@ -182,6 +243,8 @@ EOF
 HALF=$((PEAK / 2))
 echo "== open loop at half the cache-hit peak ($HALF/s of $PEAK/s)" >&2
 compare half "$ADDR_hot" "$DATA_hot" --op unwrap --concurrency 64 --connections 4 --keys 4 --distinct-ciphertexts 4 --rate "$HALF"
+
+rest_figures
 
 echo "== footprint (cargo bench --bench footprint)" >&2
 cargo bench --quiet --bench footprint > "$WORK/footprint.md" 2> "$WORK/footprint.err" \
@@ -239,3 +302,4 @@ print(f"| … of which the generator's own send lag, p99 µs | {fmt(side('half',
 print()
 print(open(f"{w}/footprint.md").read().strip())
 EOF
+rest_table

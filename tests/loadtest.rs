@@ -56,6 +56,53 @@ fn baseline_unwrap_reports_throughput_and_ordered_percentiles() {
     assert_eq!(r["load"]["concurrency"], 4);
 }
 
+#[test]
+fn rest_baseline_answers_unwrap_over_http1_and_h2_with_every_plaintext_checked() {
+    for (http, connections) in [("1", 4), ("2", 2)] {
+        let r = loadtest(&[
+            "--protocol",
+            "rest",
+            "--http",
+            http,
+            "--baseline",
+            "--op",
+            "unwrap",
+            "--duration",
+            "1s",
+            "--concurrency",
+            "4",
+            "--connections",
+            "2",
+        ]);
+        assert_clean_report(&r);
+        assert_eq!(r["target"], "baseline");
+        assert_eq!(r["protocol"], format!("rest-h{http}"));
+        assert!(r["server"].as_str().is_some_and(|s| s.starts_with("https://127.0.0.1:")), "{r:#}");
+        // HTTP/1.1 holds one keep-alive connection per request in flight; h2 multiplexes.
+        assert_eq!(r["load"]["connections"], connections, "{r:#}");
+    }
+}
+
+#[test]
+fn rest_baseline_answers_wrap_and_get() {
+    for op in ["wrap", "get"] {
+        let r = loadtest(&["--protocol", "rest", "--baseline", "--op", op, "--duration", "500ms"]);
+        assert_clean_report(&r);
+        assert_eq!(r["op"], op);
+    }
+}
+
+#[test]
+fn engine_unwrap_over_rest_is_refused_as_grpc_only() {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_tde-broker"))
+        .args(["loadtest", "--protocol", "rest", "--op", "engine-unwrap", "--baseline"])
+        .output()
+        .expect("run tde-broker loadtest");
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("--op engine-unwrap is a gRPC-only operation"), "{stderr}");
+}
+
 /// The names of the vaults (soft-deleted ones too) and servers a load test could leave behind.
 async fn leftovers(b: &common::TestBroker) -> Vec<String> {
     let vaults = b.vaults().list_vaults(proto::ListVaultsRequest {}).await.expect("list vaults").into_inner();
@@ -133,4 +180,119 @@ async fn injected_latency_shows_in_the_percentiles() {
     assert!(p50.is_some_and(|p| p > 40_000), "p50 shows no random part: {l:#}");
     assert!(p99 > p50, "the injected distribution does not spread the latencies: {l:#}");
     b.stop().await;
+}
+
+/// A free TCP port on 127.0.0.1 (free a moment ago).
+fn free_port() -> u16 {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind an ephemeral port");
+    listener.local_addr().expect("local address").port()
+}
+
+/// `tde-broker serve` in a child process of its own, with its REST listener; killed on drop.
+struct ServedBroker {
+    child: std::process::Child,
+    grpc: String,
+    rest: String,
+    data: tempfile::TempDir,
+}
+
+impl ServedBroker {
+    fn start() -> Self {
+        let data = tempfile::tempdir().expect("temp dir");
+        let (grpc_port, rest_port) = (free_port(), free_port());
+        let child = std::process::Command::new(env!("CARGO_BIN_EXE_tde-broker"))
+            .args(["serve", "--data-dir"])
+            .arg(data.path())
+            .args(["--listen", &format!("127.0.0.1:{grpc_port}"), "--http-listen", "off"])
+            .args(["--rest-listen", &format!("127.0.0.1:{rest_port}")])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("start tde-broker serve");
+        let broker = ServedBroker {
+            child,
+            grpc: format!("http://127.0.0.1:{grpc_port}"),
+            rest: format!("https://127.0.0.1:{rest_port}"),
+            data,
+        };
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        let up = |port: u16| std::net::TcpStream::connect(("127.0.0.1", port)).is_ok();
+        while !(broker.data.path().join("admin.token").is_file() && up(grpc_port) && up(rest_port)) {
+            assert!(std::time::Instant::now() < deadline, "the broker did not start listening within 30 s");
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+        broker
+    }
+
+    /// `loadtest ARGS --output json` against this broker.
+    fn loadtest(&self, args: &[&str]) -> Value {
+        let data = self.data.path().to_str().expect("UTF-8 temp dir");
+        let connection =
+            ["--server", self.grpc.as_str(), "--data-dir", data, "--rest-server", self.rest.as_str()];
+        loadtest(&[&connection[..], args].concat())
+    }
+
+    /// The names of the vaults the broker lists, soft-deleted ones too.
+    fn vault_names(&self) -> String {
+        let data = self.data.path().to_str().expect("UTF-8 temp dir");
+        let mut names = String::new();
+        for list in [&["vault", "list"][..], &["vault", "deleted", "list"][..]] {
+            let out = std::process::Command::new(env!("CARGO_BIN_EXE_tde-broker"))
+                .args(["--server", self.grpc.as_str(), "--data-dir", data, "--output", "json"])
+                .args(list)
+                .output()
+                .expect("run tde-broker vault list");
+            assert!(out.status.success(), "vault {list:?}: {}", String::from_utf8_lossy(&out.stderr));
+            names.push_str(&String::from_utf8_lossy(&out.stdout));
+        }
+        names
+    }
+}
+
+impl Drop for ServedBroker {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[test]
+fn rest_unwrap_against_a_broker_checks_every_plaintext_beside_its_baseline_and_grpc() {
+    let broker = ServedBroker::start();
+    for http in ["1", "2"] {
+        let r = broker.loadtest(&[
+            "--protocol",
+            "rest",
+            "--http",
+            http,
+            "--compare-baseline",
+            "--with-grpc",
+            "--keys",
+            "2",
+            "--distinct-ciphertexts",
+            "3",
+            "--concurrency",
+            "4",
+            "--duration",
+            "1s",
+            "--warmup",
+            "0s",
+        ]);
+        for part in ["broker", "baseline", "grpc"] {
+            assert_clean_report(&r[part]);
+        }
+        assert_eq!(r["broker"]["protocol"], format!("rest-h{http}"));
+        assert_eq!(r["broker"]["server"], broker.rest.as_str());
+        assert_eq!(r["grpc"]["protocol"], "grpc");
+        assert_eq!(r["baseline"]["protocol"], format!("rest-h{http}"));
+        // No warm-up: the first use of each of the 2 × 3 ciphertexts is measured, over REST.
+        let share = r["broker"]["cache_miss_share"].as_f64().expect("cache_miss_share");
+        let expected = 6.0 / r["broker"]["requests"].as_f64().expect("requests");
+        assert!((share - expected).abs() < 1e-9, "cache-miss share {share}, expected {expected}");
+        for ratios in ["ratio", "rest_vs_grpc"] {
+            assert!(r[ratios]["throughput"].as_f64().is_some_and(|t| t > 0.0), "{ratios}: {r:#}");
+        }
+    }
+    let left = broker.vault_names();
+    assert!(!left.contains("loadtest-"), "left behind: {left}");
 }

@@ -23,10 +23,12 @@ pub enum BaselineError {
     #[error("this executable: {0}")]
     Exe(#[source] std::io::Error),
     /// The child process did not start.
-    #[error("cannot start {} loadtest --serve-baseline: {source}", .exe.display())]
+    #[error("cannot start {} loadtest {flag}: {source}", .exe.display())]
     Spawn {
         /// This executable.
         exe: std::path::PathBuf,
+        /// `--serve-baseline` or `--serve-rest-baseline`.
+        flag: String,
         /// Why.
         source: std::io::Error,
     },
@@ -54,6 +56,12 @@ pub enum BaselineError {
     /// The server's thread did not start.
     #[error("cannot start a thread: {0}")]
     Thread(#[source] std::io::Error),
+    /// The REST baseline's certificate could not be made.
+    #[error("certificate: {0}")]
+    Certificate(#[source] rcgen::Error),
+    /// The REST baseline's TLS configuration could not be built.
+    #[error("TLS configuration: {0}")]
+    Tls(#[source] rustls::Error),
 }
 
 /// The bare service: the broker's message shapes, fixed answers, no auth and no logic.
@@ -179,22 +187,24 @@ baseline_service! {
 pub(super) struct BaselineProcess {
     /// Where it listens.
     pub(super) addr: SocketAddr,
+    /// What the line said after the address (the REST baseline's CA certificate).
+    pub(super) extra: String,
     /// The process.
     child: tokio::process::Child,
 }
 
 impl BaselineProcess {
-    /// Starts the child process and reads where it listens.
-    pub(super) async fn start() -> Result<Self, BaselineError> {
+    /// Starts the child process (`loadtest FLAG`) and reads where it listens.
+    pub(super) async fn start(flag: &str) -> Result<Self, BaselineError> {
         use tokio::io::AsyncBufReadExt as _;
         let exe = std::env::current_exe().map_err(BaselineError::Exe)?;
         let mut child = tokio::process::Command::new(&exe)
-            .args(["loadtest", "--serve-baseline"])
+            .args(["loadtest", flag])
             .stdin(std::process::Stdio::piped())
             .stdout(std::process::Stdio::piped())
             .kill_on_drop(true)
             .spawn()
-            .map_err(|source| BaselineError::Spawn { exe: exe.clone(), source })?;
+            .map_err(|source| BaselineError::Spawn { exe: exe.clone(), flag: flag.to_string(), source })?;
         let stdout = child.stdout.take().ok_or(BaselineError::NoStdout)?;
         let mut line = String::new();
         let read =
@@ -202,12 +212,10 @@ impl BaselineProcess {
                 .await
                 .map_err(|_| BaselineError::Silent)?;
         read.map_err(BaselineError::Read)?;
-        let addr = line
-            .trim()
-            .strip_prefix("listening ")
-            .and_then(|a| a.parse().ok())
-            .ok_or_else(|| BaselineError::Unexpected(line.clone()))?;
-        Ok(BaselineProcess { addr, child })
+        let said = line.trim().strip_prefix("listening ").unwrap_or_default();
+        let (addr, extra) = said.split_once(' ').unwrap_or((said, ""));
+        let addr = addr.parse().map_err(|_| BaselineError::Unexpected(line.clone()))?;
+        Ok(BaselineProcess { addr, extra: extra.to_string(), child })
     }
 
     /// Closes the child's stdin (it stops serving) and waits for it.
@@ -221,15 +229,20 @@ impl BaselineProcess {
 
 /// `loadtest --serve-baseline`: the child side of [`BaselineProcess`].
 pub(super) async fn serve_until_stdin_ends() -> Result<(), LoadtestError> {
-    use tokio::io::AsyncReadExt as _;
     let server = BaselineServer::start()?;
     println!("listening {}", server.addr);
     std::io::stdout().flush().map_err(CliError::io(std::path::Path::new("stdout")))?;
+    wait_for_stdin_end().await;
+    server.stop();
+    Ok(())
+}
+
+/// Returns when stdin ends (the parent closed it, or exited).
+pub(super) async fn wait_for_stdin_end() {
+    use tokio::io::AsyncReadExt as _;
     let mut stdin = tokio::io::stdin();
     let mut sink = [0u8; 64];
     while matches!(stdin.read(&mut sink).await, Ok(n) if n > 0) {}
-    server.stop();
-    Ok(())
 }
 
 /// The baseline serving on 127.0.0.1 on a runtime of its own.

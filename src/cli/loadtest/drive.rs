@@ -14,6 +14,7 @@ use tonic::transport::Channel;
 use tonic::{Code, Status};
 
 use super::report::Report;
+use super::rest::{Conn, RestFailure};
 use super::workload::Workload;
 use super::{ALGORITHM, Op, Plan, WRAPPED_BYTES};
 use crate::cli::error::code_name;
@@ -27,13 +28,40 @@ const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
 /// Highest latency the histogram holds, µs (larger values are clamped to it).
 const MAX_LATENCY_US: u64 = 3_600_000_000;
 
-/// The clients of one connection.
+/// The gRPC clients of one connection.
 #[derive(Clone)]
-struct Clients {
+pub(super) struct Clients {
     /// KeyVault: unwrap, wrap, get.
     kv: KeyVaultClient<Channel>,
     /// TdeEngine: engine-unwrap.
     engine: TdeEngineClient<Channel>,
+}
+
+/// One connection a worker sends on: gRPC, or REST over HTTPS.
+// Built once per worker and never moved on the hot path: the size difference costs nothing,
+// while boxing the gRPC clients would add a pointer chase to every gRPC request measured.
+#[allow(clippy::large_enum_variant)]
+pub(super) enum Caller {
+    /// tonic clients on an HTTP/2 channel.
+    Grpc(Clients),
+    /// A hyper client on tokio-rustls.
+    Rest(Conn),
+}
+
+/// The gRPC connections each of `concurrency` workers sends on: all of `channels`, round-robin.
+pub(super) fn grpc_lanes(channels: &[Channel], concurrency: usize) -> Vec<Vec<Caller>> {
+    let callers = || {
+        channels
+            .iter()
+            .map(|ch| {
+                Caller::Grpc(Clients {
+                    kv: KeyVaultClient::new(ch.clone()).max_decoding_message_size(MAX_MESSAGE_BYTES),
+                    engine: TdeEngineClient::new(ch.clone()).max_decoding_message_size(MAX_MESSAGE_BYTES),
+                })
+            })
+            .collect()
+    };
+    (0..concurrency).map(|_| callers()).collect()
 }
 
 /// Why a request failed.
@@ -42,6 +70,19 @@ enum Failure {
     Status(Code, String),
     /// OK, but the answer is not what was asked for.
     Mismatch(String),
+    /// A REST request answered another HTTP status, broke in transit, or answered wrongly.
+    Rest(RestFailure),
+}
+
+impl Failure {
+    /// The report's name of the failure: a gRPC code name, `MISMATCH`, `HTTP_403`, `TRANSPORT`.
+    fn code(&self) -> &str {
+        match self {
+            Failure::Status(code, _) => code_name(*code),
+            Failure::Mismatch(_) => "MISMATCH",
+            Failure::Rest(f) => &f.code,
+        }
+    }
 }
 
 impl From<Status> for Failure {
@@ -55,8 +96,16 @@ fn ensure(ok: bool, what: impl FnOnce() -> String) -> Result<(), Failure> {
     if ok { Ok(()) } else { Err(Failure::Mismatch(what())) }
 }
 
-/// Sends request `seq` and checks its answer.
-async fn call(c: &mut Clients, w: &Workload, op: Op, seq: u64) -> Result<(), Failure> {
+/// Sends request `seq` on `caller` and checks its answer.
+async fn call(caller: &mut Caller, w: &Workload, op: Op, seq: u64) -> Result<(), Failure> {
+    match caller {
+        Caller::Grpc(c) => call_grpc(c, w, op, seq).await,
+        Caller::Rest(r) => r.call(w, op, seq).await.map_err(Failure::Rest),
+    }
+}
+
+/// Sends gRPC request `seq` and checks its answer.
+async fn call_grpc(c: &mut Clients, w: &Workload, op: Op, seq: u64) -> Result<(), Failure> {
     let (t, i) = w.pick(seq);
     match op {
         Op::Unwrap => {
@@ -105,7 +154,7 @@ async fn call(c: &mut Clients, w: &Workload, op: Op, seq: u64) -> Result<(), Fai
 /// State the workers, the pacer and the progress line share.
 struct Shared {
     /// What the requests cycle over.
-    workload: Workload,
+    workload: Arc<Workload>,
     /// What each request does.
     op: Op,
     /// When the run (its warm-up) started.
@@ -226,9 +275,10 @@ impl Tally {
                 self.hist.saturating_record(us.clamp(1, MAX_LATENCY_US));
             }
             Err(f) => {
-                let (code, message) = match f {
-                    Failure::Status(code, message) => (code_name(code).to_string(), message),
-                    Failure::Mismatch(message) => ("MISMATCH".to_string(), message),
+                let code = f.code().to_string();
+                let message = match f {
+                    Failure::Status(_, message) | Failure::Mismatch(message) => message,
+                    Failure::Rest(f) => f.message,
                 };
                 *self.errors.entry(code.clone()).or_default() += 1;
                 self.first_message.entry(code).or_insert(message);
@@ -259,7 +309,7 @@ impl Tally {
 }
 
 /// One worker: one request in flight at a time.
-async fn worker(shared: Arc<Shared>, mut clients: Vec<Clients>) -> Tally {
+async fn worker(shared: Arc<Shared>, mut clients: Vec<Caller>) -> Tally {
     let cycle = shared.workload.cycle();
     let connections = clients.len() as u64;
     let mut tally = Tally::new();
@@ -302,11 +352,7 @@ async fn worker(shared: Arc<Shared>, mut clients: Vec<Clients>) -> Tally {
             }
             let latency = done.saturating_duration_since(intended);
             if let Some(interval) = &shared.interval {
-                let failed = match &outcome {
-                    Ok(()) => None,
-                    Err(Failure::Status(code, _)) => Some(code_name(*code)),
-                    Err(Failure::Mismatch(_)) => Some("MISMATCH"),
-                };
+                let failed = outcome.as_ref().err().map(Failure::code);
                 interval.lock().unwrap_or_else(|p| p.into_inner()).record(failed, latency);
             }
             tally.record(outcome, latency, seq < cycle, done);
@@ -338,22 +384,15 @@ fn pace(shared: Arc<Shared>, rate: f64, end: Instant) {
     }
 }
 
-/// Runs one measurement: warm-up, then `duration`, with a progress line each second.
+/// Runs one measurement: warm-up, then `duration`, with a progress line each second. One worker
+/// per lane (`plan.concurrency` of them), each sending on its lane's connections round-robin.
 pub(super) async fn drive(
     label: &'static str,
     url: &str,
-    channels: Vec<Channel>,
-    workload: Workload,
+    lanes: Vec<Vec<Caller>>,
+    workload: Arc<Workload>,
     plan: Plan,
 ) -> Report {
-    let clients: Vec<Clients> = channels
-        .iter()
-        .map(|ch| Clients {
-            kv: KeyVaultClient::new(ch.clone()).max_decoding_message_size(MAX_MESSAGE_BYTES),
-            engine: TdeEngineClient::new(ch.clone()).max_decoding_message_size(MAX_MESSAGE_BYTES),
-        })
-        .collect();
-    drop(channels);
     let (keys, distinct) = (workload.targets.len(), workload.distinct);
     let start = Instant::now();
     let measure_from = start + plan.warmup;
@@ -377,10 +416,9 @@ pub(super) async fn drive(
         std::thread::spawn(move || pace(shared, rate, end))
     });
     let mut workers = JoinSet::new();
-    for _ in 0..plan.concurrency {
-        workers.spawn(worker(shared.clone(), clients.clone()));
+    for lane in lanes.into_iter().filter(|lane| !lane.is_empty()) {
+        workers.spawn(worker(shared.clone(), lane));
     }
-    drop(clients);
     let interrupted = progress(label, &plan, &shared, end).await;
     let stopped = Instant::now();
     shared.stop.store(true, Ordering::Relaxed);

@@ -19,6 +19,11 @@
 //! reported). For `engine-unwrap`, a user-assigned identity holding get/wrapKey/unwrapKey, one
 //! CMK SQL server per key with a database `db1`, and each server's host credential.
 //!
+//! `--protocol rest` drives the same operations over Key Vault's own REST API (HTTPS to
+//! `--rest-server`, HTTP/1.1 or h2, see [`rest`]) after the same set-up over gRPC; its baseline
+//! is a bare hyper+rustls server answering the same JSON ([`rest_baseline`]), and `--with-grpc`
+//! adds a gRPC run of the same load against the same broker for the REST ÷ gRPC ratio.
+//!
 //! Every response is checked: an unwrapped DEK must equal the one that was wrapped and a kid
 //! must name the key version asked for; a mismatch is an error (`MISMATCH`). Afterwards the
 //! tool deletes what it created (keys purged, vault deleted) unless `--keep`; a purge-protected
@@ -27,8 +32,11 @@
 mod baseline;
 mod drive;
 mod report;
+mod rest;
+mod rest_baseline;
 mod workload;
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use serde_json::json;
@@ -38,8 +46,10 @@ use super::render::Out;
 use super::session::{Bearer, Connection, Dial, Session};
 pub use baseline::BaselineError;
 use baseline::BaselineProcess;
+use drive::{Caller, grpc_lanes};
 use report::{Ratios, Report};
-use workload::Created;
+pub use rest::{HttpVersion, RestError};
+use workload::{Created, Workload};
 
 /// The wrap algorithm of every request (the TDE engine's, too).
 const ALGORITHM: &str = "RSA-OAEP-256";
@@ -54,6 +64,8 @@ const BASELINE_KID: &str =
     "https://loadtest-baseline.vault.azure.net/keys/k0/0123456789abcdef0123456789abcdef";
 /// The DEK every baseline UnwrapKey answers.
 const BASELINE_DEK: [u8; DEK_BYTES] = [0x5a; DEK_BYTES];
+/// Where `serve --rest-listen` listens unless told otherwise.
+const DEFAULT_REST_SERVER: &str = "https://127.0.0.1:8443";
 
 /// `tde-broker loadtest`
 #[derive(Debug, Clone, clap::Args)]
@@ -98,10 +110,39 @@ pub struct LoadtestArgs {
     /// Leave the vault, keys, servers and identity the run created.
     #[arg(long)]
     pub keep: bool,
+    /// The protocol of the measured requests: gRPC, or Key Vault's REST API over HTTPS (the
+    /// set-up goes over gRPC either way). The CA trusted for REST is --ca-cert, by default the
+    /// data directory's dev CA.
+    #[arg(long, value_enum, default_value_t = Protocol::Grpc)]
+    pub protocol: Protocol,
+    /// REST: the broker's HTTPS listener (`serve --rest-listen`); a key of vault V is called at
+    /// `https://V.vault.localhost:PORT/…` on this address.
+    #[arg(long, value_name = "URL", default_value = DEFAULT_REST_SERVER)]
+    pub rest_server: String,
+    /// REST: HTTP/1.1 (one keep-alive connection per request in flight, as the Azure SDKs'
+    /// pools do; --connections is not used) or HTTP/2 (--connections connections, multiplexed).
+    #[arg(long, value_enum, default_value_t = HttpVersion::H1)]
+    pub http: HttpVersion,
+    /// REST: also run the same load over gRPC against the same broker, and print REST ÷ gRPC.
+    #[arg(long)]
+    pub with_grpc: bool,
+    /// Internal: serve the REST baseline (a bare hyper+rustls server) on 127.0.0.1, print
+    /// `listening ADDR CA`, stop when stdin ends.
+    #[arg(long, hide = true, conflicts_with_all = ["baseline", "compare_baseline", "serve_baseline"])]
+    pub serve_rest_baseline: bool,
     /// Also print, every TIME of the measurement, a line on stderr with the requests that
     /// completed in that interval: counts (errors by code) and latency percentiles.
     #[arg(long, value_name = "TIME", value_parser = parse_time)]
     pub report_every: Option<Duration>,
+}
+
+/// The protocol of the measured requests.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Protocol {
+    /// The broker's gRPC services.
+    Grpc,
+    /// Key Vault's REST API over HTTPS.
+    Rest,
 }
 
 /// What each request does.
@@ -218,6 +259,12 @@ pub enum LoadtestError {
     /// The baseline service could not be started.
     #[error("baseline: {0}")]
     Baseline(#[from] BaselineError),
+    /// The REST run could not be set up.
+    #[error("REST: {0}")]
+    Rest(#[from] RestError),
+    /// The REST baseline's first line carries no CA certificate.
+    #[error("baseline: the REST baseline named no CA certificate")]
+    BaselineCa,
     /// Measured requests failed (the report was printed).
     #[error("{label}: {failed} of {requests} measured requests failed")]
     Failed {
@@ -241,6 +288,12 @@ pub async fn run(conn: Connection, args: LoadtestArgs) -> Result<(), LoadtestErr
     if args.serve_baseline {
         return baseline::serve_until_stdin_ends().await;
     }
+    if args.serve_rest_baseline {
+        return rest_baseline::serve_until_stdin_ends().await;
+    }
+    if args.protocol == Protocol::Rest && args.op == Op::EngineUnwrap {
+        return Err(RestError::EngineOverRest.into());
+    }
     if args.duration.is_zero() {
         return Err(LoadtestError::ZeroDuration);
     }
@@ -257,27 +310,43 @@ pub async fn run(conn: Connection, args: LoadtestArgs) -> Result<(), LoadtestErr
         Out { json: report.json(), table: report.table() }.print(conn.output)?;
         return report.verdict();
     }
-    let (broker, bearer) = run_broker(&conn, &args).await?;
-    if !args.compare_baseline {
+    let (broker, grpc, bearer) = run_broker(&conn, &args).await?;
+    if !args.compare_baseline && grpc.is_none() {
         Out { json: broker.json(), table: broker.table() }.print(conn.output)?;
         return broker.verdict();
     }
-    let baseline = run_baseline(&args, bearer).await?;
-    let ratios = Ratios::of(&broker, &baseline);
-    let json = json!({ "broker": broker.json(), "baseline": baseline.json(), "ratio": ratios.json() });
-    let table = format!("{}\n{}\n{}", broker.table(), baseline.table(), ratios.table());
-    Out { json, table }.print(conn.output)?;
-    broker.verdict().and(baseline.verdict())
+    let mut json = json!({ "broker": broker.json() });
+    let mut table = vec![broker.table()];
+    let mut verdict = broker.verdict();
+    if args.compare_baseline {
+        let baseline = run_baseline(&args, bearer).await?;
+        let ratios = Ratios::of("broker/baseline", &broker, &baseline);
+        json["baseline"] = baseline.json();
+        json["ratio"] = ratios.json();
+        table.extend([baseline.table(), ratios.table()]);
+        verdict = verdict.and(baseline.verdict());
+    }
+    if let Some(grpc) = grpc {
+        let ratios = Ratios::of("rest/grpc", &broker, &grpc);
+        json["grpc"] = grpc.json();
+        json["rest_vs_grpc"] = ratios.json();
+        table.extend([grpc.table(), ratios.table()]);
+        verdict = verdict.and(grpc.verdict());
+    }
+    Out { json, table: table.join("\n") }.print(conn.output)?;
+    verdict
 }
 
 /// The load every run of one invocation gets.
 #[derive(Clone, Debug)]
 struct Plan {
+    /// `grpc`, `rest-h1` or `rest-h2`.
+    protocol: &'static str,
     /// What each request does.
     op: Op,
     /// Requests in flight at most.
     concurrency: usize,
-    /// HTTP/2 connections.
+    /// Connections (HTTP/2, or HTTP/1.1 keep-alive).
     connections: usize,
     /// How long to measure.
     duration: Duration,
@@ -290,9 +359,10 @@ struct Plan {
 }
 
 impl Plan {
-    /// The load `args` asks for, of `op`.
+    /// The gRPC load `args` asks for, of `op`.
     fn new(args: &LoadtestArgs, op: Op) -> Self {
         Plan {
+            protocol: "grpc",
             op,
             concurrency: args.concurrency as usize,
             connections: args.connections as usize,
@@ -302,10 +372,61 @@ impl Plan {
             report_every: args.report_every.filter(|every| !every.is_zero()),
         }
     }
+
+    /// The REST load `args` asks for, of `op`.
+    fn rest(args: &LoadtestArgs, op: Op) -> Self {
+        let concurrency = args.concurrency as usize;
+        Plan {
+            protocol: args.http.protocol(),
+            connections: rest::connection_count(args.http, concurrency, args.connections as usize),
+            ..Plan::new(args, op)
+        }
+    }
 }
 
-/// The report, and the `authorization` metadata the requests carried (for the baseline).
-async fn run_broker(conn: &Connection, args: &LoadtestArgs) -> Result<(Report, Bearer), LoadtestError> {
+/// The `Authorization` header value `bearer` puts on a gRPC request, for REST requests.
+fn rest_bearer(bearer: &Bearer) -> Option<http::HeaderValue> {
+    bearer.request(()).metadata().clone().into_headers().remove(http::header::AUTHORIZATION)
+}
+
+/// The CA a REST run against the broker trusts: --ca-cert, else the data directory's dev CA.
+fn rest_roots(conn: &Connection) -> Result<rustls::RootCertStore, RestError> {
+    let path = match &conn.ca_cert {
+        Some(path) => path.clone(),
+        None => {
+            let data_dir = conn
+                .data_dir
+                .clone()
+                .unwrap_or_else(|| std::path::PathBuf::from(crate::config::DEFAULT_DATA_DIR));
+            crate::tls::DevPki::in_data_dir(&data_dir).ca_cert
+        }
+    };
+    rest::roots_from_file(path)
+}
+
+/// Drives `workload` over REST at `server` (trusting `roots`), as `label`.
+async fn drive_rest(
+    label: &'static str,
+    server: &str,
+    roots: rustls::RootCertStore,
+    args: &LoadtestArgs,
+    workload: Arc<Workload>,
+    bearer: &Bearer,
+) -> Result<Report, LoadtestError> {
+    let connector = rest::Connector::new(server, roots, args.http, &workload, rest_bearer(bearer)).await?;
+    let url = connector.url.clone();
+    let lanes = rest::connect_lanes(connector, args.concurrency as usize, args.connections as usize).await?;
+    let lanes: Vec<Vec<Caller>> =
+        lanes.into_iter().map(|lane| lane.into_iter().map(Caller::Rest).collect()).collect();
+    Ok(drive::drive(label, &url, lanes, workload, Plan::rest(args, args.op)).await)
+}
+
+/// The report (REST or gRPC as `--protocol` says), the gRPC report of the same load with
+/// `--with-grpc`, and the `authorization` the requests carried (for the baseline).
+async fn run_broker(
+    conn: &Connection,
+    args: &LoadtestArgs,
+) -> Result<(Report, Option<Report>, Bearer), LoadtestError> {
     let dial = Dial::new(conn)?;
     let channels = dial.connect_many(args.connections as usize).await?;
     let url = dial.url.clone();
@@ -316,8 +437,29 @@ async fn run_broker(conn: &Connection, args: &LoadtestArgs) -> Result<(Report, B
     let result = match workload {
         Ok(workload) => {
             let bearer = workload.targets.first().map(|t| t.bearer.clone()).unwrap_or_default();
-            let report = drive::drive("broker", &url, channels, workload, Plan::new(args, args.op)).await;
-            Ok((report, bearer))
+            let workload = Arc::new(workload);
+            let grpc = |label| {
+                let (lanes, workload) = (grpc_lanes(&channels, args.concurrency as usize), workload.clone());
+                drive::drive(label, &url, lanes, workload, Plan::new(args, args.op))
+            };
+            match args.protocol {
+                Protocol::Grpc => Ok((grpc("broker").await, None, bearer)),
+                Protocol::Rest => match rest_roots(conn) {
+                    Ok(roots) => {
+                        let rest =
+                            drive_rest("broker", &args.rest_server, roots, args, workload.clone(), &bearer);
+                        match rest.await {
+                            Ok(report) => {
+                                let grpc =
+                                    if args.with_grpc { Some(grpc("broker-grpc").await) } else { None };
+                                Ok((report, grpc, bearer))
+                            }
+                            Err(e) => Err(e),
+                        }
+                    }
+                    Err(e) => Err(e.into()),
+                },
+            }
         }
         Err(e) => Err(e),
     };
@@ -339,7 +481,10 @@ fn stand_in_bearer() -> Bearer {
 /// and receiving it is the transport's cost, which the baseline must include to be the same
 /// load on the wire.
 async fn run_baseline(args: &LoadtestArgs, bearer: Bearer) -> Result<Report, LoadtestError> {
-    let server = BaselineProcess::start().await?;
+    if args.protocol == Protocol::Rest {
+        return run_rest_baseline(args, bearer).await;
+    }
+    let server = BaselineProcess::start("--serve-baseline").await?;
     let dial = Dial::anonymous(format!("http://{}", server.addr)).map_err(LoadtestError::BaselineAddress)?;
     let channels = dial.connect_many(args.connections as usize).await?;
     let mut workload = workload::baseline(args);
@@ -348,9 +493,26 @@ async fn run_baseline(args: &LoadtestArgs, bearer: Bearer) -> Result<Report, Loa
     }
     // The baseline has no engine service; UnwrapKey has the engine call's shape.
     let op = if args.op == Op::EngineUnwrap { Op::Unwrap } else { args.op };
-    let report = drive::drive("baseline", &dial.url, channels, workload, Plan::new(args, op)).await;
+    let lanes = grpc_lanes(&channels, args.concurrency as usize);
+    drop(channels);
+    let report = drive::drive("baseline", &dial.url, lanes, Arc::new(workload), Plan::new(args, op)).await;
     server.stop().await;
     Ok(report)
+}
+
+/// Runs the bare hyper+rustls server with the same REST load, `bearer` on every request.
+async fn run_rest_baseline(args: &LoadtestArgs, bearer: Bearer) -> Result<Report, LoadtestError> {
+    use base64::Engine as _;
+    let server = BaselineProcess::start("--serve-rest-baseline").await?;
+    let ca = base64::engine::general_purpose::STANDARD
+        .decode(server.extra.trim())
+        .map_err(|_| LoadtestError::BaselineCa)?;
+    let roots = rest::roots_from_pem(std::path::PathBuf::from("the REST baseline's CA"), &ca)?;
+    let workload = Arc::new(workload::baseline(args));
+    let server_url = format!("https://{}", server.addr);
+    let report = drive_rest("baseline", &server_url, roots, args, workload, &bearer).await;
+    server.stop().await;
+    report
 }
 
 #[cfg(test)]

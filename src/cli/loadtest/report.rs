@@ -11,7 +11,7 @@ use crate::cli::render::fields;
 
 /// The result of one run.
 pub(super) struct Report {
-    /// `broker` or `baseline`.
+    /// `broker`, `baseline` or (REST runs with `--with-grpc`) `broker-grpc`.
     pub(super) label: &'static str,
     /// The URL driven.
     pub(super) server: String,
@@ -73,6 +73,7 @@ impl Report {
         json!({
             "target": self.label,
             "server": self.server,
+            "protocol": self.plan.protocol,
             "op": self.plan.op.name(),
             "algorithm": ALGORITHM,
             "load": {
@@ -127,6 +128,7 @@ impl Report {
         };
         let mut rows = vec![
             (self.label.to_string(), self.server.clone()),
+            ("protocol".to_string(), self.plan.protocol.to_string()),
             ("op".to_string(), workload),
             (
                 "load".to_string(),
@@ -193,8 +195,10 @@ impl Report {
     }
 }
 
-/// Broker ÷ baseline.
+/// One run's figures over another's: broker ÷ baseline, or REST ÷ gRPC.
 pub(super) struct Ratios {
+    /// `broker/baseline` or `rest/grpc`.
+    name: &'static str,
     /// Of the OK requests per second.
     throughput: Option<f64>,
     /// Of the median latency.
@@ -204,10 +208,11 @@ pub(super) struct Ratios {
 }
 
 impl Ratios {
-    /// The broker's figures over the baseline's.
-    pub(super) fn of(broker: &Report, baseline: &Report) -> Self {
+    /// `a`'s figures over `b`'s, called `name`.
+    pub(super) fn of(name: &'static str, broker: &Report, baseline: &Report) -> Self {
         let ratio = |a: f64, b: f64| (b > 0.0).then(|| a / b);
         Ratios {
+            name,
             throughput: ratio(broker.throughput(), baseline.throughput()),
             p50: ratio(broker.p(0.5) as f64, baseline.p(0.5) as f64),
             p99: ratio(broker.p(0.99) as f64, baseline.p(0.99) as f64),
@@ -223,7 +228,7 @@ impl Ratios {
     pub(super) fn table(&self) -> String {
         let f = |r: Option<f64>| r.map_or("-".to_string(), |r| format!("{r:.3}"));
         fields(&[(
-            "broker/baseline".to_string(),
+            self.name.to_string(),
             format!("throughput {}  p50 {}  p99 {}", f(self.throughput), f(self.p50), f(self.p99)),
         )])
     }

@@ -67,9 +67,14 @@ pub(super) struct Workload {
 impl Workload {
     /// Request `seq` uses key `seq % keys` and ciphertext `(seq / keys) % distinct`.
     pub(super) fn pick(&self, seq: u64) -> (&Target, usize) {
+        let (k, i) = self.pick_index(seq);
+        (&self.targets[k], i)
+    }
+
+    /// The indexes of the key and ciphertext of request `seq` (see [`Workload::pick`]).
+    pub(super) fn pick_index(&self, seq: u64) -> (usize, usize) {
         let keys = self.targets.len() as u64;
-        let target = &self.targets[(seq % keys) as usize];
-        (target, ((seq / keys) % self.distinct as u64) as usize)
+        ((seq % keys) as usize, ((seq / keys) % self.distinct as u64) as usize)
     }
 
     /// Requests before this sequence number are the first use of their ciphertext.
