@@ -53,7 +53,10 @@ pub fn identity_label(id: &EffectiveIdentity) -> String {
 
 /// The servers whose protector `changes` move (auto-rotation): their Vault-KV DEKs follow.
 fn protector_moves(changes: &[Change]) -> Vec<String> {
-    changes.iter().filter_map(|c| if let Change::PutServer(s) = c { Some(s.id.clone()) } else { None }).collect()
+    changes
+        .iter()
+        .filter_map(|c| if let Change::PutServer(s) = c { Some(s.id.clone()) } else { None })
+        .collect()
 }
 
 impl Broker {
@@ -320,7 +323,11 @@ impl Broker {
     }
 
     /// Wraps a DEK under the current protector version as the server's identity.
-    pub(crate) async fn engine_wrap(&self, server: &Server, dek: Vec<u8>) -> Result<(Vec<u8>, String), BrokerError> {
+    pub(crate) async fn engine_wrap(
+        &self,
+        server: &Server,
+        dek: Vec<u8>,
+    ) -> Result<(Vec<u8>, String), BrokerError> {
         let identity = self.acting_identity(server)?;
         let kid = Self::current_kid(server)?;
         let r = self

@@ -187,9 +187,12 @@ impl Broker {
             return Err(BrokerError::bad_parameter("Key ids run from 1 to 4294967295; 0 is not one."));
         }
         let server = self.kv_writable_server(caller, server_id)?;
-        if let Some(other) = self.read().servers.values().find(|s| {
-            s.id != server.id && s.kv_mounts.iter().any(|m| m.path == mount)
-        }) {
+        if let Some(other) = self
+            .read()
+            .servers
+            .values()
+            .find(|s| s.id != server.id && s.kv_mounts.iter().any(|m| m.path == mount))
+        {
             return Err(BrokerError::bad_parameter(format!(
                 "The mount '{mount}' belongs to the server '{}'.",
                 other.name
@@ -229,9 +232,11 @@ impl Broker {
         let txn = self.begin().await;
         let updated = {
             let st = self.read();
-            let mut s = st.servers.get(&server.id.to_ascii_lowercase()).cloned().ok_or_else(|| {
-                BrokerError::ServerNotFound { name: printable(server_id) }
-            })?;
+            let mut s = st
+                .servers
+                .get(&server.id.to_ascii_lowercase())
+                .cloned()
+                .ok_or_else(|| BrokerError::ServerNotFound { name: printable(server_id) })?;
             let idx = match s.kv_mounts.iter().position(|m| m.path == mount) {
                 Some(i) => i,
                 None => {
@@ -254,7 +259,8 @@ impl Broker {
             m.keys.sort_by_key(|k| k.id);
             s
         };
-        let keys = updated.kv_mounts.iter().find(|m| m.path == mount).map(|m| m.keys.iter().map(|k| k.id).collect());
+        let keys =
+            updated.kv_mounts.iter().find(|m| m.path == mount).map(|m| m.keys.iter().map(|k| k.id).collect());
         self.commit(txn, vec![Change::PutServer(updated)]).await?;
         tracing::info!(server = %server.id, mount = %mount, created = ?created, "vault-kv mount set up; a new token was issued");
         Ok(KvSetup {
@@ -279,17 +285,26 @@ impl Broker {
     ) -> Result<u32, BrokerError> {
         let mount = KvMount::normalise_path(mount)?;
         let server = self.kv_writable_server(caller, server_id)?;
-        let m = server.kv_mounts.iter().find(|m| m.path == mount).ok_or_else(|| {
-            BrokerError::bad_parameter(format!("The server has no mount '{mount}'."))
-        })?;
-        let latest = m.key(id).and_then(|k| k.versions.last()).map(|v| v.version).ok_or_else(|| key_not_found(&mount, id, None))?;
+        let m = server
+            .kv_mounts
+            .iter()
+            .find(|m| m.path == mount)
+            .ok_or_else(|| BrokerError::bad_parameter(format!("The server has no mount '{mount}'.")))?;
+        let latest = m
+            .key(id)
+            .and_then(|k| k.versions.last())
+            .map(|v| v.version)
+            .ok_or_else(|| key_not_found(&mount, id, None))?;
         let host = self.host_caller(&server)?;
-        let next = latest.checked_add(1).ok_or_else(|| BrokerError::bad_parameter("The key has no version number left."))?;
+        let next = latest
+            .checked_add(1)
+            .ok_or_else(|| BrokerError::bad_parameter("The key has no version number left."))?;
         let version = self.kv_new_version(&host, &m.database, next).await?;
         let txn = self.begin().await;
         let updated = {
             let st = self.read();
-            let mut s = st.servers.get(&server.id.to_ascii_lowercase()).cloned().ok_or(BrokerError::Internal)?;
+            let mut s =
+                st.servers.get(&server.id.to_ascii_lowercase()).cloned().ok_or(BrokerError::Internal)?;
             let key = s
                 .kv_mounts
                 .iter_mut()
@@ -308,7 +323,12 @@ impl Broker {
     }
 
     /// A fresh DEK wrapped as the engine host of `database`.
-    async fn kv_new_version(&self, host: &Caller, database: &str, version: u32) -> Result<KvKeyVersion, BrokerError> {
+    async fn kv_new_version(
+        &self,
+        host: &Caller,
+        database: &str,
+        version: u32,
+    ) -> Result<KvKeyVersion, BrokerError> {
         let dek = Zeroizing::new(crypto::random_bytes(DEK_BYTES));
         let (wrapped, kid) = self.wrap_database_key(host, database, dek.to_vec()).await?;
         Ok(KvKeyVersion { version, wrapped: B64.encode(wrapped), kid, created: self.clock.now() })
@@ -345,7 +365,10 @@ impl Broker {
             .iter()
             .flat_map(|m| {
                 m.keys.iter().flat_map(move |k| {
-                    k.versions.iter().filter(|v| v.kid != *current).map(move |v| (m.path.clone(), k.id, v.version, v.clone()))
+                    k.versions
+                        .iter()
+                        .filter(|v| v.kid != *current)
+                        .map(move |v| (m.path.clone(), k.id, v.version, v.clone()))
                 })
             })
             .collect();

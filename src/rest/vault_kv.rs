@@ -150,7 +150,11 @@ impl VaultKv {
             Route::Tune { mount } => (TUNE, format!("sys/mounts/{}", crate::model::ids::printable(mount))),
             Route::Read { mount, id } => (
                 READ_KEY,
-                format!("{}/data/{}", crate::model::ids::printable(mount), id.map(|n| n.to_string()).unwrap_or_default()),
+                format!(
+                    "{}/data/{}",
+                    crate::model::ids::printable(mount),
+                    id.map(|n| n.to_string()).unwrap_or_default()
+                ),
             ),
         };
         if request.parts.method != Method::GET {

@@ -1,0 +1,239 @@
+//! MariaDB's data-at-rest encryption through the broker's Vault-KV surface (docs/MARIADB.md):
+//! the surface as MariaDB's `hashicorp_key_management` plugin calls it, and a real `mariadbd`.
+
+mod common;
+
+use common::mariadb::*;
+use common::*;
+use tde_broker::grpc::proto;
+use tde_broker::model::server::{DbState, Reason};
+use tde_broker::rest::Reply;
+use tde_broker::rest::vault_kv::VaultKv;
+
+const ONLINE: i32 = proto::DatabaseState::Online as i32;
+const INACCESSIBLE: i32 = proto::DatabaseState::Inaccessible as i32;
+
+#[tokio::test]
+async fn a_set_up_mount_answers_tune_and_serves_each_key_id_as_the_same_256_bit_key() {
+    let (b, broker) = start_holding(|_| {}).await;
+    let s = cmk_server(&b, "kv-basic", "maria-basic").await;
+    let m = setup_mount(&b, &s.server.id, "kv/mariadb", &[1, 2]).await;
+    assert_eq!((m.mount.as_str(), m.database.as_str()), ("kv/mariadb", "mariadb"));
+    assert_eq!(m.created_key_ids, vec![1, 2]);
+    assert_eq!(b.database(&s.server.id, "mariadb").await.state, ONLINE);
+    let kv = VaultKv::new(broker.clone());
+
+    let tune = get(&kv, "/v1/sys/mounts/kv/mariadb/tune", Some(&m.token)).await;
+    let (status, body) = answered(&tune);
+    assert_eq!((status, body["options"]["version"].as_str()), (200, Some("2")), "{body}");
+
+    let (k1, v1) = key_of(&get(&kv, "/v1/kv/mariadb/data/1", Some(&m.token)).await);
+    let (k2, _) = key_of(&get(&kv, "/v1/kv/mariadb/data/2", Some(&m.token)).await);
+    assert_eq!((k1.len(), v1), (64, 1));
+    assert!(k1.bytes().all(|c| c.is_ascii_hexdigit()), "{k1}");
+    assert_ne!(k1, k2, "each key id is its own DEK");
+    let (again, _) = key_of(&get(&kv, "/v1/kv/mariadb/data/1?version=1", Some(&m.token)).await);
+    assert_eq!(again, k1);
+    // The stored form is wrapped under the protector, never the key itself.
+    let stored = serde_json::to_string(&broker.read().servers.values().next().unwrap().kv_mounts).unwrap();
+    assert!(!stored.contains(&k1) && stored.contains(&s.key), "{stored}");
+
+    // Setting up again issues a new token and keeps the keys.
+    let m2 = setup_mount(&b, &s.server.id, "kv/mariadb", &[1, 3]).await;
+    assert_eq!((m2.created_key_ids.clone(), m2.key_ids.clone()), (vec![3], vec![1, 2, 3]));
+    let old = get(&kv, "/v1/kv/mariadb/data/1", Some(&m.token)).await;
+    assert_eq!(answered(&old).0, 403);
+    assert_eq!(key_of(&get(&kv, "/v1/kv/mariadb/data/1", Some(&m2.token)).await).0, k1);
+}
+
+#[tokio::test]
+async fn a_wrong_or_missing_token_and_an_unknown_mount_get_vaults_permission_denied() {
+    let (b, broker) = start_holding(|_| {}).await;
+    let s = cmk_server(&b, "kv-token", "maria-token").await;
+    let m = setup_mount(&b, &s.server.id, "mariadb", &[1]).await;
+    let kv = VaultKv::new(broker);
+    for (path, token) in [
+        ("/v1/mariadb/data/1", None),
+        ("/v1/mariadb/data/1", Some("tdekv.wrong")),
+        ("/v1/other/data/1", Some(m.token.as_str())),
+        ("/v1/sys/mounts/mariadb/tune", Some("tdekv.wrong")),
+    ] {
+        let h = get(&kv, path, token).await;
+        let (status, body) = answered(&h);
+        assert_eq!((status, body), (403, serde_json::json!({"errors": ["permission denied"]})), "{path}");
+        assert_ne!(h.outcome, "OK");
+    }
+    // A key id the mount does not have is Vault's "not found".
+    let h = get(&kv, "/v1/mariadb/data/9", Some(&m.token)).await;
+    assert_eq!(answered(&h), (404, serde_json::json!({"errors": []})));
+    // Paths that are not Vault's are left to the other surfaces.
+    let (parts, ()) = http::Request::builder().uri("/keys/k").body(()).unwrap().into_parts();
+    let req = tde_broker::rest::RestRequest {
+        parts,
+        body: bytes::Bytes::new(),
+        peer: "127.0.0.1:1".parse().unwrap(),
+    };
+    assert!(tde_broker::rest::Surface::handle(&kv, &req).await.is_none());
+}
+
+#[tokio::test]
+async fn revoked_access_is_permission_denied_with_the_tde_reason_and_the_database_inaccessible() {
+    let (b, broker) = start_holding(|_| {}).await;
+    let s = cmk_server(&b, "kv-revoke", "maria-revoke").await;
+    let m = setup_mount(&b, &s.server.id, "mariadb", &[1]).await;
+    let kv = VaultKv::new(broker);
+    let (k1, _) = key_of(&get(&kv, "/v1/mariadb/data/1", Some(&m.token)).await);
+
+    b.policy(&s.vault, &s.umi.principal_id, &[]).await;
+    let h = get(&kv, "/v1/mariadb/data/1", Some(&m.token)).await;
+    assert_eq!(answered(&h), (403, serde_json::json!({"errors": ["permission denied"]})));
+    assert_eq!(h.outcome, "IDENTITY_MISSING_PERMISSIONS");
+    assert!(h.principal.is_some(), "the refusal names the engine host");
+    let db = b.database(&s.server.id, "mariadb").await;
+    assert_eq!((db.state, db.reason.as_str()), (INACCESSIBLE, "IDENTITY_MISSING_PERMISSIONS"));
+
+    // Access back within the heal window: the database heals and the same key is served.
+    b.policy(&s.vault, &s.umi.principal_id, &TDE_PERMS).await;
+    assert_eq!(key_of(&get(&kv, "/v1/mariadb/data/1", Some(&m.token)).await).0, k1);
+    assert_eq!(b.database(&s.server.id, "mariadb").await.state, ONLINE);
+}
+
+#[tokio::test]
+async fn a_disabled_protector_key_is_permission_denied_with_key_disabled() {
+    let (b, broker) = start_holding(|_| {}).await;
+    let s = cmk_server(&b, "kv-disable", "maria-disable").await;
+    let m = setup_mount(&b, &s.server.id, "mariadb", &[1]).await;
+    let kv = VaultKv::new(broker.clone());
+    b.kv()
+        .update_key(proto::UpdateKeyRequest {
+            key_id: s.key.clone(),
+            enabled: Some(false),
+            ..Default::default()
+        })
+        .await
+        .expect("disable the key");
+    let h = get(&kv, "/v1/mariadb/data/1", Some(&m.token)).await;
+    assert_eq!(answered(&h).0, 403);
+    assert_eq!(h.outcome, "KEY_DISABLED");
+    let st = broker.read();
+    let db = st.databases.values().next().unwrap();
+    assert_eq!((db.state, db.reason), (DbState::Inaccessible, Some(Reason::KeyDisabled)));
+}
+
+#[tokio::test]
+async fn an_injected_outage_drops_the_connection_and_leaves_the_database_online() {
+    let (b, broker) = start_holding(|_| {}).await;
+    let s = cmk_server(&b, "kv-outage", "maria-outage").await;
+    let m = setup_mount(&b, &s.server.id, "mariadb", &[1]).await;
+    let kv = VaultKv::new(broker);
+    b.emu()
+        .set_faults(proto::SetFaultsRequest {
+            vault_name: s.vault.clone(),
+            outage: true,
+            ..Default::default()
+        })
+        .await
+        .expect("outage");
+    let h = get(&kv, "/v1/mariadb/data/1", Some(&m.token)).await;
+    assert!(
+        matches!(h.reply, Reply::Drop),
+        "an outage must look like an unreachable Vault, not an HTTP error"
+    );
+    assert_eq!(h.outcome, "ServiceUnavailable");
+    assert_eq!(b.database(&s.server.id, "mariadb").await.state, ONLINE);
+    // Throttling too.
+    b.emu()
+        .set_faults(proto::SetFaultsRequest {
+            vault_name: s.vault.clone(),
+            error_rate: 1.0,
+            error_code: "RESOURCE_EXHAUSTED".into(),
+            ..Default::default()
+        })
+        .await
+        .expect("throttled");
+    let h = get(&kv, "/v1/mariadb/data/1", Some(&m.token)).await;
+    assert!(matches!(h.reply, Reply::Drop), "{}", h.outcome);
+    b.emu().clear_faults(proto::ClearFaultsRequest::default()).await.expect("clear");
+    key_of(&get(&kv, "/v1/mariadb/data/1", Some(&m.token)).await);
+}
+
+#[tokio::test]
+async fn rotating_a_key_id_makes_a_new_latest_version_and_keeps_the_old_one_readable() {
+    let (b, broker) = start_holding(|_| {}).await;
+    let s = cmk_server(&b, "kv-rot", "maria-rot").await;
+    let m = setup_mount(&b, &s.server.id, "mariadb", &[1]).await;
+    let kv = VaultKv::new(broker);
+    let (v1, _) = key_of(&get(&kv, "/v1/mariadb/data/1", Some(&m.token)).await);
+    let r = b
+        .servers()
+        .rotate_vault_kv_key(proto::RotateVaultKvKeyRequest {
+            server_id: s.server.id.clone(),
+            mount: "mariadb".into(),
+            key_id: 1,
+        })
+        .await
+        .expect("rotate")
+        .into_inner();
+    assert_eq!(r.version, 2);
+    let (latest, n) = key_of(&get(&kv, "/v1/mariadb/data/1", Some(&m.token)).await);
+    assert_eq!(n, 2);
+    assert_ne!(latest, v1);
+    assert_eq!(key_of(&get(&kv, "/v1/mariadb/data/1?version=1", Some(&m.token)).await), (v1, 1));
+    let h = get(&kv, "/v1/mariadb/data/1?version=3", Some(&m.token)).await;
+    assert_eq!(answered(&h).0, 404);
+}
+
+#[tokio::test]
+async fn a_protector_rotation_rewraps_the_stored_keys_without_changing_them() {
+    let (b, broker) = start_holding(|_| {}).await;
+    let s = cmk_server(&b, "kv-prot", "maria-prot").await;
+    let m = setup_mount(&b, &s.server.id, "mariadb", &[1, 2]).await;
+    let kv = VaultKv::new(broker.clone());
+    let (k1, _) = key_of(&get(&kv, "/v1/mariadb/data/1", Some(&m.token)).await);
+    let (k2, _) = key_of(&get(&kv, "/v1/mariadb/data/2", Some(&m.token)).await);
+    let new = b.key(&s.vault, "tde", "RSA", 2048).await;
+    let new_kid = kid(&new);
+    b.servers()
+        .set_encryption_protector(proto::SetEncryptionProtectorRequest {
+            server_id: s.server.id.clone(),
+            server_key_type: "AzureKeyVault".into(),
+            key_id: new_kid.clone(),
+            auto_rotation_enabled: false,
+        })
+        .await
+        .expect("new protector version");
+    let kids: Vec<String> = broker.read().servers.values().next().unwrap().kv_mounts[0]
+        .keys
+        .iter()
+        .flat_map(|k| k.versions.iter().map(|v| v.kid.clone()))
+        .collect();
+    assert_eq!(kids, vec![new_kid.clone(), new_kid.clone()], "every DEK is re-wrapped under the new version");
+    // The old version can be disabled: the keys no longer need it.
+    let old_kid = s.server.protector.as_ref().expect("protector").kid.clone();
+    assert_ne!(old_kid, new_kid);
+    b.kv()
+        .update_key(proto::UpdateKeyRequest { key_id: old_kid, enabled: Some(false), ..Default::default() })
+        .await
+        .expect("disable the old version");
+    assert_eq!(key_of(&get(&kv, "/v1/mariadb/data/1", Some(&m.token)).await).0, k1);
+    assert_eq!(key_of(&get(&kv, "/v1/mariadb/data/2", Some(&m.token)).await).0, k2);
+}
+
+#[tokio::test]
+async fn key_fetches_are_counted_and_timed_in_the_metrics_by_outcome() {
+    let (b, broker) = start_holding(|_| {}).await;
+    let s = cmk_server(&b, "kv-metrics", "maria-metrics").await;
+    let m = setup_mount(&b, &s.server.id, "mariadb", &[1]).await;
+    let kv = VaultKv::new(broker);
+    key_of(&get(&kv, "/v1/mariadb/data/1", Some(&m.token)).await);
+    let text = tde_broker::telemetry::metrics().render(&[], None);
+    let line = text
+        .lines()
+        .find(|l| l.contains("VaultKv") && l.contains("KeyFetch") && l.contains("OK") && !l.starts_with('#'))
+        .unwrap_or_else(|| panic!("no VaultKv KeyFetch series:\n{text}"));
+    assert!(!line.ends_with(" 0"), "{line}");
+    assert!(
+        text.lines().any(|l| l.contains("VaultKv") && l.contains("KeyFetch") && l.contains("_bucket")),
+        "{text}"
+    );
+}
