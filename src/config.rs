@@ -119,6 +119,8 @@ pub struct FileConfig {
     pub trusted_proxies: Option<Vec<String>>,
     /// Admin HTTP listener (`/metrics`, `/healthz`, `/readyz`): `IP:PORT` or `off`.
     pub http_listen: Option<String>,
+    /// HTTPS listener of Key Vault's REST API and the token endpoints: `IP:PORT` or `off`.
+    pub rest_listen: Option<String>,
     /// Audit log: a file path, `stdout` or `off`.
     pub audit_log: Option<String>,
     /// Refuse requests that cannot be audited (default false).
@@ -194,6 +196,11 @@ pub struct ServeArgs {
     /// Admin HTTP listener for /metrics, /healthz and /readyz, or `off` [default: 127.0.0.1:9090].
     #[arg(long, env = "TDE_BROKER_HTTP_LISTEN", value_name = "ADDR|off")]
     pub http_listen: Option<String>,
+    /// HTTPS listener of Azure Key Vault's REST API (for the Azure SDKs) and the token
+    /// endpoints, always TLS with the dev CA of the data directory, or `off`
+    /// [default: 127.0.0.1:8443].
+    #[arg(long, env = "TDE_BROKER_REST_LISTEN", value_name = "ADDR|off")]
+    pub rest_listen: Option<String>,
     /// Audit log, one JSON line per operation: a file path, `stdout`, or `off` [default: off].
     #[arg(long, env = "TDE_BROKER_AUDIT_LOG", value_name = "PATH|stdout|off")]
     pub audit_log: Option<String>,
@@ -264,6 +271,11 @@ pub struct Config {
     /// Whether `http_listen` was configured rather than defaulted: only the default address,
     /// when taken (a second broker on the machine), turns the listener off with a warning.
     pub http_listen_explicit: bool,
+    /// HTTPS listener of the REST surfaces (`None`: off).
+    pub rest_listen: Option<SocketAddr>,
+    /// Whether `rest_listen` was configured rather than defaulted (only the default address,
+    /// when taken, turns the listener off with a warning).
+    pub rest_listen_explicit: bool,
     /// Where audit records go.
     pub audit_log: AuditLog,
     /// Refuse requests that cannot be audited.
@@ -295,6 +307,8 @@ impl Config {
                 .unwrap_or_else(|_| unreachable!("the embedded defaults are valid"));
         // Tests run many brokers at once: the admin HTTP listener is theirs to turn on.
         cfg.http_listen = None;
+        // And the HTTPS listener (tests that use it turn it on, on port 0).
+        cfg.rest_listen = None;
         cfg
     }
 
@@ -407,6 +421,9 @@ impl Config {
             insecure || tls != TlsMode::Off,
             &mut errors,
         );
+        let rest_given = args.rest_listen.or(file.rest_listen);
+        let rest_listen_explicit = rest_given.is_some();
+        let rest_listen = resolve_rest_listen(rest_given, &mut errors);
         let audit_log = match args.audit_log.or(file.audit_log).as_deref().map(str::trim) {
             None | Some("off") => AuditLog::Off,
             Some("stdout") => AuditLog::Stdout,
@@ -441,6 +458,8 @@ impl Config {
             trusted_proxies,
             http_listen,
             http_listen_explicit,
+            rest_listen,
+            rest_listen_explicit,
             audit_log,
             audit_required,
             otlp: OtlpExport::from_env(),
@@ -520,6 +539,25 @@ fn resolve_http_listen(
         Err(_) => {
             errors.push(format!("http_listen '{text}' is not IP:PORT or `off`"));
             (None, explicit)
+        }
+    }
+}
+
+/// Default HTTPS listener of the REST surfaces.
+pub const DEFAULT_REST_LISTEN: &str = "127.0.0.1:8443";
+
+/// The REST listener: `off`, or an address (the default when unset). It is always HTTPS and
+/// authenticates every Key Vault request, so, like gRPC under TLS, any address may be given.
+fn resolve_rest_listen(given: Option<String>, errors: &mut Vec<String>) -> Option<SocketAddr> {
+    let text = given.unwrap_or_else(|| DEFAULT_REST_LISTEN.to_string());
+    if text.trim().eq_ignore_ascii_case("off") {
+        return None;
+    }
+    match text.trim().parse::<SocketAddr>() {
+        Ok(addr) => Some(addr),
+        Err(_) => {
+            errors.push(format!("rest_listen '{text}' is not IP:PORT or `off`"));
+            None
         }
     }
 }

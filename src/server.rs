@@ -110,6 +110,16 @@ pub enum StartError {
     /// The admin HTTP listener could not be bound.
     #[error("admin HTTP listener: {0}")]
     Http(std::io::Error),
+    /// The REST (HTTPS) listener could not be bound.
+    #[error(
+        "REST listener {addr}: {source} (choose another address with --rest-listen, or --rest-listen off)"
+    )]
+    RestListen {
+        /// The address.
+        addr: std::net::SocketAddr,
+        /// Why.
+        source: std::io::Error,
+    },
     /// OpenTelemetry export could not be set up.
     #[error("OpenTelemetry: {0}")]
     Telemetry(#[from] crate::telemetry::OtelError),
@@ -174,6 +184,32 @@ fn write_secret(path: &Path, contents: &[u8]) -> Result<(), StartError> {
     Ok(crate::store::datadir::write_private(path, contents)?)
 }
 
+/// The REST listener bound at open, and its TLS configuration (the dev CA's certificate).
+struct RestListener {
+    listener: TcpListener,
+    addr: std::net::SocketAddr,
+    tls: Arc<tokio_rustls::rustls::ServerConfig>,
+}
+
+/// Binds the REST listener `config` asks for. The dev CA and certificate are made first, so
+/// `<data-dir>/tls/ca.pem` exists once `open` returns. The default address, when taken (another
+/// broker on the machine), turns the listener off with a warning; an address given is an error.
+async fn bind_rest(config: &Config) -> Result<Option<RestListener>, StartError> {
+    let Some(addr) = config.rest_listen else { return Ok(None) };
+    let tls = crate::tls::rest_server_tls(config)?;
+    match TcpListener::bind(addr).await {
+        Ok(listener) => {
+            let addr = listener.local_addr().map_err(|source| StartError::RestListen { addr, source })?;
+            Ok(Some(RestListener { listener, addr, tls }))
+        }
+        Err(source) if source.kind() == std::io::ErrorKind::AddrInUse && !config.rest_listen_explicit => {
+            tracing::warn!(%addr, "the default REST address is taken: Key Vault's REST API and the token endpoints are off (set --rest-listen)");
+            Ok(None)
+        }
+        Err(source) => Err(StartError::RestListen { addr, source }),
+    }
+}
+
 /// The running application: broker, authenticator and the admin's identity.
 pub struct App {
     /// The broker.
@@ -191,6 +227,8 @@ pub struct App {
     audit: Arc<crate::audit::AuditLog>,
     /// The server's TLS configuration, built (and checked) once at open; `None` for plaintext.
     tls: Option<Arc<tokio_rustls::rustls::ServerConfig>>,
+    /// The REST listener, bound at open (`--rest-listen`); `None` when off.
+    rest: Option<RestListener>,
     /// The data directory's lock: no other broker opens the directory while the app lives.
     /// Last, so it is let go after everything else of the app.
     _lock: crate::store::datadir::DataDirLock,
@@ -280,12 +318,43 @@ impl App {
             crate::store::datadir::make_private(path).map_err(io_err(path))?;
         }
         let audit = Arc::new(crate::audit::AuditLog::open(&config.audit_log, config.audit_required));
-        Ok(App { broker, auth, admin, admin_token_path, config, tls, admin_http, audit, _lock: lock })
+        let rest = bind_rest(&config).await?;
+        Ok(App { broker, auth, admin, admin_token_path, config, tls, rest, admin_http, audit, _lock: lock })
     }
 
     /// The admin HTTP listener's bound address, when it runs.
     pub fn http_addr(&self) -> Option<std::net::SocketAddr> {
         self.admin_http.local_addr()
+    }
+
+    /// The REST (HTTPS) listener's bound address, when it runs.
+    pub fn rest_addr(&self) -> Option<std::net::SocketAddr> {
+        self.rest.as_ref().map(|r| r.addr)
+    }
+
+    /// The dev CA file clients trust for the REST listener (`<data-dir>/tls/ca.pem`).
+    pub fn ca_path(&self) -> PathBuf {
+        crate::tls::DevPki::in_data_dir(&self.config.data_dir).ca_cert
+    }
+
+    /// What a user needs to reach the broker, one line each: the gRPC address, the REST base, the
+    /// vault URL pattern, the CA file and the token endpoints.
+    pub fn endpoints(&self, grpc: std::net::SocketAddr) -> Vec<String> {
+        let scheme = if self.tls.is_some() { "https" } else { "http" };
+        let mut lines = vec![format!("gRPC:            {scheme}://{grpc}")];
+        if let Some(rest) = self.rest_addr() {
+            let port = rest.port();
+            let tenant = &self.broker.settings.tenant_id;
+            lines.extend([
+                format!("REST base:       https://localhost:{port}/"),
+                format!("vault URLs:      https://<vault>.{}:{port}/", crate::tls::REST_VAULT_DOMAIN),
+                format!("CA certificate:  {}", self.ca_path().display()),
+                format!("App Service MSI: https://localhost:{port}/msi/token"),
+                format!("IMDS:            https://localhost:{port}/metadata/identity/oauth2/token"),
+                format!("OpenID authority: https://localhost:{port}/{tenant}/"),
+            ]);
+        }
+        lines
     }
 
     /// Issues a fresh admin token (both planes) valid for the configured lifetime of wall-clock
@@ -303,7 +372,7 @@ impl App {
 
     /// Serves gRPC on `listener` until `shutdown` completes, then drains in-flight calls.
     pub async fn serve(
-        self,
+        mut self,
         listener: TcpListener,
         shutdown: impl Future<Output = ()> + Send,
     ) -> Result<(), StartError> {
@@ -434,11 +503,36 @@ impl App {
         // preface in time is closed; under TLS the handshake is timed first, then the preface.
         let incoming = crate::listener::Incoming::new(listener, limits, !tls_on);
         let _ = self.admin_http.state.listener.set(incoming.stats());
+        for line in self.endpoints(addr) {
+            tracing::info!("{line}");
+        }
+        // The REST listener serves beside gRPC and stops with it: the same shutdown starts its
+        // drain, and `serve` returns once its connections have finished.
+        let (rest_stop, mut rest_stopping) = tokio::sync::watch::channel(false);
+        let rest_task = self.rest.take().map(|rest| {
+            // The surfaces beside Key Vault's API, offered every request that names no vault.
+            // MERGE POINT: the token endpoints (`rest::identity`) and the Vault KV surface
+            // (`rest::vault_kv`) are registered here.
+            let surfaces: Vec<Arc<dyn crate::rest::Surface>> =
+                vec![Arc::new(crate::rest::vault_kv::VaultKv::new(self.broker.clone()))];
+            let service = Arc::new(crate::rest::serve::RestService::new(
+                self.broker.clone(),
+                self.auth.clone(),
+                surfaces,
+                self.audit.clone(),
+                otel.clone(),
+            ));
+            let stop = async move {
+                let _ = rest_stopping.wait_for(|s| *s).await;
+            };
+            tokio::spawn(service.serve(rest.listener, rest.tls, limits, stop))
+        });
         let stopping = self.broker.clone();
         let admin_state = self.admin_http.state.clone();
         let reporter = health_reporter.clone();
         let shutdown = async move {
             shutdown.await;
+            let _ = rest_stop.send(true);
             // /readyz and gRPC health say NOT_SERVING while in-flight calls drain.
             admin_state.readiness.set_draining();
             set_not_serving(&reporter).await;
@@ -461,6 +555,9 @@ impl App {
             }
             None => router.serve_with_incoming_shutdown(incoming, shutdown).await,
         };
+        if let Some(task) = rest_task {
+            let _ = task.await;
+        }
         sweeper.abort();
         if let Some(otel) = &otel {
             otel.shutdown().await;

@@ -224,7 +224,7 @@ pub fn server_tls(config: &Config) -> Result<Option<Arc<rustls::ServerConfig>>, 
     let (cert_path, key_path, dev_ca) = match &config.tls {
         TlsMode::Off => return Ok(None),
         TlsMode::Auto => {
-            let pki = ensure_dev_pki(&config.data_dir, &config.tls_names)?;
+            let pki = ensure_dev_pki(&config.data_dir, &dev_server_names(config))?;
             (pki.server_cert, pki.server_key, Some(pki.ca_cert))
         }
         TlsMode::Files { cert, key } => (cert.clone(), key.clone(), None),
@@ -260,6 +260,44 @@ pub fn server_tls(config: &Config) -> Result<Option<Arc<rustls::ServerConfig>>, 
         .map_err(|e| invalid(&key_path, FileProblem::KeyDoesNotFit(e)))?;
     tls.alpn_protocols = vec![b"h2".to_vec()];
     Ok(Some(Arc::new(tls)))
+}
+
+/// The wildcard name of the REST listener's vault hosts: `https://<vault>.vault.localhost:<port>/`.
+pub const REST_VAULT_DOMAIN: &str = "vault.localhost";
+
+/// The names the dev server certificate carries besides [`DEFAULT_SERVER_NAMES`]: the configured
+/// `--tls-name`s, and the REST listener's vault hosts, `*.vault.localhost` and
+/// `*.<vault-dns-suffix>`. gRPC (`--tls auto`) and the REST listener ask for the same names, so
+/// they share one certificate and neither replaces the other's.
+pub fn dev_server_names(config: &Config) -> Vec<String> {
+    let mut names = config.tls_names.clone();
+    names.push(format!("*.{REST_VAULT_DOMAIN}"));
+    let suffix = config.vault_dns_suffix.trim_matches('.');
+    if !suffix.is_empty() && !suffix.eq_ignore_ascii_case(REST_VAULT_DOMAIN) {
+        names.push(format!("*.{suffix}"));
+    }
+    names
+}
+
+/// The REST listener's TLS configuration: always the dev CA's server certificate (created at
+/// first start in `<data-dir>/tls`, even when gRPC runs plaintext or with certificate files),
+/// ALPN `h2` and `http/1.1`, no client certificates.
+pub fn rest_server_tls(config: &Config) -> Result<Arc<rustls::ServerConfig>, TlsError> {
+    let pki = ensure_dev_pki(&config.data_dir, &dev_server_names(config))?;
+    let cert_pem = read(&pki.server_cert)?;
+    let chain = certs_from_pem(&pki.server_cert, &cert_pem)?;
+    let key_pem = zeroize::Zeroizing::new(read(&pki.server_key)?);
+    let key = PrivateKeyDer::from_pem_slice(&key_pem)
+        .map_err(|e| invalid(&pki.server_key, FileProblem::NoPrivateKey(e)))?;
+    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let mut tls = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(TlsError::Config)?
+        .with_no_client_auth()
+        .with_single_cert(chain, key)
+        .map_err(|e| invalid(&pki.server_key, FileProblem::KeyDoesNotFit(e)))?;
+    tls.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    Ok(Arc::new(tls))
 }
 
 /// Creates the development CA and server certificate of `data_dir` on first use and reuses
@@ -451,7 +489,9 @@ fn san_for_name(name: &str) -> Result<SanType, TlsError> {
     if let Ok(ip) = name.parse::<IpAddr>() {
         return Ok(SanType::IpAddress(ip));
     }
-    if let Err(source) = ServerName::try_from(name) {
+    // A wildcard covers one label on the left (`*.vault.localhost`): the rest must be a name.
+    let checked = name.strip_prefix("*.").unwrap_or(name);
+    if let Err(source) = ServerName::try_from(checked) {
         return Err(NameError::NotDnsNameOrIp { name: name.to_string(), source }.into());
     }
     Ok(SanType::DnsName(

@@ -242,6 +242,10 @@ async fn serve(args: ServeArgs) -> Result<(), CliError> {
     let app = App::open(config).await?;
     let listener =
         tokio::net::TcpListener::bind(addr).await.map_err(|source| CliError::Listen { addr, source })?;
+    // The URLs a user needs (gRPC, REST, vault URLs, CA file, token endpoints), on stderr.
+    for line in app.endpoints(listener.local_addr().unwrap_or(addr)) {
+        eprintln!("{line}");
+    }
     Ok(app.serve(listener, shutdown_signal()).await?)
 }
 

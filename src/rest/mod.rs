@@ -6,7 +6,10 @@
 //! An adapter like `grpc`: every handler calls the same broker operation as its gRPC twin, so the
 //! gate, the caches and the apply path come with it.
 
+pub mod error;
 pub mod identity;
+pub mod keyvault;
+pub mod serve;
 pub mod vault_kv;
 
 /// What a handler answers: a response, or nothing at all — the connection is dropped without a

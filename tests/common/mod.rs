@@ -3,6 +3,7 @@
 //! `python`: the virtualenvs of the checks against Python tools.
 #![allow(dead_code)]
 
+pub mod https;
 pub mod mariadb;
 pub mod observed;
 pub mod python;

@@ -31,6 +31,9 @@ use crate::model::{BrokerError, CryptoOp, Curve, Deletion, KeyAttributes, KeyTyp
 
 /// Largest `value` a crypto request may carry.
 pub const MAX_VALUE_BYTES: usize = 64 * 1024;
+/// The vault domain of the REST listener's hosts (`<vault>.vault.localhost`): key ids under it
+/// address the same keys as under the configured suffix.
+pub const LOCAL_VAULT_DOMAIN: &str = "vault.localhost";
 /// The cloud's default and largest list page.
 pub const MAX_PAGE: usize = 25;
 
@@ -335,7 +338,10 @@ impl Broker {
     }
 
     fn parse_key_id<'a>(&self, key_id: &'a str) -> Result<KeyIdRef<'a>, BrokerError> {
+        // A key id the REST surface handed out (`https://<vault>.vault.localhost:<port>/keys/...`)
+        // names the same key: tried only when the configured suffix does not fit.
         KeyIdRef::parse(key_id, &self.settings.vault_dns_suffix)
+            .or_else(|e| KeyIdRef::parse(key_id, LOCAL_VAULT_DOMAIN).map_err(|_| e))
     }
 }
 
