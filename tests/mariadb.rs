@@ -237,3 +237,199 @@ async fn key_fetches_are_counted_and_timed_in_the_metrics_by_outcome() {
         "{text}"
     );
 }
+
+/// Runs blocking work (the `mariadb` client, `mariadbd`'s start) off the broker's workers.
+fn blocking<T>(f: impl FnOnce() -> T) -> T {
+    tokio::task::block_in_place(f)
+}
+
+/// The plugin and encryption options: keys from the broker's Vault-KV surface at `rest`, the
+/// latest version re-checked every `version_check_ms`; with `encrypt`, tables, redo log and
+/// temporary files encrypted.
+fn plugin_options(
+    rest: std::net::SocketAddr,
+    ca: &std::path::Path,
+    version_check_ms: u32,
+    encrypt: bool,
+) -> Vec<String> {
+    let mut o = vec![
+        "--plugin-load-add=hashicorp_key_management".to_string(),
+        format!("--hashicorp-key-management-vault-url=https://127.0.0.1:{}/v1/mariadb", rest.port()),
+        format!("--hashicorp-key-management-vault-ca={}", ca.display()),
+        "--hashicorp-key-management-caching-enabled=ON".to_string(),
+        "--hashicorp-key-management-use-cache-on-timeout=ON".to_string(),
+        format!("--hashicorp-key-management-cache-version-timeout={version_check_ms}"),
+        "--hashicorp-key-management-timeout=5".to_string(),
+        "--hashicorp-key-management-max-retries=0".to_string(),
+    ];
+    if encrypt {
+        o.extend(
+            [
+                "--innodb-encrypt-tables=ON",
+                "--innodb-encrypt-log=ON",
+                "--encrypt-tmp-files=ON",
+                "--innodb-encrypt-temporary-tables=ON",
+            ]
+            .map(String::from),
+        );
+    }
+    o
+}
+
+const MARKER: &str = "plaintext-row-of-the-mariadb-test";
+const CONTROL: &str = "unencrypted-control-row-of-the-mariadb-test";
+
+fn count(db: &Mariadb, table: &str) -> Result<u64, String> {
+    db.sql(&format!("SELECT COUNT(*) FROM d.{table}")).map(|o| o.trim().parse().unwrap_or(u64::MAX))
+}
+
+fn file_contains(path: &std::path::Path, needle: &str) -> bool {
+    let bytes = std::fs::read(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    bytes.windows(needle.len()).any(|w| w == needle.as_bytes())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mariadb_encrypts_through_the_broker_goes_dark_when_access_is_revoked_and_rides_out_an_outage() {
+    let audit_dir = tempfile::tempdir().expect("tempdir");
+    let audit = audit_dir.path().join("audit.jsonl");
+    let (b, _broker, rest) = start_holding_rest(|c| {
+        c.rest_listen = Some("127.0.0.1:0".parse().expect("addr"));
+        c.rest_listen_explicit = true;
+        c.audit_log = tde_broker::config::AuditLog::File(audit.clone());
+    })
+    .await;
+    let audited = |outcome: &str| {
+        std::fs::read_to_string(&audit)
+            .unwrap_or_default()
+            .lines()
+            .filter(|l| l.contains("VaultKv/ReadKey") && l.contains(&format!("\"{outcome}\"")))
+            .count()
+    };
+    let (rest, ca) = rest.expect("the REST listener runs");
+    let s = cmk_server(&b, "maria-e2e-kv", "maria-e2e").await;
+    let m = setup_mount(&b, &s.server.id, "mariadb", &[1, 2]).await;
+    let mut db = blocking(Mariadb::install);
+    let encrypted = plugin_options(rest, &ca, 1000, true);
+    let plain_start = plugin_options(rest, &ca, 60_000, false);
+
+    // Encrypted tables (key 1 and key 2), redo log and temporary files; rows in.
+    blocking(|| db.start(&encrypted, &m.token)).unwrap_or_else(|e| panic!("{e}"));
+    let mut rows = String::new();
+    for i in 0..200 {
+        rows.push_str(&format!("{}({i}, '{MARKER}-{i:04}')", if i == 0 { "" } else { "," }));
+    }
+    blocking(|| {
+        db.sql(&format!(
+            "CREATE DATABASE d;
+             CREATE TABLE d.t (id INT PRIMARY KEY, v VARCHAR(100)) ENGINE=InnoDB ENCRYPTED=YES ENCRYPTION_KEY_ID=1;
+             CREATE TABLE d.u (id INT PRIMARY KEY, v VARCHAR(100)) ENGINE=InnoDB ENCRYPTED=YES ENCRYPTION_KEY_ID=2;
+             CREATE TABLE d.plain (id INT PRIMARY KEY, v VARCHAR(100)) ENGINE=InnoDB ENCRYPTED=NO;
+             INSERT INTO d.t VALUES {rows}; INSERT INTO d.u VALUES {rows};
+             INSERT INTO d.plain VALUES (1, '{CONTROL}');"
+        ))
+    })
+    .unwrap_or_else(|e| panic!("{e}\n{}", db.log_tail()));
+    assert_eq!(blocking(|| count(&db, "t")), Ok(200));
+
+    // An injected outage, shorter than the transient grace, under the running MariaDB: with a
+    // 1 s version check, writes and flushes ask the broker during the outage, get the connection
+    // dropped, and go on from the plugin's cache; mariadbd neither aborts nor stops serving.
+    b.emu()
+        .set_faults(proto::SetFaultsRequest {
+            vault_name: s.vault.clone(),
+            outage: true,
+            ..Default::default()
+        })
+        .await
+        .expect("outage");
+    for round in 0..4 {
+        blocking(|| std::thread::sleep(std::time::Duration::from_millis(1200)));
+        let n = 1000 + round;
+        blocking(|| {
+            db.sql(&format!(
+                "INSERT INTO d.t VALUES ({n}, '{MARKER}-{n}'); FLUSH TABLES d.t FOR EXPORT; UNLOCK TABLES;"
+            ))
+        })
+        .unwrap_or_else(|e| panic!("MariaDB stopped serving during the outage: {e}\n{}", db.log_tail()));
+    }
+    assert!(blocking(|| db.running()), "mariadbd aborted during the outage:\n{}", db.log_tail());
+    assert_eq!(blocking(|| count(&db, "t")), Ok(204));
+    assert_eq!(
+        b.database(&s.server.id, "mariadb").await.state,
+        ONLINE,
+        "an outage within the grace keeps the database ONLINE"
+    );
+    b.emu().clear_faults(proto::ClearFaultsRequest::default()).await.expect("clear");
+    assert!(audited("ServiceUnavailable") > 0, "MariaDB asked for a key during the outage");
+    let log = db.log();
+    assert!(
+        !log.contains("Hashicorp server error"),
+        "the plugin met dropped connections, never HTTP errors:\n{log}"
+    );
+
+    // Clean shutdown: the tablespaces and the redo log do not hold the rows in plaintext (the
+    // unencrypted control table does).
+    blocking(|| db.stop());
+    let data = db.data();
+    assert!(
+        file_contains(&data.join("d/plain.ibd"), CONTROL),
+        "the control table holds its row in plaintext"
+    );
+    for f in ["d/t.ibd", "d/u.ibd", "ib_logfile0", "ibdata1"] {
+        assert!(!file_contains(&data.join(f), MARKER), "{f} holds plaintext rows");
+    }
+
+    // Protector rotation: a new version of the vault key becomes the protector; the stored DEKs
+    // are re-wrapped (unchanged), and MariaDB opens its tables after a restart.
+    let new = b.key(&s.vault, "tde", "RSA", 2048).await;
+    b.servers()
+        .set_encryption_protector(proto::SetEncryptionProtectorRequest {
+            server_id: s.server.id.clone(),
+            server_key_type: "AzureKeyVault".into(),
+            key_id: kid(&new),
+            auto_rotation_enabled: false,
+        })
+        .await
+        .expect("rotate the protector");
+    blocking(|| db.start(&encrypted, &m.token)).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(blocking(|| count(&db, "t")), Ok(204), "{}", db.log_tail());
+    assert_eq!(blocking(|| count(&db, "u")), Ok(200));
+    // Restarted without the encryption options (the redo log is rebuilt unencrypted; the tables
+    // stay encrypted): InnoDB itself then needs no key to start.
+    blocking(|| db.stop());
+    blocking(|| db.start(&plain_start, &m.token)).unwrap_or_else(|e| panic!("{e}"));
+    blocking(|| db.stop());
+
+    // Revoke the identity's access; the prober (manual clock) finds it: INACCESSIBLE.
+    b.policy(&s.vault, &s.umi.principal_id, &[]).await;
+    b.advance(600).await;
+    let state = b.database(&s.server.id, "mariadb").await;
+    assert_eq!((state.state, state.reason.as_str()), (INACCESSIBLE, "IDENTITY_MISSING_PERMISSIONS"));
+    // A restart now cannot read the encrypted tables (the data is intact), and says why.
+    let log_before = db.log().len();
+    blocking(|| db.start(&plain_start, &m.token)).unwrap_or_else(|e| panic!("{e}"));
+    // The first statement on each table fails on the key fetch itself, the next ones with 1877.
+    let first = blocking(|| count(&db, "t")).expect_err("the encrypted table must not open");
+    assert!(first.contains("1105") && first.contains("hashicorp: Unable to get key data"), "{first}");
+    let refused = blocking(|| count(&db, "t")).expect_err("the encrypted table must not open");
+    assert!(refused.contains("ERROR 1877") && refused.contains("is corrupted"), "{refused}");
+    let _ = blocking(|| count(&db, "u"));
+    assert!(blocking(|| count(&db, "u")).is_err_and(|e| e.contains("1877")));
+    assert_eq!(blocking(|| count(&db, "plain")), Ok(1));
+    let log = db.log()[log_before..].to_string();
+    assert!(
+        log.contains("hashicorp: Hashicorp server error: 403"),
+        "the error log names the key fetch:\n{log}"
+    );
+    assert!(audited("IDENTITY_MISSING_PERMISSIONS") > 0, "the refusals are audited with the TDE reason");
+    blocking(|| db.stop());
+
+    // Access restored within the heal window: ONLINE again, and after a restart every row reads.
+    b.policy(&s.vault, &s.umi.principal_id, &TDE_PERMS).await;
+    b.advance(600).await;
+    assert_eq!(b.database(&s.server.id, "mariadb").await.state, ONLINE);
+    blocking(|| db.start(&encrypted, &m.token)).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(blocking(|| count(&db, "t")), Ok(204), "{}", db.log_tail());
+    assert_eq!(blocking(|| count(&db, "u")), Ok(200));
+    blocking(|| db.stop());
+}

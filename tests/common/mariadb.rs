@@ -21,6 +21,14 @@ pub const TDE_PERMS: [&str; 3] = ["get", "wrapKey", "unwrapKey"];
 /// A broker on a manual clock (fresh data directory, `modify` applied to its configuration) and
 /// its `Broker`.
 pub async fn start_holding(modify: impl FnOnce(&mut Config)) -> (TestBroker, Arc<Broker>) {
+    let (b, broker, _) = start_holding_rest(modify).await;
+    (b, broker)
+}
+
+/// As [`start_holding`], with the REST listener's address and CA file when `modify` turned it on.
+pub async fn start_holding_rest(
+    modify: impl FnOnce(&mut Config),
+) -> (TestBroker, Arc<Broker>, Option<(std::net::SocketAddr, PathBuf)>) {
     let dir = tempfile::tempdir().expect("tempdir");
     let mut cfg = Config::for_data_dir(dir.path());
     cfg.clock = ClockKind::Manual;
@@ -29,6 +37,7 @@ pub async fn start_holding(modify: impl FnOnce(&mut Config)) -> (TestBroker, Arc
     let data_dir = cfg.data_dir.clone();
     let app = App::open(cfg).await.expect("broker starts");
     let broker = app.broker.clone();
+    let rest = app.rest_addr().map(|a| (a, app.ca_path()));
     let token = app.admin_token().expect("admin token");
     let auth = app.auth.clone();
     let admin = app.admin.clone();
@@ -46,7 +55,7 @@ pub async fn start_holding(modify: impl FnOnce(&mut Config)) -> (TestBroker, Arc
         shutdown: Some(tx),
         served: Some(served),
     };
-    (b, broker)
+    (b, broker, rest)
 }
 
 /// A SQL server `name` whose primary UMI holds get/wrapKey/unwrapKey on an RSA-2048 protector in
