@@ -219,25 +219,6 @@ async fn a_protector_rotation_rewraps_the_stored_keys_without_changing_them() {
     assert_eq!(key_of(&get(&kv, "/v1/mariadb/data/2", Some(&m.token)).await).0, k2);
 }
 
-#[tokio::test]
-async fn key_fetches_are_counted_and_timed_in_the_metrics_by_outcome() {
-    let (b, broker) = start_holding(|_| {}).await;
-    let s = cmk_server(&b, "kv-metrics", "maria-metrics").await;
-    let m = setup_mount(&b, &s.server.id, "mariadb", &[1]).await;
-    let kv = VaultKv::new(broker);
-    key_of(&get(&kv, "/v1/mariadb/data/1", Some(&m.token)).await);
-    let text = tde_broker::telemetry::metrics().render(&[], None);
-    let line = text
-        .lines()
-        .find(|l| l.contains("VaultKv") && l.contains("KeyFetch") && l.contains("OK") && !l.starts_with('#'))
-        .unwrap_or_else(|| panic!("no VaultKv KeyFetch series:\n{text}"));
-    assert!(!line.ends_with(" 0"), "{line}");
-    assert!(
-        text.lines().any(|l| l.contains("VaultKv") && l.contains("KeyFetch") && l.contains("_bucket")),
-        "{text}"
-    );
-}
-
 /// Runs blocking work (the `mariadb` client, `mariadbd`'s start) off the broker's workers.
 fn blocking<T>(f: impl FnOnce() -> T) -> T {
     tokio::task::block_in_place(f)
@@ -432,4 +413,22 @@ async fn mariadb_encrypts_through_the_broker_goes_dark_when_access_is_revoked_an
     assert_eq!(blocking(|| count(&db, "t")), Ok(204), "{}", db.log_tail());
     assert_eq!(blocking(|| count(&db, "u")), Ok(200));
     blocking(|| db.stop());
+
+    // Every key fetch is counted by outcome and timed in the broker's metrics.
+    let metrics = tde_broker::telemetry::metrics().render(&[], None);
+    for outcome in ["OK", "ServiceUnavailable", "IDENTITY_MISSING_PERMISSIONS"] {
+        let series = metrics.lines().find(|l| {
+            l.starts_with("tdebroker_requests_total")
+                && l.contains("\"VaultKv\"")
+                && l.contains("\"ReadKey\"")
+                && l.contains(&format!("\"{outcome}\""))
+        });
+        assert!(series.is_some_and(|l| !l.ends_with(" 0")), "no ReadKey {outcome} count:\n{metrics}");
+    }
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l.contains("_bucket") && l.contains("\"VaultKv\"") && l.contains("\"ReadKey\"")),
+        "no ReadKey latency histogram:\n{metrics}"
+    );
 }

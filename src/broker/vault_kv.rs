@@ -8,8 +8,6 @@
 //! re-wraps the stored DEKs (their bytes never change): [`Broker::kv_follow_protector`] is called
 //! wherever a server's protector moves.
 
-use std::time::Instant;
-
 use base64::Engine as _;
 use base64::engine::general_purpose::{STANDARD as B64, URL_SAFE_NO_PAD as B64URL};
 use zeroize::Zeroizing;
@@ -20,7 +18,6 @@ use crate::crypto;
 use crate::model::ids::printable;
 use crate::model::server::{KvKey, KvKeyVersion, KvMount, Protector, Server};
 use crate::model::{BrokerError, Caller, Change};
-use crate::telemetry::metrics;
 
 /// The prefix of the tokens the broker issues for mounts.
 pub const TOKEN_PREFIX: &str = "tdekv.";
@@ -121,8 +118,8 @@ impl Broker {
     }
 
     /// Reads key `id` (`version`, or the latest) of `mount`: an `UnwrapDatabaseKey` of the
-    /// mount's database as the server's engine host. Counted and timed in the metrics as
-    /// `VaultKv/KeyFetch` with its outcome (`OK` or the refusal's code / TDE reason).
+    /// mount's database as the server's engine host. Returns who the request authenticated as
+    /// (once the token matched) beside the result.
     pub async fn kv_read(
         &self,
         mount: &str,
@@ -130,15 +127,7 @@ impl Broker {
         id: u32,
         version: Option<u32>,
     ) -> (Option<KvAccess>, Result<KvRead, BrokerError>) {
-        let started = Instant::now();
-        let (access, result) = self.kv_read_inner(mount, token, id, version).await;
-        let outcome = match &result {
-            Ok(_) => "OK",
-            Err(BrokerError::DatabaseInaccessible { reason, .. }) => reason,
-            Err(e) => e.code(),
-        };
-        metrics().record_request("VaultKv", "KeyFetch", outcome, started.elapsed());
-        (access, result)
+        self.kv_read_inner(mount, token, id, version).await
     }
 
     async fn kv_read_inner(

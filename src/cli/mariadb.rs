@@ -60,6 +60,10 @@ pub struct SetupArgs {
     /// <data-dir>/tls/ca.pem, the dev CA].
     #[arg(long, value_name = "PATH")]
     pub vault_ca: Option<PathBuf>,
+    /// How often MariaDB re-checks a key's latest version, milliseconds (the plugin's
+    /// cache-version-timeout): a new version (`mariadb rotate`) is used that much later.
+    #[arg(long, value_name = "MS", default_value_t = 60_000)]
+    pub cache_version_timeout: u64,
 }
 
 /// Runs a `mariadb` subcommand.
@@ -91,10 +95,11 @@ async fn setup(s: &Session, conn: &Connection, a: SetupArgs) -> Result<Out, CliE
         conn.data_dir.clone().unwrap_or_else(|| PathBuf::from(DEFAULT_DATA_DIR)).join("tls").join("ca.pem")
     });
     let ca = std::path::absolute(&ca).unwrap_or(ca);
+    let token_file = std::path::absolute(&a.token_file).unwrap_or(a.token_file.clone());
     let url = format!("{}/v1/{}", a.rest_url.trim_end_matches('/'), r.mount);
-    let cnf = my_cnf(&url, &a.token_file, &ca);
+    let cnf = my_cnf(&url, &token_file, &ca, a.cache_version_timeout);
     let table = format!(
-        "mount {} of {} (database {}), key ids {}{}; token written to {}\n\n{cnf}",
+        "# mount {} of {} (database {}), key ids {}{}\n# token written to {}\n{cnf}",
         r.mount,
         r.server_id,
         r.database,
@@ -104,7 +109,7 @@ async fn setup(s: &Session, conn: &Connection, a: SetupArgs) -> Result<Out, CliE
         } else {
             format!(" (created: {})", join(&r.created_key_ids))
         },
-        a.token_file.display(),
+        token_file.display(),
     );
     Ok(Out {
         json: json!({
@@ -113,7 +118,7 @@ async fn setup(s: &Session, conn: &Connection, a: SetupArgs) -> Result<Out, CliE
             "database": r.database,
             "key_ids": r.key_ids,
             "created_key_ids": r.created_key_ids,
-            "token_file": a.token_file.display().to_string(),
+            "token_file": token_file.display().to_string(),
             "vault_url": url,
             "vault_ca": ca.display().to_string(),
             "my_cnf": cnf,
@@ -135,7 +140,7 @@ fn write_token(path: &Path, token: &str) -> Result<(), CliError> {
 /// The `[mariadbd]` section: the plugin, where the keys are, and encryption of tables, redo log
 /// and temporary files. The token is read from the token file when MariaDB starts: the plugin has
 /// no token-file option, so it is given in the environment (`VAULT_TOKEN`) or pasted here.
-pub fn my_cnf(url: &str, token_file: &Path, ca: &Path) -> String {
+pub fn my_cnf(url: &str, token_file: &Path, ca: &Path, cache_version_timeout: u64) -> String {
     format!(
         "[mariadbd]\n\
          plugin_load_add = hashicorp_key_management\n\
@@ -144,7 +149,7 @@ pub fn my_cnf(url: &str, token_file: &Path, ca: &Path) -> String {
          # VAULT_TOKEN=\"$(cat {token})\" in its environment\n\
          hashicorp-key-management-vault-ca = {ca}\n\
          hashicorp-key-management-caching-enabled = ON\n\
-         hashicorp-key-management-cache-version-timeout = 60000\n\
+         hashicorp-key-management-cache-version-timeout = {cache_version_timeout}\n\
          hashicorp-key-management-use-cache-on-timeout = ON\n\
          innodb_encrypt_tables = ON\n\
          innodb_encrypt_log = ON\n\
