@@ -432,3 +432,46 @@ async fn mariadb_encrypts_through_the_broker_goes_dark_when_access_is_revoked_an
         "no ReadKey latency histogram:\n{metrics}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mariadb_setup_writes_a_private_token_file_and_prints_a_usable_my_cnf() {
+    use std::os::unix::fs::PermissionsExt as _;
+    let (b, broker) = start_holding(|_| {}).await;
+    let s = cmk_server(&b, "kv-cli", "maria-cli").await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let token_file = dir.path().join("maria.token");
+    let out = blocking(|| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_tde-broker"))
+            .args(["--server", &format!("http://{}", b.addr), "--token", &b.token])
+            .args(["mariadb", "setup", &s.server.id, "--mount", "kv/maria", "--keys", "1,2,5"])
+            .arg("--token-file")
+            .arg(&token_file)
+            .args(["--rest-url", "https://127.0.0.1:8443", "--vault-ca", "/etc/ca.pem"])
+            .output()
+            .expect("tde-broker runs")
+    });
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}{}", String::from_utf8_lossy(&out.stderr));
+    for line in [
+        "[mariadbd]",
+        "plugin_load_add = hashicorp_key_management",
+        "hashicorp-key-management-vault-url = https://127.0.0.1:8443/v1/kv/maria",
+        "hashicorp-key-management-vault-ca = /etc/ca.pem",
+        "hashicorp-key-management-use-cache-on-timeout = ON",
+        "innodb_encrypt_log = ON",
+        "encrypt_tmp_files = ON",
+    ] {
+        assert!(stdout.lines().any(|l| l == line), "missing {line:?} in\n{stdout}");
+    }
+    // Every other line is a comment: the output is a my.cnf as it stands.
+    assert!(
+        stdout.lines().all(|l| l.is_empty() || l.starts_with('#') || l.starts_with('[') || l.contains(" = "))
+    );
+    let mode = std::fs::metadata(&token_file).expect("token file").permissions().mode();
+    assert_eq!(mode & 0o777, 0o600);
+    let token = std::fs::read_to_string(&token_file).expect("token").trim().to_string();
+    assert!(!stdout.contains(&token), "the token is not printed");
+    let kv = VaultKv::new(broker);
+    let (k5, _) = key_of(&get(&kv, "/v1/kv/maria/data/5", Some(&token)).await);
+    assert_eq!(k5.len(), 64);
+}
