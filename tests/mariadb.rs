@@ -219,6 +219,32 @@ async fn a_protector_rotation_rewraps_the_stored_keys_without_changing_them() {
     assert_eq!(key_of(&get(&kv, "/v1/mariadb/data/2", Some(&m.token)).await).0, k2);
 }
 
+#[tokio::test]
+async fn a_protector_that_follows_its_keys_newest_version_takes_the_stored_keys_along() {
+    let (b, broker) = start_holding(|_| {}).await;
+    let s = cmk_server(&b, "kv-auto", "maria-auto").await;
+    b.servers()
+        .set_encryption_protector(proto::SetEncryptionProtectorRequest {
+            server_id: s.server.id.clone(),
+            server_key_type: "AzureKeyVault".into(),
+            key_id: s.key.clone(),
+            auto_rotation_enabled: true,
+        })
+        .await
+        .expect("auto-rotating protector");
+    let m = setup_mount(&b, &s.server.id, "mariadb", &[1]).await;
+    let kv = VaultKv::new(broker.clone());
+    let (k1, _) = key_of(&get(&kv, "/v1/mariadb/data/1", Some(&m.token)).await);
+    let newest = kid(&b.key(&s.vault, "tde", "RSA", 2048).await);
+    // The prober moves the protector to the newest version, and the DEK with it.
+    b.advance(600).await;
+    let stored = |broker: &tde_broker::broker::Broker| {
+        broker.read().servers.values().next().unwrap().kv_mounts[0].keys[0].versions[0].kid.clone()
+    };
+    assert_eq!(stored(&broker), newest);
+    assert_eq!(key_of(&get(&kv, "/v1/mariadb/data/1", Some(&m.token)).await).0, k1);
+}
+
 /// Runs blocking work (the `mariadb` client, `mariadbd`'s start) off the broker's workers.
 fn blocking<T>(f: impl FnOnce() -> T) -> T {
     tokio::task::block_in_place(f)

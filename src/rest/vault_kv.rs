@@ -115,13 +115,11 @@ pub fn reply_for(e: &BrokerError) -> (Reply, String) {
     };
     let reply = match e {
         BrokerError::KeyNotFound { .. } => not_found(),
-        BrokerError::BadParameter { message } => {
-            json_reply(StatusCode::BAD_REQUEST, json!({ "errors": [message] }))
-        }
         other => match other.class() {
             // The broker's own transient trouble: look like an unreachable Vault.
             ErrorClass::Unavailable | ErrorClass::ResourceExhausted | ErrorClass::Internal => Reply::Drop,
-            // Everything else is a refusal: access is lost, or was never there.
+            // Everything else is a refusal: access is lost, or was never there (a server moved to
+            // service-managed TDE included: its DEKs have no protector to be unwrapped under).
             _ => permission_denied(),
         },
     };
