@@ -127,16 +127,6 @@ impl Broker {
         id: u32,
         version: Option<u32>,
     ) -> (Option<KvAccess>, Result<KvRead, BrokerError>) {
-        self.kv_read_inner(mount, token, id, version).await
-    }
-
-    async fn kv_read_inner(
-        &self,
-        mount: &str,
-        token: &str,
-        id: u32,
-        version: Option<u32>,
-    ) -> (Option<KvAccess>, Result<KvRead, BrokerError>) {
         let (server, m) = match self.kv_authenticate(mount, token) {
             Ok(x) => x,
             Err(e) => return (None, Err(e)),
