@@ -490,6 +490,15 @@ mod tests {
     }
 
     #[test]
+    fn a_mount_path_is_trimmed_of_slashes_and_keeps_clear_of_vaults_own_paths() {
+        assert_eq!(KvMount::normalise_path("/kv/mariadb/").unwrap(), "kv/mariadb");
+        assert_eq!(KvMount::normalise_path("mariadb").unwrap(), "mariadb");
+        for bad in ["", "/", "sys/x", "kv//m", "kv/../m", "kv/data/m", "kv m", "kv/m?x"] {
+            assert!(KvMount::normalise_path(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
     fn several_user_assigned_identities_need_a_named_primary_from_the_list() {
         assert!(ServerIdentity::normalise(&["/u1".into(), "/u2".into()], "", None).is_err());
         assert!(ServerIdentity::normalise(&["/u1".into()], "/u3", None).is_err());
