@@ -503,12 +503,12 @@ impl App {
         // preface in time is closed; under TLS the handshake is timed first, then the preface.
         let incoming = crate::listener::Incoming::new(listener, limits, !tls_on);
         let _ = self.admin_http.state.listener.set(incoming.stats());
-        for line in self.endpoints(addr) {
-            tracing::info!("{line}");
-        }
+        tracing::info!(endpoints = %self.endpoints(addr).join("; "), "how to reach the broker");
         // The REST listener serves beside gRPC and stops with it: the same shutdown starts its
         // drain, and `serve` returns once its connections have finished.
         let (rest_stop, mut rest_stopping) = tokio::sync::watch::channel(false);
+        let rest_stop = Arc::new(rest_stop);
+        let rest_stop_on_signal = rest_stop.clone();
         let rest_task = self.rest.take().map(|rest| {
             // The surfaces beside Key Vault's API, offered every request that names no vault.
             // MERGE POINT: the token endpoints (`rest::identity`) and the Vault KV surface
@@ -532,7 +532,7 @@ impl App {
         let reporter = health_reporter.clone();
         let shutdown = async move {
             shutdown.await;
-            let _ = rest_stop.send(true);
+            let _ = rest_stop_on_signal.send(true);
             // /readyz and gRPC health say NOT_SERVING while in-flight calls drain.
             admin_state.readiness.set_draining();
             set_not_serving(&reporter).await;
@@ -555,6 +555,8 @@ impl App {
             }
             None => router.serve_with_incoming_shutdown(incoming, shutdown).await,
         };
+        // Also when gRPC ended without the signal (a transport error): REST stops with it.
+        let _ = rest_stop.send(true);
         if let Some(task) = rest_task {
             let _ = task.await;
         }

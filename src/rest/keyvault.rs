@@ -159,10 +159,17 @@ fn is_version(segment: &str) -> bool {
 }
 
 /// Matches a method and path to a Key Vault operation (case-insensitive, trailing slash
-/// tolerated, version segment optional where Key Vault allows it). `None`: not a route.
+/// tolerated, version segment optional or empty where Key Vault allows it). `None`: not a route.
 pub fn route(method: &Method, path: &str) -> Option<Route> {
-    let path = path.trim_end_matches('/');
-    let segments: Vec<&str> = path.trim_start_matches('/').split('/').collect();
+    // Empty segments are dropped: a trailing slash, and the empty version the SDKs put in
+    // `/keys/{name}//wrapkey` when a key id has none, both mean "the newest version".
+    // Percent-encoded segments are decoded (`%2D` is a hyphen in a key name).
+    let decoded: Vec<std::borrow::Cow<'_, str>> = path
+        .split('/')
+        .filter(|s| !s.is_empty())
+        .map(|s| if s.contains('%') { percent_decode(s, false).into() } else { s.into() })
+        .collect();
+    let segments: Vec<&str> = decoded.iter().map(|s| s.as_ref()).collect();
     let lower: Vec<String> = segments.iter().map(|s| s.to_ascii_lowercase()).collect();
     let l: Vec<&str> = lower.iter().map(String::as_str).collect();
     let named = |op: Op, name: &str, version: Option<&str>| {
@@ -229,11 +236,18 @@ pub fn route(method: &Method, path: &str) -> Option<Route> {
 pub fn query_value(query: Option<&str>, name: &str) -> Option<String> {
     query?.split('&').find_map(|pair| {
         let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
-        k.eq_ignore_ascii_case(name).then(|| percent_decode(v))
+        // Names are percent-decoded too: the JavaScript SDK sends `api%2Dversion`.
+        let matches = if k.contains('%') {
+            percent_decode(k, true).eq_ignore_ascii_case(name)
+        } else {
+            k.eq_ignore_ascii_case(name)
+        };
+        matches.then(|| percent_decode(v, true))
     })
 }
 
-fn percent_decode(s: &str) -> String {
+/// Decodes `%XX` escapes (and, in a query, `+` as a space); a malformed escape stays as it is.
+fn percent_decode(s: &str, query: bool) -> String {
     let bytes = s.as_bytes();
     let mut out = Vec::with_capacity(bytes.len());
     let mut i = 0;
@@ -251,7 +265,7 @@ fn percent_decode(s: &str) -> String {
                     }
                 }
             }
-            b'+' => {
+            b'+' if query => {
                 out.push(b' ');
                 i += 1;
             }
@@ -319,8 +333,20 @@ pub struct KeyVaultApi {
     broker: Arc<Broker>,
 }
 
-/// A successful answer: a status and a JSON body (none for 204).
-pub type Answer = (StatusCode, Option<Value>);
+/// A successful answer: a status and a serialized JSON body (none for 204).
+pub type Answer = (StatusCode, Option<bytes::Bytes>);
+
+/// A crypto operation's result, serialized straight from the broker's buffers (no JSON tree:
+/// this is the hot path, and the plaintext of an unwrap is copied once, into the body).
+#[derive(serde::Serialize)]
+struct CryptoOut<'a> {
+    kid: &'a str,
+    value: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    iv: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    tag: Option<String>,
+}
 
 impl KeyVaultApi {
     /// Serves `broker`.
@@ -348,7 +374,7 @@ impl KeyVaultApi {
             Ids { canonical: crate::model::ids::vault_uri(call.vault, &b.settings.vault_dns_suffix), call };
         let name = route.name.as_deref().unwrap_or_default();
         let key_id = || self.key_id(call.vault, name, route.version.as_deref());
-        let ok = |v: Value| Ok((StatusCode::OK, Some(v)));
+        let ok = |v: Value| Ok((StatusCode::OK, Some(bytes::Bytes::from(v.to_string()))));
         match route.op {
             Op::CreateKey => {
                 let r: CreateBody = parse_body(call.body)?;
@@ -375,8 +401,15 @@ impl KeyVaultApi {
             }
             Op::ImportKey => {
                 let r: ImportBody = parse_body(call.body)?;
-                let jwk = serde_json::to_string(&r.key)
-                    .map_err(|_| RestError::bad_parameter("Property key has invalid value\r\n"))?;
+                // The JWK's own key_ops, when it has them, are the new version's.
+                let key_ops: Vec<String> = r.key["key_ops"]
+                    .as_array()
+                    .map(|ops| ops.iter().filter_map(|o| o.as_str().map(str::to_string)).collect())
+                    .unwrap_or_default();
+                let jwk = zeroize::Zeroizing::new(
+                    serde_json::to_string(&r.key)
+                        .map_err(|_| RestError::bad_parameter("Property key has invalid value\r\n"))?,
+                );
                 let key = crate::crypto::import_jwk(&jwk).map_err(|e| {
                     to_rest(BrokerError::bad_parameter(format!("The key to import is invalid: {e}.")))
                 })?;
@@ -384,7 +417,7 @@ impl KeyVaultApi {
                     vault: call.vault.to_string(),
                     name: name.to_string(),
                     material: NewMaterial::Import { key, hsm: r.hsm.unwrap_or(false) },
-                    key_ops: Vec::new(),
+                    key_ops,
                     attributes: r.attributes.map(AttributesBody::new_attributes).unwrap_or_default(),
                     tags: r.tags.unwrap_or_default(),
                 };
@@ -521,14 +554,16 @@ impl KeyVaultApi {
                     tag: opt("tag", &r.tag)?,
                 };
                 let result = b.crypto(caller, req).await.map_err(to_rest)?;
-                let mut out = json!({ "kid": ids.rebase(&result.kid), "value": b64url(&result.value) });
-                if !result.iv.is_empty() {
-                    out["iv"] = json!(b64url(&result.iv));
-                }
-                if !result.tag.is_empty() {
-                    out["tag"] = json!(b64url(&result.tag));
-                }
-                ok(out)
+                let kid = ids.rebase(&result.kid);
+                let value = zeroize::Zeroizing::new(b64url(&result.value));
+                let out = CryptoOut {
+                    kid: &kid,
+                    value: &value,
+                    iv: (!result.iv.is_empty()).then(|| b64url(&result.iv)),
+                    tag: (!result.tag.is_empty()).then(|| b64url(&result.tag)),
+                };
+                let body = serde_json::to_vec(&out).map_err(|_| to_rest(BrokerError::Internal))?;
+                Ok((StatusCode::OK, Some(bytes::Bytes::from(body))))
             }
             Op::Sign | Op::Verify => {
                 let r: SignBody = parse_body(call.body)?;
@@ -826,11 +861,14 @@ mod tests {
         let r = route(&Method::POST, &format!("/KEYS/k/{v}/UnwrapKey/")).unwrap();
         assert_eq!((r.op, r.version.as_deref()), (Op::UnwrapKey, Some(v)));
         assert_eq!(route(&Method::GET, "/keys/k/").unwrap().op, Op::GetKey);
+        let r = route(&Method::POST, "/keys/k//encrypt").unwrap();
+        assert_eq!((r.op, r.version), (Op::Encrypt, None));
         assert_eq!(route(&Method::GET, "/keys/").unwrap().op, Op::ListKeys);
         assert_eq!(route(&Method::DELETE, "/deletedkeys/k").unwrap().op, Op::PurgeDeletedKey);
         assert_eq!(route(&Method::POST, "/keys/k/create").unwrap().op, Op::CreateKey);
         assert_eq!(route(&Method::GET, "/keys/k/create"), None);
         assert_eq!(route(&Method::GET, "/secrets/s"), None);
+        assert_eq!(route(&Method::GET, "/keys/my%2Dkey").unwrap().name.as_deref(), Some("my-key"));
     }
 
     #[test]
@@ -844,6 +882,8 @@ mod tests {
             "The specified version (9.9) is not recognized. Consider using the latest supported version (2025-07-01)."
         );
         assert!(check_api_version(None).is_err());
+        // As the JavaScript SDK sends it.
+        assert!(check_api_version(Some("api%2Dversion=7.6")).is_ok());
     }
 
     #[test]

@@ -193,11 +193,7 @@ impl RestService {
         ctx.note_caller(Some(client), None);
 
         let mut response = if self.audit.required() && !self.audit.available() {
-            let e = RestError::edge(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "AuditUnavailable",
-                "The broker cannot write its audit log; the request was not carried out. Retry later.",
-            );
+            let e = audit_unavailable(false);
             self.finish(UNKNOWN_SURFACE_OPERATION, &ctx, started, e.status, e.outcome(), None, &request_id);
             error_response(&e)
         } else if let Some(vault) = keyvault::vault_of_host(&host, &self.broker.settings.vault_dns_suffix) {
@@ -208,7 +204,7 @@ impl RestService {
                 KvRequest { parts: &parts, client, host: &host, vault: &vault, route: route.as_ref() };
             let answer = ctx.clone().scope(self.keyvault_request(request, body, &ctx)).await;
             let (status, outcome, mut response) = match answer {
-                Ok((status, json)) => (status, "OK", json_response(status, json.as_ref())),
+                Ok((status, body)) => (status, "OK", body_response(status, body)),
                 Err(e) => {
                     let mut r = error_response(&e);
                     if e.status == StatusCode::UNAUTHORIZED {
@@ -217,7 +213,12 @@ impl RestService {
                     (e.status, e.outcome(), r)
                 }
             };
-            self.finish(operation, &ctx, started, status, outcome, span, &request_id);
+            if !self.finish(operation, &ctx, started, status, outcome, span, &request_id)
+                && self.audit.required()
+            {
+                // The caller does not get a result that left no audit trail.
+                response = error_response(&audit_unavailable(true));
+            }
             keyvault_headers(&mut response, client, &self.broker.settings.location);
             response
         } else {
@@ -234,7 +235,7 @@ impl RestService {
                         Reply::Drop => StatusCode::SERVICE_UNAVAILABLE,
                     };
                     let span = self.start_span(&http::HeaderMap::new(), handled.operation);
-                    self.finish(
+                    let audited = self.finish(
                         handled.operation,
                         &ctx,
                         started,
@@ -243,6 +244,9 @@ impl RestService {
                         span,
                         &request_id,
                     );
+                    if !audited && self.audit.required() {
+                        return Some(error_response(&audit_unavailable(true)));
+                    }
                     match handled.reply {
                         Reply::Http(r) => r.map(Full::new),
                         Reply::Drop => return None,
@@ -366,7 +370,8 @@ impl RestService {
         outcome: &str,
         span: Option<opentelemetry_sdk::trace::Span>,
         request_id: &str,
-    ) {
+    ) -> bool {
+        let mut audited = true;
         let elapsed = started.elapsed();
         let (service, method) = operation.split_once('/').unwrap_or((operation, ""));
         metrics().record_request(service, method, outcome, elapsed);
@@ -390,6 +395,7 @@ impl RestService {
             };
             if let Err(error) = self.audit.write(&record) {
                 tracing::warn!(%error, "could not write the audit record of a REST request");
+                audited = false;
             }
         }
         if let Some(otel) = &self.otel {
@@ -398,6 +404,7 @@ impl RestService {
                 Otel::end_span(span, ctx.snapshot(), code, outcome);
             }
         }
+        audited
     }
 }
 
@@ -421,6 +428,20 @@ pub const REQUEST_ID: &str = "x-ms-request-id";
 /// The operation of a request no surface recognised (and of one refused before routing).
 pub const UNKNOWN_SURFACE_OPERATION: &str = "Rest/Unknown";
 
+/// A request refused because its audit record cannot be written: before it ran (`ran` false),
+/// or after it ran, its result withheld (the gRPC surface's texts).
+fn audit_unavailable(ran: bool) -> RestError {
+    RestError::edge(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "AuditUnavailable",
+        if ran {
+            "The broker could not write the audit record of this request, so it returns no result. Retry later."
+        } else {
+            "The broker cannot write its audit log; the request was not carried out. Retry later."
+        },
+    )
+}
+
 /// Reads a body up to [`MAX_BODY_BYTES`]; a larger one is `413`.
 async fn read_body(body: hyper::body::Incoming) -> Result<Bytes, RestError> {
     match Limited::new(body, MAX_BODY_BYTES).collect().await {
@@ -437,10 +458,15 @@ async fn read_body(body: hyper::body::Incoming) -> Result<Bytes, RestError> {
 const JSON: &str = "application/json; charset=utf-8";
 
 fn json_response(status: StatusCode, body: Option<&serde_json::Value>) -> Response<Full<Bytes>> {
-    let bytes = body.map(|b| Bytes::from(b.to_string())).unwrap_or_default();
-    let mut r = Response::new(Full::new(bytes));
+    body_response(status, body.map(|b| Bytes::from(b.to_string())))
+}
+
+/// A response with a serialized JSON body, or none.
+fn body_response(status: StatusCode, body: Option<Bytes>) -> Response<Full<Bytes>> {
+    let has_body = body.is_some();
+    let mut r = Response::new(Full::new(body.unwrap_or_default()));
     *r.status_mut() = status;
-    if body.is_some() {
+    if has_body {
         r.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static(JSON));
     }
     r
