@@ -517,15 +517,17 @@ impl App {
         let rest_stop = Arc::new(rest_stop);
         let rest_stop_on_signal = rest_stop.clone();
         let rest_task = self.rest.take().map(|rest| {
-            // The surfaces beside Key Vault's API, offered every request that names no vault.
-            // MERGE POINT: the Vault KV surface (`rest::vault_kv`) is registered here too.
-            let surfaces: Vec<Arc<dyn crate::rest::Surface>> =
-                vec![Arc::new(crate::rest::identity::IdentityEndpoints::new(
+            // The surfaces beside Key Vault's API, offered every request that names no vault: the
+            // token endpoints and the Vault KV endpoint MariaDB reads its keys from.
+            let surfaces: Vec<Arc<dyn crate::rest::Surface>> = vec![
+                Arc::new(crate::rest::identity::IdentityEndpoints::new(
                     self.auth.clone(),
                     self.broker.clone(),
                     rest.identity_header,
                     self.config.token_lifetime,
-                ))];
+                )),
+                Arc::new(crate::rest::vault_kv::VaultKv::new(self.broker.clone())),
+            ];
             let service = Arc::new(crate::rest::serve::RestService::new(
                 self.broker.clone(),
                 self.auth.clone(),

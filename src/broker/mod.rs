@@ -14,6 +14,7 @@ pub mod servers;
 pub mod state;
 pub mod tde;
 pub mod throttle;
+pub mod vault_kv;
 pub mod vaults;
 
 use std::sync::{Arc, RwLock, RwLockReadGuard};

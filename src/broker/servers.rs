@@ -295,6 +295,7 @@ impl Broker {
                 subnet_id: (!spec.subnet_id.trim().is_empty()).then(|| spec.subnet_id.trim().to_string()),
                 host_principal_id: host.object_id.clone(),
                 created: now,
+                kv_mounts: Vec::new(),
             };
             if !spec.key_id.trim().is_empty() {
                 // The system-assigned identity does not exist before its server: CMK at
@@ -479,6 +480,7 @@ impl Broker {
             server
         };
         self.commit(txn, vec![Change::PutServer(server.clone())]).await?;
+        self.kv_follow_protector(&server.id).await;
         self.probe(Some(&server.id)).await?;
         Ok(server)
     }

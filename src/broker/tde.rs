@@ -51,6 +51,14 @@ pub fn identity_label(id: &EffectiveIdentity) -> String {
     }
 }
 
+/// The servers whose protector `changes` move (auto-rotation): their Vault-KV DEKs follow.
+fn protector_moves(changes: &[Change]) -> Vec<String> {
+    changes
+        .iter()
+        .filter_map(|c| if let Change::PutServer(s) = c { Some(s.id.clone()) } else { None })
+        .collect()
+}
+
 impl Broker {
     /// The caller the broker acts as when `principal` is `server`'s effective identity: a SQL
     /// logical server as a trusted service, a managed instance from its subnet.
@@ -175,8 +183,12 @@ impl Broker {
         if changes.is_empty() {
             return Ok(Vec::new());
         }
+        let moved = protector_moves(&changes);
         self.commit(txn, changes).await?;
         self.publish(&events);
+        for id in moved {
+            self.kv_follow_protector(&id).await;
+        }
         Ok(events)
     }
 
@@ -206,7 +218,12 @@ impl Broker {
         if changes.is_empty() {
             return Ok(());
         }
-        self.commit(txn, changes).await
+        let moved = protector_moves(&changes);
+        self.commit(txn, changes).await?;
+        for id in moved {
+            self.kv_follow_protector(&id).await;
+        }
+        Ok(())
     }
 
     /// A protector set without version and with auto-rotation moves to the key's newest version.
@@ -306,7 +323,11 @@ impl Broker {
     }
 
     /// Wraps a DEK under the current protector version as the server's identity.
-    async fn engine_wrap(&self, server: &Server, dek: Vec<u8>) -> Result<(Vec<u8>, String), BrokerError> {
+    pub(crate) async fn engine_wrap(
+        &self,
+        server: &Server,
+        dek: Vec<u8>,
+    ) -> Result<(Vec<u8>, String), BrokerError> {
         let identity = self.acting_identity(server)?;
         let kid = Self::current_kid(server)?;
         let r = self
@@ -327,7 +348,7 @@ impl Broker {
     }
 
     /// Unwraps a DEK wrapped under any version the server's identity can use.
-    async fn engine_unwrap(
+    pub(crate) async fn engine_unwrap(
         &self,
         server: &Server,
         kid: &str,

@@ -17,6 +17,7 @@ pub mod error;
 pub mod identities;
 pub mod keyvault;
 pub mod loadtest;
+pub mod mariadb;
 pub mod render;
 pub mod servers;
 pub mod session;
@@ -101,6 +102,10 @@ pub enum Command {
     /// Databases of a server: create, show, list, delete, and watch their states.
     #[command(subcommand)]
     Db(DbCmd),
+    /// MariaDB data-at-rest encryption through the broker's Vault-KV endpoint: set a server
+    /// up (mount, key ids, token file, my.cnf lines), rotate a key id.
+    #[command(subcommand)]
+    Mariadb(mariadb::MariadbCmd),
     /// mTLS client certificates, signed by the dev CA of `serve --tls auto` (local, no broker call).
     #[command(subcommand)]
     Cert(CertCmd),
@@ -276,6 +281,7 @@ async fn run_client(conn: &Connection, command: Command) -> Result<(), CliError>
             return servers::watch(s, server_id, count, conn.output).await;
         }
         Command::Db(cmd) => servers::db(s, cmd).await?,
+        Command::Mariadb(cmd) => mariadb::mariadb(s, conn, cmd).await?,
     };
     out.print(conn.output)
 }

@@ -124,6 +124,8 @@ fn resource_of(message: &dyn std::any::Any) -> Option<String> {
         DeleteDatabaseRequest => |m| m.server_id.clone(),
         WatchDatabaseStatesRequest => |m| m.server_id.clone(),
         IssueHostCredentialRequest => |m| m.server_id.clone(),
+        SetupVaultKvMountRequest => |m| m.server_id.clone(),
+        RotateVaultKvKeyRequest => |m| m.server_id.clone(),
         CreateUserAssignedIdentityRequest => |m| m.name.clone(),
         DeleteUserAssignedIdentityRequest => |m| m.resource_id.clone(),
         GenerateDatabaseKeyRequest => |m| m.database.clone(),

@@ -302,4 +302,36 @@ impl Servers for ServersService {
         };
         Ok(Response::new(proto::IssueHostCredentialResponse { token, cert_pem, key_pem, expires_on }))
     }
+
+    async fn setup_vault_kv_mount(
+        &self,
+        request: Request<proto::SetupVaultKvMountRequest>,
+    ) -> Result<Response<proto::SetupVaultKvMountResponse>, Status> {
+        let caller = caller(&request)?;
+        let r = request.into_inner();
+        let s = self
+            .broker
+            .kv_setup(&caller, &r.server_id, &r.mount, &r.database, &r.key_ids)
+            .await
+            .map_err(to_status)?;
+        Ok(Response::new(proto::SetupVaultKvMountResponse {
+            server_id: s.server_id,
+            mount: s.mount,
+            database: s.database,
+            token: s.token.to_string(),
+            created_key_ids: s.created,
+            key_ids: s.keys,
+        }))
+    }
+
+    async fn rotate_vault_kv_key(
+        &self,
+        request: Request<proto::RotateVaultKvKeyRequest>,
+    ) -> Result<Response<proto::RotateVaultKvKeyResponse>, Status> {
+        let caller = caller(&request)?;
+        let r = request.into_inner();
+        let version =
+            self.broker.kv_rotate_key(&caller, &r.server_id, &r.mount, r.key_id).await.map_err(to_status)?;
+        Ok(Response::new(proto::RotateVaultKvKeyResponse { version }))
+    }
 }

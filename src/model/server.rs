@@ -177,6 +177,87 @@ pub struct Server {
     pub host_principal_id: String,
     /// Creation time.
     pub created: i64,
+    /// The Vault-KV mounts a MariaDB server reads its keys from (docs/MARIADB.md).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub kv_mounts: Vec<KvMount>,
+}
+
+/// A Vault-KV (version 2) mount through which one MariaDB server reads its data-at-rest keys:
+/// each key id is a DEK kept wrapped under the server's TDE protector, unwrapped for a read as
+/// the server's engine host of `database`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KvMount {
+    /// The mount path: the vault URL's path after `/v1/`, without slashes at either end.
+    pub path: String,
+    /// The database of the server whose TDE state gates the keys.
+    pub database: String,
+    /// SHA-256 (hex) of the mount's token; the token itself is never stored.
+    pub token_sha256: String,
+    /// The key ids, ascending.
+    pub keys: Vec<KvKey>,
+}
+
+/// One key id of a mount (MariaDB's `ENCRYPTION_KEY_ID`) and its versions.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KvKey {
+    /// The key id, 1..=4294967295.
+    pub id: u32,
+    /// Versions, ascending from 1; the last is the latest.
+    pub versions: Vec<KvKeyVersion>,
+}
+
+/// One version of a key id: a 256-bit DEK wrapped under a protector version.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KvKeyVersion {
+    /// The version number, from 1.
+    pub version: u32,
+    /// The wrapped DEK (base64).
+    pub wrapped: String,
+    /// The versioned key URI that wrapped it.
+    pub kid: String,
+    /// When the version was created (broker clock).
+    pub created: i64,
+}
+
+impl KvMount {
+    /// Normalises a mount path: no slashes at either end, non-empty segments of letters, digits,
+    /// `-`, `_` and `.`, not starting with `sys` (Vault's own).
+    pub fn normalise_path(path: &str) -> Result<String, BrokerError> {
+        let p = path.trim().trim_matches('/');
+        let ok = !p.is_empty()
+            && p.len() <= 200
+            && p.split('/').all(|seg| {
+                !seg.is_empty()
+                    && seg != "."
+                    && seg != ".."
+                    && seg.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+            })
+            && p.split('/').next() != Some("sys")
+            && !p.split('/').any(|seg| seg == "data");
+        if ok {
+            Ok(p.to_string())
+        } else {
+            Err(BrokerError::bad_parameter(format!(
+                "The mount path '{}' is invalid: segments of letters, digits, '-', '_' and '.', separated by '/', not starting with 'sys' and without a 'data' segment.",
+                printable(path)
+            )))
+        }
+    }
+
+    /// The key id `id`.
+    pub fn key(&self, id: u32) -> Option<&KvKey> {
+        self.keys.iter().find(|k| k.id == id)
+    }
+}
+
+impl KvKey {
+    /// Version `version`, or the latest.
+    pub fn version(&self, version: Option<u32>) -> Option<&KvKeyVersion> {
+        match version {
+            Some(v) => self.versions.iter().find(|x| x.version == v),
+            None => self.versions.last(),
+        }
+    }
 }
 
 /// A database and its TDE state.
@@ -406,6 +487,15 @@ mod tests {
         let only_smi = ServerIdentity::normalise(&[], "", Some("smi".into())).unwrap();
         assert_eq!(only_smi.effective(), EffectiveIdentity::SystemAssigned("smi".into()));
         assert_eq!(ServerIdentity::normalise(&[], "", None).unwrap().effective(), EffectiveIdentity::None);
+    }
+
+    #[test]
+    fn a_mount_path_is_trimmed_of_slashes_and_keeps_clear_of_vaults_own_paths() {
+        assert_eq!(KvMount::normalise_path("/kv/mariadb/").unwrap(), "kv/mariadb");
+        assert_eq!(KvMount::normalise_path("mariadb").unwrap(), "mariadb");
+        for bad in ["", "/", "sys/x", "kv//m", "kv/../m", "kv/data/m", "kv m", "kv/m?x"] {
+            assert!(KvMount::normalise_path(bad).is_err(), "{bad:?}");
+        }
     }
 
     #[test]

@@ -2,10 +2,12 @@
 //! clients for it; `observed`: a broker with its admin listener and a strict `/metrics` parser;
 //! `python`: the virtualenvs of the checks against Python tools; `node`: the npm packages of the
 //! JavaScript SDK checks (`sdk.rs`, included by the SDK tests themselves, drives them); `pg`: a
-//! throwaway PostgreSQL.
+//! throwaway PostgreSQL; `mariadb`: a throwaway mariadbd with the key-management plugin; `https`:
+//! an HTTPS client for the REST listener.
 #![allow(dead_code)]
 
 pub mod https;
+pub mod mariadb;
 pub mod node;
 pub mod observed;
 #[path = "../support/pg.rs"]

@@ -199,6 +199,7 @@ pub(super) fn server(id: &str, n: i64) -> Server {
         subnet_id: Some(subnet_id(&format!("mi{n}"))),
         host_principal_id: format!("host-{n}"),
         created: 70 + n,
+        kv_mounts: Vec::new(),
     }
 }
 
