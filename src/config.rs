@@ -148,6 +148,15 @@ pub struct FileConfig {
     pub handshake_timeout: Option<u64>,
     /// Largest request header list served, bytes as HTTP/2 counts them (default 16384).
     pub max_header_list_size: Option<u32>,
+    /// On a store shared by several brokers: milliseconds without a complete read of the change
+    /// feed after which the data plane fails closed (default 750).
+    pub feed_staleness_bound_ms: Option<u64>,
+    /// On a shared store: milliseconds between reads of the change feed when no notification
+    /// arrives (default 200; below the staleness bound).
+    pub feed_poll_ms: Option<u64>,
+    /// On a shared store: milliseconds a lease of once-only work (the sweeper) lasts without
+    /// renewal, the longest a survivor waits to take over from a dead broker (default 5000).
+    pub lease_ttl_ms: Option<u64>,
 }
 
 /// What the command line (and its environment variables) gave.
@@ -280,6 +289,8 @@ pub struct Config {
     pub reinitialize: bool,
     /// Limits of the gRPC listener and its connections.
     pub listener: crate::listener::ListenerSettings,
+    /// Following a store shared with other brokers.
+    pub feed: crate::broker::feed::FeedSettings,
 }
 
 /// Configuration problems, all reported together.
@@ -315,6 +326,7 @@ impl Config {
             None => FileConfig::default(),
         };
         let listener = resolve_listener(&args, &file, &mut errors);
+        let feed = resolve_feed(&file, &mut errors);
         let listen_text = args.listen.or(file.listen).unwrap_or_else(|| DEFAULT_LISTEN.to_string());
         let listen = listen_text.parse::<SocketAddr>().unwrap_or_else(|_| {
             errors.push(format!("listen address '{listen_text}' is not IP:PORT"));
@@ -449,9 +461,41 @@ impl Config {
             store_check: args.store_check.or(file.store_check).unwrap_or_default(),
             reinitialize: args.reinitialize,
             listener,
+            feed,
         };
         if errors.is_empty() { Ok(cfg) } else { Err(ConfigError(errors)) }
     }
+}
+
+/// The change-feed settings of the TOML file over the defaults: each positive, the poll
+/// interval below the staleness bound (or a healthy broker would fail closed between reads), and
+/// the lease TTL above the sweeper's one-second renewal.
+fn resolve_feed(file: &FileConfig, errors: &mut Vec<String>) -> crate::broker::feed::FeedSettings {
+    use std::time::Duration;
+    let defaults = crate::broker::feed::FeedSettings::default();
+    let mut ms = |name: &str, v: Option<u64>, default: Duration| match v {
+        Some(0) => {
+            errors.push(format!("{name} must be positive"));
+            default
+        }
+        Some(x) => Duration::from_millis(x),
+        None => default,
+    };
+    let staleness_bound =
+        ms("feed_staleness_bound_ms", file.feed_staleness_bound_ms, defaults.staleness_bound);
+    let poll_interval = ms("feed_poll_ms", file.feed_poll_ms, defaults.poll_interval);
+    let lease_ttl = ms("lease_ttl_ms", file.lease_ttl_ms, defaults.lease_ttl);
+    if poll_interval >= staleness_bound {
+        errors.push(format!(
+            "feed_poll_ms ({}) must be below feed_staleness_bound_ms ({}): a broker that reads the feed less often than the bound fails closed while healthy",
+            poll_interval.as_millis(),
+            staleness_bound.as_millis()
+        ));
+    }
+    if lease_ttl <= Duration::from_secs(1) {
+        errors.push("lease_ttl_ms must be above 1000: the sweeper renews its lease every second".to_string());
+    }
+    crate::broker::feed::FeedSettings { staleness_bound, poll_interval, lease_ttl }
 }
 
 /// Largest `max_header_list_size` accepted (HTTP/2 is given four times as much).

@@ -1,0 +1,576 @@
+//! Following the change feed of a store that several brokers share (PostgreSQL).
+//!
+//! Every broker keeps the whole state in memory and answers from it. When the store has a
+//! [`ChangeFeed`], each commit of any broker gets the next sequence number, and each broker:
+//!
+//! - commits with [`ChangeFeed::commit_after`] at the position its memory holds, so a change
+//!   validated against stale state is refused ([`BrokerError::ConcurrentChange`], retriable)
+//!   instead of overwriting another broker's write, and applies its own batch at once
+//!   (read-your-writes);
+//! - follows the feed: a task wakes on the store's notifications and at least every
+//!   [`FeedSettings::poll_interval`], reads the batches after its position and applies the other
+//!   brokers' ones through the same [`State::apply`](super::state::State::apply) as its own,
+//!   moving the epoch (so cached decisions die), the manual clock (`SetManualClock`) and the
+//!   watchers of database states (a `PutDatabase` that changes a database's state is published
+//!   as that transition);
+//! - fails closed: [`Freshness`] records when the broker last knew it had every committed batch;
+//!   once that is older than [`FeedSettings::staleness_bound`] the data plane refuses calls
+//!   ([`BrokerError::BrokerStale`]) until a read succeeds again. A revocation committed anywhere
+//!   is therefore either applied or refused everywhere within the bound (plus one apply).
+//!
+//! Once-only work (the sweeper: purges, rotation policies, the TDE prober) runs under the store's
+//! lease [`SWEEPER_LEASE`] ([`Broker::hold_lease`]); start-up's one-time writes (master-key check,
+//! signing key, bootstrap admin, seed) under [`BOOTSTRAP_LEASE`].
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use super::tde::DbEventRecord;
+use super::{Broker, Core};
+use crate::model::server::{DbEvent, DbState};
+use crate::model::{BrokerError, Change};
+use crate::store::{ChangeFeed, FeedEntry, StoreError};
+
+/// The lease of the sweeper's once-only work.
+pub const SWEEPER_LEASE: &str = "sweeper";
+/// The lease of start-up's one-time writes.
+pub const BOOTSTRAP_LEASE: &str = "bootstrap";
+/// Batches read from the feed at once.
+const READ_BATCH: usize = 256;
+
+/// How a broker follows a shared store (config `feed_staleness_bound_ms`, `feed_poll_ms`,
+/// `lease_ttl_ms`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FeedSettings {
+    /// How long the broker may go without knowing it has every committed change before its data
+    /// plane fails closed. 750 ms by default: the promise is that a change acknowledged by one
+    /// broker is enforced by every other within 1 s; a broker whose last complete read began
+    /// at most 750 ms ago, plus the time to apply a batch, is inside it, and a healthy broker
+    /// reads at least every `poll_interval` (200 ms), so three missed reads in a row are
+    /// tolerated before it refuses calls.
+    pub staleness_bound: Duration,
+    /// The safety net: the follower reads the feed at least this often, notification or not.
+    pub poll_interval: Duration,
+    /// How long a lease (the sweeper's) lasts without renewal: the longest a dead broker's
+    /// once-only work waits for a survivor (the sweeper renews every second).
+    pub lease_ttl: Duration,
+}
+
+impl Default for FeedSettings {
+    fn default() -> Self {
+        FeedSettings {
+            staleness_bound: Duration::from_millis(750),
+            poll_interval: Duration::from_millis(200),
+            lease_ttl: Duration::from_secs(5),
+        }
+    }
+}
+
+/// When the broker last knew it held every committed batch: one atomic read decides, on the
+/// hot path, whether it may answer.
+#[derive(Debug)]
+pub struct Freshness {
+    base: Instant,
+    /// Milliseconds after `base` at which the last complete read of the feed began.
+    synced_at: AtomicU64,
+    bound_ms: u64,
+    /// Whether the broker said (in its log) that it is stale; reset when it catches up.
+    stale_reported: AtomicBool,
+}
+
+impl Freshness {
+    /// Fresh as of now.
+    pub fn new(bound: Duration) -> Self {
+        Freshness {
+            base: Instant::now(),
+            synced_at: AtomicU64::new(0),
+            bound_ms: u64::try_from(bound.as_millis()).unwrap_or(u64::MAX),
+            stale_reported: AtomicBool::new(false),
+        }
+    }
+
+    /// Milliseconds since `base`, monotonic.
+    pub fn now_ms(&self) -> u64 {
+        u64::try_from(self.base.elapsed().as_millis()).unwrap_or(u64::MAX)
+    }
+
+    /// A read that began at `started` (a [`Freshness::now_ms`]) saw everything committed.
+    pub fn synced(&self, started: u64) {
+        self.synced_at.fetch_max(started, Ordering::SeqCst);
+        if self.stale_reported.swap(false, Ordering::SeqCst) {
+            tracing::warn!("caught up with the shared store: the data plane serves again");
+        }
+    }
+
+    /// Milliseconds since the broker last knew it had every committed change.
+    pub fn lag_ms(&self) -> u64 {
+        self.now_ms().saturating_sub(self.synced_at.load(Ordering::SeqCst))
+    }
+
+    /// The staleness bound, milliseconds.
+    pub fn bound_ms(&self) -> u64 {
+        self.bound_ms
+    }
+
+    /// Whether the lag is past the bound.
+    pub fn is_stale(&self) -> bool {
+        self.lag_ms() > self.bound_ms
+    }
+
+    /// `Err(BrokerStale)` past the bound (logged once per stale spell).
+    pub fn check(&self) -> Result<(), BrokerError> {
+        let lag = self.lag_ms();
+        if lag <= self.bound_ms {
+            return Ok(());
+        }
+        if !self.stale_reported.swap(true, Ordering::SeqCst) {
+            tracing::error!(
+                lag_ms = lag,
+                bound_ms = self.bound_ms,
+                "lost contact with the shared store for longer than the staleness bound: data-plane requests are refused (fail closed) until the broker catches up"
+            );
+        }
+        Err(BrokerError::BrokerStale { bound_ms: self.bound_ms })
+    }
+}
+
+/// What `/readyz` reports of a broker on a shared store.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FeedStatus {
+    /// Milliseconds since the broker last knew it had every committed change.
+    pub lag_ms: u64,
+    /// The staleness bound.
+    pub bound_ms: u64,
+    /// The sequence number of the last batch applied.
+    pub applied: u64,
+}
+
+impl FeedStatus {
+    /// Whether the data plane fails closed.
+    pub fn stale(&self) -> bool {
+        self.lag_ms > self.bound_ms
+    }
+}
+
+/// The transition a `PutDatabase` makes, compared with the database as it was.
+fn transition(before: Option<&crate::model::server::Database>, after: &Change) -> Option<DbEvent> {
+    let Change::PutDatabase(next) = after else { return None };
+    let before = before?;
+    if before.state == next.state {
+        return None;
+    }
+    Some(match next.state {
+        DbState::Inaccessible => DbEvent::MakeDatabaseInaccessible,
+        DbState::Online => DbEvent::MakeDatabaseAccessible,
+    })
+}
+
+impl Core {
+    /// Applies a committed batch (the broker's own or another's) and moves the feed position to
+    /// `seq` (with a feed). Moves the manual clock for `SetManualClock`. Returns the database
+    /// state transitions it made (computed only when `events` is asked for).
+    pub(super) fn apply_batch(
+        &self,
+        seq: Option<u64>,
+        changes: Vec<Change>,
+        events: bool,
+    ) -> Vec<DbEventRecord> {
+        let mut st = self.state.write().unwrap_or_else(|p| p.into_inner());
+        let mut out = Vec::new();
+        for c in &changes {
+            match c {
+                Change::SetManualClock { now } => self.clock.jump_to(*now),
+                Change::PutDatabase(d) if events => {
+                    let key = super::state::db_key(&d.server_id, &d.name);
+                    if let Some(event) = transition(st.databases.get(&key), c) {
+                        out.push(DbEventRecord { database: d.clone(), event, time: self.clock.now() });
+                    }
+                }
+                _ => {}
+            }
+        }
+        st.apply(changes);
+        if let Some(seq) = seq {
+            self.applied.store(seq, Ordering::SeqCst);
+        }
+        out
+    }
+
+    /// Loads the whole state again (a position the feed no longer holds), keeping the epoch
+    /// moving forward. Blocking.
+    fn reload(&self, feed: &dyn ChangeFeed) -> Result<(), StoreError> {
+        let (snap, head) = consistent_snapshot(self.store.as_ref(), feed)?;
+        let mut st = self.state.write().unwrap_or_else(|p| p.into_inner());
+        let epoch = st.epoch + 1;
+        *st = super::state::State::from_snapshot(snap);
+        st.epoch = epoch;
+        self.applied.store(head, Ordering::SeqCst);
+        tracing::warn!(
+            head,
+            "the change feed no longer holds this broker's position: reloaded the whole state"
+        );
+        Ok(())
+    }
+}
+
+/// A snapshot and the feed position it holds: read between two equal heads, so no batch
+/// committed meanwhile is half in it. Blocking.
+pub(super) fn consistent_snapshot(
+    store: &dyn crate::store::Store,
+    feed: &dyn ChangeFeed,
+) -> Result<(crate::store::Snapshot, u64), StoreError> {
+    loop {
+        let before = feed.head()?;
+        let snap = store.load()?;
+        if feed.head()? == before {
+            return Ok((snap, before));
+        }
+    }
+}
+
+/// What one read of the feed found.
+enum Read {
+    /// These batches follow the broker's position directly.
+    Batches(Vec<FeedEntry>),
+    /// Nothing after the position: the broker is caught up.
+    Nothing,
+    /// The feed lost the batches right after the position (pruned): reload.
+    Gap,
+}
+
+fn read_feed(core: &Core, after: u64) -> Result<Read, StoreError> {
+    let Some(feed) = core.store.feed() else { return Ok(Read::Nothing) };
+    let entries = feed.read_after(after, READ_BATCH)?;
+    match entries.first() {
+        Some(first) if first.seq != after + 1 => Ok(Read::Gap),
+        Some(_) => Ok(Read::Batches(entries)),
+        None if feed.head()? > after => Ok(Read::Gap),
+        None => Ok(Read::Nothing),
+    }
+}
+
+impl Broker {
+    /// The broker's instance id: the origin of its commits and the holder of its leases.
+    pub fn instance_id(&self) -> &str {
+        &self.instance_id
+    }
+
+    /// The data plane's fail-closed check: `Err(BrokerStale)` when the broker follows a shared
+    /// store and has not caught up with it within the staleness bound. One atomic read.
+    pub fn check_fresh(&self) -> Result<(), BrokerError> {
+        match &self.core.freshness {
+            Some(f) => f.check(),
+            None => Ok(()),
+        }
+    }
+
+    /// Where the broker stands on the feed (`None` for a store it owns alone).
+    pub fn feed_status(&self) -> Option<FeedStatus> {
+        self.core.freshness.as_ref().map(|f| FeedStatus {
+            lag_ms: f.lag_ms(),
+            bound_ms: f.bound_ms(),
+            applied: self.core.applied.load(Ordering::SeqCst),
+        })
+    }
+
+    /// Applies every batch the feed holds after this broker's position (waiting for the writer
+    /// lock). A no-op without a feed.
+    pub async fn catch_up(&self) -> Result<(), BrokerError> {
+        if self.core.store.feed().is_none() {
+            return Ok(());
+        }
+        let _guard = self.writer.clone().lock_owned().await;
+        self.catch_up_locked().await
+    }
+
+    /// [`Broker::catch_up`] for a caller that holds the writer lock.
+    pub(super) async fn catch_up_locked(&self) -> Result<(), BrokerError> {
+        let Some(freshness) = &self.core.freshness else { return Ok(()) };
+        loop {
+            let started = freshness.now_ms();
+            let after = self.core.applied.load(Ordering::SeqCst);
+            let core = self.core.clone();
+            let read = tokio::task::spawn_blocking(move || read_feed(&core, after))
+                .await
+                .map_err(|_| BrokerError::Internal)?
+                .map_err(|e| feed_failed(&e))?;
+            match read {
+                Read::Nothing => {
+                    freshness.synced(started);
+                    return Ok(());
+                }
+                Read::Gap => {
+                    let core = self.core.clone();
+                    tokio::task::spawn_blocking(move || match core.store.feed() {
+                        Some(feed) => core.reload(feed),
+                        None => Ok(()),
+                    })
+                    .await
+                    .map_err(|_| BrokerError::Internal)?
+                    .map_err(|e| feed_failed(&e))?;
+                    self.caches.epoch_moved();
+                    freshness.synced(started);
+                    return Ok(());
+                }
+                Read::Batches(entries) => {
+                    let full = entries.len() >= READ_BATCH;
+                    let mut events = Vec::new();
+                    for entry in entries {
+                        let mine = entry.origin == self.instance_id;
+                        if mine {
+                            // Only a commit this broker could not confirm (its connection failed
+                            // after the commit) comes back: it was never applied here.
+                            tracing::info!(
+                                seq = entry.seq,
+                                "applying a commit of this broker found in the feed"
+                            );
+                        }
+                        events.extend(self.core.apply_batch(Some(entry.seq), entry.changes, true));
+                    }
+                    self.caches.epoch_moved();
+                    self.publish(&events);
+                    if !full {
+                        freshness.synced(started);
+                        return Ok(());
+                    }
+                }
+            }
+        }
+    }
+
+    /// Takes or renews the lease `name` for this broker. Always `true` without a feed (the
+    /// broker is alone); `false` when the store cannot be reached.
+    pub async fn hold_lease(&self, name: &'static str) -> bool {
+        let Some(ttl) = self.core.freshness.as_ref().map(|_| self.settings.feed.lease_ttl) else {
+            return true;
+        };
+        let core = self.core.clone();
+        let holder = self.instance_id.clone();
+        let held = tokio::task::spawn_blocking(move || match core.store.feed() {
+            Some(feed) => feed.lease(name, &holder, ttl),
+            None => Ok(true),
+        })
+        .await;
+        let held = match held {
+            Ok(Ok(held)) => held,
+            Ok(Err(e)) => {
+                tracing::warn!(error = %e, lease = name, "renewing a lease failed; the work it guards waits");
+                false
+            }
+            Err(_) => false,
+        };
+        let mut leases = self.leases.lock().unwrap_or_else(|p| p.into_inner());
+        let had = leases.contains(name);
+        if held && !had {
+            leases.insert(name);
+            tracing::info!(lease = name, instance = %self.instance_id, "this broker now holds the lease");
+        } else if !held && had {
+            leases.remove(name);
+            tracing::warn!(lease = name, instance = %self.instance_id, "this broker no longer holds the lease");
+        }
+        held
+    }
+
+    /// Waits (up to `patience`) until this broker holds the lease `name`. Without a feed at once.
+    pub async fn acquire_lease(&self, name: &'static str, patience: Duration) -> Result<(), BrokerError> {
+        let deadline = Instant::now() + patience;
+        loop {
+            if self.hold_lease(name).await {
+                return Ok(());
+            }
+            if Instant::now() >= deadline {
+                tracing::error!(lease = name, "could not take the lease in time");
+                return Err(BrokerError::StoreUnavailable);
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// Gives up the lease `name` (shutdown, or the end of start-up's one-time writes).
+    pub async fn release_lease(&self, name: &'static str) {
+        if self.core.freshness.is_none() {
+            return;
+        }
+        self.leases.lock().unwrap_or_else(|p| p.into_inner()).remove(name);
+        let core = self.core.clone();
+        let holder = self.instance_id.clone();
+        let released = tokio::task::spawn_blocking(move || match core.store.feed() {
+            Some(feed) => feed.release(name, &holder),
+            None => Ok(()),
+        })
+        .await;
+        if let Ok(Err(e)) = released {
+            tracing::warn!(error = %e, lease = name, "giving up a lease failed; it lapses by itself");
+        }
+    }
+
+    /// Starts the follower task of a broker on a shared store (a no-op otherwise). It ends when
+    /// the broker is dropped.
+    pub(super) fn start_follower(self: &Arc<Self>) {
+        if self.core.freshness.is_none() {
+            return;
+        }
+        let weak = Arc::downgrade(self);
+        let core = self.core.clone();
+        let poll = self.settings.feed.poll_interval;
+        tokio::spawn(async move {
+            let mut failing = false;
+            loop {
+                {
+                    let Some(broker) = weak.upgrade() else { return };
+                    match broker.catch_up().await {
+                        Ok(()) if failing => {
+                            failing = false;
+                            tracing::info!("the change feed answers again");
+                        }
+                        Ok(()) => {}
+                        Err(_) if !failing => {
+                            failing = true;
+                            tracing::warn!("reading the change feed failed; retrying");
+                        }
+                        Err(_) => {}
+                    }
+                }
+                // Wait for a notification, or the poll interval (the safety net).
+                let core = core.clone();
+                let waited = tokio::task::spawn_blocking(move || match core.store.feed() {
+                    Some(feed) => feed.wait(poll).map(drop),
+                    None => Ok(()),
+                })
+                .await;
+                if !matches!(waited, Ok(Ok(()))) {
+                    tokio::time::sleep(poll).await;
+                }
+            }
+        });
+    }
+}
+
+/// A feed failure: logged at debug level (the follower logs the spell), reported as the store
+/// being unavailable.
+fn feed_failed(e: &StoreError) -> BrokerError {
+    tracing::debug!(error = %e, "reading the change feed failed");
+    if e.is_damage() { BrokerError::StoreCorrupt } else { BrokerError::StoreUnavailable }
+}
+
+/// A shared store in memory, for tests: a [`MemoryStore`](crate::store::memory::MemoryStore)
+/// with a change feed, leases, and a switch that makes it unreachable.
+#[cfg(test)]
+pub(crate) mod testing {
+    use std::collections::HashMap;
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+    use std::sync::{Condvar, Mutex};
+    use std::time::{Duration, Instant};
+
+    use crate::model::Change;
+    use crate::store::memory::MemoryStore;
+    use crate::store::{ChangeFeed, FeedEntry, Snapshot, Store, StoreError};
+
+    /// One store that several brokers share.
+    #[derive(Default)]
+    pub(crate) struct SharedStore {
+        inner: MemoryStore,
+        log: Mutex<Vec<FeedEntry>>,
+        notify: Condvar,
+        leases: Mutex<HashMap<String, (String, Instant)>>,
+        down: AtomicBool,
+        /// Every store operation made (the hot path must not add to it).
+        pub(crate) queries: AtomicU64,
+    }
+
+    fn unreachable_store() -> StoreError {
+        StoreError::Io {
+            path: "shared-store".into(),
+            source: std::io::Error::new(std::io::ErrorKind::ConnectionRefused, "the shared store is down"),
+        }
+    }
+
+    impl SharedStore {
+        /// Makes every operation fail (or work again).
+        pub(crate) fn set_down(&self, down: bool) {
+            self.down.store(down, Ordering::SeqCst);
+        }
+
+        fn up(&self) -> Result<(), StoreError> {
+            self.queries.fetch_add(1, Ordering::SeqCst);
+            if self.down.load(Ordering::SeqCst) { Err(unreachable_store()) } else { Ok(()) }
+        }
+
+        fn append(&self, after: Option<u64>, origin: &str, changes: &[Change]) -> Result<u64, StoreError> {
+            self.up()?;
+            let mut log = self.log.lock().unwrap_or_else(|p| p.into_inner());
+            let head = log.len() as u64;
+            if let Some(after) = after
+                && after != head
+            {
+                return Err(StoreError::Conflict { head, expected: after });
+            }
+            self.inner.commit(changes)?;
+            log.push(FeedEntry { seq: head + 1, origin: origin.to_string(), changes: changes.to_vec() });
+            self.notify.notify_all();
+            Ok(head + 1)
+        }
+    }
+
+    impl Store for SharedStore {
+        fn load(&self) -> Result<Snapshot, StoreError> {
+            self.up()?;
+            self.inner.load()
+        }
+        fn commit(&self, changes: &[Change]) -> Result<(), StoreError> {
+            self.append(None, "", changes).map(drop)
+        }
+        fn get_meta(&self, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
+            self.up()?;
+            self.inner.get_meta(key)
+        }
+        fn put_meta(&self, key: &str, value: &[u8]) -> Result<(), StoreError> {
+            self.up()?;
+            self.inner.put_meta(key, value)
+        }
+        fn feed(&self) -> Option<&dyn ChangeFeed> {
+            Some(self)
+        }
+    }
+
+    impl ChangeFeed for SharedStore {
+        fn head(&self) -> Result<u64, StoreError> {
+            self.up()?;
+            Ok(self.log.lock().unwrap_or_else(|p| p.into_inner()).len() as u64)
+        }
+        fn read_after(&self, after: u64, limit: usize) -> Result<Vec<FeedEntry>, StoreError> {
+            self.up()?;
+            let log = self.log.lock().unwrap_or_else(|p| p.into_inner());
+            Ok(log.iter().skip(usize::try_from(after).unwrap_or(usize::MAX)).take(limit).cloned().collect())
+        }
+        fn wait(&self, timeout: Duration) -> Result<bool, StoreError> {
+            let log = self.log.lock().unwrap_or_else(|p| p.into_inner());
+            let (_log, t) = self.notify.wait_timeout(log, timeout).unwrap_or_else(|p| p.into_inner());
+            Ok(!t.timed_out())
+        }
+        fn commit_after(&self, after: u64, origin: &str, changes: &[Change]) -> Result<u64, StoreError> {
+            self.append(Some(after), origin, changes)
+        }
+        fn lease(&self, name: &str, holder: &str, ttl: Duration) -> Result<bool, StoreError> {
+            self.up()?;
+            let mut leases = self.leases.lock().unwrap_or_else(|p| p.into_inner());
+            let now = Instant::now();
+            match leases.get(name) {
+                Some((h, until)) if h != holder && *until > now => Ok(false),
+                _ => {
+                    leases.insert(name.to_string(), (holder.to_string(), now + ttl));
+                    Ok(true)
+                }
+            }
+        }
+        fn release(&self, name: &str, holder: &str) -> Result<(), StoreError> {
+            self.up()?;
+            let mut leases = self.leases.lock().unwrap_or_else(|p| p.into_inner());
+            if leases.get(name).is_some_and(|(h, _)| h == holder) {
+                leases.remove(name);
+            }
+            Ok(())
+        }
+    }
+}
