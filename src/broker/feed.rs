@@ -475,6 +475,8 @@ pub(crate) mod testing {
         notify: Condvar,
         leases: Mutex<HashMap<String, (String, Instant)>>,
         down: AtomicBool,
+        /// While set, `wait` does not return: followers stop reading the feed.
+        followers_paused: AtomicBool,
         /// Every store operation made (the hot path must not add to it).
         pub(crate) queries: AtomicU64,
     }
@@ -487,6 +489,11 @@ pub(crate) mod testing {
     }
 
     impl SharedStore {
+        /// Holds every follower in its wait (or lets them go again).
+        pub(crate) fn pause_followers(&self, paused: bool) {
+            self.followers_paused.store(paused, Ordering::SeqCst);
+        }
+
         /// Makes every operation fail (or work again).
         pub(crate) fn set_down(&self, down: bool) {
             self.down.store(down, Ordering::SeqCst);
@@ -545,6 +552,9 @@ pub(crate) mod testing {
             Ok(log.iter().skip(usize::try_from(after).unwrap_or(usize::MAX)).take(limit).cloned().collect())
         }
         fn wait(&self, timeout: Duration) -> Result<bool, StoreError> {
+            while self.followers_paused.load(Ordering::SeqCst) {
+                std::thread::sleep(Duration::from_millis(5));
+            }
             let log = self.log.lock().unwrap_or_else(|p| p.into_inner());
             let (_log, t) = self.notify.wait_timeout(log, timeout).unwrap_or_else(|p| p.into_inner());
             Ok(!t.timed_out())
@@ -572,5 +582,303 @@ pub(crate) mod testing {
             }
             Ok(())
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+    use std::sync::Arc;
+    use std::sync::atomic::Ordering;
+    use std::time::Duration;
+
+    use super::testing::SharedStore;
+    use super::*;
+    use crate::broker::keys::{CryptoRequest, NewAttributes, NewKey, NewMaterial};
+    use crate::broker::vaults::VaultSpec;
+    use crate::broker::{Clock, Settings, TdeSettings, new_guid};
+    use crate::crypto::Sealer;
+    use crate::model::{Caller, CryptoOp, KeyType, Principal, PrincipalKind, Role, RoleAssignment};
+
+    const ISSUER: &str = "https://sts.windows.net/72f988bf-86f1-41af-91ab-2d7cd011db47/";
+
+    fn settings(feed: FeedSettings) -> Settings {
+        Settings {
+            vault_dns_suffix: "vault.azure.net".into(),
+            location: "westus".into(),
+            tenant_id: "72f988bf-86f1-41af-91ab-2d7cd011db47".into(),
+            subscription_id: "00000000-0000-0000-0000-000000000000".into(),
+            resource_group: "tde-broker".into(),
+            tde: TdeSettings::default(),
+            trusted_service_bypass: true,
+            trusted_proxies: vec![],
+            caches: crate::broker::cache::CacheSettings::default(),
+            throttling: Default::default(),
+            feed,
+        }
+    }
+
+    /// Two brokers on one shared store with one master key, an admin (Owner at /) and a user.
+    struct Pair {
+        store: Arc<SharedStore>,
+        a: Arc<Broker>,
+        b: Arc<Broker>,
+        admin: Caller,
+        user: Caller,
+    }
+
+    fn principal(name: &str, kind: PrincipalKind) -> Principal {
+        Principal {
+            object_id: new_guid(),
+            app_id: new_guid(),
+            name: name.into(),
+            kind,
+            resource_id: None,
+            created: 0,
+        }
+    }
+
+    async fn pair(feed: FeedSettings) -> Pair {
+        let store = Arc::new(SharedStore::default());
+        let sealer = Arc::new(Sealer::new(&Sealer::generate_master_key()).unwrap());
+        let open = |clock| Broker::open(store.clone(), sealer.clone(), clock, settings(feed.clone()));
+        let a = open(Clock::manual(1_700_000_000)).await.unwrap();
+        let b = open(Clock::manual(1_700_000_000)).await.unwrap();
+        let admin = principal("admin", PrincipalKind::User);
+        let user = principal("user", PrincipalKind::User);
+        let owner = RoleAssignment {
+            id: new_guid(),
+            scope: "/".into(),
+            display_scope: "/".into(),
+            principal_id: admin.object_id.clone(),
+            role: Role::Owner,
+        };
+        let txn = a.begin().await;
+        a.commit(
+            txn,
+            vec![
+                Change::PutPrincipal(admin.clone()),
+                Change::PutPrincipal(user.clone()),
+                Change::PutRoleAssignment(owner),
+            ],
+        )
+        .await
+        .unwrap();
+        b.catch_up().await.unwrap();
+        let caller = |p: &Principal| Caller::new(&p.object_id, &p.app_id, ISSUER);
+        Pair { admin: caller(&admin), user: caller(&user), store, a, b }
+    }
+
+    async fn vault_and_key(on: &Broker, admin: &Caller, user: &Caller) -> String {
+        let spec = VaultSpec {
+            name: "shared".into(),
+            retention_days: 7,
+            purge_protection: false,
+            rbac: false,
+            network_acls: None,
+            public_network_access: true,
+        };
+        on.create_vault(admin, spec).await.unwrap();
+        on.set_access_policy(admin, "shared", &admin.object_id, &["all".to_string()]).await.unwrap();
+        on.set_access_policy(admin, "shared", &user.object_id, &["wrapKey".into(), "unwrapKey".into()])
+            .await
+            .unwrap();
+        let key = on
+            .add_key_version(
+                admin,
+                NewKey {
+                    vault: "shared".into(),
+                    name: "k".into(),
+                    material: NewMaterial::Generate { kty: KeyType::Rsa, size: 2048, curve: None },
+                    key_ops: vec![],
+                    attributes: NewAttributes::default(),
+                    tags: BTreeMap::new(),
+                },
+            )
+            .await
+            .unwrap();
+        key.kid
+    }
+
+    fn request(op: CryptoOp, kid: &str, value: &[u8]) -> CryptoRequest {
+        CryptoRequest {
+            op,
+            key_id: kid.into(),
+            algorithm: "RSA-OAEP-256".into(),
+            value: value.to_vec(),
+            iv: vec![],
+            aad: vec![],
+            tag: vec![],
+        }
+    }
+
+    /// Settings that never fail closed: the tests call `catch_up` where they need to know the
+    /// broker is caught up (its follower runs too, every 50 ms: a test's runtime waits for the
+    /// follower's blocking wait when it shuts down).
+    fn quiet() -> FeedSettings {
+        FeedSettings {
+            staleness_bound: Duration::from_secs(3600),
+            poll_interval: Duration::from_millis(50),
+            lease_ttl: Duration::from_secs(5),
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_key_created_on_one_broker_wraps_and_unwraps_on_another() {
+        let p = pair(quiet()).await;
+        let kid = vault_and_key(&p.a, &p.admin, &p.user).await;
+        p.b.catch_up().await.unwrap();
+        let wrapped = p.b.crypto(&p.user, request(CryptoOp::WrapKey, &kid, &[7; 32])).await.unwrap();
+        let unwrapped =
+            p.a.crypto(&p.user, request(CryptoOp::UnwrapKey, &kid, &wrapped.value)).await.unwrap();
+        assert_eq!(&unwrapped.value[..], &[7; 32]);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_revocation_on_one_broker_is_enforced_on_the_other_cached_unwraps_included() {
+        let p = pair(quiet()).await;
+        let kid = vault_and_key(&p.a, &p.admin, &p.user).await;
+        p.b.catch_up().await.unwrap();
+        let wrapped = p.b.crypto(&p.user, request(CryptoOp::WrapKey, &kid, &[9; 32])).await.unwrap();
+        // Twice: the second is served from B's caches.
+        for _ in 0..2 {
+            p.b.crypto(&p.user, request(CryptoOp::UnwrapKey, &kid, &wrapped.value)).await.unwrap();
+        }
+        p.a.set_access_policy(&p.admin, "shared", &p.user.object_id, &[]).await.unwrap();
+        p.b.catch_up().await.unwrap();
+        let refused = p.b.crypto(&p.user, request(CryptoOp::UnwrapKey, &kid, &wrapped.value)).await;
+        let refused = refused.err();
+        assert!(
+            refused.as_ref().is_some_and(|e| e.class() == crate::model::ErrorClass::Forbidden),
+            "{refused:?}"
+        );
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_write_prepared_on_stale_state_is_refused_and_loses_no_other_write() {
+        let p = pair(quiet()).await;
+        vault_and_key(&p.a, &p.admin, &p.user).await;
+        p.b.catch_up().await.unwrap();
+        // B prepares a policy change on what it knows; A commits another one meanwhile.
+        let txn = p.b.begin().await;
+        let mut stale = p.b.read().vault("shared").unwrap().vault.clone();
+        let other = new_guid();
+        stale.access_policies.insert(other.clone(), [crate::model::KeyPermission::Get].into());
+        let a_writes = {
+            let (a, admin, user) = (p.a.clone(), p.admin.clone(), p.user.object_id.clone());
+            tokio::spawn(async move { a.set_access_policy(&admin, "shared", &user, &["get".into()]).await })
+        };
+        a_writes.await.unwrap().unwrap();
+        let refused = p.b.commit(txn, vec![Change::PutVault(stale)]).await;
+        assert_eq!(refused, Err(BrokerError::ConcurrentChange));
+        // B caught up on the refusal: retrying through the API keeps both writes.
+        p.b.set_access_policy(&p.admin, "shared", &other, &["get".into()]).await.unwrap();
+        p.a.catch_up().await.unwrap();
+        for broker in [&p.a, &p.b] {
+            let policies = broker.read().vault("shared").unwrap().vault.access_policies.clone();
+            assert!(policies.contains_key(&other), "B's write is kept");
+            assert_eq!(policies.get(&*p.user.object_id).map(|s| s.len()), Some(1), "A's write is kept");
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_broker_that_loses_its_store_fails_closed_and_serves_again_once_caught_up() {
+        let feed = FeedSettings {
+            staleness_bound: Duration::from_millis(100),
+            poll_interval: Duration::from_millis(20),
+            lease_ttl: Duration::from_secs(5),
+        };
+        let p = pair(feed).await;
+        let kid = vault_and_key(&p.a, &p.admin, &p.user).await;
+        p.b.catch_up().await.unwrap();
+        p.b.crypto(&p.user, request(CryptoOp::WrapKey, &kid, &[1; 32])).await.unwrap();
+        p.store.set_down(true);
+        // Past the bound without a complete read of the feed.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let refused = p.b.crypto(&p.user, request(CryptoOp::WrapKey, &kid, &[1; 32])).await;
+        assert_eq!(refused.err(), Some(BrokerError::BrokerStale { bound_ms: 100 }));
+        assert!(p.b.feed_status().is_some_and(|s| s.stale()));
+        let write = p.a.set_access_policy(&p.admin, "shared", &p.user.object_id, &[]).await;
+        assert_eq!(write, Err(BrokerError::StoreUnavailable), "writes fail closed too");
+        p.store.set_down(false);
+        p.b.catch_up().await.unwrap();
+        p.b.crypto(&p.user, request(CryptoOp::WrapKey, &kid, &[1; 32])).await.unwrap();
+        assert!(p.b.feed_status().is_some_and(|s| !s.stale()));
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_follower_applies_other_brokers_changes_by_itself() {
+        let feed = FeedSettings {
+            staleness_bound: Duration::from_millis(750),
+            poll_interval: Duration::from_millis(50),
+            lease_ttl: Duration::from_secs(5),
+        };
+        let p = pair(feed).await;
+        vault_and_key(&p.a, &p.admin, &p.user).await;
+        let head = p.store.head().unwrap();
+        for _ in 0..200 {
+            if p.b.feed_status().map(|s| s.applied) == Some(head) {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+        assert_eq!(p.b.feed_status().map(|s| s.applied), Some(head));
+        assert!(p.b.read().vault("shared").unwrap().key("k").is_some());
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_manual_clock_moved_on_one_broker_moves_on_the_other() {
+        let p = pair(quiet()).await;
+        let now = p.a.move_clock(&p.admin, crate::broker::clock::ClockMove::By(3600)).await.unwrap();
+        assert_eq!(p.a.clock.now(), now);
+        p.b.catch_up().await.unwrap();
+        assert_eq!(p.b.clock.now(), now);
+        assert_eq!(Broker::saved_clock(p.store.as_ref()).unwrap(), Some(now));
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn one_broker_at_a_time_holds_the_sweeper_lease_and_a_survivor_takes_it_over() {
+        let feed = FeedSettings { lease_ttl: Duration::from_millis(200), ..quiet() };
+        let p = pair(feed).await;
+        assert!(p.a.hold_lease(SWEEPER_LEASE).await);
+        assert!(!p.b.hold_lease(SWEEPER_LEASE).await);
+        assert!(p.a.hold_lease(SWEEPER_LEASE).await, "renewed by its holder");
+        p.a.release_lease(SWEEPER_LEASE).await;
+        assert!(p.b.hold_lease(SWEEPER_LEASE).await, "released: taken at once");
+        // B stops renewing (killed): the lease lapses and A takes it.
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        assert!(p.a.hold_lease(SWEEPER_LEASE).await);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn cached_and_uncached_unwraps_make_no_store_call() {
+        let p = pair(quiet()).await;
+        let kid = vault_and_key(&p.a, &p.admin, &p.user).await;
+        p.b.catch_up().await.unwrap();
+        let wrapped: Vec<_> = {
+            let mut v = Vec::new();
+            for i in 0..5u8 {
+                v.push(p.b.crypto(&p.user, request(CryptoOp::WrapKey, &kid, &[i; 32])).await.unwrap().value);
+            }
+            v
+        };
+        // The followers stop at their next wait; once the count stands still, no one else
+        // calls the store.
+        p.store.pause_followers(true);
+        let mut before = p.store.queries.load(Ordering::SeqCst);
+        loop {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            let now = p.store.queries.load(Ordering::SeqCst);
+            if now == before {
+                break;
+            }
+            before = now;
+        }
+        for w in wrapped.iter().chain(wrapped.iter()) {
+            p.b.crypto(&p.user, request(CryptoOp::UnwrapKey, &kid, w)).await.unwrap();
+        }
+        let after = p.store.queries.load(Ordering::SeqCst);
+        p.store.pause_followers(false);
+        assert_eq!(after, before);
     }
 }
