@@ -9,6 +9,8 @@ use serde::Deserialize;
 
 /// Where audit records go (`--audit-log`); the audit log owns the type.
 pub use crate::audit::Destination as AuditLog;
+/// A PostgreSQL store's URL (`--store postgres://…`); the store owns the type.
+pub use crate::store::postgres::PostgresUrl;
 /// The store's integrity check at start (`--store-check`); the store owns the type.
 pub use crate::store::sqlite::StoreCheck;
 /// OpenTelemetry export; the telemetry module owns the type.
@@ -58,6 +60,63 @@ pub enum TlsMode {
         /// PEM private key.
         key: PathBuf,
     },
+}
+
+/// Where the broker's state lives (`--store`).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub enum StoreSetting {
+    /// The SQLite file in the data directory (one broker per data directory).
+    #[default]
+    Sqlite,
+    /// A PostgreSQL database that several brokers may share. Its URL's password is never shown
+    /// ([`PostgresUrl`]'s `Display` and `Debug` leave it out).
+    Postgres(Box<PostgresUrl>),
+}
+
+/// The `--store` value as given, until [`Config::resolve`] checks it. Its `Debug` shows no URL:
+/// a PostgreSQL URL may carry a password.
+#[derive(Clone, Default)]
+pub struct StoreArg(pub String);
+
+impl std::str::FromStr for StoreArg {
+    type Err = std::convert::Infallible;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Ok(StoreArg(s.to_string()))
+    }
+}
+
+impl std::fmt::Debug for StoreArg {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("StoreArg(..)")
+    }
+}
+
+impl<'de> Deserialize<'de> for StoreArg {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        String::deserialize(d).map(StoreArg)
+    }
+}
+
+/// Checks a `--store` value: `sqlite`, or a `postgres://` URL. Messages never quote the value
+/// (it may hold a password).
+fn resolve_store(given: Option<StoreArg>, errors: &mut Vec<String>) -> StoreSetting {
+    let Some(StoreArg(text)) = given else { return StoreSetting::Sqlite };
+    let text = text.trim();
+    if text.eq_ignore_ascii_case("sqlite") {
+        return StoreSetting::Sqlite;
+    }
+    if text.starts_with("postgres://") || text.starts_with("postgresql://") {
+        return match text.parse::<PostgresUrl>() {
+            Ok(url) => StoreSetting::Postgres(Box::new(url)),
+            Err(e) => {
+                errors.push(format!("store: {e}"));
+                StoreSetting::Sqlite
+            }
+        };
+    }
+    errors
+        .push("store must be `sqlite` or a postgres://user[:password]@host[:port]/database URL".to_string());
+    StoreSetting::Sqlite
 }
 
 /// The TOML file's shape; every field optional.
@@ -140,6 +199,8 @@ pub struct FileConfig {
     pub throttling: Option<crate::broker::throttle::ThrottleProfile>,
     /// The store's integrity check at start: `quick` (default) or `full`.
     pub store_check: Option<StoreCheck>,
+    /// Where state lives: `sqlite` (default) or `postgres://user[:password]@host[:port]/db`.
+    pub store: Option<StoreArg>,
     /// Open gRPC connections at most (default 10000, or the open-file limit less 64 when lower);
     /// one more is closed at once.
     pub max_connections: Option<usize>,
@@ -213,6 +274,11 @@ pub struct ServeArgs {
     /// integrity_check: also matches every index to its table; slower) [default: quick].
     #[arg(long, env = "TDE_BROKER_STORE_CHECK", value_enum, value_name = "quick|full")]
     pub store_check: Option<StoreCheck>,
+    /// Where state lives: `sqlite` (the data directory's file) or a PostgreSQL database that
+    /// several brokers share, `postgres://user[:password]@host[:port]/database` (prefer the
+    /// environment variable or the TOML file to a flag for a URL with a password) [default: sqlite].
+    #[arg(long, env = "TDE_BROKER_STORE", value_name = "sqlite|postgres://…", hide_env_values = true)]
+    pub store: Option<StoreArg>,
     /// Start afresh when the data directory's store is missing, empty, damaged or another
     /// directory's, instead of refusing to start: the files found are renamed aside (never
     /// deleted), a new store, admin and admin token are made, and the log says each step. For one
@@ -283,8 +349,10 @@ pub struct Config {
     pub caches: crate::broker::cache::CacheSettings,
     /// Key Vault throttling at start (Emulation.SetThrottling changes it at run time).
     pub throttling: crate::broker::throttle::ThrottleProfile,
-    /// The store's integrity check at start.
+    /// The store's integrity check at start (SQLite).
     pub store_check: StoreCheck,
+    /// Where state lives.
+    pub store: StoreSetting,
     /// Start afresh when the store is missing, empty, damaged or another directory's.
     pub reinitialize: bool,
     /// Limits of the gRPC listener and its connections.
@@ -459,6 +527,7 @@ impl Config {
             caches,
             throttling: file.throttling.unwrap_or_default(),
             store_check: args.store_check.or(file.store_check).unwrap_or_default(),
+            store: resolve_store(args.store.or(file.store), &mut errors),
             reinitialize: args.reinitialize,
             listener,
             feed,
@@ -654,6 +723,30 @@ mod tests {
         assert_eq!(cfg.clock, ClockKind::Manual);
         assert_eq!(cfg.location, "eastus");
         assert_eq!(cfg.data_dir, PathBuf::from(DEFAULT_DATA_DIR));
+    }
+
+    #[test]
+    fn the_store_is_sqlite_by_default_or_a_checked_postgres_url_from_the_flag_or_the_file() {
+        assert_eq!(Config::resolve(ServeArgs::default()).unwrap().store, StoreSetting::Sqlite);
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.toml");
+        std::fs::write(&path, "store = \"postgres://broker:s3cret@db.internal:5433/tde\"\n").unwrap();
+        let cfg = Config::resolve(ServeArgs { config: Some(path.clone()), ..Default::default() }).unwrap();
+        let StoreSetting::Postgres(url) = &cfg.store else { panic!("{:?}", cfg.store) };
+        assert_eq!(url.to_string(), "postgres://broker@db.internal:5433/tde");
+        assert!(!format!("{cfg:?}").contains("s3cret"), "the configuration shows the password");
+        // The flag (or TDE_BROKER_STORE) wins over the file.
+        let args =
+            ServeArgs { config: Some(path), store: Some(StoreArg("SQLite".into())), ..Default::default() };
+        assert!(!format!("{args:?}").contains("s3cret"));
+        assert_eq!(Config::resolve(args).unwrap().store, StoreSetting::Sqlite);
+        for bad in ["mysql://u:s3cret@h/db", "postgres://u:s3cret@h", "postgres://u:s3cret@h:port/db", ""] {
+            let err = Config::resolve(ServeArgs { store: Some(StoreArg(bad.into())), ..Default::default() })
+                .expect_err(bad)
+                .to_string();
+            assert!(err.contains("postgres://user[:password]@host[:port]/database"), "{err}");
+            assert!(!err.contains("s3cret"), "{err}");
+        }
     }
 
     #[test]

@@ -32,7 +32,6 @@ use crate::grpc::servers::ServersService;
 use crate::grpc::vaults::VaultsService;
 use crate::model::{BrokerError, Caller, Change, Principal, PrincipalKind, Role, RoleAssignment};
 use crate::seed;
-use crate::store::sqlite::SqliteStore;
 
 /// Environment variable that supplies the master key (base64 of 32 bytes) instead of the file.
 pub const MASTER_KEY_ENV: &str = "TDE_BROKER_MASTER_KEY";
@@ -215,7 +214,7 @@ impl App {
         // The admin listener answers /healthz from here on; /readyz once serving.
         let admin_http = crate::http::Admin::start(&config).map_err(StartError::Http)?;
 
-        let crate::store::datadir::OpenedStore { store, mut check } = open_store(&config)?;
+        let (store, mut check, start_up_lock) = open_store(&config)?;
         let store = Arc::new(store);
 
         let clock = match config.clock {
@@ -299,6 +298,8 @@ impl App {
             crate::store::datadir::make_private(path).map_err(io_err(path))?;
         }
         let audit = Arc::new(crate::audit::AuditLog::open(&config.audit_log, config.audit_required));
+        // Bootstrapped: the next broker on the same database may start.
+        drop(start_up_lock);
         Ok(App { broker, auth, admin, admin_token_path, config, tls, admin_http, audit, _lock: lock })
     }
 
@@ -508,21 +509,41 @@ async fn set_not_serving(reporter: &tonic_health::server::HealthReporter) {
     reporter.set_service_status("", tonic_health::ServingStatus::NotServing).await;
 }
 
-/// Opens the data directory's store, refusing one that is missing, empty, damaged or another
-/// directory's unless `--reinitialize` asks to start afresh (`store::datadir`).
-fn open_store(config: &Config) -> Result<crate::store::datadir::OpenedStore, StartError> {
+/// Opens the store `--store` names: the only place a backend is chosen. The SQLite store of the
+/// data directory is refused when it is missing, empty, damaged or another directory's, unless
+/// `--reinitialize` asks to start afresh; a shared PostgreSQL store when it is not the database
+/// this directory served (`store::datadir`). With PostgreSQL the returned lock keeps other
+/// brokers from starting up on the database until this one has bootstrapped.
+fn open_store(
+    config: &Config,
+) -> Result<
+    (
+        crate::store::datadir::DataStore,
+        crate::store::datadir::PendingCheck,
+        Option<crate::store::postgres::StartUpLock>,
+    ),
+    StartError,
+> {
+    use crate::store::datadir::{DataStore, PendingCheck};
     let dir = &config.data_dir;
+    if let crate::config::StoreSetting::Postgres(url) = &config.store {
+        tracing::info!(store = %url, "opening the shared PostgreSQL store");
+        let store = crate::store::datadir::open_shared_store(dir, url, config.reinitialize)?;
+        let lock = store.start_up_lock()?;
+        return Ok((DataStore::Postgres(Box::new(store)), PendingCheck::none(), Some(lock)));
+    }
     let first_start_files = [dir.join(MASTER_KEY_FILE), dir.join(ADMIN_TOKEN_FILE)];
     if config.reinitialize {
         tracing::warn!(data_dir = %dir.display(), "--reinitialize: a store that is missing, empty, damaged or another directory's is renamed aside and a new, empty one made in its place");
     }
-    Ok(crate::store::datadir::open_store(&crate::store::datadir::OpenStore {
+    let opened = crate::store::datadir::open_store(&crate::store::datadir::OpenStore {
         dir,
         db: &dir.join(DB_FILE),
         check: config.store_check,
         reinitialize: config.reinitialize,
         first_start_files: &first_start_files,
-    })?)
+    })?;
+    Ok((DataStore::Sqlite(opened.store), opened.check, None))
 }
 
 /// The master key from the environment or the data directory's file. A new key is made (and
@@ -559,7 +580,7 @@ fn load_master_key(dir: &Path, store_holds_data: bool) -> Result<Zeroizing<Vec<u
 }
 
 /// A data directory opened with the wrong master key must fail loudly at start, not later.
-fn check_master_key(store: &SqliteStore, sealer: &Sealer) -> Result<(), StartError> {
+fn check_master_key(store: &crate::store::datadir::DataStore, sealer: &Sealer) -> Result<(), StartError> {
     use crate::store::Store;
     match store.get_meta(META_MASTER_CHECK)? {
         Some(sealed) => {
@@ -579,7 +600,10 @@ fn check_master_key(store: &SqliteStore, sealer: &Sealer) -> Result<(), StartErr
     Ok(())
 }
 
-fn load_signing_key(store: &SqliteStore, sealer: &Sealer) -> Result<(TokenSigningKey, String), StartError> {
+fn load_signing_key(
+    store: &crate::store::datadir::DataStore,
+    sealer: &Sealer,
+) -> Result<(TokenSigningKey, String), StartError> {
     use crate::store::Store;
     let master_err = MasterKeyError::SigningKey;
     if let (Some(sealed), Some(kid)) = (store.get_meta(META_SIGNING_KEY)?, store.get_meta(META_SIGNING_KID)?)

@@ -12,8 +12,10 @@ use std::io::{Read, Write};
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
+use super::postgres::{PostgresStore, PostgresUrl};
 use super::sqlite::{BackgroundCheck, SqliteStore, StoreCheck};
-use super::{Store, StoreError, is_out_of_space};
+use super::{ChangeFeed, Snapshot, Store, StoreError, is_out_of_space};
+use crate::model::Change;
 
 /// The lock file inside the data directory; it holds the PID of the broker that has it.
 pub const LOCK_FILE: &str = "lock";
@@ -97,11 +99,58 @@ pub enum DataDirError {
         /// SQLite's report.
         source: StoreError,
     },
+    /// A shared (PostgreSQL) store is not this directory's, or failed.
+    #[error(transparent)]
+    Shared(#[from] SharedStoreError),
     /// The store failed otherwise.
     #[error("the store {}: {source}", path.display())]
     Store {
         /// The store's file.
         path: PathBuf,
+        /// Why.
+        source: StoreError,
+    },
+}
+
+/// Why a shared (PostgreSQL) store cannot be used with a data directory.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum SharedStoreError {
+    /// The database is another deployment's than the one the data directory served before.
+    #[error(
+        "the database {url} is store {found}, but {} records store {expected}: this data directory served another database before. Point --store at that one; or, to move this broker to this database on purpose, delete {} (or start once with --reinitialize, which records the database's id)",
+        id_file.display(),
+        id_file.display()
+    )]
+    Mismatch {
+        /// The database, without its password.
+        url: String,
+        /// The id the database holds.
+        found: String,
+        /// The store id file.
+        id_file: PathBuf,
+        /// The id the directory records.
+        expected: String,
+    },
+    /// The database holds nothing, but the data directory served a store before: pointed at a
+    /// new or emptied database.
+    #[error(
+        "the database {url} holds no data, but {} records store {expected}: restore the database from a backup, point --store at the right database, or start afresh on this empty one with --reinitialize",
+        id_file.display()
+    )]
+    Blank {
+        /// The database, without its password.
+        url: String,
+        /// The store id file.
+        id_file: PathBuf,
+        /// The id the directory records.
+        expected: String,
+    },
+    /// The database failed.
+    #[error("the database {url}: {source}")]
+    Store {
+        /// The database, without its password.
+        url: String,
         /// Why.
         source: StoreError,
     },
@@ -300,6 +349,11 @@ impl PendingCheck {
         PendingCheck { running: None, db: db.to_path_buf() }
     }
 
+    /// No check to wait for (a store whose server checks itself: PostgreSQL).
+    pub fn none() -> PendingCheck {
+        PendingCheck { running: None, db: PathBuf::new() }
+    }
+
     /// Waits for the check. A damaged store is refused as it is at open
     /// ([`DataDirError::Damaged`], which says how to restore it). Later calls return `Ok` at once.
     pub fn wait(&mut self) -> Result<(), DataDirError> {
@@ -461,6 +515,123 @@ fn set_aside(db: &Path) -> Result<(), DataDirError> {
         tracing::warn!(from = %file.display(), to = %aside.display(), "--reinitialize: renamed a file of the old store aside");
     }
     Ok(())
+}
+
+/// The store a broker serves from: the data directory's SQLite file, or a PostgreSQL database
+/// that several brokers share. The start-up code chooses it (`--store`); everything after sees a
+/// [`Store`].
+pub enum DataStore {
+    /// The data directory's own SQLite file.
+    Sqlite(SqliteStore),
+    /// A shared PostgreSQL database (with a change feed).
+    Postgres(Box<PostgresStore>),
+}
+
+impl DataStore {
+    /// Whether the store holds nothing but its own bookkeeping.
+    pub fn is_blank(&self) -> Result<bool, StoreError> {
+        match self {
+            DataStore::Sqlite(s) => s.is_blank(),
+            DataStore::Postgres(s) => s.is_blank(),
+        }
+    }
+}
+
+impl Store for DataStore {
+    fn load(&self) -> Result<Snapshot, StoreError> {
+        match self {
+            DataStore::Sqlite(s) => s.load(),
+            DataStore::Postgres(s) => s.load(),
+        }
+    }
+
+    fn commit(&self, changes: &[Change]) -> Result<(), StoreError> {
+        match self {
+            DataStore::Sqlite(s) => s.commit(changes),
+            DataStore::Postgres(s) => s.commit(changes),
+        }
+    }
+
+    fn get_meta(&self, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        match self {
+            DataStore::Sqlite(s) => s.get_meta(key),
+            DataStore::Postgres(s) => s.get_meta(key),
+        }
+    }
+
+    fn put_meta(&self, key: &str, value: &[u8]) -> Result<(), StoreError> {
+        match self {
+            DataStore::Sqlite(s) => s.put_meta(key, value),
+            DataStore::Postgres(s) => s.put_meta(key, value),
+        }
+    }
+
+    fn feed(&self) -> Option<&dyn ChangeFeed> {
+        match self {
+            DataStore::Sqlite(s) => s.feed(),
+            DataStore::Postgres(s) => s.feed(),
+        }
+    }
+}
+
+/// Opens the shared PostgreSQL store at `url` for the data directory `dir` (which still holds
+/// the lock, the admin token and TLS files, and `store.id`). The database's id is made by the
+/// first broker that opens it and recorded in every data directory that serves it; a directory
+/// that served another database, or a database that is empty while the directory served one, is
+/// refused unless `reinitialize` (then the database's id is recorded; nothing in the database is
+/// changed or removed).
+pub fn open_shared_store(
+    dir: &Path,
+    url: &PostgresUrl,
+    reinitialize: bool,
+) -> Result<PostgresStore, DataDirError> {
+    let shown = url.to_string();
+    let failed = |source| SharedStoreError::Store { url: shown.clone(), source };
+    let store = PostgresStore::open(url).map_err(failed)?;
+    let id_file = dir.join(STORE_ID_FILE);
+    let recorded = read_store_id(&id_file)?;
+    let found = store.get_meta(META_STORE_ID).map_err(failed)?;
+    if let (None, Some(expected)) = (&found, &recorded)
+        && store.is_blank().map_err(failed)?
+    {
+        let refusal = SharedStoreError::Blank {
+            url: shown.clone(),
+            id_file: id_file.clone(),
+            expected: expected.clone(),
+        };
+        if !reinitialize {
+            return Err(refusal.into());
+        }
+        tracing::warn!(reason = %refusal, "--reinitialize: serving the empty database");
+    }
+    // Of several brokers that open a new database at once, one id wins and all record it.
+    let id = match found {
+        Some(id) => String::from_utf8_lossy(&id).into_owned(),
+        None => {
+            let new = uuid::Uuid::new_v4().to_string();
+            String::from_utf8_lossy(&store.put_meta_if_absent(META_STORE_ID, new.as_bytes()).map_err(failed)?)
+                .into_owned()
+        }
+    };
+    match recorded {
+        Some(expected) if expected == id => return Ok(store),
+        Some(expected) => {
+            let refusal = SharedStoreError::Mismatch {
+                url: shown,
+                found: id.clone(),
+                id_file: id_file.clone(),
+                expected,
+            };
+            if !reinitialize {
+                return Err(refusal.into());
+            }
+            tracing::warn!(reason = %refusal, "--reinitialize: recording the database's id");
+        }
+        None => {}
+    }
+    write_private(&id_file, id.as_bytes())?;
+    tracing::info!(file = %id_file.display(), store_id = %id, "recorded the store's id");
+    Ok(store)
 }
 
 /// The id `store.id` records, if the file exists.

@@ -2,14 +2,16 @@
 //! acknowledged to a caller only after [`Store::commit`] returned, so everything in it survives a
 //! crash (WAL, full sync). Key material arrives already sealed: the store never sees plaintext.
 //!
-//! Backends: [`sqlite::SqliteStore`] (the broker's) and [`memory::MemoryStore`] (nothing durable;
-//! for tests). Every backend runs the conformance suite of `conformance/`, which spells out
+//! Backends: [`sqlite::SqliteStore`] (the broker's default), [`postgres::PostgresStore`] (a
+//! database several brokers share, with a [`ChangeFeed`]) and [`memory::MemoryStore`] (nothing
+//! durable; for tests). Every backend runs the conformance suite of `conformance/`, which spells out
 //! what the broker relies on; its module documentation says how a new backend runs it.
 
 #[cfg(test)]
 pub(crate) mod conformance;
 pub mod datadir;
 pub mod memory;
+pub mod postgres;
 pub mod sqlite;
 
 use crate::model::{Change, Deletion, KeyVersion, Principal, RoleAssignment, Vault};
@@ -70,6 +72,28 @@ pub enum StoreError {
         /// The head the caller expected.
         expected: u64,
     },
+    /// The database server cannot be reached or stopped answering (connection refused, reset or
+    /// closed, no connection within the pool's timeout, the server shutting down): nothing of the
+    /// operation is known to have been written unless it reported success. Neither damage nor
+    /// the caller's fault: the same operation can succeed once the server is back.
+    #[error("the database is unavailable: {0}")]
+    Unavailable(String),
+    /// PostgreSQL refused or failed an operation it received (the whole transaction was rolled
+    /// back). Its SQLSTATE is in the source.
+    #[error("database error: {0}")]
+    Postgres(#[source] tokio_postgres::Error),
+    /// The change feed no longer holds the batch after `after` (old batches are pruned): a
+    /// follower at `after` cannot catch up batch by batch and must reload the whole store
+    /// ([`ChangeFeed::load_at_head`]).
+    #[error(
+        "the change feed no longer holds the batches after {after} (oldest kept: {oldest:?}); reload the store"
+    )]
+    FeedPruned {
+        /// The position asked for.
+        after: u64,
+        /// The oldest batch the feed still holds, if any.
+        oldest: Option<u64>,
+    },
     /// A change contradicts what is stored; the whole commit was refused. Every backend reports
     /// these the same way.
     #[error("change refused: {0}")]
@@ -90,6 +114,7 @@ impl StoreError {
         match self {
             StoreError::Full(_) => true,
             StoreError::Io { source, .. } => is_out_of_space(source),
+            StoreError::Postgres(e) => e.code() == Some(&tokio_postgres::error::SqlState::DISK_FULL),
             _ => false,
         }
     }
@@ -282,4 +307,8 @@ pub trait ChangeFeed: Send + Sync {
     fn lease(&self, name: &str, holder: &str, ttl: std::time::Duration) -> Result<bool, StoreError>;
     /// Gives up the lease `name` if `holder` holds it.
     fn release(&self, name: &str, holder: &str) -> Result<(), StoreError>;
+    /// Reads everything, as [`Store::load`] does, together with the sequence number of the last
+    /// batch the snapshot holds (both from one consistent view): a follower that starts from the
+    /// snapshot reads the feed after that number, missing nothing and applying nothing twice.
+    fn load_at_head(&self) -> Result<(Snapshot, u64), StoreError>;
 }

@@ -1,9 +1,11 @@
 //! Test harness: a real broker serving gRPC on an ephemeral loopback port, and authenticated
 //! clients for it; `observed`: a broker with its admin listener and a strict `/metrics` parser;
-//! `python`: the virtualenvs of the checks against Python tools.
+//! `python`: the virtualenvs of the checks against Python tools; `pg`: a throwaway PostgreSQL.
 #![allow(dead_code)]
 
 pub mod observed;
+#[path = "../support/pg.rs"]
+pub mod pg;
 pub mod python;
 pub mod rawh2;
 

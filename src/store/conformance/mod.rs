@@ -14,6 +14,13 @@
 //! function's name, for example `store::sqlite::tests::purge_removes_the_key_and_its_material`.
 //! See `sqlite.rs` and `memory.rs` for the two invocations.
 //!
+//! A backend that several brokers share ([`Store::feed`] returns its [`ChangeFeed`]) also runs
+//! the feed's suite (`feed.rs`): `change_feed_conformance_tests!(MyBackend);`, where every
+//! [`Backend::open`] opens another store over the same storage, as another broker would. See
+//! `postgres.rs`.
+//!
+//! [`ChangeFeed`]: super::ChangeFeed
+//!
 //! # Adding a test
 //! Fixtures are in `fixtures.rs`; tests of what one kind of record does in `records.rs`, tests of
 //! commits as a whole (atomicity, order, metadata, threads, reopening) in `commits.rs`.
@@ -26,11 +33,13 @@
 //! fixtures whose fields all differ from their defaults and from one fixture number to the next.
 
 mod commits;
+mod feed;
 mod fixtures;
 mod records;
 mod rotation;
 
 pub(crate) use commits::*;
+pub(crate) use feed::*;
 pub(crate) use records::*;
 pub(crate) use rotation::*;
 
@@ -130,3 +139,20 @@ macro_rules! store_conformance_tests {
     };
 }
 pub(crate) use store_conformance_tests;
+
+/// Generates one `#[test]` per test of the change feed's suite for the [`Backend`] type given,
+/// whose stores share their storage and have a feed.
+macro_rules! change_feed_conformance_tests {
+    ($backend:ty) => {
+        $crate::store::conformance::store_conformance_tests!(@with_backend $backend:
+            concurrent_commits_from_two_stores_form_one_gapless_ordered_feed,
+            plain_commits_are_in_the_feed_and_refused_ones_are_not,
+            commit_after_refuses_a_stale_head_and_writes_nothing,
+            read_after_pages_through_the_feed_in_order,
+            load_at_head_matches_the_snapshot_with_its_head,
+            a_commit_wakes_a_follower_waiting_on_another_store,
+            a_lease_has_one_holder_until_it_lapses_or_is_released,
+        );
+    };
+}
+pub(crate) use change_feed_conformance_tests;
