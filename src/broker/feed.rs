@@ -214,19 +214,13 @@ impl Core {
     }
 }
 
-/// A snapshot and the feed position it holds: read between two equal heads, so no batch
-/// committed meanwhile is half in it. Blocking.
+/// A snapshot and the feed position it holds ([`ChangeFeed::load_at_head`]: one consistent
+/// view). Blocking.
 pub(super) fn consistent_snapshot(
-    store: &dyn crate::store::Store,
+    _store: &dyn crate::store::Store,
     feed: &dyn ChangeFeed,
 ) -> Result<(crate::store::Snapshot, u64), StoreError> {
-    loop {
-        let before = feed.head()?;
-        let snap = store.load()?;
-        if feed.head()? == before {
-            return Ok((snap, before));
-        }
-    }
+    feed.load_at_head()
 }
 
 /// What one read of the feed found.
@@ -241,7 +235,10 @@ enum Read {
 
 fn read_feed(core: &Core, after: u64) -> Result<Read, StoreError> {
     let Some(feed) = core.store.feed() else { return Ok(Read::Nothing) };
-    let entries = feed.read_after(after, READ_BATCH)?;
+    let entries = match feed.read_after(after, READ_BATCH) {
+        Err(StoreError::FeedPruned { .. }) => return Ok(Read::Gap),
+        read => read?,
+    };
     match entries.first() {
         Some(first) if first.seq != after + 1 => Ok(Read::Gap),
         Some(_) => Ok(Read::Batches(entries)),
@@ -573,6 +570,12 @@ pub(crate) mod testing {
                     Ok(true)
                 }
             }
+        }
+        fn load_at_head(&self) -> Result<(Snapshot, u64), StoreError> {
+            self.up()?;
+            // The log's lock keeps commits out while the snapshot is read.
+            let log = self.log.lock().unwrap_or_else(|p| p.into_inner());
+            Ok((self.inner.load()?, log.len() as u64))
         }
         fn release(&self, name: &str, holder: &str) -> Result<(), StoreError> {
             self.up()?;

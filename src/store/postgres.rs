@@ -740,6 +740,14 @@ async fn apply(tx: &tokio_postgres::Transaction<'_>, change: &Change) -> Result<
             )
             .await?;
         }
+        Change::SetManualClock { now } => {
+            exec(
+                tx,
+                "INSERT INTO meta (k, v) VALUES ($1, $2) ON CONFLICT (k) DO UPDATE SET v = excluded.v",
+                &[&super::META_MANUAL_CLOCK, &now.to_string().into_bytes()],
+            )
+            .await?;
+        }
     }
     Ok(())
 }
