@@ -305,87 +305,387 @@ fn db_counters(server: &PgServer, db: &PgDatabase) -> String {
     )
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn cached_and_uncached_unwraps_do_not_touch_postgres() {
-    let server = PgServer::shared();
-    let db = server.create_database();
-    // No sweeper (the brokers are opened, not served: no lease renewals) and followers that
-    // only read on a notification: what remains is the hot path.
-    let quiet = |cfg: &mut Config| {
-        cfg.feed = FeedSettings {
-            staleness_bound: Duration::from_secs(3600),
-            poll_interval: Duration::from_secs(1800),
-            lease_ttl: Duration::from_secs(5),
-        }
-    };
-    let dir = tempfile::tempdir().expect("tempdir");
-    let mut cfg = config(dir.path(), &db);
-    quiet(&mut cfg);
-    let app = tde_broker::server::App::open(cfg).await.expect("broker starts");
-    let broker = app.broker.clone();
+/// A vault `hot` with an RSA key on `app`'s broker, the admin allowed everything in it.
+async fn hot_key(app: &tde_broker::server::App) -> (tde_broker::model::Caller, String) {
+    let broker = &app.broker;
     let admin =
         tde_broker::model::Caller::new(&app.admin.object_id, &app.admin.app_id, &broker.settings.issuer());
-    broker
-        .create_vault(
-            &admin,
-            tde_broker::broker::vaults::VaultSpec {
-                name: "hot".into(),
-                retention_days: 7,
-                purge_protection: false,
-                rbac: false,
-                network_acls: None,
-                public_network_access: true,
-            },
-        )
-        .await
-        .expect("vault");
+    let spec = tde_broker::broker::vaults::VaultSpec {
+        name: "hot".into(),
+        retention_days: 7,
+        purge_protection: false,
+        rbac: false,
+        network_acls: None,
+        public_network_access: true,
+    };
+    broker.create_vault(&admin, spec).await.expect("vault");
     broker.set_access_policy(&admin, "hot", &admin.object_id, &["all".to_string()]).await.expect("policy");
-    let key = broker
-        .add_key_version(
-            &admin,
-            tde_broker::broker::keys::NewKey {
-                vault: "hot".into(),
-                name: "k".into(),
-                material: tde_broker::broker::keys::NewMaterial::Generate {
-                    kty: tde_broker::model::KeyType::Rsa,
-                    size: 2048,
-                    curve: None,
-                },
-                key_ops: vec![],
-                attributes: Default::default(),
-                tags: Default::default(),
-            },
-        )
-        .await
-        .expect("key");
-    let request = |op, value: &[u8]| tde_broker::broker::keys::CryptoRequest {
+    let material = tde_broker::broker::keys::NewMaterial::Generate {
+        kty: tde_broker::model::KeyType::Rsa,
+        size: 2048,
+        curve: None,
+    };
+    let new = tde_broker::broker::keys::NewKey {
+        vault: "hot".into(),
+        name: "k".into(),
+        material,
+        key_ops: vec![],
+        attributes: Default::default(),
+        tags: Default::default(),
+    };
+    let key = broker.add_key_version(&admin, new).await.expect("key");
+    (admin, key.kid)
+}
+
+fn crypto(
+    op: tde_broker::model::CryptoOp,
+    kid: &str,
+    value: &[u8],
+) -> tde_broker::broker::keys::CryptoRequest {
+    tde_broker::broker::keys::CryptoRequest {
         op,
-        key_id: key.kid.clone(),
+        key_id: kid.to_string(),
         algorithm: "RSA-OAEP-256".into(),
         value: value.to_vec(),
         iv: vec![],
         aad: vec![],
         tag: vec![],
-    };
+    }
+}
+
+/// Wraps `n` DEKs, then unwraps each twice (uncached, then from the unwrap cache); returns the
+/// mean time of an uncached and of a cached unwrap.
+async fn unwrap_burst(
+    app: &tde_broker::server::App,
+    admin: &tde_broker::model::Caller,
+    kid: &str,
+    n: u8,
+) -> (Duration, Duration) {
     use tde_broker::model::CryptoOp;
+    let broker = &app.broker;
+    let mut wrapped = Vec::new();
+    for i in 0..n {
+        wrapped
+            .push(broker.crypto(admin, crypto(CryptoOp::WrapKey, kid, &[i; 32])).await.expect("wrap").value);
+    }
+    let mut times = [Duration::ZERO; 2];
+    for time in &mut times {
+        for (i, w) in wrapped.iter().enumerate() {
+            let started = Instant::now();
+            let plain =
+                broker.crypto(admin, crypto(CryptoOp::UnwrapKey, kid, w)).await.expect("unwrap").value;
+            *time += started.elapsed();
+            assert_eq!(&plain[..], &[i as u8; 32]);
+        }
+    }
+    (times[0] / u32::from(n), times[1] / u32::from(n))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn cached_and_uncached_unwraps_do_not_touch_postgres() {
+    let server = PgServer::shared();
+    let db = server.create_database();
+    // No sweeper (the broker is opened, not served: no lease renewals) and a follower that
+    // only reads on a notification: what remains is the hot path.
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut cfg = config(dir.path(), &db);
+    cfg.feed = FeedSettings {
+        staleness_bound: Duration::from_secs(3600),
+        poll_interval: Duration::from_secs(1800),
+        lease_ttl: Duration::from_secs(5),
+    };
+    let app = tde_broker::server::App::open(cfg).await.expect("broker starts");
+    let (admin, kid) = hot_key(&app).await;
     // Let every backend of the broker go idle and publish its counts.
     tokio::time::sleep(Duration::from_secs(12)).await;
     let before = db_counters(&server, &db);
-    let mut wrapped = Vec::new();
-    for i in 0..50u8 {
-        wrapped.push(broker.crypto(&admin, request(CryptoOp::WrapKey, &[i; 32])).await.expect("wrap").value);
-    }
-    // Each ciphertext twice: uncached, then from the unwrap cache.
-    for w in wrapped.iter().chain(wrapped.iter()) {
-        broker.crypto(&admin, request(CryptoOp::UnwrapKey, w)).await.expect("unwrap");
-    }
+    let (pg_uncached, pg_cached) = unwrap_burst(&app, &admin, &kid, 50).await;
     tokio::time::sleep(Duration::from_secs(12)).await;
     let after = db_counters(&server, &db);
     println!("pg_stat_database (transactions, rows returned, rows fetched) before {before}, after {after}");
     assert_eq!(after, before, "the hot path ran statements on PostgreSQL");
     // The counters do see the broker's statements: a write moves them.
-    broker.set_access_policy(&admin, "hot", &admin.object_id, &["get".to_string()]).await.expect("policy");
+    app.broker
+        .set_access_policy(&admin, "hot", &admin.object_id, &["get".to_string()])
+        .await
+        .expect("policy");
     tokio::time::sleep(Duration::from_secs(12)).await;
     assert_ne!(db_counters(&server, &db), after, "the counters did not see a write");
     drop(app);
+
+    // The same burst on a SQLite-backed broker, for comparison.
+    let dir = tempfile::tempdir().expect("tempdir");
+    let app = tde_broker::server::App::open(Config::for_data_dir(dir.path())).await.expect("broker starts");
+    let (admin, kid) = hot_key(&app).await;
+    let (sqlite_uncached, sqlite_cached) = unwrap_burst(&app, &admin, &kid, 50).await;
+    println!(
+        "mean unwrap (RSA-2048, OAEP-256, this build): PostgreSQL-backed uncached {pg_uncached:?}, cache hit {pg_cached:?}; SQLite-backed uncached {sqlite_uncached:?}, cache hit {sqlite_cached:?}"
+    );
+}
+
+/// A broker process (the real binary) on the shared store; SIGKILLed when dropped.
+struct Process {
+    child: std::process::Child,
+    addr: std::net::SocketAddr,
+    dir: tempfile::TempDir,
+    log: std::path::PathBuf,
+}
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn free_port() -> std::net::SocketAddr {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    l.local_addr().expect("addr")
+}
+
+/// Starts the binary on `db` with `master_key`, a system clock, a probe every second and a
+/// two-second lease, and waits until it serves.
+async fn spawn_broker(db: &PgDatabase, master_key: &str, logs: &std::path::Path, name: &str) -> Process {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = dir.path().join("config.toml");
+    std::fs::write(&config, "probe_interval = 1\nlease_ttl_ms = 2000\n").expect("config");
+    let addr = free_port();
+    let log = logs.join(format!("{name}.log"));
+    let child = std::process::Command::new(env!("CARGO_BIN_EXE_tde-broker"))
+        .env("TDE_BROKER_MASTER_KEY", master_key)
+        .env("RUST_LOG", "info")
+        .env_remove("TDE_BROKER_STORE")
+        .args(["serve", "--listen", &addr.to_string(), "--http-listen", "off", "--store", &db.url()])
+        .arg("--data-dir")
+        .arg(dir.path().join("data"))
+        .arg("--config")
+        .arg(&config)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(&log).expect("log file"))
+        .spawn()
+        .expect("start tde-broker");
+    let p = Process { child, addr, dir, log };
+    eventually(&format!("{name} serves"), || {
+        let token = p.dir.path().join("data").join("admin.token");
+        let addr = p.addr;
+        async move { token.exists() && tokio::net::TcpStream::connect(addr).await.is_ok() }
+    })
+    .await;
+    p
+}
+
+impl Process {
+    async fn channel(&self) -> tonic::transport::Channel {
+        tonic::transport::Channel::from_shared(format!("http://{}", self.addr))
+            .expect("uri")
+            .connect()
+            .await
+            .expect("connect")
+    }
+
+    fn token(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("data").join("admin.token")).expect("admin token")
+    }
+
+    fn holds_sweeper_lease(&self) -> bool {
+        // The log says each change of hands; the last one counts.
+        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
+        text.lines()
+            .rfind(|l| l.contains("lease=\"sweeper\"") || l.contains("lease=sweeper"))
+            .is_some_and(|l| l.contains("now holds the lease"))
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_broker_killed_under_load_leaves_the_others_serving_and_the_prober_moves_to_a_survivor() {
+    use tde_broker::grpc::proto::key_vault_client::KeyVaultClient;
+    use tde_broker::grpc::proto::servers_client::ServersClient;
+    use tde_broker::grpc::proto::vaults_client::VaultsClient;
+
+    let server = PgServer::shared();
+    let db = server.create_database();
+    let logs = tempfile::tempdir().expect("tempdir");
+    let master = {
+        use base64::Engine as _;
+        base64::engine::general_purpose::STANDARD.encode([42u8; 32])
+    };
+    let mut procs = Vec::new();
+    for i in 0..3 {
+        procs.push(spawn_broker(&db, &master, logs.path(), &format!("broker{i}")).await);
+    }
+    let token = procs[0].token();
+    let admin_oid = common::claims(&token)["oid"].as_str().expect("oid").to_string();
+    for p in &procs[1..] {
+        assert_eq!(
+            common::claims(&p.token())["oid"].as_str(),
+            Some(admin_oid.as_str()),
+            "one bootstrap admin"
+        );
+    }
+    let ch0 = procs[0].channel().await;
+    let vaults = VaultsClient::with_interceptor(ch0.clone(), bearer(&token));
+    let kv0 = KeyVaultClient::with_interceptor(ch0.clone(), bearer(&token));
+    let ids = tde_broker::grpc::proto::identities_client::IdentitiesClient::with_interceptor(
+        ch0.clone(),
+        bearer(&token),
+    );
+    vaults
+        .clone()
+        .create_vault(proto::CreateVaultRequest {
+            name: "killkv".into(),
+            enable_purge_protection: true,
+            ..Default::default()
+        })
+        .await
+        .expect("vault");
+    let set_policy = |oid: String, perms: &[&str]| {
+        let mut v = vaults.clone();
+        let req = proto::SetAccessPolicyRequest {
+            vault_name: "killkv".into(),
+            object_id: oid,
+            key_permissions: perms.iter().map(|p| p.to_string()).collect(),
+        };
+        async move { v.set_access_policy(req).await.expect("policy") }
+    };
+    set_policy(admin_oid, &["all"]).await;
+    let key = kv0
+        .clone()
+        .create_key(proto::CreateKeyRequest {
+            vault_name: "killkv".into(),
+            name: "tde".into(),
+            kty: "RSA".into(),
+            key_size: 2048,
+            ..Default::default()
+        })
+        .await
+        .expect("key")
+        .into_inner();
+    let kid = kid(&key);
+    let unversioned = kid.rsplit_once('/').map(|(k, _)| k.to_string()).expect("versioned kid");
+    let umi = ids
+        .clone()
+        .create_user_assigned_identity(proto::CreateUserAssignedIdentityRequest {
+            resource_group: "id-rg".into(),
+            name: "kill-umi".into(),
+            ..Default::default()
+        })
+        .await
+        .expect("identity")
+        .into_inner();
+    set_policy(umi.principal_id.clone(), &["get", "wrapKey", "unwrapKey"]).await;
+    let mut servers = ServersClient::with_interceptor(ch0.clone(), bearer(&token));
+    let sql = servers
+        .create_server(proto::CreateServerRequest {
+            resource_group: "sql-rg".into(),
+            name: "kill-sql".into(),
+            kind: proto::ServerKind::SqlServer as i32,
+            identity: Some(proto::ServerIdentity {
+                user_assigned_identity_ids: vec![umi.resource_id.clone()],
+                ..Default::default()
+            }),
+            key_id: unversioned,
+            ..Default::default()
+        })
+        .await
+        .expect("CMK server")
+        .into_inner();
+    servers
+        .create_database(proto::CreateDatabaseRequest { server_id: sql.id.clone(), name: "db1".into() })
+        .await
+        .expect("database");
+
+    // The broker that runs the prober now.
+    let mut holder = None;
+    eventually("one broker holds the sweeper's lease", || {
+        let found = procs.iter().position(Process::holds_sweeper_lease);
+        holder = found;
+        async move { found.is_some() }
+    })
+    .await;
+    let victim = holder.expect("holder");
+    println!("broker{victim} holds the sweeper's lease; killing it under load");
+
+    // Load on every broker: wraps and unwraps with the admin's token.
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut load = Vec::new();
+    for (i, p) in procs.iter().enumerate() {
+        let kv = KeyVaultClient::with_interceptor(p.channel().await, bearer(&token));
+        let (stop, kid) = (stop.clone(), kid.clone());
+        load.push((
+            i,
+            tokio::spawn(async move {
+                let (mut ok, mut errors) = (0u64, Vec::new());
+                let mut failed = 0u64;
+                while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+                    let mut kv = kv.clone();
+                    let r = async {
+                        let w =
+                            kv.wrap_key(crypto_req(&kid, "RSA-OAEP-256", &[1; 32])).await?.into_inner().value;
+                        kv.unwrap_key(unwrap_req(&kid, "RSA-OAEP-256", &w)).await
+                    }
+                    .await;
+                    match r {
+                        Ok(_) => ok += 1,
+                        Err(s) => {
+                            failed += 1;
+                            if errors.len() < 5 {
+                                errors.push(s.code());
+                            }
+                            tokio::time::sleep(Duration::from_millis(10)).await;
+                        }
+                    }
+                }
+                (ok, failed, errors)
+            }),
+        ));
+    }
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    {
+        let p = &mut procs[victim];
+        p.child.kill().expect("SIGKILL");
+        let _ = p.child.wait();
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+
+    // Revoking the identity's access on a survivor: only a prober makes the database
+    // inaccessible, and the only probers left are the survivors'.
+    let survivor = (0..3).find(|i| *i != victim).expect("a survivor");
+    let ch = procs[survivor].channel().await;
+    let mut v = VaultsClient::with_interceptor(ch.clone(), bearer(&token));
+    retried(Duration::from_secs(60), || {
+        let mut v = v.clone();
+        let req = proto::SetAccessPolicyRequest {
+            vault_name: "killkv".into(),
+            object_id: umi.principal_id.clone(),
+            key_permissions: vec![],
+        };
+        async move { v.set_access_policy(req).await }
+    })
+    .await
+    .expect("revoke on a survivor");
+    let servers = ServersClient::with_interceptor(ch, bearer(&token));
+    eventually("the database becomes inaccessible through a survivor's prober", || {
+        let mut s = servers.clone();
+        let id = sql.id.clone();
+        async move {
+            s.get_database(proto::GetDatabaseRequest { server_id: id, name: "db1".into() })
+                .await
+                .is_ok_and(|d| d.into_inner().state == proto::DatabaseState::Inaccessible as i32)
+        }
+    })
+    .await;
+    let new_holder = (0..3).find(|i| *i != victim && procs[*i].holds_sweeper_lease());
+    println!("the sweeper's lease moved to broker{new_holder:?}");
+    assert!(new_holder.is_some(), "the lease did not move to a survivor");
+
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    for (i, task) in load {
+        let (ok, failed, errors) = task.await.expect("load task");
+        println!("broker{i}: {ok} wrap+unwrap pairs, {failed} failed");
+        if i != victim {
+            assert!(ok > 0, "broker{i} served nothing");
+            assert!(errors.is_empty(), "survivor broker{i} failed calls: {errors:?}");
+        }
+    }
+    let _ = &mut v;
 }
