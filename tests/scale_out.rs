@@ -491,7 +491,7 @@ impl Process {
         // The log says each change of hands; the last one counts.
         let text = std::fs::read_to_string(&self.log).unwrap_or_default();
         text.lines()
-            .rfind(|l| l.contains("lease=\"sweeper\"") || l.contains("lease=sweeper"))
+            .rfind(|l| l.contains("holds the lease") && l.contains("sweeper"))
             .is_some_and(|l| l.contains("now holds the lease"))
     }
 }
