@@ -225,8 +225,20 @@ async fn two_brokers_writing_the_same_vaults_policies_concurrently_lose_no_write
 async fn with_postgres_stopped_brokers_fail_closed_and_recover_with_nothing_lost() {
     let server = Arc::new(PgServer::start());
     let db = server.create_database();
-    let (b, _dirs) = brokers(&db, 2).await;
+    // Each broker with its admin listener (/readyz) on a port of its own.
+    let admin_addrs = std::sync::Mutex::new(Vec::new());
+    let (b, _dirs) = brokers_with(&db, 2, |cfg| {
+        let addr = free_port();
+        cfg.http_listen = Some(addr);
+        cfg.http_listen_explicit = true;
+        admin_addrs.lock().expect("lock").push(addr);
+    })
+    .await;
+    let b_admin = admin_addrs.lock().expect("lock")[1];
     let (a, b) = (&b[0], &b[1]);
+    let (status, _, body) = common::observed::get(b_admin, "/readyz");
+    assert_eq!(status, 200, "{body}");
+    assert!(body.starts_with("ready\nfeed: position "), "{body}");
     a.vault("drvault", false).await;
     let key = a.key("drvault", "k", "RSA", 2048).await;
     let kid = kid(&key);
@@ -264,6 +276,10 @@ async fn with_postgres_stopped_brokers_fail_closed_and_recover_with_nothing_lost
     };
     let msg = common::assert_status(Err::<(), _>(refusal), Code::Unavailable, "BrokerStale");
     assert!(msg.contains("refuses data-plane requests until it has caught up"), "{msg}");
+    // /readyz takes the stale broker out of rotation, and says why.
+    let (status, _, body) = common::observed::get(b_admin, "/readyz");
+    assert_eq!(status, 503, "{body}");
+    assert!(body.starts_with("stale: no complete read of the shared store's change feed"), "{body}");
 
     server.restart();
     eventually("B serves again once PostgreSQL is back", || {
@@ -272,6 +288,7 @@ async fn with_postgres_stopped_brokers_fail_closed_and_recover_with_nothing_lost
         async move { kv.unwrap_key(unwrap_req(&kid, "RSA-OAEP-256", &w)).await.is_ok() }
     })
     .await;
+    assert_eq!(common::observed::get(b_admin, "/readyz").0, 200, "ready again once caught up");
     // Nothing acknowledged was lost, and writes work again (retried while the pool reconnects).
     let k2 = retried(Duration::from_secs(60), || {
         let mut kv = a.kv();
