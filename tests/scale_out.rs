@@ -706,3 +706,77 @@ async fn a_broker_killed_under_load_leaves_the_others_serving_and_the_prober_mov
     }
     let _ = &mut v;
 }
+
+/// `kubectl kustomize deploy/k8s-postgres`, as JSON documents (parsed by PyYAML).
+fn rendered_overlay() -> (tempfile::TempDir, std::path::PathBuf, Vec<serde_json::Value>) {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let out = common::run_tool(
+        "kubectl",
+        &["kustomize", &root.join("deploy/k8s-postgres").display().to_string()],
+        "install kubectl (it renders the kustomize overlay): https://kubernetes.io/docs/tasks/tools/",
+    );
+    assert!(out.status.success(), "kubectl kustomize failed: {}", String::from_utf8_lossy(&out.stderr));
+    let dir = tempfile::tempdir().expect("tempdir");
+    let rendered = dir.path().join("k8s-postgres.yaml");
+    std::fs::write(&rendered, &out.stdout).expect("write the rendered overlay");
+    let python = common::python::python_venv(
+        "pyenv-deploy",
+        &["kubernetes-validate==1.37.0", "PyYAML>=6,<7"],
+        "yaml, kubernetes_validate",
+    );
+    let script =
+        "import json, sys, yaml\nprint(json.dumps([d for d in yaml.safe_load_all(open(sys.argv[1])) if d]))";
+    let parsed =
+        common::python::python_command(&python).args(["-c", script]).arg(&rendered).output().expect("python");
+    assert!(parsed.status.success(), "{}", String::from_utf8_lossy(&parsed.stderr));
+    (dir, rendered, serde_json::from_slice(&parsed.stdout).expect("json"))
+}
+
+#[test]
+fn the_kubernetes_overlay_runs_three_replicas_on_postgres_ready_only_while_caught_up() {
+    let (_dir, rendered, docs) = rendered_overlay();
+    let kind = |k: &str| docs.iter().find(|d| d["kind"] == k).unwrap_or_else(|| panic!("no {k}"));
+    assert!(docs.iter().all(|d| d["kind"] != "PersistentVolumeClaim"), "a shared volume is left");
+    let deployment = kind("Deployment");
+    assert_eq!(deployment["spec"]["replicas"], 3);
+    assert_eq!(deployment["spec"]["strategy"]["type"], "RollingUpdate");
+    assert_eq!(kind("PodDisruptionBudget")["spec"]["minAvailable"], 2);
+    let pod = &deployment["spec"]["template"]["spec"];
+    let container = &pod["containers"][0];
+    assert_eq!(container["readinessProbe"]["httpGet"]["path"], "/readyz");
+    let store = container["env"]
+        .as_array()
+        .and_then(|env| env.iter().find(|e| e["name"] == "TDE_BROKER_STORE"))
+        .expect("TDE_BROKER_STORE");
+    assert_eq!(store["valueFrom"]["secretKeyRef"]["name"], "tde-broker-store");
+    let data = pod["volumes"].as_array().and_then(|v| v.iter().find(|v| v["name"] == "data")).expect("data");
+    assert!(data.get("emptyDir").is_some() && data.get("persistentVolumeClaim").is_none(), "{data}");
+    let egress = &kind("NetworkPolicy")["spec"]["egress"];
+    assert!(egress.to_string().contains("5432"), "no egress to PostgreSQL: {egress}");
+    // The broker's own command line accepts the container's arguments.
+    let args: Vec<String> = container["args"]
+        .as_array()
+        .expect("args")
+        .iter()
+        .map(|a| a.as_str().expect("string").to_string())
+        .collect();
+    use clap::Parser as _;
+    let cli = tde_broker::cli::Cli::try_parse_from(std::iter::once("tde-broker".to_string()).chain(args));
+    assert!(cli.is_ok(), "{:?}", cli.err());
+    // And the API schemas accept every resource.
+    let python = common::python::python_venv(
+        "pyenv-deploy",
+        &["kubernetes-validate==1.37.0", "PyYAML>=6,<7"],
+        "yaml, kubernetes_validate",
+    );
+    let out = common::python::python_command(python.with_file_name("kubernetes-validate"))
+        .args(["--strict", "-k", "1.30.0", "-k", "1.37.0"])
+        .arg(&rendered)
+        .output()
+        .expect("kubernetes-validate");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "kubernetes-validate failed:\n{stdout}");
+    assert!(stdout.lines().all(|l| l.starts_with("INFO ")), "kubernetes-validate complained:\n{stdout}");
+    let passed = stdout.lines().filter(|l| l.contains(" passed for resource ")).count();
+    assert_eq!(passed, docs.len() * 2, "not every resource was validated:\n{stdout}");
+}
