@@ -780,3 +780,122 @@ fn the_kubernetes_overlay_runs_three_replicas_on_postgres_ready_only_while_caugh
     let passed = stdout.lines().filter(|l| l.contains(" passed for resource ")).count();
     assert_eq!(passed, docs.len() * 2, "not every resource was validated:\n{stdout}");
 }
+
+/// One step of the two-broker model run: a policy change or an unwrap, on broker 0 or 1.
+#[derive(Clone, Debug)]
+enum Step {
+    /// Principal `who` gets `unwrap` (and always wrapKey) or loses every permission.
+    SetPolicy { on: usize, who: usize, unwrap: bool },
+    /// Principal `who` unwraps the DEK.
+    Unwrap { on: usize, who: usize },
+}
+
+fn step() -> impl proptest::strategy::Strategy<Value = Step> {
+    use proptest::prelude::*;
+    prop_oneof![
+        (0..2usize, 0..3usize, any::<bool>()).prop_map(|(on, who, unwrap)| Step::SetPolicy {
+            on,
+            who,
+            unwrap
+        }),
+        (0..2usize, 0..3usize).prop_map(|(on, who)| Step::Unwrap { on, who }),
+    ]
+}
+
+/// Runs `steps` against two brokers on one PostgreSQL with operations spread across them and
+/// a model of the access policies: every answer equals the model's once the broker caught up,
+/// and the time until it did is returned (the divergence the staleness bound allows).
+async fn two_broker_run(db: &PgDatabase, steps: &[Step]) -> Vec<Duration> {
+    let (b, _dirs) = brokers(db, 2).await;
+    b[0].vault("modelkv", false).await;
+    let key = kid(&b[0].key("modelkv", "k", "RSA", 2048).await);
+    let wrapped = b[0]
+        .kv()
+        .wrap_key(crypto_req(&key, "RSA-OAEP-256", &[8; 32]))
+        .await
+        .expect("wrap")
+        .into_inner()
+        .value;
+    let mut users = Vec::new();
+    for i in 0..3 {
+        users.push(b[0].user(&format!("model-{i}")).await);
+    }
+    let mut allowed = [false; 3];
+    let mut divergences = Vec::new();
+    for s in steps {
+        match *s {
+            Step::SetPolicy { on, who, unwrap } => {
+                let perms: &[&str] = if unwrap { &["wrapKey", "unwrapKey"] } else { &[] };
+                retried(Duration::from_secs(60), || {
+                    let mut v = b[on].vaults();
+                    let req = proto::SetAccessPolicyRequest {
+                        vault_name: "modelkv".into(),
+                        object_id: users[who].object_id.clone(),
+                        key_permissions: perms.iter().map(|p| p.to_string()).collect(),
+                    };
+                    async move { v.set_access_policy(req).await }
+                })
+                .await
+                .expect("policy");
+                allowed[who] = unwrap;
+            }
+            Step::Unwrap { on, who } => {
+                let started = Instant::now();
+                loop {
+                    let r = b[on]
+                        .kv_with(bearer(&users[who].token))
+                        .unwrap_key(unwrap_req(&key, "RSA-OAEP-256", &wrapped))
+                        .await;
+                    let agrees = match &r {
+                        Ok(v) => allowed[who] && v.get_ref().value == [8; 32],
+                        Err(s) => !allowed[who] && s.code() == Code::PermissionDenied,
+                    };
+                    if agrees {
+                        break;
+                    }
+                    assert!(
+                        started.elapsed() < Duration::from_secs(60),
+                        "broker {on} never agreed with the model for user {who}: {r:?}"
+                    );
+                    tokio::time::sleep(Duration::from_millis(2)).await;
+                }
+                divergences.push(started.elapsed());
+            }
+        }
+    }
+    for broker in b {
+        broker.stop().await;
+    }
+    divergences
+}
+
+#[test]
+fn two_brokers_agree_with_the_model_of_access_policies_once_caught_up() {
+    use proptest::prelude::*;
+    let server = PgServer::shared();
+    let all = std::sync::Mutex::new(Vec::new());
+    let config = ProptestConfig { cases: 4, max_shrink_iters: 8, ..ProptestConfig::default() };
+    proptest::test_runner::TestRunner::new(config)
+        .run(&proptest::collection::vec(step(), 1..30), |steps| {
+            let db = server.create_database();
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()
+                .expect("runtime");
+            let d = rt.block_on(two_broker_run(&db, &steps));
+            all.lock().expect("lock").extend(d);
+            Ok(())
+        })
+        .expect("the brokers agree with the model");
+    let mut d = all.into_inner().expect("lock");
+    d.sort();
+    if let Some(max) = d.last() {
+        println!(
+            "{} reads: time until the answer equals the model's: p50 {:?}, p99 {:?}, max {max:?}",
+            d.len(),
+            percentile(&d, 0.5),
+            percentile(&d, 0.99)
+        );
+    }
+}
