@@ -750,6 +750,44 @@ mod tests {
     }
 
     #[test]
+    fn the_feed_settings_come_from_the_file_and_a_poll_slower_than_the_staleness_bound_is_refused() {
+        use std::time::Duration;
+        let defaults = Config::resolve(ServeArgs::default()).unwrap().feed;
+        assert_eq!(defaults, crate::broker::feed::FeedSettings::default());
+        assert_eq!(defaults.staleness_bound, Duration::from_millis(750));
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.toml");
+        std::fs::write(
+            &path,
+            "feed_staleness_bound_ms = 2000
+feed_poll_ms = 100
+lease_ttl_ms = 3000
+",
+        )
+        .unwrap();
+        let cfg = Config::resolve(ServeArgs { config: Some(path.clone()), ..Default::default() }).unwrap();
+        assert_eq!(
+            cfg.feed,
+            crate::broker::feed::FeedSettings {
+                staleness_bound: Duration::from_millis(2000),
+                poll_interval: Duration::from_millis(100),
+                lease_ttl: Duration::from_millis(3000),
+            }
+        );
+        for (text, complaint) in [
+            ("feed_staleness_bound_ms = 300\nfeed_poll_ms = 300\n", "must be below feed_staleness_bound_ms"),
+            ("feed_staleness_bound_ms = 0\n", "feed_staleness_bound_ms must be positive"),
+            ("lease_ttl_ms = 1000\n", "lease_ttl_ms must be above 1000"),
+        ] {
+            std::fs::write(&path, text).unwrap();
+            let err = Config::resolve(ServeArgs { config: Some(path.clone()), ..Default::default() })
+                .expect_err(text)
+                .to_string();
+            assert!(err.contains(complaint), "{err}");
+        }
+    }
+
+    #[test]
     fn plaintext_on_a_public_address_needs_insecure() {
         let args = ServeArgs { listen: Some("0.0.0.0:50051".into()), ..Default::default() };
         let err = Config::resolve(args.clone()).unwrap_err();

@@ -666,6 +666,17 @@ async fn a_broker_killed_under_load_leaves_the_others_serving_and_the_prober_mov
 
     // Revoking the identity's access on a survivor: only a prober makes the database
     // inaccessible, and the only probers left are the survivors'.
+    // Every survivor's watchers see the transition, whichever of them probes.
+    let mut watchers = Vec::new();
+    for i in (0..3).filter(|i| *i != victim) {
+        let mut s = ServersClient::with_interceptor(procs[i].channel().await, bearer(&token));
+        let stream = s
+            .watch_database_states(proto::WatchDatabaseStatesRequest { server_id: sql.id.clone() })
+            .await
+            .expect("watch")
+            .into_inner();
+        watchers.push((i, stream));
+    }
     let survivor = (0..3).find(|i| *i != victim).expect("a survivor");
     let ch = procs[survivor].channel().await;
     let mut v = VaultsClient::with_interceptor(ch.clone(), bearer(&token));
@@ -691,6 +702,14 @@ async fn a_broker_killed_under_load_leaves_the_others_serving_and_the_prober_mov
         }
     })
     .await;
+    for (i, mut stream) in watchers {
+        let event = tokio::time::timeout(Duration::from_secs(60), stream.message())
+            .await
+            .unwrap_or_else(|_| panic!("broker{i}'s watcher saw nothing"))
+            .expect("stream")
+            .expect("an event");
+        assert_eq!(event.event, "MakeDatabaseInaccessible", "broker{i}");
+    }
     let new_holder = (0..3).find(|i| *i != victim && procs[*i].holds_sweeper_lease());
     println!("the sweeper's lease moved to broker{new_holder:?}");
     assert!(new_holder.is_some(), "the lease did not move to a survivor");
