@@ -893,7 +893,12 @@ fn two_brokers_agree_with_the_model_of_access_policies_once_caught_up() {
     use proptest::prelude::*;
     let server = PgServer::shared();
     let all = std::sync::Mutex::new(Vec::new());
-    let config = ProptestConfig { cases: 4, max_shrink_iters: 8, ..ProptestConfig::default() };
+    let config = ProptestConfig {
+        cases: 4,
+        max_shrink_iters: 8,
+        failure_persistence: None,
+        ..ProptestConfig::default()
+    };
     proptest::test_runner::TestRunner::new(config)
         .run(&proptest::collection::vec(step(), 1..30), |steps| {
             let db = server.create_database();
