@@ -36,10 +36,18 @@ impl Broker {
             now
         };
         tracing::info!(now, "the manual clock moved");
-        self.purge_expired().await?;
+        // What came due is decided again on fresh state when another broker sharing the store
+        // (its sweeper) committed meanwhile.
+        use super::feed::retrying_conflicts;
+        retrying_conflicts(|| self.purge_expired()).await?;
         // Rotations first, so a protector that follows its key moves in the probe just after.
-        self.run_rotation_policies().await?;
-        self.probe_if_due().await?;
+        retrying_conflicts(|| self.run_rotation_policies()).await?;
+        // The probe, when one came due (as `probe_if_due`, retried as a whole on a conflict).
+        let last = self.last_probe.load(std::sync::atomic::Ordering::SeqCst);
+        if now.saturating_sub(last) >= self.settings.tde.probe_interval {
+            self.last_probe.store(now, std::sync::atomic::Ordering::SeqCst);
+            retrying_conflicts(|| self.probe(None)).await?;
+        }
         Ok(now)
     }
 

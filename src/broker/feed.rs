@@ -444,6 +444,23 @@ impl Broker {
     }
 }
 
+/// Runs `op` again (up to 10 times in all) while it fails with
+/// [`BrokerError::ConcurrentChange`]: for work the broker does by itself, which decides again on
+/// the fresh state each time (a client's request gets the error and retries itself).
+pub(crate) async fn retrying_conflicts<T, F, Fut>(mut op: F) -> Result<T, BrokerError>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, BrokerError>>,
+{
+    let mut attempts = 1;
+    loop {
+        match op().await {
+            Err(BrokerError::ConcurrentChange) if attempts < 10 => attempts += 1,
+            other => return other,
+        }
+    }
+}
+
 /// A feed failure: logged at debug level (the follower logs the spell), reported as the store
 /// being unavailable.
 fn feed_failed(e: &StoreError) -> BrokerError {
