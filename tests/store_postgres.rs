@@ -136,3 +136,37 @@ async fn with_postgres_stopped_a_write_fails_as_unavailable_and_succeeds_once_it
     assert_eq!(server.psql(db.name(), "SELECT count(*) FROM key_versions"), "1");
     b.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn brokers_starting_at_once_on_a_new_database_bootstrap_one_admin_and_one_signing_key() {
+    use base64::Engine as _;
+    let server = PgServer::shared();
+    let db = server.create_database();
+    let key = base64::engine::general_purpose::STANDARD.encode(tde_broker::crypto::random_bytes(32));
+    let dirs: Vec<tempfile::TempDir> = (0..3).map(|_| tempfile::tempdir().expect("tempdir")).collect();
+    let starts: Vec<_> = dirs
+        .iter()
+        .map(|dir| {
+            std::fs::write(dir.path().join(tde_broker::server::MASTER_KEY_FILE), &key).expect("master key");
+            tokio::spawn(common::start_cfg(config(dir.path(), &db)))
+        })
+        .collect();
+    let mut brokers = Vec::new();
+    for start in starts {
+        brokers.push(start.await.expect("the broker started"));
+    }
+    for b in &brokers[1..] {
+        assert_eq!(b.admin.object_id, brokers[0].admin.object_id, "two bootstrap admins");
+    }
+    assert_eq!(server.psql(db.name(), "SELECT count(*) FROM principals"), "1");
+    // One signing key: a token issued by one broker is accepted by the others.
+    for b in &brokers[1..] {
+        b.vaults_with(common::bearer(&brokers[0].token))
+            .list_vaults(proto::ListVaultsRequest {})
+            .await
+            .expect("another broker's token is accepted");
+    }
+    for b in brokers {
+        b.stop().await;
+    }
+}

@@ -44,6 +44,12 @@ pub const POOL_SIZE: usize = 8;
 /// reports [`StoreError::Unavailable`].
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// How long a commit waits for another broker's commit to finish (the feed's row lock).
+pub const LOCK_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// How long the server lets a session sit idle inside a transaction before it ends it.
+pub const IDLE_IN_TRANSACTION_TIMEOUT: Duration = Duration::from_secs(30);
+
 /// Batches of the change feed kept at least: the newest this many, and every batch younger than
 /// [`FEED_KEEP_FOR`].
 pub const FEED_KEEP_ROWS: u64 = 10_000;
@@ -263,7 +269,11 @@ impl Listener {
 }
 
 /// Maps a driver error: no answer from the server (refused, reset, closed, timed out, shutting
-/// down) is [`StoreError::Unavailable`], anything the server answered [`StoreError::Postgres`].
+/// down, too many connections) and a lock not granted within [`LOCK_TIMEOUT`] are
+/// [`StoreError::Unavailable`]; anything else the server answered is [`StoreError::Postgres`]
+/// (with its SQLSTATE). Commits neither deadlock nor fail to serialise (the feed's row lock
+/// orders them) and meet no unique violation (a duplicate is found with `ON CONFLICT` and
+/// refused as [`StoreError::Rejected`]): such an error is a bug, reported as `Postgres`.
 fn pg_err(e: tokio_postgres::Error) -> StoreError {
     let unavailable = match e.code() {
         None => e.as_db_error().is_none(),
@@ -273,6 +283,7 @@ fn pg_err(e: tokio_postgres::Error) -> StoreError {
                 || *code == SqlState::CRASH_SHUTDOWN
                 || *code == SqlState::CANNOT_CONNECT_NOW
                 || *code == SqlState::TOO_MANY_CONNECTIONS
+                || *code == SqlState::LOCK_NOT_AVAILABLE
         }
     };
     if unavailable { StoreError::Unavailable(e.to_string()) } else { StoreError::Postgres(e) }
@@ -320,6 +331,22 @@ impl PostgresStore {
         let mut pg = url.config.clone();
         pg.connect_timeout(CONNECT_TIMEOUT);
         pg.application_name("tde-broker");
+        // A server (or a network) that vanished without closing the connection is noticed
+        // within about half a minute, by the listening connection too.
+        pg.keepalives(true);
+        pg.keepalives_idle(Duration::from_secs(15));
+        pg.keepalives_interval(Duration::from_secs(5));
+        pg.keepalives_retries(3);
+        // A commit waits for the feed's row lock at most LOCK_TIMEOUT (then it is unavailable,
+        // not hung), and a session that stalls inside a transaction (a broker cut off mid-write)
+        // is ended by the server, which lets go of that lock.
+        if url.config.get_options().is_none() {
+            pg.options(format!(
+                "-c lock_timeout={} -c idle_in_transaction_session_timeout={}",
+                LOCK_TIMEOUT.as_millis(),
+                IDLE_IN_TRANSACTION_TIMEOUT.as_millis()
+            ));
+        }
         let manager = Manager::from_config(
             pg.clone(),
             NoTls,
@@ -451,11 +478,12 @@ impl PostgresStore {
         self.run(async move {
             let mut client = pool.get().await.map_err(pool_err)?;
             let tx = client.transaction().await.map_err(pg_err)?;
-            let head: i64 = tx
-                .query_one("SELECT seq FROM feed_head WHERE id = 1 FOR UPDATE", &[])
+            // The row lock serialises commits: it is held until this transaction ends.
+            let lock_head = tx
+                .prepare_cached("SELECT seq FROM feed_head WHERE id = 1 FOR UPDATE")
                 .await
-                .map_err(pg_err)?
-                .get(0);
+                .map_err(pg_err)?;
+            let head: i64 = tx.query_one(&lock_head, &[]).await.map_err(pg_err)?.get(0);
             if let Some(expected) = expected
                 && from_seq(head) != expected
             {
@@ -466,16 +494,15 @@ impl PostgresStore {
                 apply(&tx, change).await?;
             }
             let seq = head + 1;
-            tx.execute(
-                "INSERT INTO change_log (seq, origin, changes) VALUES ($1, $2, $3)",
-                &[&seq, &origin, &json],
+            // The batch, the new head and the notification (sent at commit), in one round trip.
+            exec(
+                &tx,
+                "WITH logged AS (INSERT INTO change_log (seq, origin, changes) VALUES ($1, $2, $3)),
+                      moved AS (UPDATE feed_head SET seq = $1 WHERE id = 1)
+                 SELECT pg_notify($4, $5)",
+                &[&seq, &origin, &json, &FEED_CHANNEL, &seq.to_string()],
             )
-            .await
-            .map_err(pg_err)?;
-            tx.execute("UPDATE feed_head SET seq = $1 WHERE id = 1", &[&seq]).await.map_err(pg_err)?;
-            tx.execute("SELECT pg_notify($1, $2)", &[&FEED_CHANNEL, &seq.to_string()])
-                .await
-                .map_err(pg_err)?;
+            .await?;
             if seq % PRUNE_EVERY == 0 {
                 prune(&*tx, FEED_KEEP_ROWS, FEED_KEEP_FOR).await?;
             }
@@ -496,6 +523,8 @@ impl PostgresStore {
             tokio::spawn(async move {
                 let _ = conn.await;
             });
+            // However long the broker before this one takes to start up.
+            client.batch_execute("SET lock_timeout = 0").await.map_err(pg_err)?;
             client.execute("SELECT pg_advisory_lock($1)", &[&START_UP_LOCK]).await.map_err(pg_err)?;
             Ok(client)
         })?;
@@ -565,15 +594,17 @@ async fn prune<C: tokio_postgres::GenericClient>(
 
 /// Runs one statement of a commit; returns the rows it touched.
 async fn exec(
-    tx: &tokio_postgres::Transaction<'_>,
+    tx: &deadpool_postgres::Transaction<'_>,
     sql: &str,
     params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
 ) -> Result<u64, StoreError> {
-    tx.execute(sql, params).await.map_err(pg_err)
+    // Prepared once per connection (the pool keeps each connection's statements).
+    let statement = tx.prepare_cached(sql).await.map_err(pg_err)?;
+    tx.execute(&statement, params).await.map_err(pg_err)
 }
 
 /// Writes one change inside the commit's transaction.
-async fn apply(tx: &tokio_postgres::Transaction<'_>, change: &Change) -> Result<(), StoreError> {
+async fn apply(tx: &deadpool_postgres::Transaction<'_>, change: &Change) -> Result<(), StoreError> {
     match change {
         Change::PutVault(v) => {
             exec(
@@ -1195,6 +1226,33 @@ mod postgres_only {
         assert!(ids.contains(&"before".to_string()) && ids.contains(&"after".to_string()), "{ids:?}");
         assert_eq!(store.head()?, 2, "the refused commit took a sequence number");
         assert!(store.wait(Duration::from_secs(60))?, "the feed did not listen again");
+        Ok(())
+    }
+
+    #[test]
+    fn a_commit_held_up_by_a_stalled_writer_fails_as_unavailable_instead_of_hanging() -> Result<(), StoreError>
+    {
+        let db = PgServer::shared().create_database();
+        // The URL's own options replace the broker's: a short lock timeout for the test.
+        let short: PostgresUrl =
+            format!("{}?options=-c%20lock_timeout%3D200", db.url()).parse().expect("valid URL");
+        let store = PostgresStore::open(&short)?;
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+        // Another writer stalls inside its commit, holding the feed's row lock.
+        let stalled = rt.block_on(async {
+            let (client, conn) = tokio_postgres::connect(&db.url(), NoTls).await.map_err(pg_err)?;
+            tokio::spawn(conn);
+            client
+                .batch_execute("BEGIN; SELECT seq FROM feed_head WHERE id = 1 FOR UPDATE")
+                .await
+                .map_err(pg_err)?;
+            Ok::<_, StoreError>(client)
+        })?;
+        let err = store.commit(&[principal("p1")]).expect_err("the feed's lock is held");
+        assert!(matches!(err, StoreError::Unavailable(_)), "{err:?}");
+        rt.block_on(stalled.batch_execute("ROLLBACK")).map_err(pg_err)?;
+        store.commit(&[principal("p1")])?;
+        assert_eq!(store.head()?, 1, "the refused commit took a sequence number");
         Ok(())
     }
 
