@@ -236,8 +236,9 @@ async fn with_postgres_stopped_brokers_fail_closed_and_recover_with_nothing_lost
     .await;
     let b_admin = admin_addrs.lock().expect("lock")[1];
     let (a, b) = (&b[0], &b[1]);
-    let (status, _, body) = common::observed::get(b_admin, "/readyz");
-    assert_eq!(status, 200, "{body}");
+    // Ready once serving (the listener answers "starting" until then), with its feed position.
+    eventually("B is ready", || async move { common::observed::get(b_admin, "/readyz").0 == 200 }).await;
+    let (_, _, body) = common::observed::get(b_admin, "/readyz");
     assert!(body.starts_with("ready\nfeed: position "), "{body}");
     a.vault("drvault", false).await;
     let key = a.key("drvault", "k", "RSA", 2048).await;
@@ -288,7 +289,10 @@ async fn with_postgres_stopped_brokers_fail_closed_and_recover_with_nothing_lost
         async move { kv.unwrap_key(unwrap_req(&kid, "RSA-OAEP-256", &w)).await.is_ok() }
     })
     .await;
-    assert_eq!(common::observed::get(b_admin, "/readyz").0, 200, "ready again once caught up");
+    eventually("B is ready again once caught up", || async move {
+        common::observed::get(b_admin, "/readyz").0 == 200
+    })
+    .await;
     // Nothing acknowledged was lost, and writes work again (retried while the pool reconnects).
     let k2 = retried(Duration::from_secs(60), || {
         let mut kv = a.kv();
