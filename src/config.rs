@@ -211,6 +211,15 @@ pub struct FileConfig {
     pub handshake_timeout: Option<u64>,
     /// Largest request header list served, bytes as HTTP/2 counts them (default 16384).
     pub max_header_list_size: Option<u32>,
+    /// On a store shared by several brokers: milliseconds without a complete read of the change
+    /// feed after which the data plane fails closed (default 750).
+    pub feed_staleness_bound_ms: Option<u64>,
+    /// On a shared store: milliseconds between reads of the change feed when no notification
+    /// arrives (default 200; below the staleness bound).
+    pub feed_poll_ms: Option<u64>,
+    /// On a shared store: milliseconds a lease of once-only work (the sweeper) lasts without
+    /// renewal, the longest a survivor waits to take over from a dead broker (default 5000).
+    pub lease_ttl_ms: Option<u64>,
 }
 
 /// What the command line (and its environment variables) gave.
@@ -360,6 +369,8 @@ pub struct Config {
     pub reinitialize: bool,
     /// Limits of the gRPC listener and its connections.
     pub listener: crate::listener::ListenerSettings,
+    /// Following a store shared with other brokers.
+    pub feed: crate::broker::feed::FeedSettings,
 }
 
 /// Configuration problems, all reported together.
@@ -397,6 +408,7 @@ impl Config {
             None => FileConfig::default(),
         };
         let listener = resolve_listener(&args, &file, &mut errors);
+        let feed = resolve_feed(&file, &mut errors);
         let listen_text = args.listen.or(file.listen).unwrap_or_else(|| DEFAULT_LISTEN.to_string());
         let listen = listen_text.parse::<SocketAddr>().unwrap_or_else(|_| {
             errors.push(format!("listen address '{listen_text}' is not IP:PORT"));
@@ -537,9 +549,41 @@ impl Config {
             store: resolve_store(args.store.or(file.store), &mut errors),
             reinitialize: args.reinitialize,
             listener,
+            feed,
         };
         if errors.is_empty() { Ok(cfg) } else { Err(ConfigError(errors)) }
     }
+}
+
+/// The change-feed settings of the TOML file over the defaults: each positive, the poll
+/// interval below the staleness bound (or a healthy broker would fail closed between reads), and
+/// the lease TTL above the sweeper's one-second renewal.
+fn resolve_feed(file: &FileConfig, errors: &mut Vec<String>) -> crate::broker::feed::FeedSettings {
+    use std::time::Duration;
+    let defaults = crate::broker::feed::FeedSettings::default();
+    let mut ms = |name: &str, v: Option<u64>, default: Duration| match v {
+        Some(0) => {
+            errors.push(format!("{name} must be positive"));
+            default
+        }
+        Some(x) => Duration::from_millis(x),
+        None => default,
+    };
+    let staleness_bound =
+        ms("feed_staleness_bound_ms", file.feed_staleness_bound_ms, defaults.staleness_bound);
+    let poll_interval = ms("feed_poll_ms", file.feed_poll_ms, defaults.poll_interval);
+    let lease_ttl = ms("lease_ttl_ms", file.lease_ttl_ms, defaults.lease_ttl);
+    if poll_interval >= staleness_bound {
+        errors.push(format!(
+            "feed_poll_ms ({}) must be below feed_staleness_bound_ms ({}): a broker that reads the feed less often than the bound fails closed while healthy",
+            poll_interval.as_millis(),
+            staleness_bound.as_millis()
+        ));
+    }
+    if lease_ttl <= Duration::from_secs(1) {
+        errors.push("lease_ttl_ms must be above 1000: the sweeper renews its lease every second".to_string());
+    }
+    crate::broker::feed::FeedSettings { staleness_bound, poll_interval, lease_ttl }
 }
 
 /// Largest `max_header_list_size` accepted (HTTP/2 is given four times as much).
@@ -740,6 +784,44 @@ mod tests {
                 .to_string();
             assert!(err.contains("postgres://user[:password]@host[:port]/database"), "{err}");
             assert!(!err.contains("s3cret"), "{err}");
+        }
+    }
+
+    #[test]
+    fn the_feed_settings_come_from_the_file_and_a_poll_slower_than_the_staleness_bound_is_refused() {
+        use std::time::Duration;
+        let defaults = Config::resolve(ServeArgs::default()).unwrap().feed;
+        assert_eq!(defaults, crate::broker::feed::FeedSettings::default());
+        assert_eq!(defaults.staleness_bound, Duration::from_millis(750));
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.toml");
+        std::fs::write(
+            &path,
+            "feed_staleness_bound_ms = 2000
+feed_poll_ms = 100
+lease_ttl_ms = 3000
+",
+        )
+        .unwrap();
+        let cfg = Config::resolve(ServeArgs { config: Some(path.clone()), ..Default::default() }).unwrap();
+        assert_eq!(
+            cfg.feed,
+            crate::broker::feed::FeedSettings {
+                staleness_bound: Duration::from_millis(2000),
+                poll_interval: Duration::from_millis(100),
+                lease_ttl: Duration::from_millis(3000),
+            }
+        );
+        for (text, complaint) in [
+            ("feed_staleness_bound_ms = 300\nfeed_poll_ms = 300\n", "must be below feed_staleness_bound_ms"),
+            ("feed_staleness_bound_ms = 0\n", "feed_staleness_bound_ms must be positive"),
+            ("lease_ttl_ms = 1000\n", "lease_ttl_ms must be above 1000"),
+        ] {
+            std::fs::write(&path, text).unwrap();
+            let err = Config::resolve(ServeArgs { config: Some(path.clone()), ..Default::default() })
+                .expect_err(text)
+                .to_string();
+            assert!(err.contains(complaint), "{err}");
         }
     }
 

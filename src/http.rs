@@ -6,6 +6,9 @@
 //! - `/healthz`: 200 while the process answers.
 //! - `/readyz`: 200 once the store is open, the state loaded and gRPC serving; 503 before that
 //!   and from the start of shutdown (the gRPC health service turns NOT_SERVING at the same time).
+//!   On a store shared by several brokers also 503 while the broker is stale (it has not caught
+//!   up with the change feed within its staleness bound, so its data plane fails closed); the
+//!   body then says so, with the lag and the bound.
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU8, Ordering};
@@ -174,9 +177,32 @@ fn respond(req: &Request<Incoming>, state: &AdminState) -> Response<String> {
         }
         "/healthz" => text(StatusCode::OK, PLAIN, "ok\n".into()),
         "/readyz" => {
-            let status =
-                if state.readiness.is_ready() { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
-            text(status, PLAIN, format!("{}\n", state.readiness.label()))
+            let feed = state.broker.get().and_then(|b| b.feed_status());
+            match feed {
+                Some(f) if state.readiness.is_ready() && f.stale() => text(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    PLAIN,
+                    format!(
+                        "stale: no complete read of the shared store's change feed for {} ms (bound {} ms); data-plane requests are refused until the broker catches up\n",
+                        f.lag_ms, f.bound_ms
+                    ),
+                ),
+                _ => {
+                    let status = if state.readiness.is_ready() {
+                        StatusCode::OK
+                    } else {
+                        StatusCode::SERVICE_UNAVAILABLE
+                    };
+                    let mut body = format!("{}\n", state.readiness.label());
+                    if let Some(f) = feed {
+                        body.push_str(&format!(
+                            "feed: position {}, last complete read {} ms ago (bound {} ms)\n",
+                            f.applied, f.lag_ms, f.bound_ms
+                        ));
+                    }
+                    text(status, PLAIN, body)
+                }
+            }
         }
         _ => text(StatusCode::NOT_FOUND, PLAIN, "not found: try /metrics, /healthz or /readyz\n".into()),
     }

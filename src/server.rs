@@ -68,6 +68,10 @@ const META_SIGNING_KID: &str = "token_signing_kid";
 const META_ADMIN: &str = "admin_object_id";
 const MASTER_CHECK_PLAINTEXT: &[u8] = b"tde-broker master key check v1";
 
+/// How long a starting broker waits for another broker's start-up writes (the bootstrap lease)
+/// on a shared store.
+const BOOTSTRAP_PATIENCE: Duration = Duration::from_secs(60);
+
 /// Start-up failures.
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
@@ -285,6 +289,7 @@ impl App {
             trusted_proxies: config.trusted_proxies.clone(),
             caches: config.caches.clone(),
             throttling: config.throttling,
+            feed: config.feed.clone(),
         };
         // The store's integrity check reads the file on a thread of its own while the store is
         // loaded here; until it has passed, the store is only read. Any failure meanwhile is
@@ -305,20 +310,34 @@ impl App {
         // Joining the check's thread blocks: on the blocking pool.
         tokio::task::spawn_blocking(move || check.wait()).await.map_err(|_| BrokerError::Internal)??;
         let (broker, sealer) = loaded?;
-        check_master_key(store.as_ref(), &sealer)?;
+        // On a store shared by several brokers, start-up's one-time writes (the master-key
+        // check, the signing key, the bootstrap admin, the seed) are made by one broker at a
+        // time, each seeing what the ones before it wrote: two brokers starting together make
+        // one signing key and one admin. (Alone on its store, a broker holds the lease at once.)
+        broker.acquire_lease(crate::broker::feed::BOOTSTRAP_LEASE, BOOTSTRAP_PATIENCE).await?;
+        let bootstrapped = async {
+            broker.catch_up().await?;
+            check_master_key(store.as_ref(), &sealer)?;
+            let (signing_key, kid) = load_signing_key(store.as_ref(), &sealer)?;
+            let auth = Arc::new(Authenticator::new(signing_key, kid, broker.clone()));
+            let admin = bootstrap_admin(&broker).await?;
+            if let Some(seed_path) = &config.seed {
+                let caller = Caller::new(&admin.object_id, &admin.app_id, &broker.settings.issuer());
+                seed::apply(&broker, &caller, seed_path).await?;
+            }
+            Ok::<_, StartError>((auth, admin))
+        }
+        .await;
+        broker.release_lease(crate::broker::feed::BOOTSTRAP_LEASE).await;
+        let (auth, admin) = bootstrapped?;
         let _ = admin_http.state.broker.set(broker.clone());
-        let (signing_key, kid) = load_signing_key(store.as_ref(), &sealer)?;
-        let auth = Arc::new(Authenticator::new(signing_key, kid, broker.clone()));
-        let admin = bootstrap_admin(&broker).await?;
         let admin_token_path = dir.join(ADMIN_TOKEN_FILE);
         ensure_admin_token(&auth, &admin, &admin_token_path, config.admin_token_lifetime)?;
-
-        if let Some(seed_path) = &config.seed {
-            let caller = Caller::new(&admin.object_id, &admin.app_id, &broker.settings.issuer());
-            seed::apply(&broker, &caller, seed_path).await?;
+        // Keys whose retention ran out while the broker was down are purged now (on a shared
+        // store, by the broker that holds the sweeper's lease).
+        if broker.feed_status().is_none() {
+            broker.purge_expired().await?;
         }
-        // Keys whose retention ran out while the broker was down are purged now.
-        broker.purge_expired().await?;
         if let crate::config::AuditLog::File(path) = &config.audit_log {
             crate::store::datadir::make_private(path).map_err(io_err(path))?;
         }
@@ -468,13 +487,13 @@ impl App {
         // out when their time comes, also while nobody calls.
         let sweeper_broker = self.broker.clone();
         // The TDE prober evaluates every server each `probe_interval` of the broker's clock.
+        // On a store shared by several brokers only the holder of the sweeper's lease purges,
+        // rotates and probes; the lease is renewed every tick, and lapses `lease_ttl` after its
+        // holder stops, when a survivor takes it over.
         let sweeper = tokio::spawn(async move {
             let mut tick = tokio::time::interval(Duration::from_secs(1));
             loop {
                 tick.tick().await;
-                if let Err(e) = sweeper_broker.purge_expired().await {
-                    tracing::warn!(error = %e, "purging expired soft-deleted keys failed; will retry");
-                }
                 // Cache housekeeping (expiry, eviction, dropped decisions) can walk 100,000
                 // entries: on the blocking pool, not on an executor thread that answers calls.
                 let housekeeping = sweeper_broker.clone();
@@ -482,6 +501,12 @@ impl App {
                     tokio::task::spawn_blocking(move || housekeeping.caches.run_pending_tasks()).await
                 {
                     tracing::warn!(error = %e, "cache housekeeping failed; will retry");
+                }
+                if !sweeper_broker.hold_lease(crate::broker::feed::SWEEPER_LEASE).await {
+                    continue;
+                }
+                if let Err(e) = sweeper_broker.purge_expired().await {
+                    tracing::warn!(error = %e, "purging expired soft-deleted keys failed; will retry");
                 }
                 if let Err(e) = sweeper_broker.run_rotation_policies().await {
                     tracing::warn!(error = %e, "running key rotation policies failed; will retry");
@@ -574,6 +599,8 @@ impl App {
             let _ = task.await;
         }
         sweeper.abort();
+        // A survivor takes the once-only work over at once rather than after the lease's TTL.
+        self.broker.release_lease(crate::broker::feed::SWEEPER_LEASE).await;
         if let Some(otel) = &otel {
             otel.shutdown().await;
         }

@@ -17,7 +17,7 @@ const EMULATION_READ: &str = "Microsoft.TdeBroker/emulation/read";
 const EMULATION_WRITE: &str = "Microsoft.TdeBroker/emulation/write";
 
 /// Store metadata holding the manual clock's time (Unix seconds, decimal ASCII).
-pub const META_MANUAL_CLOCK: &str = "manual_clock";
+pub const META_MANUAL_CLOCK: &str = crate::store::META_MANUAL_CLOCK;
 
 impl Broker {
     /// AdvanceClock / SetClock (admin): moves the manual clock, saving the new time first so a
@@ -27,24 +27,27 @@ impl Broker {
         self.authorize_control(&caller.object_id, EMULATION_WRITE, "/")?;
         let now = {
             // The writer lock orders clock moves with each other and with commits, so the saved
-            // time is the one the clock shows.
-            let _txn = self.begin().await;
+            // time is the one the clock shows. The move is a committed change: applying it moves
+            // this broker's clock, and every broker that shares the store moves its own when the
+            // change reaches it.
+            let txn = self.begin().await;
             let now = self.clock.target(movement)?;
-            let store = self.core.store.clone();
-            tokio::task::spawn_blocking(move || {
-                store.put_meta(META_MANUAL_CLOCK, now.to_string().as_bytes())
-            })
-            .await
-            .map_err(|_| BrokerError::Internal)?
-            .map_err(|e| super::store_failed(&e, "saving the manual clock failed; it did not move"))?;
-            self.clock.jump_to(now);
+            self.commit(txn, vec![crate::model::Change::SetManualClock { now }]).await?;
             now
         };
         tracing::info!(now, "the manual clock moved");
-        self.purge_expired().await?;
+        // What came due is decided again on fresh state when another broker sharing the store
+        // (its sweeper) committed meanwhile.
+        use super::feed::retrying_conflicts;
+        retrying_conflicts(|| self.purge_expired()).await?;
         // Rotations first, so a protector that follows its key moves in the probe just after.
-        self.run_rotation_policies().await?;
-        self.probe_if_due().await?;
+        retrying_conflicts(|| self.run_rotation_policies()).await?;
+        // The probe, when one came due (as `probe_if_due`, retried as a whole on a conflict).
+        let last = self.last_probe.load(std::sync::atomic::Ordering::SeqCst);
+        if now.saturating_sub(last) >= self.settings.tde.probe_interval {
+            self.last_probe.store(now, std::sync::atomic::Ordering::SeqCst);
+            retrying_conflicts(|| self.probe(None)).await?;
+        }
         Ok(now)
     }
 

@@ -1,6 +1,9 @@
 //! The data-plane gate: every Key Vault operation, and every key operation the broker makes for
 //! a TDE server's identity, passes the same checks in the same order, here:
 //!
+//! 0. on a store shared with other brokers, the broker's freshness: past the staleness bound
+//!    without a complete read of the change feed it may not know of a revocation, so it fails
+//!    closed ([`Broker::check_fresh`]: one atomic read);
 //! 1. the vault's injected outage ([`Faults::outage`](super::faults::Faults::outage));
 //! 2. the injected errors (`fail_next`, then `error_rate`);
 //! 3. Key Vault throttling, weighed by the key the request names;
@@ -65,9 +68,10 @@ impl Broker {
         })
     }
 
-    /// Steps 1 to 3: the vault's injected outage, then (not for create-class requests, which
+    /// Steps 0 to 3: the broker's freshness, the vault's injected outage, then (not for create-class requests, which
     /// [`Broker::admit_create`] admits once) the injected errors and the throttling budget.
     fn admit_request(&self, ve: &VaultEntry, class: OpClass, key: Option<&str>) -> Result<(), BrokerError> {
+        self.check_fresh()?;
         let vault = &ve.vault.name;
         self.faults.check_outage(vault)?;
         if class != OpClass::Create {
@@ -82,7 +86,7 @@ impl Broker {
         Ok(())
     }
 
-    /// The gate of a vault-level request that needs no key permission (GetRandomBytes): steps 1
+    /// The gate of a vault-level request that needs no key permission (GetRandomBytes): steps 0
     /// to 3, then the vault's network rules (step 5, uncached). No access policy or role decides
     /// it: there is no key permission for random bytes.
     pub(crate) fn gate_vault(&self, st: &State, ve: &VaultEntry, caller: &Caller) -> Result<(), BrokerError> {

@@ -6,6 +6,7 @@ pub mod cache;
 pub mod clock;
 pub mod emulation;
 pub mod faults;
+pub mod feed;
 pub mod gate;
 pub mod identities;
 pub mod keys;
@@ -52,6 +53,8 @@ pub struct Settings {
     pub caches: cache::CacheSettings,
     /// Key Vault throttling of every vault at start (config `throttling`; off by default).
     pub throttling: throttle::ThrottleProfile,
+    /// Following a store shared with other brokers: staleness bound, poll interval, lease TTL.
+    pub feed: feed::FeedSettings,
 }
 
 /// `enforce_cmk`: the built-in policy "SQL server should use customer-managed keys".
@@ -130,6 +133,13 @@ fn store_failed(e: &crate::store::StoreError, what: &str) -> BrokerError {
 struct Core {
     state: RwLock<State>,
     store: Arc<dyn Store>,
+    /// The broker's clock (a `SetManualClock` batch moves it as it is applied).
+    clock: Arc<Clock>,
+    /// With a change feed: the sequence number of the last batch applied to `state` (moved only
+    /// under the state's write lock, by a holder of the writer lock).
+    applied: std::sync::atomic::AtomicU64,
+    /// With a change feed: when the broker last knew it had every committed batch.
+    freshness: Option<feed::Freshness>,
 }
 
 /// A write in progress: holds the writer lock from validation to apply, so no other change can
@@ -145,7 +155,11 @@ pub struct Broker {
     /// Seals and unseals key material under the master key.
     sealer: Arc<Sealer>,
     /// The broker's clock.
-    pub clock: Clock,
+    pub clock: Arc<Clock>,
+    /// This broker's id on a shared store: the origin of its commits, the holder of its leases.
+    instance_id: String,
+    /// The leases this broker holds (for logging their changes of hands).
+    leases: std::sync::Mutex<std::collections::HashSet<&'static str>>,
     /// Identifier and text settings.
     pub settings: Settings,
     /// Database state transitions, for watchers.
@@ -176,18 +190,32 @@ impl Broker {
         settings: Settings,
     ) -> Result<Arc<Self>, BrokerError> {
         let s = store.clone();
-        let snap = tokio::task::spawn_blocking(move || s.load())
-            .await
-            .map_err(|_| BrokerError::Internal)?
-            .map_err(|e| store_failed(&e, "loading the store failed"))?;
+        // On a shared store the snapshot comes with the feed position it holds.
+        let (snap, applied) = tokio::task::spawn_blocking(move || match s.feed() {
+            Some(feed) => feed::consistent_snapshot(s.as_ref(), feed),
+            None => s.load().map(|snap| (snap, 0)),
+        })
+        .await
+        .map_err(|_| BrokerError::Internal)?
+        .map_err(|e| store_failed(&e, "loading the store failed"))?;
         let started = clock.now();
         let caches = cache::Caches::new(&settings.caches);
         let throttle = throttle::Throttle::new(settings.throttling);
-        Ok(Arc::new(Broker {
-            core: Arc::new(Core { state: RwLock::new(State::from_snapshot(snap)), store }),
+        let clock = Arc::new(clock);
+        let freshness = store.feed().map(|_| feed::Freshness::new(settings.feed.staleness_bound));
+        let broker = Arc::new(Broker {
+            core: Arc::new(Core {
+                state: RwLock::new(State::from_snapshot(snap)),
+                store,
+                clock: clock.clone(),
+                applied: std::sync::atomic::AtomicU64::new(applied),
+                freshness,
+            }),
             writer: Arc::new(Mutex::new(())),
             sealer,
             clock,
+            instance_id: new_guid(),
+            leases: std::sync::Mutex::new(std::collections::HashSet::new()),
             settings,
             events: tokio::sync::broadcast::channel(1024).0,
             last_probe: std::sync::atomic::AtomicI64::new(started),
@@ -197,7 +225,9 @@ impl Broker {
             caches,
             transient_since: std::sync::Mutex::new(std::collections::HashMap::new()),
             notified: std::sync::Mutex::new(std::collections::HashSet::new()),
-        }))
+        });
+        broker.start_follower();
+        Ok(broker)
     }
 
     /// A read view of the state. Hold it briefly: never across I/O or an RSA operation.
@@ -216,25 +246,64 @@ impl Broker {
         &self.sealer
     }
 
-    /// Starts a write: waits for the writer lock.
+    /// Starts a write: waits for the writer lock. On a shared store it first catches up with
+    /// the feed, so the write is validated against every batch committed so far (when that
+    /// fails, the commit is refused by the store instead: it checks the position).
     pub async fn begin(&self) -> WriteTxn {
-        WriteTxn { _guard: self.writer.clone().lock_owned().await }
+        let txn = WriteTxn { _guard: self.writer.clone().lock_owned().await };
+        if let Err(e) = self.catch_up_locked().await {
+            tracing::debug!(error = %e, "catching up before a write failed; the commit checks the feed position");
+        }
+        txn
     }
 
     /// Commits `changes` durably, applies them and bumps the epoch, then releases the writer
     /// lock. Runs to completion even if the caller's future is dropped.
+    ///
+    /// On a shared store the commit is made at this broker's feed position: when another broker
+    /// committed since, nothing is written, the broker catches up and the caller gets
+    /// [`BrokerError::ConcurrentChange`] (retrying decides again on the fresh state).
     pub async fn commit(&self, txn: WriteTxn, changes: Vec<Change>) -> Result<(), BrokerError> {
         let core = self.core.clone();
-        tokio::task::spawn_blocking(move || {
+        let origin = self.instance_id.clone();
+        let committed = tokio::task::spawn_blocking(move || {
             let _txn = txn;
-            core.store
-                .commit(&changes)
-                .map_err(|e| store_failed(&e, "store commit failed; nothing was changed"))?;
-            core.state.write().unwrap_or_else(|p| p.into_inner()).apply(changes);
-            Ok(())
+            match (core.store.feed(), &core.freshness) {
+                (Some(feed), Some(freshness)) => {
+                    let started = freshness.now_ms();
+                    let after = core.applied.load(std::sync::atomic::Ordering::SeqCst);
+                    match feed.commit_after(after, &origin, &changes) {
+                        Ok(seq) => {
+                            core.apply_batch(Some(seq), changes, false);
+                            freshness.synced(started);
+                            Ok(true)
+                        }
+                        Err(crate::store::StoreError::Conflict { head, expected }) => {
+                            tracing::info!(
+                                head,
+                                expected,
+                                "another broker committed first; nothing was written"
+                            );
+                            Ok(false)
+                        }
+                        Err(e) => Err(store_failed(&e, "store commit failed; nothing was changed")),
+                    }
+                }
+                _ => {
+                    core.store
+                        .commit(&changes)
+                        .map_err(|e| store_failed(&e, "store commit failed; nothing was changed"))?;
+                    core.apply_batch(None, changes, false);
+                    Ok(true)
+                }
+            }
         })
         .await
         .map_err(|_| BrokerError::Internal)??;
+        if !committed {
+            self.catch_up().await?;
+            return Err(BrokerError::ConcurrentChange);
+        }
         self.caches.epoch_moved();
         Ok(())
     }

@@ -298,6 +298,8 @@ impl State {
                     k.rotation_policy = Some(policy);
                 }
             }
+            // The clock is not state: the broker moves it when it applies the batch.
+            Change::SetManualClock { .. } => {}
         }
     }
 }

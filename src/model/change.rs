@@ -97,4 +97,11 @@ pub enum Change {
         /// The policy.
         policy: super::rotation::KeyRotationPolicy,
     },
+    /// The manual clock moved to `now` (Unix seconds). Stores keep it as the meta value
+    /// `manual_clock`, in the same transaction as the rest of the commit; it leaves the snapshot
+    /// alone. Brokers that share a store move their manual clocks when it reaches them.
+    SetManualClock {
+        /// The clock's new time, Unix seconds.
+        now: i64,
+    },
 }

@@ -485,6 +485,22 @@ pub enum BrokerError {
     /// The store could not commit or read; the change was not made.
     #[error("The broker could not reach its store; the request was not carried out. Retry later.")]
     StoreUnavailable,
+    /// Another broker sharing the store committed a change while this one was preparing its
+    /// own; nothing was written. The broker has caught up: retrying decides again on fresh state.
+    #[error(
+        "Another broker changed the same state at the same time; the request was not carried out. Retry it."
+    )]
+    ConcurrentChange,
+    /// This broker has not heard from the store it shares with other brokers for longer than its
+    /// staleness bound, so it may not know of a revocation: it refuses data-plane calls until it
+    /// has caught up.
+    #[error(
+        "This broker has lost contact with its shared store for longer than {bound_ms} ms and may not know of recent changes (a revoked permission, a disabled key); it refuses data-plane requests until it has caught up. Retry later or call another broker."
+    )]
+    BrokerStale {
+        /// The configured staleness bound, milliseconds.
+        bound_ms: u64,
+    },
     /// The store reported that its data is damaged (SQLite's corruption, a file that is not a
     /// database); the change was not made, and retrying cannot help.
     #[error(
@@ -560,6 +576,8 @@ impl BrokerError {
             BadParameter { .. } | InvalidRotationPolicy(_) | DecryptionFailed => "BadParameter",
             ClockNotManual => "ClockNotManual",
             StoreUnavailable | VaultUnavailable { .. } => "ServiceUnavailable",
+            ConcurrentChange => "ConcurrentChange",
+            BrokerStale { .. } => "BrokerStale",
             StoreCorrupt => "StoreCorrupt",
             StoreFull => "StoreFull",
             Throttled { .. } => "Throttled",
@@ -625,7 +643,9 @@ impl BrokerError {
             | InvalidRotationPolicy(_)
             | DecryptionFailed
             | PrincipalNotFound { .. } => ErrorClass::InvalidArgument,
-            StoreUnavailable | VaultUnavailable { .. } => ErrorClass::Unavailable,
+            StoreUnavailable | VaultUnavailable { .. } | ConcurrentChange | BrokerStale { .. } => {
+                ErrorClass::Unavailable
+            }
             Throttled { .. } | StoreFull => ErrorClass::ResourceExhausted,
             InjectedForbidden { .. } => ErrorClass::Forbidden,
             StoreCorrupt | Internal => ErrorClass::Internal,

@@ -143,6 +143,8 @@ impl Records {
             Change::DeleteDatabase { server_id, name } => {
                 self.databases.remove(&(server_id.to_ascii_lowercase(), name.to_ascii_lowercase()));
             }
+            // A meta value: `MemoryStore::commit` writes it once the whole commit succeeded.
+            Change::SetManualClock { .. } => {}
         }
         Ok(())
     }
@@ -171,6 +173,12 @@ impl Store for MemoryStore {
             next.apply(change)?;
         }
         *records = next;
+        let mut meta = lock(&self.meta);
+        for change in changes {
+            if let Change::SetManualClock { now } = change {
+                meta.insert(super::META_MANUAL_CLOCK.to_string(), now.to_string().into_bytes());
+            }
+        }
         Ok(())
     }
 

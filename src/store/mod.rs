@@ -180,6 +180,10 @@ impl Rejection {
     }
 }
 
+/// The meta value that holds the manual clock's time (Unix seconds, decimal ASCII), written by
+/// `Change::SetManualClock` commits.
+pub const META_MANUAL_CLOCK: &str = "manual_clock";
+
 /// A key as stored: its versions (oldest first) with their sealed material.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct StoredKey {
@@ -252,7 +256,9 @@ pub struct StoredRotationPolicy {
 ///   key's rotation policy. `PutKeyRotationPolicy` sets the policy of a key (by vault and key
 ///   index), replacing it. Deleting, purging or setting the deletion record of something that is
 ///   not stored changes nothing.
-/// - Meta values live apart from the [`Snapshot`]: commits do not touch them.
+/// - Meta values live apart from the [`Snapshot`]: commits do not touch them, except
+///   `SetManualClock { now }`, which sets the meta value [`META_MANUAL_CLOCK`] to `now` in decimal
+///   ASCII within the commit (all or none with the rest of it) and leaves the snapshot alone.
 pub trait Store: Send + Sync + 'static {
     /// Reads everything.
     fn load(&self) -> Result<Snapshot, StoreError>;

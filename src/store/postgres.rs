@@ -771,6 +771,14 @@ async fn apply(tx: &deadpool_postgres::Transaction<'_>, change: &Change) -> Resu
             )
             .await?;
         }
+        Change::SetManualClock { now } => {
+            exec(
+                tx,
+                "INSERT INTO meta (k, v) VALUES ($1, $2) ON CONFLICT (k) DO UPDATE SET v = excluded.v",
+                &[&super::META_MANUAL_CLOCK, &now.to_string().into_bytes()],
+            )
+            .await?;
+        }
     }
     Ok(())
 }

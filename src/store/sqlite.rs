@@ -420,6 +420,12 @@ fn write_changes(conn: &mut Connection, changes: &[Change]) -> Result<(), StoreE
                     params![vault, key_index(name), name, to_doc(policy, "key_rotation_policies")?],
                 )?;
             }
+            Change::SetManualClock { now } => {
+                tx.execute(
+                    "INSERT INTO meta (k, v) VALUES (?1, ?2) ON CONFLICT(k) DO UPDATE SET v = excluded.v",
+                    params![crate::store::META_MANUAL_CLOCK, now.to_string().into_bytes()],
+                )?;
+            }
         }
     }
     tx.commit()?;

@@ -2,7 +2,7 @@
 //! durable backends, what survives reopening.
 
 use crate::model::{Change, Deletion};
-use crate::store::{Rejection, Snapshot, Store, StoreError};
+use crate::store::{META_MANUAL_CLOCK, Rejection, Snapshot, Store, StoreError};
 
 use super::Backend;
 use super::fixtures::*;
@@ -139,6 +139,28 @@ pub(crate) fn meta_stays_apart_from_commits_and_the_snapshot(store: &dyn Store) 
     store.commit(&one_of_everything())?;
     store.commit(&[Change::DeleteVault { vault: "v1".into() }])?;
     assert_eq!(store.get_meta("vaults")?.as_deref(), Some(&b"not a vault"[..]));
+    Ok(())
+}
+
+/// `SetManualClock` round-trips through the meta value `manual_clock` (decimal ASCII, the last
+/// one of a commit winning), within the commit's transaction: a refused commit leaves the saved
+/// time alone, and the snapshot never shows it.
+pub(crate) fn a_manual_clock_change_saves_the_time_with_its_commit(
+    store: &dyn Store,
+) -> Result<(), StoreError> {
+    store.commit(&[Change::SetManualClock { now: 1_700_000_000 }])?;
+    assert_eq!(store.get_meta(META_MANUAL_CLOCK)?.as_deref(), Some(&b"1700000000"[..]));
+    assert_eq!(store.load()?, Snapshot::default());
+    store.commit(&[Change::SetManualClock { now: 5 }, Change::SetManualClock { now: 1_800_000_000 }])?;
+    assert_eq!(store.get_meta(META_MANUAL_CLOCK)?.as_deref(), Some(&b"1800000000"[..]));
+    let refused = store.commit(&[
+        Change::SetManualClock { now: 42 },
+        Change::PutVault(vault("v1", 1)),
+        update("v1", "k", version("missing", 1)),
+    ]);
+    assert!(refused.is_err());
+    assert_eq!(store.get_meta(META_MANUAL_CLOCK)?.as_deref(), Some(&b"1800000000"[..]));
+    assert!(store.load()?.vaults.is_empty());
     Ok(())
 }
 

@@ -116,6 +116,7 @@ macro_rules! store_conformance_tests {
             put_meta_then_get_meta_returns_the_same_bytes,
             put_meta_replaces_the_previous_value,
             meta_stays_apart_from_commits_and_the_snapshot,
+            a_manual_clock_change_saves_the_time_with_its_commit,
             concurrent_commits_from_several_threads_all_land,
         );
         $crate::store::conformance::store_conformance_tests!(@with_store $backend:
