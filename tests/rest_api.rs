@@ -53,12 +53,18 @@ async fn requests_without_a_bearer_token_get_key_vaults_challenge_over_http1_and
         assert!(r.header("x-ms-request-id").is_some_and(|id| !id.is_empty()));
         assert_eq!(r.header("content-type"), Some("application/json; charset=utf-8"));
     }
-    // The token is checked before the body is read: a body over the size limit is not looked at.
-    let mut c = b.client("chal-kv", None, Proto::Http1).await;
+    // The token is checked before the body is read: the 401 comes while the announced body has
+    // not been sent at all.
+    let host = format!("chal-kv.vault.localhost:{port}");
+    let head = format!(
+        "POST /keys/k/create?api-version=7.6 HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\nContent-Length: 1000000\r\n\r\n"
+    );
+    let answer = common::https::raw_head(b.rest, &b.ca, &host, &head).await;
+    assert!(answer.starts_with("HTTP/1.1 401"), "{answer}");
+    assert!(answer.to_ascii_lowercase().contains("www-authenticate: bearer authorization="), "{answer}");
+    // With a token, a body over the size limit is refused for its size.
     let big = json!({"kty": "RSA", "padding": "x".repeat(300 * 1024)});
-    assert_eq!(c.call("POST", "/keys/k/create", Some(big.clone())).await.status, 401);
-    // With a token, the same body is refused for its size.
-    let mut admin = b.client("chal-kv", Some(&b.b.token.clone()), Proto::Http1).await;
+    let mut admin = b.client("chal-kv", Some(&b.b.token.clone()), Proto::H2).await;
     let r = admin.call("POST", "/keys/k/create", Some(big)).await;
     assert_eq!((r.status, r.error_codes().0.as_str()), (413, "RequestTooLarge"));
     // A token that does not verify is refused the same way, with the challenge.
@@ -598,4 +604,92 @@ fn the_rest_listener_defaults_to_loopback_8443_and_is_set_by_flag_file_or_off() 
     assert_eq!((cfg.rest_listen, cfg.rest_listen_explicit), (Some("127.0.0.1:9443".parse().unwrap()), true));
     let err = Config::resolve(ServeArgs { rest_listen: Some("nowhere".into()), ..args() }).unwrap_err();
     assert!(err.to_string().contains("rest_listen 'nowhere' is not IP:PORT or `off`"), "{err}");
+}
+
+/// A surface that answers `/hello` and drops `/drop`: what the token endpoints and the Vault KV
+/// surface plug in as.
+struct Hello;
+
+impl tde_broker::rest::Surface for Hello {
+    fn handle<'a>(
+        &'a self,
+        request: &'a tde_broker::rest::RestRequest,
+    ) -> tde_broker::rest::BoxFuture<'a, Option<tde_broker::rest::Handled>> {
+        use tde_broker::rest::{Handled, Reply};
+        Box::pin(async move {
+            let reply = match request.parts.uri.path() {
+                "/hello" => Reply::Http(
+                    http::Response::builder()
+                        .status(200)
+                        .body(bytes::Bytes::from(format!("hello {}", request.body.len())))
+                        .unwrap(),
+                ),
+                "/drop" => Reply::Drop,
+                _ => return None,
+            };
+            Some(Handled {
+                reply,
+                operation: "Hello/Greet",
+                outcome: "OK".into(),
+                principal: Some("someone".into()),
+                resource: Some(request.peer.ip().to_string()),
+            })
+        })
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn registered_surfaces_get_the_requests_that_name_no_vault_and_are_observed() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("audit.jsonl");
+    let mut cfg = tde_broker::config::Config::for_data_dir(&dir.path().join("data"));
+    cfg.rest_listen = None;
+    let app = tde_broker::server::App::open(cfg.clone()).await.expect("broker starts");
+    let audit = std::sync::Arc::new(tde_broker::audit::AuditLog::open(
+        &tde_broker::config::AuditLog::File(log.clone()),
+        false,
+    ));
+    let surfaces: Vec<std::sync::Arc<dyn tde_broker::rest::Surface>> = vec![std::sync::Arc::new(Hello)];
+    let service = std::sync::Arc::new(tde_broker::rest::serve::RestService::new(
+        app.broker.clone(),
+        app.auth.clone(),
+        surfaces,
+        audit,
+        None,
+    ));
+    let tls = tde_broker::tls::rest_server_tls(&cfg).expect("REST TLS");
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let served = tokio::spawn(service.serve(listener, tls, cfg.listener, async {
+        let _ = stopped.await;
+    }));
+    let ca = std::fs::read(app.ca_path()).unwrap();
+    let host = format!("localhost:{}", addr.port());
+
+    let mut c = common::https::connect(addr, &ca, &host, None, Proto::H2, None).await;
+    let r = c.send("POST", "/hello", Some(json!({"a": 1}))).await;
+    assert_eq!((r.status, String::from_utf8_lossy(&r.body).as_ref()), (200, "hello 7"));
+    assert!(r.header("x-ms-request-id").is_some(), "the listener adds the request id");
+    assert_eq!(c.send("GET", "/elsewhere", None).await.status, 404);
+    // A dropped request gets no answer: HTTP/1.1 closes the connection.
+    let mut h1 = common::https::connect(addr, &ca, &host, None, Proto::Http1, None).await;
+    let dropped = h1.try_send("GET", "/drop").await;
+    assert!(dropped.is_err(), "no response to a dropped request: {dropped:?}");
+
+    let text = tde_broker::telemetry::metrics().render(&[], None);
+    assert!(
+        text.contains("tdebroker_requests_total{service=\"Hello\",method=\"Greet\",outcome=\"OK\"} 2"),
+        "{text}"
+    );
+    let records: Vec<serde_json::Value> =
+        std::fs::read_to_string(&log).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let hello = records.iter().find(|r| r["operation"] == "Hello/Greet").expect("audited");
+    assert_eq!(
+        (hello["principal"].as_str(), hello["resource"].as_str()),
+        (Some("someone"), Some("127.0.0.1"))
+    );
+    assert!(records.iter().any(|r| r["operation"] == "Rest/Unknown" && r["outcome"] == "NotFound"));
+    let _ = stop.send(());
+    served.await.expect("the listener stops and drains");
 }

@@ -333,8 +333,20 @@ pub struct KeyVaultApi {
     broker: Arc<Broker>,
 }
 
-/// A successful answer: a status and a JSON body (none for 204).
-pub type Answer = (StatusCode, Option<Value>);
+/// A successful answer: a status and a serialized JSON body (none for 204).
+pub type Answer = (StatusCode, Option<bytes::Bytes>);
+
+/// A crypto operation's result, serialized straight from the broker's buffers (no JSON tree:
+/// this is the hot path, and the plaintext of an unwrap is copied once, into the body).
+#[derive(serde::Serialize)]
+struct CryptoOut<'a> {
+    kid: &'a str,
+    value: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    iv: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    tag: Option<String>,
+}
 
 impl KeyVaultApi {
     /// Serves `broker`.
@@ -362,7 +374,7 @@ impl KeyVaultApi {
             Ids { canonical: crate::model::ids::vault_uri(call.vault, &b.settings.vault_dns_suffix), call };
         let name = route.name.as_deref().unwrap_or_default();
         let key_id = || self.key_id(call.vault, name, route.version.as_deref());
-        let ok = |v: Value| Ok((StatusCode::OK, Some(v)));
+        let ok = |v: Value| Ok((StatusCode::OK, Some(bytes::Bytes::from(v.to_string()))));
         match route.op {
             Op::CreateKey => {
                 let r: CreateBody = parse_body(call.body)?;
@@ -542,14 +554,16 @@ impl KeyVaultApi {
                     tag: opt("tag", &r.tag)?,
                 };
                 let result = b.crypto(caller, req).await.map_err(to_rest)?;
-                let mut out = json!({ "kid": ids.rebase(&result.kid), "value": b64url(&result.value) });
-                if !result.iv.is_empty() {
-                    out["iv"] = json!(b64url(&result.iv));
-                }
-                if !result.tag.is_empty() {
-                    out["tag"] = json!(b64url(&result.tag));
-                }
-                ok(out)
+                let kid = ids.rebase(&result.kid);
+                let value = zeroize::Zeroizing::new(b64url(&result.value));
+                let out = CryptoOut {
+                    kid: &kid,
+                    value: &value,
+                    iv: (!result.iv.is_empty()).then(|| b64url(&result.iv)),
+                    tag: (!result.tag.is_empty()).then(|| b64url(&result.tag)),
+                };
+                let body = serde_json::to_vec(&out).map_err(|_| to_rest(BrokerError::Internal))?;
+                Ok((StatusCode::OK, Some(bytes::Bytes::from(body))))
             }
             Op::Sign | Op::Verify => {
                 let r: SignBody = parse_body(call.body)?;

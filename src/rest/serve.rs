@@ -204,7 +204,7 @@ impl RestService {
                 KvRequest { parts: &parts, client, host: &host, vault: &vault, route: route.as_ref() };
             let answer = ctx.clone().scope(self.keyvault_request(request, body, &ctx)).await;
             let (status, outcome, mut response) = match answer {
-                Ok((status, json)) => (status, "OK", json_response(status, json.as_ref())),
+                Ok((status, body)) => (status, "OK", body_response(status, body)),
                 Err(e) => {
                     let mut r = error_response(&e);
                     if e.status == StatusCode::UNAUTHORIZED {
@@ -458,10 +458,15 @@ async fn read_body(body: hyper::body::Incoming) -> Result<Bytes, RestError> {
 const JSON: &str = "application/json; charset=utf-8";
 
 fn json_response(status: StatusCode, body: Option<&serde_json::Value>) -> Response<Full<Bytes>> {
-    let bytes = body.map(|b| Bytes::from(b.to_string())).unwrap_or_default();
-    let mut r = Response::new(Full::new(bytes));
+    body_response(status, body.map(|b| Bytes::from(b.to_string())))
+}
+
+/// A response with a serialized JSON body, or none.
+fn body_response(status: StatusCode, body: Option<Bytes>) -> Response<Full<Bytes>> {
+    let has_body = body.is_some();
+    let mut r = Response::new(Full::new(body.unwrap_or_default()));
     *r.status_mut() = status;
-    if body.is_some() {
+    if has_body {
         r.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static(JSON));
     }
     r

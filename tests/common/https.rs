@@ -141,16 +141,8 @@ impl RestBroker {
     }
 }
 
-/// Connects to `addr` over TLS trusting `ca_pem` only, for the server name `host` (its port is
-/// dropped for TLS), from `source` when given.
-pub async fn connect(
-    addr: SocketAddr,
-    ca_pem: &[u8],
-    host: &str,
-    token: Option<&str>,
-    proto: Proto,
-    source: Option<&str>,
-) -> Client {
+/// The TLS config of the test clients: trusts `ca_pem` only, offers `alpn`.
+fn client_tls(ca_pem: &[u8], alpn: &[u8]) -> rustls::ClientConfig {
     use rustls::pki_types::pem::PemObject as _;
     let mut roots = rustls::RootCertStore::empty();
     for cert in rustls::pki_types::CertificateDer::pem_slice_iter(ca_pem) {
@@ -162,10 +154,52 @@ pub async fn connect(
         .expect("TLS versions")
         .with_root_certificates(roots)
         .with_no_client_auth();
-    tls.alpn_protocols = match proto {
-        Proto::Http1 => vec![b"http/1.1".to_vec()],
-        Proto::H2 => vec![b"h2".to_vec()],
+    tls.alpn_protocols = vec![alpn.to_vec()];
+    tls
+}
+
+/// Sends a raw HTTP/1.1 request head (nothing after it) over TLS and returns the response's head,
+/// read within ten seconds: shows what the listener answers before a body arrives.
+pub async fn raw_head(addr: SocketAddr, ca_pem: &[u8], host: &str, head: &str) -> String {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let tcp = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    let name = host.rsplit_once(':').map_or(host, |(h, _)| h).to_string();
+    let server_name = rustls::pki_types::ServerName::try_from(name).expect("server name");
+    let mut stream = tokio_rustls::TlsConnector::from(Arc::new(client_tls(ca_pem, b"http/1.1")))
+        .connect(server_name, tcp)
+        .await
+        .expect("TLS handshake");
+    stream.write_all(head.as_bytes()).await.expect("write head");
+    let mut got = Vec::new();
+    let read = async {
+        let mut buf = [0u8; 4096];
+        while !got.windows(4).any(|w| w == b"\r\n\r\n") {
+            let n = stream.read(&mut buf).await.expect("read");
+            if n == 0 {
+                break;
+            }
+            got.extend_from_slice(&buf[..n]);
+        }
     };
+    tokio::time::timeout(std::time::Duration::from_secs(10), read).await.expect("an answer without the body");
+    String::from_utf8_lossy(&got).into_owned()
+}
+
+/// Connects to `addr` over TLS trusting `ca_pem` only, for the server name `host` (its port is
+/// dropped for TLS), from `source` when given.
+pub async fn connect(
+    addr: SocketAddr,
+    ca_pem: &[u8],
+    host: &str,
+    token: Option<&str>,
+    proto: Proto,
+    source: Option<&str>,
+) -> Client {
+    let alpn: &[u8] = match proto {
+        Proto::Http1 => b"http/1.1",
+        Proto::H2 => b"h2",
+    };
+    let tls = client_tls(ca_pem, alpn);
     let tcp = match source {
         None => tokio::net::TcpStream::connect(addr).await.expect("connect to the REST listener"),
         Some(src) => {
@@ -234,6 +268,21 @@ impl Client {
         let (parts, body) = response.into_parts();
         let body = body.collect().await.expect("body").to_bytes();
         Answer { status: parts.status.as_u16(), headers: parts.headers, body }
+    }
+
+    /// A bodiless request whose failure (no response: the connection closed) is returned.
+    pub async fn try_send(&mut self, method: &str, path: &str) -> Result<u16, String> {
+        let mut req = http::Request::builder().method(method);
+        req = match &self.sender {
+            Sender::H1(_) => req.uri(path).header(http::header::HOST, &self.host),
+            Sender::H2(_) => req.uri(format!("https://{}{path}", self.host)),
+        };
+        let req = req.body(Full::new(Bytes::new())).expect("request");
+        let response = match &mut self.sender {
+            Sender::H1(s) => s.send_request(req).await,
+            Sender::H2(s) => s.send_request(req).await,
+        };
+        response.map(|r| r.status().as_u16()).map_err(|e| e.to_string())
     }
 
     /// `send` with `api-version` appended.
