@@ -655,6 +655,7 @@ mod tests {
             kind,
             resource_id: None,
             created: 0,
+            client_secret_hash: None,
         }
     }
 
