@@ -294,16 +294,23 @@ pub fn check_api_version(query: Option<&str>) -> Result<String, RestError> {
 
 /// Decodes base64url, padded or not (the standard alphabet is accepted too).
 pub fn b64url_decode(field: &str, text: &str) -> Result<Vec<u8>, RestError> {
-    let cleaned: String = text
-        .trim_end_matches('=')
-        .chars()
-        .map(|c| match c {
-            '+' => '-',
-            '/' => '_',
-            c => c,
-        })
-        .collect();
-    B64URL.decode(cleaned.as_bytes()).map_err(|_| {
+    let unpadded = text.trim_end_matches('=').as_bytes();
+    // The SDKs send base64url: decoded where it lies. Only the standard alphabet is copied, to
+    // map `+/` to `-_`.
+    let decoded = if unpadded.iter().any(|b| matches!(b, b'+' | b'/')) {
+        let mapped: Vec<u8> = unpadded
+            .iter()
+            .map(|b| match b {
+                b'+' => b'-',
+                b'/' => b'_',
+                b => *b,
+            })
+            .collect();
+        B64URL.decode(mapped)
+    } else {
+        B64URL.decode(unpadded)
+    };
+    decoded.map_err(|_| {
         RestError::bad_parameter(format!("Property {field} has invalid value: it is not base64url.\r\n"))
     })
 }
