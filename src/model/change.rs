@@ -6,9 +6,8 @@ use super::principal::Principal;
 use super::role::RoleAssignment;
 use super::vault::Vault;
 
-/// One durable state change. Serializable, so a store can carry committed changes to other
-/// brokers (the PostgreSQL store's change feed, [`crate::store::ChangeFeed`] — named here only in
-/// documentation).
+/// One durable state change. Serializable, so a store shared by several brokers (PostgreSQL) can
+/// carry committed changes to the others in its change feed.
 #[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
 #[serde(tag = "change", rename_all = "snake_case")]
 pub enum Change {

@@ -184,6 +184,21 @@ impl Rejection {
 /// `Change::SetManualClock` commits.
 pub const META_MANUAL_CLOCK: &str = "manual_clock";
 
+/// The tables that hold records, the same in every SQL backend: a store with none of their rows
+/// (and no value a broker put in its meta) is blank.
+const RECORD_TABLES: [&str; 10] = [
+    "vaults",
+    "vault_deletions",
+    "keys",
+    "key_versions",
+    "principals",
+    "role_assignments",
+    "servers",
+    "subnets",
+    "databases",
+    "key_rotation_policies",
+];
+
 /// A key as stored: its versions (oldest first) with their sealed material.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct StoredKey {

@@ -107,19 +107,6 @@ CREATE TABLE leases (name text PRIMARY KEY, holder text NOT NULL, expires_at tim
 ",
 )];
 
-/// The tables of records (what [`PostgresStore::is_blank`] looks into).
-const RECORD_TABLES: [&str; 10] = [
-    "vaults",
-    "vault_deletions",
-    "keys",
-    "key_versions",
-    "principals",
-    "role_assignments",
-    "servers",
-    "subnets",
-    "databases",
-    "key_rotation_policies",
-];
 
 /// A `postgres://` (or `postgresql://`) URL checked and parsed; its [`Display`](std::fmt::Display)
 /// never shows the password.
@@ -433,7 +420,7 @@ impl PostgresStore {
             let mut sql = String::from(
                 "SELECT NOT EXISTS (SELECT 1 FROM meta WHERE k <> $1) AND (SELECT seq FROM feed_head) = 0",
             );
-            for table in RECORD_TABLES {
+            for table in super::RECORD_TABLES {
                 sql.push_str(&format!(" AND NOT EXISTS (SELECT 1 FROM {table})"));
             }
             let row = client.query_one(&sql, &[&super::datadir::META_STORE_ID]).await.map_err(pg_err)?;

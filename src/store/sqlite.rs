@@ -125,21 +125,9 @@ impl SqliteStore {
     /// record and no value a broker put.
     pub fn is_blank(&self) -> Result<bool, StoreError> {
         let conn = self.conn();
-        let tables = [
-            "vaults",
-            "vault_deletions",
-            "keys",
-            "key_versions",
-            "principals",
-            "role_assignments",
-            "servers",
-            "subnets",
-            "databases",
-            "key_rotation_policies",
-        ];
         let mut sql =
             String::from("SELECT NOT EXISTS (SELECT 1 FROM meta WHERE k NOT IN ('schema_version', ?1))");
-        for table in tables {
+        for table in super::RECORD_TABLES {
             sql.push_str(&format!(" AND NOT EXISTS (SELECT 1 FROM {table})"));
         }
         Ok(conn.query_row(&sql, params![super::datadir::META_STORE_ID], |r| r.get(0))?)

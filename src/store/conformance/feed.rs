@@ -9,7 +9,7 @@ use super::Backend;
 use super::fixtures::*;
 
 fn feed_of(store: &dyn Store) -> &dyn ChangeFeed {
-    store.feed().expect("a shared backend has a change feed")
+    store.feed().expect("a shared backend has a change feed") // ok: test-only suite
 }
 
 /// Replays every batch of the feed, in order, into an empty memory store and returns what it
