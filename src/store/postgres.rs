@@ -107,7 +107,6 @@ CREATE TABLE leases (name text PRIMARY KEY, holder text NOT NULL, expires_at tim
 ",
 )];
 
-
 /// A `postgres://` (or `postgresql://`) URL checked and parsed; its [`Display`](std::fmt::Display)
 /// never shows the password.
 #[derive(Clone)]
