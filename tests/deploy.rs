@@ -455,7 +455,11 @@ fn compose_collector_and_prometheus_files_hold_together() {
         .iter()
         .map(|p| split_colon(p).last().unwrap().to_string())
         .collect();
-    assert_eq!(published, BTreeSet::from(["50051".to_string(), "9090".to_string()]), "broker ports");
+    assert_eq!(
+        published,
+        BTreeSet::from(["50051".to_string(), "8443".to_string(), "9090".to_string()]),
+        "broker ports: gRPC, HTTPS (REST, token endpoints, Vault-KV), admin"
+    );
     let volumes = strings(array_at(broker, "/volumes"));
     assert!(
         volumes.iter().any(|v| split_colon(v).get(1) == Some(&"/var/lib/tde-broker")),
