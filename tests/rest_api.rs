@@ -693,3 +693,20 @@ async fn registered_surfaces_get_the_requests_that_name_no_vault_and_are_observe
     let _ = stop.send(());
     served.await.expect("the listener stops and drains");
 }
+
+/// An SDK that waits out a `Retry-After` reuses its pooled HTTP/1.1 connection afterwards: the
+/// listener must not close a keep-alive connection while its client waits (a close racing the
+/// next request fails that request). The idle bound is longer than the handshake timeout and than
+/// any Retry-After (10 s at most).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_keep_alive_connection_idle_longer_than_the_handshake_timeout_still_serves_its_next_request() {
+    let b = start_rest(|c| c.listener.handshake_timeout = std::time::Duration::from_millis(300)).await;
+    vault(&b, "idle-kv").await;
+    let mut c = b.admin_client("idle-kv").await;
+    assert_eq!(c.call("GET", "/keys", None).await.status, 200);
+    tokio::time::sleep(std::time::Duration::from_millis(1500)).await;
+    // `call` fails the test if the connection was closed under it.
+    let again = c.call("GET", "/keys", None).await;
+    assert_eq!(again.status, 200, "the same connection after five handshake timeouts of idleness");
+    b.b.stop().await;
+}

@@ -38,6 +38,13 @@ const MAX_HTTP1_BUF: usize = 64 * 1024;
 /// Idle HTTP/2 connections are pinged this often (and closed when a ping goes unanswered for
 /// as long).
 const H2_KEEPALIVE: Duration = Duration::from_secs(60);
+/// How long an HTTP/1.1 connection may wait for its next request head (never less than the
+/// handshake timeout). Longer than any `Retry-After` the broker sends (throttling windows are
+/// 10 s), so an SDK that waits one out and then reuses its pooled keep-alive connection does not
+/// find it closed under its request — which Python's SDK reports as a failed call. hyper times the
+/// whole wait for a head with one timer, so a head that trickles in gets as long; open
+/// connections stay bounded by `max_connections`.
+const HTTP1_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 /// HTTP/2 bounds per connection, the gRPC listener's (see `server::MAX_CONCURRENT_STREAMS` and
 /// its neighbours for why each is needed): concurrent streams, resets the server is made to
 /// send, resets pending accept.
@@ -144,7 +151,7 @@ impl RestService {
         builder
             .http1()
             .timer(TokioTimer::new())
-            .header_read_timeout(limits.handshake_timeout)
+            .header_read_timeout(limits.handshake_timeout.max(HTTP1_IDLE_TIMEOUT))
             .max_buf_size(MAX_HTTP1_BUF)
             .http2()
             .timer(TokioTimer::new())
