@@ -229,11 +229,7 @@ pub fn server_tls(config: &Config) -> Result<Option<Arc<rustls::ServerConfig>>, 
         }
         TlsMode::Files { cert, key } => (cert.clone(), key.clone(), None),
     };
-    let cert_pem = read(&cert_path)?;
-    let chain = certs_from_pem(&cert_path, &cert_pem)?;
-    let key_pem = zeroize::Zeroizing::new(read(&key_path)?);
-    let key = PrivateKeyDer::from_pem_slice(&key_pem)
-        .map_err(|e| invalid(&key_path, FileProblem::NoPrivateKey(e)))?;
+    let (chain, key) = read_cert_and_key(&cert_path, &key_path)?;
     let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
     let builder = rustls::ServerConfig::builder_with_provider(provider.clone())
         .with_safe_default_protocol_versions()
@@ -262,6 +258,19 @@ pub fn server_tls(config: &Config) -> Result<Option<Arc<rustls::ServerConfig>>, 
     Ok(Some(Arc::new(tls)))
 }
 
+/// A server's certificate chain and private key, read from their PEM files.
+fn read_cert_and_key(
+    cert_path: &Path,
+    key_path: &Path,
+) -> Result<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>), TlsError> {
+    let cert_pem = read(cert_path)?;
+    let chain = certs_from_pem(cert_path, &cert_pem)?;
+    let key_pem = zeroize::Zeroizing::new(read(key_path)?);
+    let key = PrivateKeyDer::from_pem_slice(&key_pem)
+        .map_err(|e| invalid(key_path, FileProblem::NoPrivateKey(e)))?;
+    Ok((chain, key))
+}
+
 /// The wildcard name of the REST listener's vault hosts: `https://<vault>.vault.localhost:<port>/`.
 pub const REST_VAULT_DOMAIN: &str = "vault.localhost";
 
@@ -284,11 +293,7 @@ pub fn dev_server_names(config: &Config) -> Vec<String> {
 /// ALPN `h2` and `http/1.1`, no client certificates.
 pub fn rest_server_tls(config: &Config) -> Result<Arc<rustls::ServerConfig>, TlsError> {
     let pki = ensure_dev_pki(&config.data_dir, &dev_server_names(config))?;
-    let cert_pem = read(&pki.server_cert)?;
-    let chain = certs_from_pem(&pki.server_cert, &cert_pem)?;
-    let key_pem = zeroize::Zeroizing::new(read(&pki.server_key)?);
-    let key = PrivateKeyDer::from_pem_slice(&key_pem)
-        .map_err(|e| invalid(&pki.server_key, FileProblem::NoPrivateKey(e)))?;
+    let (chain, key) = read_cert_and_key(&pki.server_cert, &pki.server_key)?;
     let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
     let mut tls = rustls::ServerConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
