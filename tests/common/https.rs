@@ -46,25 +46,7 @@ pub async fn start_rest(modify: impl FnOnce(&mut Config)) -> RestBroker {
     let app = App::open(cfg).await.expect("broker starts");
     let rest = app.rest_addr().expect("the REST listener runs");
     let ca = std::fs::read(app.ca_path()).expect("the dev CA exists once the broker is open");
-    let token = app.admin_token().expect("admin token");
-    let (auth, admin) = (app.auth.clone(), app.admin.clone());
-    let (addr, tx, served) = super::spawn_serving(app).await;
-    let channel = tonic::transport::Channel::from_shared(format!("http://{addr}"))
-        .expect("uri")
-        .connect()
-        .await
-        .expect("connect");
-    let b = TestBroker {
-        addr,
-        token,
-        auth,
-        admin,
-        channel,
-        data_dir,
-        _dir: Some(dir),
-        shutdown: Some(tx),
-        served: Some(served),
-    };
+    let b = super::serve_opened(app, data_dir, None, Some(dir)).await;
     RestBroker { b, rest, ca }
 }
 

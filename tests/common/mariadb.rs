@@ -11,9 +11,8 @@ use tde_broker::config::{ClockKind, Config};
 use tde_broker::grpc::proto;
 use tde_broker::rest::{Handled, Reply, RestRequest, Surface};
 use tde_broker::server::App;
-use tonic::transport::Channel;
 
-use super::{TestBroker, spawn_serving};
+use super::TestBroker;
 
 pub const INSTALL: &str = "install mariadb-server mariadb-plugin-hashicorp-key-management";
 pub const TDE_PERMS: [&str; 3] = ["get", "wrapKey", "unwrapKey"];
@@ -38,23 +37,7 @@ pub async fn start_holding_rest(
     let app = App::open(cfg).await.expect("broker starts");
     let broker = app.broker.clone();
     let rest = app.rest_addr().map(|a| (a, app.ca_path()));
-    let token = app.admin_token().expect("admin token");
-    let auth = app.auth.clone();
-    let admin = app.admin.clone();
-    let (addr, tx, served) = spawn_serving(app).await;
-    let channel =
-        Channel::from_shared(format!("http://{addr}")).expect("uri").connect().await.expect("connect");
-    let b = TestBroker {
-        addr,
-        token,
-        auth,
-        admin,
-        channel,
-        data_dir,
-        _dir: Some(dir),
-        shutdown: Some(tx),
-        served: Some(served),
-    };
+    let b = super::serve_opened(app, data_dir, None, Some(dir)).await;
     (b, broker, rest)
 }
 
